@@ -1,0 +1,131 @@
+"""Sampling-quality metrics per RL step over a judged rollout table.
+
+Columns used: `step`, `prompt_id`, `completion`, `final_answer` (float, NaN when none), `correct`
+(1.0 / 0.0, NaN when unknown), `sample_index` when present (else the samples of a prompt are in table
+order). Metrics that need correctness use judged rows only, and a prompt enters a
+metric at budget k only when it has at least k judged samples (pass@k is not estimable from n < k
+samples); a step with no such prompt gives NaN.
+"""
+
+from __future__ import annotations
+
+from math import comb
+
+import numpy as np
+import pandas as pd
+
+ANSWER_DECIMALS = 6  # final answers equal after rounding to this many decimals count as the same answer
+PROMPT_KEYS = ["step", "prompt_id"]
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n - c, k) / C(n, k), for n >= k
+    (Chen et al. 2021, "Evaluating Large Language Models Trained on Code", arXiv:2107.03374, eq. 1);
+    NaN when n < k."""
+    if n < k:
+        return np.nan
+    return 1.0 - comb(n - c, k) / comb(n, k)
+
+
+def sample_budgets(samples_per_prompt: int) -> list[int]:
+    """The budgets k reported: powers of two below the samples per prompt, and the samples per prompt itself."""
+    budgets = [2**i for i in range(max(samples_per_prompt, 1).bit_length()) if 2**i < samples_per_prompt]
+    return budgets + [samples_per_prompt] if samples_per_prompt >= 1 else []
+
+
+def samples_per_prompt(table: pd.DataFrame) -> int:
+    """The largest number of completions any prompt has at any step (0 for an empty table)."""
+    return int(table.groupby(PROMPT_KEYS).size().max()) if len(table) else 0
+
+
+def prompt_outcomes(table: pd.DataFrame) -> pd.DataFrame:
+    """Per (step, prompt_id): n judged samples and c correct ones."""
+    judged = table[table["correct"].notna()]
+    grouped = judged.groupby(PROMPT_KEYS)["correct"]
+    return pd.DataFrame({"n": grouped.size(), "c": grouped.sum().round().astype(np.int64)})
+
+
+def _by_step(values: pd.Series, steps: pd.Index) -> pd.Series:
+    """Mean over prompts per step, on all of the table's steps (NaN where no prompt qualified)."""
+    return values.groupby(level="step").mean().reindex(steps)
+
+
+def pass_at_k_by_step(table: pd.DataFrame, budgets: list[int]) -> pd.DataFrame:
+    """pass@k(t) = mean over step t's prompts with n >= k of the unbiased estimator `pass_at_k(n, c, k)`."""
+    outcomes, steps = prompt_outcomes(table), pd.Index(sorted(table["step"].unique()), name="step")
+    columns = {}
+    for k in budgets:
+        estimates = {(n, c): pass_at_k(n, c, k) for n, c in set(zip(outcomes["n"], outcomes["c"]))}
+        per_prompt = pd.Series([estimates[(n, c)] for n, c in zip(outcomes["n"], outcomes["c"])], index=outcomes.index)
+        columns[k] = _by_step(per_prompt.dropna(), steps)
+    return pd.DataFrame(columns, index=steps).rename_axis(columns="k")
+
+
+def maj_at_k_by_step(table: pd.DataFrame, budgets: list[int]) -> pd.DataFrame:
+    """maj@k(t): over step t's prompts with >= k judged samples, the correctness of the plurality final answer
+    among the prompt's first k judged samples (Wang et al. 2023, "Self-Consistency Improves Chain of Thought
+    Reasoning", arXiv:2203.11171). Samples without a final answer abstain; a tie goes to the answer seen
+    first; a prompt whose k samples give no answer scores 0."""
+    judged = table.loc[table["correct"].notna(), [*PROMPT_KEYS, "final_answer", "correct"]]
+    if "sample_index" in table.columns:
+        judged = judged.assign(order=table["sample_index"]).sort_values("order", kind="stable")
+    judged = judged.assign(prompt=judged.groupby(PROMPT_KEYS, sort=False).ngroup())
+    judged = judged.assign(rank=judged.groupby("prompt").cumcount(), vote=judged["final_answer"].round(ANSWER_DECIMALS))
+    prompts = judged.groupby("prompt").agg(step=("step", "first"), n=("rank", "size"))
+    voters = judged[judged["vote"].notna()]
+    steps = pd.Index(sorted(table["step"].unique()), name="step")
+    columns = {}
+    for k in budgets:
+        votes = (voters[voters["rank"] < k].groupby(["prompt", "vote"])
+                 .agg(votes=("rank", "size"), first=("rank", "min"), correct=("correct", "first")).reset_index())
+        winners = (votes.sort_values(["prompt", "votes", "first"], ascending=[True, False, True])
+                   .drop_duplicates("prompt").set_index("prompt")["correct"])
+        eligible = prompts[prompts["n"] >= k]
+        per_prompt = winners.reindex(eligible.index, fill_value=0.0)
+        columns[k] = per_prompt.groupby(eligible["step"].to_numpy()).mean().reindex(steps)
+    return pd.DataFrame(columns, index=steps).rename_axis(columns="k")
+
+
+def coverage(table: pd.DataFrame) -> pd.Series:
+    """coverage(t) = share of step t's prompts (with a judged sample) that at least one sample solves
+    (the empirical pass@n of Brown et al. 2024, "Large Language Monkeys", arXiv:2407.21787)."""
+    outcomes = prompt_outcomes(table)
+    return _by_step(outcomes["c"] > 0, pd.Index(sorted(table["step"].unique()), name="step")).rename("coverage")
+
+
+def distinct_answers_per_prompt(table: pd.DataFrame) -> pd.Series:
+    """Mean over step t's prompts of the number of distinct final answers (rounded to ANSWER_DECIMALS;
+    samples without an answer do not count)."""
+    votes = table["final_answer"].round(ANSWER_DECIMALS)
+    per_prompt = votes.groupby([table["step"], table["prompt_id"]]).nunique()
+    return per_prompt.groupby(level="step").mean().rename("distinct_answers")
+
+
+def distinct_n(table: pd.DataFrame, orders: tuple[int, ...] = (1, 2)) -> pd.DataFrame:
+    """distinct-n(t) = |distinct n-grams| / |n-grams| over all of step t's completions, whitespace tokens
+    (Li et al. 2016, "A Diversity-Promoting Objective Function for Neural Conversation Models",
+    arXiv:1510.03055); rows steps, one column `distinct_<n>` per order n; NaN for a step without an n-gram.
+    Each distinct completion of a step is tokenised once and weighted by its count."""
+    values = {}
+    for step, completions in table.groupby("step")["completion"]:
+        seen: dict[int, set] = {n: set() for n in orders}
+        totals = dict.fromkeys(orders, 0)
+        for text, count in completions.value_counts(sort=False).items():
+            tokens = text.split()
+            for n in orders:
+                totals[n] += count * max(len(tokens) - n + 1, 0)
+                seen[n].update(tokens if n == 1 else zip(*(tokens[i:] for i in range(n))))
+        values[step] = [len(seen[n]) / totals[n] if totals[n] else np.nan for n in orders]
+    frame = pd.DataFrame.from_dict(values, orient="index", columns=[f"distinct_{n}" for n in orders], dtype=np.float64)
+    return frame.rename_axis(index="step")
+
+
+def token_entropy(table: pd.DataFrame) -> pd.Series:
+    """H_tok(t) = -sum logprob / sum num_tokens over step t's completions (nats per token): the mean surprisal
+    of the sampled tokens, an unbiased estimate of the policy's per-token entropy when the completions were
+    sampled from the policy at temperature 1 (the entropy of Cui et al. 2025, arXiv:2505.22617). Needs the
+    `logprob` and `num_tokens` columns; NaN for a step where they are missing."""
+    known = table[table["logprob"].notna() & (table["num_tokens"] > 0)]
+    sums = known.groupby("step")[["logprob", "num_tokens"]].sum()
+    steps = pd.Index(sorted(table["step"].unique()), name="step")
+    return (-sums["logprob"] / sums["num_tokens"]).reindex(steps).rename("token_entropy")

@@ -1,0 +1,164 @@
+"""Specialist (expert) dominance metrics per layer and RL step, from the rollouts' `expert_load`.
+
+`expert_load` holds, per completion, a list over layers of lists over experts of routed-token counts.
+`expert_token_counts` sums them into a long table (step, format, layer, expert, tokens); every other
+function here is a pure function of that table or of the share table derived from it. Shares are
+token-weighted: share_e(t) = tokens routed to expert e at step t / all tokens routed at step t (per layer).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from analysis.information import mutual_information_bits, normalised_entropy, total_variation
+from specialists.errors import UserError
+
+LAYER_STEP = ["layer", "step"]
+
+
+def expert_load_array(loads: pd.Series) -> np.ndarray:
+    """The `expert_load` values as one float array of shape (rows, layers, experts); UserError when ragged."""
+    try:
+        arrow = pa.array(loads)
+        arrow = arrow.combine_chunks() if isinstance(arrow, pa.ChunkedArray) else arrow
+        nested = arrow.cast(pa.list_(pa.list_(pa.float64())))
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as error:
+        raise UserError(f"column 'expert_load' must hold lists (layers) of lists (experts) of token counts ({error})") from None
+    layers, per_layer = nested.value_lengths().to_numpy(zero_copy_only=False), nested.flatten()
+    experts = per_layer.value_lengths().to_numpy(zero_copy_only=False)
+    if len(set(layers)) > 1 or len(set(experts)) > 1 or (len(experts) and experts[0] == 0):
+        raise UserError("column 'expert_load' must have the same number of layers and experts in every row")
+    counts = per_layer.flatten().to_numpy(zero_copy_only=False)
+    if counts.size and (np.isnan(counts).any() or counts.min() < 0):
+        raise UserError("column 'expert_load' must hold non-negative token counts")
+    return counts.reshape(len(loads), int(layers[0]) if len(layers) else 0, int(experts[0]) if len(experts) else 0)
+
+
+def expert_token_counts(table: pd.DataFrame) -> pd.DataFrame:
+    """Tokens routed per (step, format, layer, expert), summed over the completions that carry `expert_load`."""
+    columns = ["step", "format", "layer", "expert", "tokens"]
+    if "expert_load" not in table.columns:
+        return pd.DataFrame(columns=columns)
+    rows = table[table["expert_load"].notna()]
+    loads = expert_load_array(rows["expert_load"]) if len(rows) else np.empty((0, 0, 0))
+    if not loads.size:
+        return pd.DataFrame(columns=columns)
+    _, layers, experts = loads.shape
+    flat = pd.DataFrame(loads.reshape(len(rows), layers * experts),
+                        columns=pd.MultiIndex.from_product([range(layers), range(experts)], names=["layer", "expert"]))
+    summed = flat.groupby([rows["step"].to_numpy(), rows["format"].to_numpy()]).sum()
+    summed.index.names = ["step", "format"]
+    return summed.stack(["layer", "expert"]).rename("tokens").reset_index()[columns]
+
+
+def expert_share(tokens: pd.DataFrame) -> pd.DataFrame:
+    """share_e(l, t) = tokens(l, t, e) / sum_e' tokens(l, t, e'); rows (layer, step), columns expert."""
+    loads = tokens.groupby(LAYER_STEP + ["expert"])["tokens"].sum().unstack("expert", fill_value=0.0)
+    return loads.div(loads.sum(axis=1), axis=0)
+
+
+def expert_entropy(shares: pd.DataFrame) -> pd.Series:
+    """H(share(l, t)) / ln E, E the number of experts: 1 = perfectly balanced, 0 = one expert carries all."""
+    return pd.Series(normalised_entropy(shares.to_numpy()), index=shares.index, name="expert_entropy")
+
+
+def expert_coefficient_of_variation(shares: pd.DataFrame) -> pd.Series:
+    """CV = std_e(load) / mean_e(load) (population std), the balance measure of Shazeer et al. 2017,
+    "Outrageously Large Neural Networks" (arXiv:1701.06538), whose importance loss is CV^2."""
+    return (shares.std(axis=1, ddof=0) / shares.mean(axis=1)).rename("expert_cv")
+
+
+def expert_max_violation(shares: pd.DataFrame) -> pd.Series:
+    """MaxVio = max_e load_e / mean_e load_e - 1 (Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing
+    Strategy for Mixture-of-Experts", arXiv:2408.15664); 0 when balanced, E - 1 when one expert takes all."""
+    return (shares.max(axis=1) / shares.mean(axis=1) - 1).rename("expert_max_violation")
+
+
+def expert_gini(shares: pd.DataFrame) -> pd.Series:
+    """Gini = sum_i sum_j |x_i - x_j| / (2 E sum_i x_i) over the E experts' loads x (Gini mean difference
+    form); 0 when balanced, 1 - 1/E when one expert takes all."""
+    x = shares.to_numpy()
+    pairwise = np.abs(x[:, :, None] - x[:, None, :]).sum(axis=(1, 2))
+    return pd.Series(pairwise / (2 * x.shape[1] * x.sum(axis=1)), index=shares.index, name="expert_gini")
+
+
+def dominant_expert(shares: pd.DataFrame) -> pd.Series:
+    """argmax_e share_e(l, t); ties go to the lower index."""
+    return pd.Series(shares.to_numpy().argmax(axis=1), index=shares.index, name="dominant_expert")
+
+
+def routing_drift(shares: pd.DataFrame) -> pd.Series:
+    """TV(share(l, t), share(l, t_prev)) = 1/2 sum_e |share_e(l, t) - share_e(l, t_prev)| between each step
+    and the layer's previous recorded step; rows (layer, step) from each layer's second step on."""
+    parts = []
+    for layer, block in shares.groupby(level="layer"):
+        values = block.to_numpy()
+        parts.append(pd.Series(total_variation(values[1:], values[:-1]), index=block.index[1:]))
+    return (pd.concat(parts) if parts else pd.Series(dtype=np.float64)).rename("routing_drift")
+
+
+def format_routing(tokens: pd.DataFrame) -> pd.DataFrame:
+    """Within-format routing r_f,e(l, t) = tokens(l, t, f, e) / tokens(l, t, f), i.e. P(expert | format):
+    the format x expert affinity matrix; rows (layer, step, format), columns expert."""
+    loads = tokens.groupby(LAYER_STEP + ["format", "expert"])["tokens"].sum().unstack("expert", fill_value=0.0)
+    loads = loads[loads.sum(axis=1) > 0]
+    return loads.div(loads.sum(axis=1), axis=0)
+
+
+def format_expert_mutual_information(tokens: pd.DataFrame) -> pd.Series:
+    """I(format; expert) in bits per (layer, step) from the joint token counts n(f, e) (a routed token is one
+    draw of the pair): 0 when routing ignores the format, at most min(log2 F, log2 E)."""
+    joint = tokens.groupby(LAYER_STEP + ["format", "expert"])["tokens"].sum().unstack("expert", fill_value=0.0)
+    values = {key: mutual_information_bits(block.to_numpy()) for key, block in joint.groupby(level=LAYER_STEP)}
+    index = pd.MultiIndex.from_tuples(list(values), names=LAYER_STEP)
+    return pd.Series(list(values.values()), index=index, name="format_expert_mi", dtype=np.float64)
+
+
+def routing_shift_decomposition(tokens: pd.DataFrame, from_step: int, to_step: int) -> pd.DataFrame:
+    """Split each layer's change in expert share between two steps into format mix and within-format routing.
+
+    share(t) = sum_f w_f(t) r_f(t), with w_f(t) the format's share of the layer's routed tokens and r_f(t) its
+    routing (`format_routing`). The symmetric (Shapley, midpoint) split is exact:
+        total       = share(t1) - share(t0)
+        format_mix  = sum_f (w_f(t1) - w_f(t0)) (r_f(t0) + r_f(t1)) / 2
+        routing     = sum_f (w_f(t0) + w_f(t1)) / 2 (r_f(t1) - r_f(t0))
+        total = format_mix + routing.
+    A format absent at one step has w_f = 0 there; its unobserved routing is taken equal to the other step's,
+    which leaves the identity exact and charges the format's arrival or departure to the mix.
+    Rows (layer, part) with part in (total, format_mix, routing); columns expert. Sizes: `total_variation`.
+    """
+    parts = []
+    for layer, block in tokens[tokens["step"].isin([from_step, to_step])].groupby("layer"):
+        loads = block.groupby(["step", "format", "expert"])["tokens"].sum().unstack("expert", fill_value=0.0)
+        formats = loads.index.get_level_values("format").unique()
+        full = pd.MultiIndex.from_product([[from_step, to_step], formats], names=["step", "format"])
+        loads = loads.reindex(full, fill_value=0.0)
+        before, after = loads.loc[from_step].to_numpy(), loads.loc[to_step].to_numpy()
+        w0, w1 = before.sum(axis=1) / before.sum(), after.sum(axis=1) / after.sum()
+        r0, r1 = _rows_normalised(before), _rows_normalised(after)
+        r0, r1 = np.where(w0[:, None] > 0, r0, r1), np.where(w1[:, None] > 0, r1, r0)
+        mix = ((w1 - w0)[:, None] * (r0 + r1) / 2).sum(axis=0)
+        routing = ((w0 + w1)[:, None] / 2 * (r1 - r0)).sum(axis=0)
+        total = after.sum(axis=0) / after.sum() - before.sum(axis=0) / before.sum()
+        parts.append(pd.DataFrame([total, mix, routing], columns=loads.columns,
+                                  index=pd.MultiIndex.from_product([[layer], ["total", "format_mix", "routing"]],
+                                                                   names=["layer", "part"])))
+    return pd.concat(parts) if parts else pd.DataFrame()
+
+
+def within_format_routing_drift(tokens: pd.DataFrame, from_step: int, to_step: int) -> pd.DataFrame:
+    """TV(r_f(l, t0), r_f(l, t1)) per layer (rows) and format (columns): how far each format's own routing
+    moved; NaN for a format absent at either step."""
+    routing = format_routing(tokens)
+    before = routing.xs(from_step, level="step")
+    after = routing.xs(to_step, level="step")
+    common = before.index.intersection(after.index)
+    drift = pd.Series(total_variation(before.loc[common].to_numpy(), after.loc[common].to_numpy()), index=common)
+    return drift.unstack("format")
+
+
+def _rows_normalised(counts: np.ndarray) -> np.ndarray:
+    sums = counts.sum(axis=1, keepdims=True)
+    return np.divide(counts, sums, out=np.zeros_like(counts), where=sums > 0)

@@ -1,0 +1,55 @@
+"""Loading TOML configs into the typed config models, with errors that name the bad key and the allowed ones."""
+
+from __future__ import annotations
+
+import tomllib
+import typing
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+
+from specialists.config import SpecialistsConfig
+from specialists.errors import UserError
+
+
+def read_toml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        raise UserError(f"{path}: not valid TOML ({error})") from None
+
+
+def check_keys(document: dict, model: type[BaseModel], where: str = "") -> None:
+    """Reject keys the model does not define, naming them and the allowed ones (recursing into sections)."""
+    allowed = model.model_fields
+    unknown = sorted(set(document) - set(allowed))
+    if unknown:
+        raise UserError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(where + k for k in unknown)}; "
+                        f"allowed in {where.rstrip('.') or 'the top level'}: {', '.join(sorted(allowed))}")
+    for key, value in document.items():
+        annotation = allowed[key].annotation
+        if isinstance(value, dict) and isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            check_keys(value, annotation, f"{where}{key}.")
+        elif isinstance(value, dict) and typing.get_origin(annotation) is dict:
+            value_type = typing.get_args(annotation)[1]
+            if isinstance(value_type, type) and issubclass(value_type, BaseModel):
+                for name, entry in value.items():
+                    if isinstance(entry, dict):
+                        check_keys(entry, value_type, f"{where}{key}.{name}.")
+
+
+def validate(document: dict, model: type[BaseModel], source: str):
+    check_keys(document, model)
+    try:
+        return model.model_validate(document)
+    except ValidationError as error:
+        first = error.errors()[0]
+        location = ".".join(str(part) for part in first["loc"])
+        raise UserError(f"{source}: {location}: {first['msg']}") from None
+
+
+def load_specialists_config(path: str | Path) -> SpecialistsConfig:
+    return validate(read_toml(path), SpecialistsConfig, str(path))

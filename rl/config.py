@@ -1,0 +1,99 @@
+"""Typed configuration of RL post-training: algorithm, sampling, rollout engine, rewards and mitigations.
+
+Defaults follow the Echo Chamber paper's GSM8K runs scaled to a 2-core CPU. Every mitigation is one
+switch here; `rl.mitigations` documents each with its source.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from specialists.config import Strict
+
+
+class SamplingSettings(Strict):
+    """The same sampling parameters go to both engines."""
+
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(96, ge=1)
+    samples_per_prompt: int = Field(8, ge=1)
+
+
+class EngineSettings(Strict):
+    kind: Literal["vllm", "hf"] = Field("vllm", description="vllm: vLLM with weight sync after every update; hf: transformers generate")
+    kv_cache_gib: float = Field(1.0, gt=0, description="vLLM KV cache (VLLM_CPU_KVCACHE_SPACE on CPU)")
+
+
+class GRPOSettings(Strict):
+    """TRL GRPOTrainer's knobs (names as in GRPOConfig)."""
+
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "grpo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    num_iterations: int = Field(1, ge=1, description="optimisation passes over each batch of rollouts (mu)")
+
+
+class PPOSettings(Strict):
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
+    value_coef: float = Field(0.5, ge=0)
+    value_clip: float = Field(0.2, gt=0)
+    epochs: int = Field(2, ge=1, description="optimisation passes over each batch of rollouts")
+    minibatches: int = Field(2, ge=1)
+
+
+class ExpertIterationSettings(Strict):
+    sft_epochs: int = Field(2, ge=1)
+    start_from: Literal["base", "latest"] = Field("base", description="fine-tune each round from the base model (the paper) or the latest one")
+
+
+class MitigationSettings(Strict):
+    """Each switch is off by default; see rl/mitigations.py for what each does and its source."""
+
+    entropy_coef: float = Field(0.0, ge=0, description="entropy bonus: loss -= coef * mean token entropy")
+    clip_cov: bool = Field(False, description="Clip-Cov (Cui et al., arXiv:2505.22617)")
+    kl_cov: bool = Field(False, description="KL-Cov (Cui et al., arXiv:2505.22617)")
+    cov_ratio: float = Field(2e-3, gt=0, le=1, description="fraction of tokens Clip-Cov / KL-Cov act on")
+    kl_cov_coef: float = Field(1.0, ge=0)
+    format_diversity_coef: float = Field(0.0, ge=0, description="bonus for correct completions in formats rare in their group")
+    unlikeliness_beta: float = Field(0.0, ge=0, le=1, description="He et al., arXiv:2506.02355")
+    pass_at_k: int = Field(0, ge=0, description="Chen et al., arXiv:2508.10751: optimise pass@k advantages; 0 = off")
+    freeze_router: bool = Field(False, description="keep the MoE router weights fixed during RL")
+    pretrain_replay_coef: float = Field(0.0, ge=0, description="weight of a supervised loss on the pretraining mixture")
+    pretrain_replay_batch: int = Field(8, ge=1)
+
+
+class RLSettings(Strict):
+    algorithm: Literal["grpo", "ppo", "ei"] = "grpo"
+    steps: int = Field(30, ge=1, description="optimiser steps (EI: rounds)")
+    prompts_per_step: int = Field(8, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    beta: float = Field(0.0, ge=0, description="KL coefficient to the reference (initial) model")
+    kl_estimator: Literal["k1", "k3"] = Field("k3", description="k1: in the reward (PPO only); k3: as a loss term")
+    epsilon: float = Field(0.2, gt=0, description="clip range below 1 (epsilon_low)")
+    epsilon_high: float | None = Field(None, gt=0, description="clip range above 1; None = epsilon. DAPO clip-higher: 0.28")
+    reward_scale: float = Field(1.0, gt=0, description="multiplies the correctness reward")
+    router_aux_loss_coef: float | None = Field(None, ge=0, description="None: the model's own coefficient")
+    num_prompts: int = Field(256, ge=1, description="size of the RL prompt set (epochs are counted over it)")
+    prompts: str = Field("synthetic", description="'synthetic' (held-out train problems) or a GSM8K-style JSONL path")
+    checkpoint_every: int = Field(10, ge=1)
+    sampling: SamplingSettings = SamplingSettings()
+    engine: EngineSettings = EngineSettings()
+    grpo: GRPOSettings = GRPOSettings()
+    ppo: PPOSettings = PPOSettings()
+    expert_iteration: ExpertIterationSettings = ExpertIterationSettings()
+    mitigations: MitigationSettings = MitigationSettings()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RLSettings":
+        if self.kl_estimator == "k1" and self.algorithm != "ppo" and self.beta > 0:
+            raise ValueError("kl_estimator 'k1' (KL in the reward) is PPO's; GRPO and EI use 'k3'")
+        if self.mitigations.pass_at_k > self.sampling.samples_per_prompt:
+            raise ValueError("mitigations.pass_at_k must be <= sampling.samples_per_prompt")
+        return self
+
+    @property
+    def clip_high(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high

@@ -1,0 +1,454 @@
+"""The tensor math of our RL algorithms and of the diversity mitigations.
+
+Every function is pure (no module state, no global RNG) and states its equation and its source next
+to the code, CleanRL style. Conventions shared by all functions:
+
+- Sequences are completions of shape (batch, T). `logprobs[b, t]` is log pi(y_t | x, y_<t) of the
+  token that was sampled; `mask[b, t]` (bool or 0/1 float) marks the completion tokens that count.
+  Padding positions may hold any finite value: they are masked out.
+- Policy-loss terms are returned per token, shape (batch, T), and reduced by `aggregate`: the GRPO
+  variants differ only in that reduction, as in TRL's GRPOTrainer, and the mitigations act per
+  token (a mask to multiply, a penalty to add). Losses are minimised.
+- Advantages may be per token, shape (batch, T), or per sequence, shape (batch,) or (batch, 1).
+- Group-based functions take a flat batch whose consecutive blocks of `group_size` entries are the
+  completions of one prompt (TRL's `rewards.view(-1, num_generations)` layout).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+
+# TRL GRPOTrainer's epsilon in A = (r - mean) / (std + 1e-4).
+GROUP_STD_EPSILON = 1e-4
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of `x` over the positions where `mask` is set: sum(x * m) / max(sum(m), 1).
+
+    dim=None averages over every masked element; an empty mask gives 0 rather than NaN.
+    """
+    x = torch.where(mask.bool(), x, torch.zeros_like(x))
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return x.sum() / mask.sum().clamp(min=1.0)
+    return x.sum(dim) / mask.sum(dim).clamp(min=1.0)
+
+
+def _masked_variance(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Population variance of the masked elements: mean((x - mean(x))^2)."""
+    return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Explained variance of the value head, as logged by OpenAI baselines and CleanRL.
+
+        EV = 1 - Var[R - V] / Var[R]      (over masked tokens, population variances)
+
+    1 is a perfect critic, 0 is no better than predicting the mean return, < 0 is worse.
+    NaN when the returns have zero variance.
+    """
+    variance_of_returns = _masked_variance(returns, mask)
+    if variance_of_returns == 0:
+        return torch.tensor(float("nan"), dtype=returns.dtype, device=returns.device)
+    return 1 - _masked_variance(returns - values, mask) / variance_of_returns
+
+
+def _per_token(advantages: torch.Tensor) -> torch.Tensor:
+    """Per-sequence advantages (batch,) become (batch, 1) so they broadcast over tokens."""
+    return advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+
+
+# ---------------------------------------------------------------------------------------------
+# KL estimators. Schulman, "Approximating KL Divergence" (2020), http://joschu.net/blog/kl-approx.html
+# Tokens are sampled from p = pi_theta; q = pi_ref. With r = q(y) / p(y) = exp(log q - log p), each
+# estimator's expectation under p approximates KL(p || q) = KL(pi_theta || pi_ref).
+# ---------------------------------------------------------------------------------------------
+
+
+def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k1 = log p - log q = -log r. Unbiased for KL(p || q), high variance, can be negative."""
+    return logprobs - ref_logprobs
+
+
+def kl_k2(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k2 = 0.5 (log p - log q)^2 = 0.5 (log r)^2. Biased, low variance, always >= 0."""
+    return 0.5 * (logprobs - ref_logprobs) ** 2
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k3 = (r - 1) - log r = exp(log q - log p) - (log q - log p) - 1.
+
+    Unbiased for KL(p || q), low variance, always >= 0. This is the per-token KL of GRPO
+    (Shao et al. 2024, arXiv:2402.03300, eq. 4) with p = pi_theta, q = pi_ref, and TRL's
+    `exp(ref - logp) - (ref - logp) - 1`.
+    """
+    log_r = ref_logprobs - logprobs
+    return torch.exp(log_r) - log_r - 1
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of each next-token distribution: H = -sum_v p_v log p_v, logits (batch, T, V) -> (batch, T).
+
+    Tokens with logit -inf have p_v = 0 and contribute 0 (0 log 0 := 0).
+    """
+    log_probs = torch.log_softmax(logits, dim=-1)
+    return -(log_probs.exp() * log_probs.nan_to_num(neginf=0.0)).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Advantages
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized Advantage Estimation, Schulman et al. 2016 (arXiv:1506.02438), over tokens.
+
+        delta_t = r_t + gamma * m_{t+1} V_{t+1} - V_t
+        A_t     = delta_t + gamma * lam * m_{t+1} A_{t+1}        (A_t := 0 where m_t = 0)
+        R_t     = A_t + V_t                                     (the value target)
+
+    rewards, values, mask: (batch, T). `rewards` holds the per-token reward: the sequence reward
+    on the last completion token plus any per-token KL penalty. The value after the last
+    completion token is 0 (m_{t+1} = 0 there): the episode ends with the completion. Completion
+    tokens must be contiguous within a row; padding rewards and values are ignored.
+    Returns (advantages, returns), both (batch, T), 0 outside the mask and without gradient.
+    """
+    mask = mask.to(values.dtype)
+    next_mask = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)
+    next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1) * next_mask
+    deltas = (rewards + gamma * next_values - values) * mask
+
+    advantages = torch.zeros_like(values)
+    next_advantage = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.size(1))):
+        next_advantage = (deltas[:, t] + gamma * lam * next_mask[:, t] * next_advantage) * mask[:, t]
+        advantages[:, t] = next_advantage
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
+    """Group-relative advantages of GRPO, Shao et al. 2024 (arXiv:2402.03300), as TRL computes them.
+
+        A_i = (r_i - mean(group_i)) / (std + 1e-4)
+
+    with `scale` choosing std, exactly as TRL's `scale_rewards` (GRPOConfig):
+    - "group": std of the prompt's group (GRPO);
+    - "batch": std of all rewards in the batch, mean still per group (TRL cites the "Lite PPO"
+      paper, arXiv:2508.08221);
+    - "none": no division, only mean-centred (Dr. GRPO, Liu et al. 2025, arXiv:2503.20783).
+    std is the unbiased (Bessel-corrected) estimate, as TRL's `nanstd`; a single reward has std 0.
+    A group whose rewards are all equal gets zero advantages under every scale.
+    rewards: (batch,) with batch = num_prompts * group_size. Returns (batch,).
+    """
+    grouped = rewards.view(-1, group_size)
+    centred = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)
+    if scale == "none":
+        return centred
+    if scale == "group":
+        std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(grouped)
+        std = std.expand_as(grouped).reshape(-1)
+    elif scale == "batch":
+        std = rewards.std() if rewards.numel() > 1 else torch.zeros_like(rewards[0])
+    else:
+        raise ValueError(f"scale must be 'group', 'batch' or 'none', not {scale!r}")
+    return centred / (std + GROUP_STD_EPSILON)
+
+
+# ---------------------------------------------------------------------------------------------
+# Policy and value losses
+# ---------------------------------------------------------------------------------------------
+
+
+def _ppo_clipped(
+    ratio: torch.Tensor, advantages: torch.Tensor, epsilon_low: float, epsilon_high: float
+) -> torch.Tensor:
+    """Tokens whose gradient the PPO clip removes.
+
+    (ratio > 1 + eps_high and A > 0) or (ratio < 1 - eps_low and A < 0)
+    """
+    return ((ratio > 1 + epsilon_high) & (advantages > 0)) | ((ratio < 1 - epsilon_low) & (advantages < 0))
+
+
+def clipped_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.28,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate, Schulman et al. 2017 (arXiv:1707.06347), with DAPO's clip-higher.
+
+        rho_t  = exp(log pi_theta(y_t) - log pi_old(y_t))
+        loss_t = -min(rho_t A_t, clip(rho_t, 1 - eps_low, 1 + eps_high) A_t)
+
+    Clip-higher (DAPO, Yu et al. 2025, arXiv:2503.14476) decouples the bounds: eps_low = 0.2,
+    eps_high = 0.28 lets low-probability tokens with positive advantage grow further, which the
+    paper uses against entropy collapse. eps_low = eps_high = 0.2 is the original PPO.
+
+    Returns (per_token_loss (batch, T), clip_fraction, approx_kl):
+    - clip_fraction: share of masked tokens whose gradient the clip removes, i.e. ratio above
+      1 + eps_high with A > 0 or below 1 - eps_low with A < 0 (TRL's `clip_ratio/region_mean`);
+    - approx_kl: masked mean of k3 for KL(pi_old || pi_theta), (rho - 1) - log rho.
+    Both statistics are detached.
+    """
+    advantages = _per_token(advantages)
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * advantages
+    per_token_loss = -torch.min(unclipped, clipped)
+
+    with torch.no_grad():
+        is_clipped = _ppo_clipped(ratio, advantages, epsilon_low, epsilon_high)
+        clip_fraction = masked_mean(is_clipped.to(logprobs.dtype), mask)
+        approx_kl = masked_mean(kl_k3(old_logprobs, logprobs), mask)
+    return per_token_loss, clip_fraction, approx_kl
+
+
+def clipped_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float
+) -> torch.Tensor:
+    """PPO's clipped value loss (OpenAI baselines' PPO2; discussed in Engstrom et al. 2020, arXiv:2005.12729).
+
+        V_clip = V_old + clip(V - V_old, -c, c)
+        loss   = 0.5 * mean_t max((V_t - R_t)^2, (V_clip_t - R_t)^2)      (mean over masked tokens)
+
+    The max keeps the value head from profiting from a move of more than c away from V_old.
+    Returns a scalar (TRL's PPOTrainer and CleanRL reduce it the same way).
+    """
+    clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
+    per_token = torch.max((values - returns) ** 2, (clipped_values - returns) ** 2)
+    return 0.5 * masked_mean(per_token, mask)
+
+
+def aggregate(
+    per_token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    loss_type: str,
+    max_completion_length: int | None = None,
+    num_sequences: int | None = None,
+    global_token_count: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reduce a (batch, T) per-token loss to a scalar, as TRL 1.16's GRPOTrainer.compute_loss does.
+
+    With m the mask, B the sequences of this batch and |o_i| = sum_t m_it:
+    - "grpo":    (1/B) sum_i (1/|o_i|) sum_t l_it            GRPO, Shao et al. 2024 (arXiv:2402.03300):
+                 mean over each sequence's tokens, then over sequences (long sequences weigh less per token).
+    - "bnpo":    sum_it l_it / sum_it m_it                    mean over the tokens of this (local) batch.
+    - "dr_grpo": sum_it l_it / (B * max_completion_length)    Dr. GRPO, Liu et al. 2025 (arXiv:2503.20783):
+                 a constant normaliser, so no length bias. B = `num_sequences`, default the batch size.
+    - "dapo":    sum_it l_it / N_global                      DAPO, Yu et al. 2025 (arXiv:2503.14476):
+                 token-level mean over the whole global (generation) batch. N_global =
+                 `global_token_count`, the completion tokens of that batch, default this batch's
+                 (then "dapo" equals "bnpo"). Summing this loss over the micro-batches of the
+                 generation batch gives TRL's value (TRL's num_items_in_batch normaliser).
+    TRL additionally divides "grpo", "bnpo" and "dr_grpo" by the gradient-accumulation steps; that
+    belongs to the training loop, not here. Empty sequences count as length 1 (TRL's clamp).
+    """
+    masked_loss = torch.where(mask.bool(), per_token_loss, torch.zeros_like(per_token_loss))
+    mask = mask.to(per_token_loss.dtype)
+    if loss_type == "grpo":
+        return (masked_loss.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "bnpo":
+        return masked_loss.sum() / mask.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("loss_type 'dr_grpo' needs max_completion_length")
+        sequences = per_token_loss.size(0) if num_sequences is None else num_sequences
+        return masked_loss.sum() / (sequences * max_completion_length)
+    if loss_type == "dapo":
+        tokens = mask.sum() if global_token_count is None else torch.as_tensor(global_token_count)
+        return masked_loss.sum() / tokens.clamp(min=1.0)
+    raise ValueError(f"loss_type must be 'grpo', 'bnpo', 'dr_grpo' or 'dapo', not {loss_type!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Diversity mitigations
+# ---------------------------------------------------------------------------------------------
+
+
+def _token_covariance(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Cov_t = (log pi(y_t) - mean log pi) * (A_t - mean A), means over masked tokens; detached."""
+    logprobs = logprobs.detach()
+    advantages = _per_token(advantages).detach().expand_as(logprobs)
+    return (logprobs - masked_mean(logprobs, mask)) * (advantages - masked_mean(advantages, mask))
+
+
+def clip_cov_mask(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_ratio: float = 2e-4,
+    cov_lower: float = 1.0,
+    cov_upper: float = 5.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.28,
+    *,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Clip-Cov, Cui et al. 2025, "The Entropy Mechanism of RL for Reasoning LMs" (arXiv:2505.22617).
+
+    The paper shows entropy falls in proportion to the covariance between a token's log-probability
+    and its advantage, so it stops the gradient of a few high-covariance tokens:
+
+        Cov_t  = (log pi(y_t) - mean log pi) * (A_t - mean A)          (means over masked tokens)
+        I_clip = floor(r * N) tokens drawn uniformly from {t : cov_lower < Cov_t < cov_upper}
+        loss_t <- 0 * loss_t  for t in I_clip                            (gradient detached)
+
+    N is the number of masked tokens and at least one token is drawn when any qualifies. As in the
+    authors' code (PRIME-RL/Entropy-Mechanism-of-RL, merged into verl as `clip_cov`), tokens the
+    PPO clip already silences (see `clipped_policy_loss`) are not candidates; defaults are theirs.
+    Randomness comes only from `generator`.
+
+    Returns a (batch, T) float mask, 0 for the detached tokens and 1 elsewhere; multiply the
+    per-token policy loss by it. Detached tokens still count in the aggregation's denominator.
+    """
+    advantages = _per_token(advantages)
+    covariance = _token_covariance(logprobs, advantages, mask)
+    ratio = torch.exp(logprobs.detach() - old_logprobs)
+    candidates = (
+        mask.bool()
+        & (covariance > cov_lower)
+        & (covariance < cov_upper)
+        & ~_ppo_clipped(ratio, advantages, epsilon_low, epsilon_high)
+    )
+    candidate_index = candidates.flatten().nonzero().squeeze(-1)
+    budget = max(int(clip_ratio * mask.bool().sum().item()), 1)
+    order = torch.randperm(candidate_index.numel(), generator=generator, device=generator.device)
+    chosen = candidate_index[order[:budget].to(candidate_index.device)]
+
+    keep = torch.ones(logprobs.numel(), dtype=logprobs.dtype, device=logprobs.device)
+    keep[chosen] = 0.0
+    return keep.view_as(logprobs)
+
+
+def kl_cov_penalty(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    kl_ratio: float = 2e-4,
+    kl_coef: float = 1.0,
+) -> torch.Tensor:
+    """KL-Cov, Cui et al. 2025, "The Entropy Mechanism of RL for Reasoning LMs" (arXiv:2505.22617).
+
+    A KL penalty on the tokens with the largest log-probability/advantage covariance:
+
+        Cov_t   = (log pi(y_t) - mean log pi) * (A_t - mean A)          (means over masked tokens)
+        I_KL    = the max(1, floor(k * N)) masked tokens of largest Cov_t
+        loss_t <- loss_t + beta * |log pi_theta(y_t) - log pi_old(y_t)|   for t in I_KL
+
+    with beta = `kl_coef` and k = `kl_ratio`; the |log ratio| form and the defaults are the
+    authors' code (verl's `kl_cov`), whose base loss is the *unclipped* surrogate -rho_t A_t: to
+    reproduce it, add this penalty to `clipped_policy_loss(..., epsilon_low=inf, epsilon_high=inf)`.
+    Ties in Cov are broken by position (row-major, earlier first).
+    Returns the per-token penalty (batch, T), 0 off I_KL, differentiable through `logprobs`.
+    """
+    covariance = _token_covariance(logprobs, advantages, mask).flatten()
+    valid_index = mask.bool().flatten().nonzero().squeeze(-1)
+    budget = max(int(kl_ratio * valid_index.numel()), 1)
+    by_covariance = torch.sort(covariance[valid_index], descending=True, stable=True).indices
+    chosen = valid_index[by_covariance[:budget]]
+
+    selected = torch.zeros(logprobs.numel(), dtype=logprobs.dtype, device=logprobs.device)
+    selected[chosen] = 1.0
+    return kl_coef * (logprobs - old_logprobs).abs() * selected.view_as(logprobs)
+
+
+def unlikeliness_rewards(
+    rewards: torch.Tensor,
+    sequence_logprobs: torch.Tensor,
+    correct: torch.Tensor,
+    group_size: int,
+    beta: float,
+) -> torch.Tensor:
+    """Unlikeliness reward, He, Fried & Welleck 2025, "Rewarding the Unlikely" (arXiv:2506.02355).
+
+    GRPO reinforces the correct completions the policy already finds likely ("rank bias"); the
+    unlikeliness reward lowers the reward of likely correct completions so rare correct ones win:
+
+        r_i <- r_i * (1 - beta * (G - rank_i) / G)      for correct i, rank_i in {1..G}
+
+    where rank_i orders the group's G completions from most likely (1) to least likely (G), so
+    the most likely correct completion is scaled by 1 - beta (G-1)/G and the least likely by 1.
+    This is what the authors' released code computes (`ray_lean_trainer._compute_advantages`:
+    ascending rank among all G samples, `score * (1 - rank / G * rank_penalty)`); there the
+    likelihood is the mean per-token log-prob under pi_old, which is what `sequence_logprobs`
+    should hold to match them. All G completions are ranked, incorrect ones included; only the
+    rewards of correct ones change. Ties: the earlier completion in the group counts as less likely.
+    rewards, sequence_logprobs, correct: (batch,), batch = num_prompts * G. Returns (batch,).
+    """
+    grouped = sequence_logprobs.detach().view(-1, group_size)
+    # 0 for the least likely of each group, G - 1 for the most likely (stable sort breaks ties by position).
+    ascending_rank = torch.argsort(torch.argsort(grouped, dim=1, stable=True), dim=1).view(-1)
+    factor = 1 - beta * ascending_rank.to(rewards.dtype) / group_size
+    return torch.where(correct.bool(), rewards * factor, rewards)
+
+
+def pass_at_k_advantages(correct: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
+    """Analytical Pass@k-training advantages, Chen et al. 2025, "Pass@k Training for Adaptively
+    Balancing Exploration and Exploitation of Large Reasoning Models" (arXiv:2508.10751).
+
+    The reward of a k-subset of the group is 1 if it holds a correct completion (pass@k). With
+    N = group_size completions of which c are correct, averaging over all C(N, k) subsets gives
+
+        R_mean = 1 - C(N - c, k) / C(N, k)                        (mean subset reward)
+        sigma  = sqrt(R_mean (1 - R_mean))                         (its std)
+        A_pos  = (1 - R_mean) / sigma                              (each correct completion)
+        A_neg  = (1 - R_mean - C(N - c - 1, k - 1) / C(N - 1, k - 1)) / sigma   (each incorrect one)
+
+    (their eqs. for A_pos / A_neg, and the authors' `calc_adv` in RUCAIBox/Passk_Training). k = 1
+    recovers GRPO with the population std. When sigma = 0 (c = 0, or fewer than k incorrect
+    completions) both numerators are 0 and we return 0; the authors' sigma + 1e-6 gives the same.
+    correct: (batch,) bool, batch = num_prompts * N. Returns float (batch,).
+    """
+    if not 1 <= k <= group_size:
+        raise ValueError(f"k must be in [1, group_size={group_size}], got {k}")
+    n = group_size
+    grouped = correct.bool().view(-1, n)
+    advantages = torch.zeros(grouped.shape, dtype=torch.float32, device=correct.device)
+    for g, group in enumerate(grouped):
+        c = int(group.sum())
+        mean_reward = 1 - math.comb(n - c, k) / math.comb(n, k)
+        sigma = math.sqrt(mean_reward * (1 - mean_reward))
+        if sigma == 0:
+            continue
+        positive = (1 - mean_reward) / sigma
+        negative = (1 - mean_reward - math.comb(n - c - 1, k - 1) / math.comb(n - 1, k - 1)) / sigma
+        advantages[g] = torch.where(group, positive, negative)
+    return advantages.view(-1)
+
+
+def format_diversity_bonus(
+    formats: Sequence[str], correct: torch.Tensor, group_size: int, coefficient: float
+) -> torch.Tensor:
+    """Format-diversity bonus: our own mitigation (echolab), not from a paper.
+
+        bonus_i = coefficient * (1 - share of format_i among the G completions of i's group)   if i is correct
+        bonus_i = 0                                                                          otherwise
+
+    Shares count every completion of the group, correct or not (so "other" counts too). A correct
+    completion in a format no one else in its group used earns coefficient * (G - 1) / G; if the
+    whole group shares one format, nobody earns anything. Add the bonus to the reward before
+    computing advantages. formats: G labels per prompt (e.g. from `specialists.formats.classify`),
+    correct: (batch,) bool. Returns float (batch,).
+    """
+    if len(formats) != correct.numel() or len(formats) % group_size:
+        raise ValueError(f"need one format per completion in whole groups of {group_size}; "
+                         f"got {len(formats)} formats for {correct.numel()} completions")
+    share = []
+    for start in range(0, len(formats), group_size):
+        group = formats[start : start + group_size]
+        counts = Counter(group)
+        share.extend(counts[label] / group_size for label in group)
+    share = torch.tensor(share, dtype=torch.float32, device=correct.device)
+    return torch.where(correct.bool(), coefficient * (1 - share), torch.zeros_like(share))

@@ -1,0 +1,140 @@
+"""Typed, validated configuration of the specialists stage: task, format mixture, model, pretraining.
+
+One source of truth for defaults. Unknown keys are rejected (pydantic `extra="forbid"`), so a typo
+in a TOML file names itself instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from specialists.formats import FORMAT_SETS, Difficulty
+from specialists.tasks import OPERATIONS, TaskConfig
+
+# vLLM's attention backends accept only these head sizes.
+VLLM_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskSettings(Strict):
+    """The synthetic word problems (see `specialists.tasks`)."""
+
+    min_operations: int = Field(1, ge=1)
+    max_operations: int = Field(2, ge=1)
+    max_value: int = Field(20, ge=2)
+    max_multiplier: int = Field(3, ge=2)
+    operations: tuple[str, ...] = ("add", "sub", "mul")
+
+    @field_validator("operations")
+    @classmethod
+    def _known_operations(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = sorted(set(value) - set(OPERATIONS))
+        if unknown:
+            raise ValueError(f"unknown operations {unknown}; allowed: {sorted(OPERATIONS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "TaskSettings":
+        if self.min_operations > self.max_operations:
+            raise ValueError("min_operations must be <= max_operations")
+        return self
+
+    def task_config(self) -> TaskConfig:
+        return TaskConfig(self.min_operations, self.max_operations, self.max_value, self.max_multiplier, self.operations)
+
+
+class FormatShare(Strict):
+    """One format's part of the pretraining mixture."""
+
+    weight: float = Field(gt=0, description="relative share of pretraining examples")
+    repeat: int = Field(1, ge=1, description="the paper's 'k x repetition': each distinct problem appears k times")
+    difficulty: Difficulty = Field(
+        "easy", description="easy: code lets the checker do the arithmetic / prose shows every step; "
+        "hard: code carries precomputed constants / prose gives only the answer")
+
+
+def _default_mixture() -> dict[str, FormatShare]:
+    return {
+        "python_function": FormatShare(weight=1.0),
+        "llm_code": FormatShare(weight=1.0),
+        "natural_language": FormatShare(weight=1.0),
+    }
+
+
+class MixtureSettings(Strict):
+    formats: dict[str, FormatShare] = Field(default_factory=_default_mixture)
+
+    @field_validator("formats")
+    @classmethod
+    def _renderable_formats(cls, value: dict[str, FormatShare]) -> dict[str, FormatShare]:
+        allowed = [f.name for f in FORMAT_SETS["synthetic"]]
+        unknown = sorted(set(value) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown formats {unknown} in the mixture; allowed: {allowed}")
+        if not value:
+            raise ValueError("the mixture needs at least one format")
+        return value
+
+    def normalised_weights(self) -> dict[str, float]:
+        total = sum(share.weight for share in self.formats.values())
+        return {name: share.weight / total for name, share in self.formats.items()}
+
+
+class ModelSettings(Strict):
+    """A Qwen3-MoE causal LM whose experts are the specialists, or a dense Qwen3 with matched active size."""
+
+    kind: Literal["moe", "dense"] = "moe"
+    hidden_size: int = Field(128, ge=32)
+    num_layers: int = Field(3, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    head_dim: int = 32
+    num_experts: int = Field(4, ge=2)
+    experts_per_token: int = Field(2, ge=1)
+    expert_size: int = Field(256, ge=8, description="intermediate size of one expert; the dense MLP is expert_size * experts_per_token")
+    router_aux_loss_coef: float = Field(0.01, ge=0)
+    max_length: int = Field(256, ge=32, description="longest prompt + completion in tokens")
+
+    @model_validator(mode="after")
+    def _valid_for_vllm(self) -> "ModelSettings":
+        if self.hidden_size % 32:
+            raise ValueError(f"hidden_size must be a multiple of 32 (vLLM's CPU MoE kernel), got {self.hidden_size}")
+        if self.head_dim not in VLLM_HEAD_DIMS:
+            raise ValueError(f"head_dim must be one of {VLLM_HEAD_DIMS} (vLLM attention), got {self.head_dim}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_heads must be a multiple of num_kv_heads")
+        if self.experts_per_token > self.num_experts:
+            raise ValueError("experts_per_token must be <= num_experts")
+        return self
+
+
+class PretrainSettings(Strict):
+    num_examples: int = Field(24_000, ge=1, description="training examples drawn from the mixture")
+    batch_size: int = Field(48, ge=1)
+    learning_rate: float = Field(3e-3, gt=0)
+    warmup_fraction: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    vocab_size: int = Field(384, ge=64, description="BPE vocabulary of the locally trained tokenizer")
+
+
+class EvaluationSettings(Strict):
+    num_problems: int = Field(256, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    max_new_tokens: int = Field(96, ge=1)
+
+
+class SpecialistsConfig(Strict):
+    """Everything that determines a pretrained base model (and so its cache key)."""
+
+    seed: int = 0
+    task: TaskSettings = TaskSettings()
+    mixture: MixtureSettings = MixtureSettings()
+    model: ModelSettings = ModelSettings()
+    pretrain: PretrainSettings = PretrainSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
+

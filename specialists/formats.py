@@ -1,0 +1,251 @@
+"""Solution formats: how to render a solution, how to recognise one, how to read its final answer.
+
+A `Format` is one self-contained definition. Recognition is a full match of an anchored pattern
+against the whole (stripped) generation, never a substring test: the Echo Chamber paper's detector
+labelled prose containing "definitely" as code because it looked for "def". A generation that fits
+no format is `other`.
+
+Answers of code formats come only from running the code in the sandbox (`specialists.sandbox`),
+never from numbers the model wrote next to its code.
+
+Built-in sets:
+- `synthetic`: the three formats the pretraining data is rendered in, mirroring the paper's
+  TinyGSM (a Python function), OpenMathInstruct-1 (code in `<llm-code>` tags followed by its output)
+  and OpenMathInstruct-2 / GSM8K (natural-language steps ending in a final-answer sentence).
+- `echo-chamber`: the paper's formats as real models write them, for analysing outside rollouts:
+  `def simple_math_problem()`, `<llm-code>`, natural language with `\\boxed{}` or a final-answer
+  sentence, and GSM8K's `#### N`.
+Users add formats from a TOML or YAML file (`load_formats`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+from specialists.errors import UserError
+from specialists.sandbox import Program
+from specialists.tasks import OPERATIONS, Problem
+
+Difficulty = Literal["easy", "hard"]
+DIFFICULTIES = ("easy", "hard")
+OTHER = "other"
+
+_NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?"
+
+
+@dataclass(frozen=True)
+class Format:
+    """One solution format.
+
+    detect: full-matched against the stripped generation (re.DOTALL is up to the pattern).
+    answer: a pattern searched in the generation; its group `answer` is the final answer.
+    code: a pattern whose group `code` is a program; its answer is what the sandbox returns
+        (the value of `call()` when `call` is set, else the program's last printed line or last
+        expression). A format has either `answer` or `code`.
+    render: (problem, difficulty) -> training text, for formats the synthetic task is written in.
+    """
+
+    name: str
+    detect: re.Pattern
+    answer: re.Pattern | None = None
+    code: re.Pattern | None = None
+    call: str | None = None
+    render: Callable[[Problem, Difficulty], str] | None = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.name == OTHER:
+            raise ValueError(f"'{OTHER}' is reserved for generations that fit no format")
+        if (self.answer is None) == (self.code is None):
+            raise ValueError(f"format {self.name!r}: give exactly one of an answer pattern or a code pattern")
+        group = "answer" if self.answer is not None else "code"
+        pattern = self.answer if self.answer is not None else self.code
+        if group not in pattern.groupindex:
+            raise ValueError(f"format {self.name!r}: the {group} pattern needs a named group (?P<{group}>...)")
+
+    def matches(self, completion: str) -> bool:
+        return self.detect.fullmatch(completion.strip()) is not None
+
+    def written_answer(self, completion: str) -> float | None:
+        """The final answer written in the text (formats with an `answer` pattern), else None."""
+        if self.answer is None:
+            return None
+        found = self.answer.search(completion.strip())
+        return parse_answer(found.group("answer")) if found else None
+
+    def program(self, completion: str) -> Program | None:
+        """The program to run for the answer (formats with a `code` pattern), else None."""
+        if self.code is None:
+            return None
+        found = self.code.search(completion.strip())
+        return Program(found.group("code"), call=self.call) if found else None
+
+
+def parse_answer(text: str) -> float | None:
+    """'1,234' -> 1234.0, '$5' -> 5.0, '3.50' -> 3.5; anything else -> None."""
+    cleaned = text.strip().replace(",", "").replace("$", "").rstrip(".")
+    try:
+        value = float(cleaned)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def answers_equal(predicted: float | None, gold: float) -> bool:
+    return predicted is not None and math.isclose(predicted, gold, rel_tol=1e-6, abs_tol=1e-6)
+
+
+def classify(completion: str, formats: tuple[Format, ...]) -> str:
+    """Name of the first format whose pattern fully matches the generation, else `other`."""
+    for candidate in formats:
+        if candidate.matches(completion):
+            return candidate.name
+    return OTHER
+
+
+# ---------------------------------------------------------------- rendering the synthetic task
+
+def _format_int(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def _render_python_function(problem: Problem, difficulty: Difficulty) -> str:
+    # easy: the checker does the arithmetic; hard: the model must carry precomputed constants.
+    variable = problem.item
+    lines = ["def simple_math_problem():", f"    {variable} = {problem.start}"]
+    for step, value in zip(problem.steps, problem.intermediate_values()[1:]):
+        operator = OPERATIONS[step.op][1]
+        expression = f"{variable} {operator} {step.value}" if difficulty == "easy" else str(value)
+        lines.append(f"    {variable} = {expression}")
+    lines.append(f"    return {variable}")
+    return "\n".join(lines)
+
+
+def _render_llm_code(problem: Problem, difficulty: Difficulty) -> str:
+    variable = problem.item
+    lines = ["<llm-code>", f"{variable} = {problem.start}"]
+    for step, value in zip(problem.steps, problem.intermediate_values()[1:]):
+        operator = OPERATIONS[step.op][1]
+        lines.append(f"{variable} = {variable} {operator} {step.value}" if difficulty == "easy" else f"{variable} = {value}")
+    lines += [f"print({variable})", "</llm-code>", "<llm-code-output>", _format_int(problem.answer), "</llm-code-output>"]
+    return "\n".join(lines)
+
+
+def _render_natural_language(problem: Problem, difficulty: Difficulty) -> str:
+    # easy: every intermediate result is written down; hard: only the final answer.
+    lines = []
+    if difficulty == "easy":
+        values = problem.intermediate_values()
+        for step, before, after in zip(problem.steps, values, values[1:]):
+            lines.append(f"{before} {OPERATIONS[step.op][1]} {step.value} = {after}.")
+    lines.append(f"The answer is {_format_int(problem.answer)}.")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the built-in formats
+
+PYTHON_FUNCTION = Format(
+    name="python_function",
+    description="TinyGSM style: def simple_math_problem(): ... return <answer>; answer from calling it in the sandbox",
+    detect=re.compile(r"(?:```python\n)?def simple_math_problem\(\)(?:\s*->\s*\w+)?:\n(?:[ \t]+[^\n]*\n|\n)*?[ \t]+return\b[^\n]*(?:\n```)?"),
+    code=re.compile(r"(?:```python\n)?(?P<code>def simple_math_problem\(\).*?[ \t]+return\b[^\n]*)", re.DOTALL),
+    call="simple_math_problem",
+    render=_render_python_function,
+)
+
+LLM_CODE = Format(
+    name="llm_code",
+    description="OpenMathInstruct-1 style: <llm-code>...</llm-code> then its output; answer from running the code",
+    detect=re.compile(r"<llm-code>\n.*?\n</llm-code>(?:\n.*)?", re.DOTALL),
+    code=re.compile(r"<llm-code>\n(?P<code>.*?)\n</llm-code>", re.DOTALL),
+    render=_render_llm_code,
+)
+
+# "The answer is 5.", "The final answer is: \\boxed{5}", "... so we get \\boxed{5}." on the last line.
+_ANSWER_MARK = rf"(?:[Tt]he (?:final )?answer is:?\s*(?:\\boxed\{{)?|\\boxed\{{)(?P<answer>{_NUMBER})"
+_NOT_CODE = r"(?!def |<llm-code>|```)"  # prose may not open with a code marker
+
+NATURAL_LANGUAGE = Format(
+    name="natural_language",
+    description="OpenMathInstruct-2 / prose: steps in words, the last line saying 'The answer is N' or \\boxed{N}",
+    detect=re.compile(rf"{_NOT_CODE}(?:[^\n]*\n)*[^\n]*{_ANSWER_MARK}[^\n]*"),
+    answer=re.compile(rf"[^\n]*{_ANSWER_MARK}[^\n]*\Z"),
+    render=_render_natural_language,
+)
+
+GSM8K = Format(
+    name="gsm8k",
+    description="GSM8K reference style: worked steps, last line '#### N'",
+    detect=re.compile(rf"{_NOT_CODE}(?:[^\n]*\n)*####\s*{_NUMBER}"),
+    answer=re.compile(rf"####\s*(?P<answer>{_NUMBER})\Z"),
+)
+
+FORMAT_SETS: dict[str, tuple[Format, ...]] = {
+    "synthetic": (PYTHON_FUNCTION, LLM_CODE, NATURAL_LANGUAGE),
+    "echo-chamber": (PYTHON_FUNCTION, LLM_CODE, GSM8K, NATURAL_LANGUAGE),
+}
+
+
+def load_formats(name_or_path: str | Path) -> tuple[Format, ...]:
+    """A built-in set by name, or the user's formats from a TOML or YAML file.
+
+    File layout (TOML shown; YAML is the same keys under a top-level `format:` list):
+
+        [[format]]
+        name = "boxed"
+        detect = '(?s).*\\\\boxed\\{.+\\}'    # full-matched against the stripped generation
+        answer = '\\\\boxed\\{(?P<answer>[^}]+)\\}'
+
+        [[format]]
+        name = "program"
+        detect = '(?s)<code>.*</code>'
+        code = '(?s)<code>(?P<code>.*)</code>'   # run in the sandbox
+        call = "solve"                            # optional: the answer is solve()'s return value
+    """
+    key = str(name_or_path)
+    if key in FORMAT_SETS:
+        return FORMAT_SETS[key]
+    path = Path(key)
+    if not path.is_file():
+        raise UserError(f"unknown format set {key!r}: not a file, and not one of {sorted(FORMAT_SETS)}")
+    if path.suffix == ".toml":
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    elif path.suffix in (".yaml", ".yml"):
+        import yaml  # only needed for YAML format files
+
+        document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    else:
+        raise UserError(f"{path}: format files must end in .toml, .yaml or .yml")
+    entries = document.get("format") if isinstance(document, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise UserError(f"{path}: expected a non-empty list of [[format]] entries")
+    allowed = {"name", "detect", "answer", "code", "call", "description"}
+    formats = []
+    for index, entry in enumerate(entries):
+        unknown = set(entry) - allowed
+        if unknown:
+            raise UserError(f"{path}: format #{index + 1} has unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+        if "name" not in entry or "detect" not in entry:
+            raise UserError(f"{path}: format #{index + 1} needs 'name' and 'detect'")
+        try:
+            formats.append(Format(
+                name=entry["name"],
+                detect=re.compile(entry["detect"]),
+                answer=re.compile(entry["answer"]) if "answer" in entry else None,
+                code=re.compile(entry["code"]) if "code" in entry else None,
+                call=entry.get("call"),
+                description=entry.get("description", ""),
+            ))
+        except re.error as error:
+            raise UserError(f"{path}: format {entry['name']!r}: bad pattern ({error})") from None
+        except ValueError as error:
+            raise UserError(f"{path}: {error}") from None
+    names = [f.name for f in formats]
+    if len(set(names)) != len(names):
+        raise UserError(f"{path}: format names repeat: {names}")
+    return tuple(formats)

@@ -1,0 +1,31 @@
+"""Shared fixtures: one tiny pretrained model per kind per test session (pretraining takes seconds)."""
+
+import pytest
+
+from specialists.config import EvaluationSettings, ModelSettings, PretrainSettings, SpecialistsConfig
+
+TINY_PRETRAIN = PretrainSettings(num_examples=600, batch_size=32)
+
+
+def tiny_model(kind: str = "moe") -> ModelSettings:
+    """The smallest model vLLM accepts on CPU: 2 layers, hidden 64, 4 experts of 128."""
+    return ModelSettings(kind=kind, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32, expert_size=128)
+
+
+def tiny_config(kind: str = "moe", seed: int = 0) -> SpecialistsConfig:
+    return SpecialistsConfig(seed=seed, model=tiny_model(kind), pretrain=TINY_PRETRAIN,
+                             evaluation=EvaluationSettings(num_problems=16, max_new_tokens=48))
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_dir(tmp_path_factory):
+    from specialists.pretrain import pretrain
+
+    return pretrain(tiny_config("moe"), tmp_path_factory.mktemp("tiny-moe"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_dense_dir(tmp_path_factory):
+    from specialists.pretrain import pretrain
+
+    return pretrain(tiny_config("dense"), tmp_path_factory.mktemp("tiny-dense"), progress=False)

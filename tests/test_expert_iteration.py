@@ -1,0 +1,159 @@
+"""Expert Iteration (rl/expert_iteration.py): the filter by hand, then rounds on a tiny pretrained MoE."""
+
+import json
+import zlib
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import rl.expert_iteration as ei
+from rl.config import EngineSettings, ExpertIterationSettings, MitigationSettings, RLSettings, SamplingSettings
+from rl.engines import Completion, HFEngine
+from rl.recorder import Recorder
+from rl.rollouts import PromptSet, StepBatch, load_prompt_problems
+from specialists.config import SpecialistsConfig
+from specialists.formats import FORMAT_SETS, classify
+from specialists.grading import Grade
+from specialists.model import load_model
+from specialists.tasks import Problem
+from specialists.tokenizer import load_tokenizer
+
+FORMATS = FORMAT_SETS["synthetic"]
+
+
+def _grade(correct: bool) -> Grade:
+    return Grade("natural_language", 1.0 if correct else 2.0, correct, "correct" if correct else "wrong")
+
+
+def _completion(text: str) -> Completion:
+    return Completion(text=text, token_ids=[1, 2], logprob=-1.0, finished=True)
+
+
+def test_select_for_sft_keeps_correct_and_deduplicates_per_prompt():
+    p, q = Problem("p", "P?", 1.0), Problem("q", "Q?", 1.0)
+    texts = [["A", "A", "B", "C", "A"], ["A", "D", "D", "E", "E"]]
+    correct = [[True, True, True, False, True], [True, True, True, False, False]]
+    batch = StepBatch(
+        problems=[p, q],
+        completions=[[_completion(t) for t in group] for group in texts],
+        grades=[[_grade(c) for c in group] for group in correct],
+        rewards=torch.tensor(correct, dtype=torch.float32))
+    kept, unique = ei.select_for_sft(batch)
+    assert kept == 7  # p: A, A, B, A; q: A, D, D
+    # "C" is wrong; p's repeated "A"s collapse to one; q keeps its own "A"; "E" is wrong twice
+    assert [(problem.id, c.text) for problem, c in unique] == [("p", "A"), ("p", "B"), ("q", "A"), ("q", "D")]
+    # the first of equal texts survives (identity, not just an equal copy)
+    assert unique[0][1] is batch.completions[0][0] and unique[3][1] is batch.completions[1][1]
+
+
+def test_select_for_sft_merges_a_prompt_drawn_twice():
+    p = Problem("p", "P?", 1.0)
+    batch = StepBatch([p, p], [[_completion("A")], [_completion("A")]], [[_grade(True)], [_grade(True)]],
+                      torch.ones(2, 1))
+    assert ei.select_for_sft(batch)[0] == 2
+    assert len(ei.select_for_sft(batch)[1]) == 1
+
+
+class ChecksumRewards:
+    """Stand-in grader: correct iff crc32(text) % 2 == 0, so the barely trained model has data to keep."""
+
+    def __call__(self, texts, gold, group_size):
+        correct = [zlib.crc32(text.encode()) % 2 == 0 for text in texts]
+        grades = [Grade(classify(text, FORMATS), None, ok, "correct" if ok else "wrong")
+                  for text, ok in zip(texts, correct)]
+        return torch.tensor(correct, dtype=torch.float32), grades
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tiny_moe_dir):  # tests/conftest.py: pretrained once per session
+    return tiny_moe_dir
+
+
+def _settings(start_from: str, **overrides) -> RLSettings:
+    return RLSettings(algorithm="ei", steps=2, prompts_per_step=3, num_prompts=8, learning_rate=1e-3,
+                      checkpoint_every=1, engine=EngineSettings(kind="hf"),
+                      sampling=SamplingSettings(samples_per_prompt=4, max_new_tokens=32),
+                      expert_iteration=ExpertIterationSettings(sft_epochs=2, start_from=start_from), **overrides)
+
+
+def _run_with_spy(moe_dir, run_dir, settings, monkeypatch, model=None, **kwargs):
+    """Run EI, recording the weights the model has whenever supervised fine-tuning starts and ends."""
+    at_start, at_end = [], []
+    original = ei.supervised_finetune
+
+    def spy(model, *args, **kwargs):
+        at_start.append({k: v.clone() for k, v in model.state_dict().items()})
+        result = original(model, *args, **kwargs)
+        at_end.append({k: v.clone() for k, v in model.state_dict().items()})
+        return result
+
+    monkeypatch.setattr(ei, "supervised_finetune", spy)
+    model, tokenizer = model or load_model(moe_dir), load_tokenizer(moe_dir)
+    problems = load_prompt_problems(settings, 0, SpecialistsConfig().task.task_config())
+    prompt_set = PromptSet(problems, settings.prompts_per_step, 0)
+    ei.train_expert_iteration(model, tokenizer, HFEngine(model, tokenizer), prompt_set, ChecksumRewards(), settings,
+                              Recorder(run_dir), seed=0, progress=False, **kwargs)
+    return model, at_start, at_end
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_rounds_from_base(moe_dir, tmp_path, monkeypatch):
+    model, at_start, at_end = _run_with_spy(moe_dir, tmp_path, _settings("base"), monkeypatch)
+    base = load_model(moe_dir).state_dict()
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [0, 1]
+    for line in metrics:
+        assert line["sampled"] == 3 * 4
+        assert 0 < line["kept"] <= line["sampled"] and line["kept_unique"] <= line["kept"]
+        assert line["kept"] == round(line["accuracy"] * line["sampled"])
+        assert isinstance(line["sft_loss"], float) and line["sft_updates"] == 2 * -(-line["kept_unique"] // 16)
+        assert {"reward_mean", "reward_std", "step_time_s", "rollout_tokens_per_s"} <= line.keys()
+    # every round fine-tunes the base model, and the fine-tuned weights are what the run returns
+    assert len(at_start) == 2 and all(_equal(start, base) for start in at_start)
+    assert not _equal(at_end[0], base) and not _equal(at_end[1], at_end[0])
+    assert _equal(model.state_dict(), at_end[1])
+    # rollouts with expert loads of the sampling model; a checkpoint per round
+    config = load_model(moe_dir).config
+    for step in range(2):
+        rows = pq.read_table(tmp_path / "rollouts" / f"step_{step:06d}.parquet").to_pylist()
+        assert len(rows) == 12
+        for row in rows:
+            load = np.array(row["expert_load"])
+            assert load.shape == (config.num_hidden_layers, config.num_experts)
+            assert (load.sum(axis=1) == row["num_tokens"] * config.num_experts_per_tok).all()
+        assert (tmp_path / "router" / f"step_{step:06d}.json").exists()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000001", "step_000002"]
+    assert _equal(load_model(tmp_path / "checkpoints" / "step_000001").state_dict(), at_end[0])
+
+
+def test_start_from_latest_continues(moe_dir, tmp_path, monkeypatch):
+    _, at_start, at_end = _run_with_spy(moe_dir, tmp_path, _settings("latest"), monkeypatch)
+    assert _equal(at_start[0], load_model(moe_dir).state_dict())
+    assert _equal(at_start[1], at_end[0])  # round 2 starts where round 1 ended
+
+
+def test_policy_gradient_mitigations_are_refused(moe_dir, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="entropy_coef"):
+        settings = _settings("base", mitigations=MitigationSettings(entropy_coef=0.1))
+        _run_with_spy(moe_dir, tmp_path, settings, monkeypatch)
+
+
+def test_resume_redoes_the_lost_round(moe_dir, tmp_path, monkeypatch):
+    first = tmp_path / "first"
+    _, _, at_end = _run_with_spy(moe_dir, first, _settings("base"), monkeypatch)
+    lines = (first / "metrics.jsonl").read_text().splitlines()
+    (first / "checkpoints" / "step_000002").rename(first / "checkpoints" / "step_000002.killed")
+    resumed, at_start, _ = _run_with_spy(moe_dir, first, _settings("base"), monkeypatch,
+                                         model=load_model(first / "checkpoints" / "step_000001"), start_step=1,
+                                         ref_model=load_model(moe_dir))
+    assert _equal(at_start[0], load_model(moe_dir).state_dict())  # the redone round starts from the base again
+    again = (first / "metrics.jsonl").read_text().splitlines()
+    drop = ("step_time_s", "rollout_tokens_per_s")
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if k not in drop}  # noqa: E731
+    assert [strip(line) for line in again] == [strip(line) for line in lines]
+    assert _equal(resumed.state_dict(), at_end[1])

@@ -1,0 +1,193 @@
+"""PPO (rl/ppo.py) end to end on tiny pretrained models with the transformers engine.
+
+Most runs use a stand-in reward (a fixed, checksum-based third of the completions is "correct") so
+that the barely trained test models still see a reward signal; one run grades for real in the sandbox.
+"""
+
+import json
+import shutil
+import zlib
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from rl.config import EngineSettings, MitigationSettings, RLSettings, SamplingSettings
+from rl.engines import HFEngine
+from rl.ppo import train_ppo
+from rl.recorder import ROLLOUT_SCHEMA, Recorder
+from rl.rollouts import PromptSet, Rewards, load_prompt_problems
+from specialists.config import SpecialistsConfig
+from specialists.formats import FORMAT_SETS, classify
+from specialists.grading import Grade
+from specialists.model import load_model
+from specialists.sandbox import Sandbox
+from specialists.tokenizer import load_tokenizer
+
+pytestmark = pytest.mark.integration
+
+FORMATS = FORMAT_SETS["synthetic"]
+TIMING_KEYS = {"step_time_s", "rollout_tokens_per_s"}
+DIAGNOSTICS = {"policy_loss", "value_loss", "approx_kl", "clip_fraction", "explained_variance", "entropy",
+               "kl_to_reference", "aux_loss", "reward_mean", "reward_std", "accuracy", "step_time_s",
+               "rollout_tokens_per_s"}
+
+
+class ChecksumRewards:
+    """Stand-in for rl.rollouts.Rewards: correct iff crc32(text) % 3 == 0; formats classified for real."""
+
+    def __call__(self, texts, gold, group_size):
+        correct = [zlib.crc32(text.encode()) % 3 == 0 for text in texts]
+        grades = [Grade(classify(text, FORMATS), None, ok, "correct" if ok else "wrong")
+                  for text, ok in zip(texts, correct)]
+        return torch.tensor(correct, dtype=torch.float32), grades
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tiny_moe_dir):  # tests/conftest.py: pretrained once per session
+    return tiny_moe_dir
+
+
+@pytest.fixture(scope="module")
+def dense_dir(tiny_dense_dir):
+    return tiny_dense_dir
+
+
+def _settings(**overrides) -> RLSettings:
+    values = dict(algorithm="ppo", steps=3, prompts_per_step=2, num_prompts=8, beta=0.05, kl_estimator="k3",
+                  checkpoint_every=2, learning_rate=1e-3, engine=EngineSettings(kind="hf"),
+                  sampling=SamplingSettings(samples_per_prompt=4, max_new_tokens=32))
+    values.update(overrides)
+    return RLSettings(**values)
+
+
+def _run(model_dir, run_dir, settings, rewards=None, seed=0, **kwargs):
+    model, tokenizer = kwargs.pop("model", None) or load_model(model_dir), load_tokenizer(model_dir)
+    problems = load_prompt_problems(settings, seed, SpecialistsConfig().task.task_config())
+    prompt_set = PromptSet(problems, settings.prompts_per_step, seed)
+    trained = train_ppo(model, tokenizer, HFEngine(model, tokenizer), prompt_set, rewards or ChecksumRewards(),
+                        settings, Recorder(run_dir), seed, progress=False, **kwargs)
+    return trained
+
+
+def _metrics(run_dir, drop=TIMING_KEYS):
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in line.items() if k not in drop} for line in lines]
+
+
+def _weights_equal(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture(scope="module")
+def moe_run(moe_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ppo_moe")
+    model = _run(moe_dir, run_dir, _settings())
+    return run_dir, model
+
+
+def test_run_directory_is_complete(moe_dir, moe_run):
+    run_dir, model = moe_run
+    config = load_model(moe_dir).config
+    for step in range(3):
+        table = pq.read_table(run_dir / "rollouts" / f"step_{step:06d}.parquet")
+        assert table.schema.equals(ROLLOUT_SCHEMA)
+        rows = table.to_pylist()
+        assert len(rows) == 2 * 4 and {r["step"] for r in rows} == {step}
+        for row in rows:
+            load = np.array(row["expert_load"])
+            assert load.shape == (config.num_hidden_layers, config.num_experts)
+            # every completion token is routed to experts_per_token experts in every layer
+            assert (load.sum(axis=1) == row["num_tokens"] * config.num_experts_per_tok).all()
+        router = json.loads((run_dir / "router" / f"step_{step:06d}.json").read_text())
+        assert np.array(router["expert_load"]).sum() == sum(r["num_tokens"] for r in rows) * 2 * 2
+    metrics = _metrics(run_dir, drop=set())
+    assert [m["step"] for m in metrics] == [0, 1, 2]
+    for line in metrics:
+        assert DIAGNOSTICS <= line.keys()
+        for key in ("policy_loss", "value_loss", "approx_kl", "clip_fraction", "entropy", "aux_loss",
+                    "kl_to_reference", "step_time_s", "rollout_tokens_per_s"):
+            assert isinstance(line[key], float) and np.isfinite(line[key]), key
+        assert line["updates"] == 2 * 2  # epochs x minibatches
+    assert metrics[0]["kl_to_reference"] == 0.0  # step 0 samples from the reference itself
+    assert metrics[-1]["kl_to_reference"] > 0.0
+    # checkpoint "step s" = the model after s updates; the last one equals the returned model
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
+    state = torch.load(run_dir / "checkpoints" / "step_000003" / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 3 and state["algorithm"] == "ppo"
+    assert {"optimizer", "value_head", "rng"} <= state.keys()
+    assert _weights_equal(load_model(run_dir / "checkpoints" / "step_000003"), model)
+
+
+def test_weights_change(moe_dir, moe_run):
+    _, model = moe_run
+    base = load_model(moe_dir)
+    changed = [name for name, p in model.named_parameters() if not torch.equal(p, base.get_parameter(name))]
+    assert any(".mlp.experts." in name for name in changed)
+    assert any(".self_attn." in name for name in changed)
+    assert "model.layers.0.mlp.gate.weight" in changed
+
+
+def test_same_seed_same_metrics_and_rollouts(moe_dir, moe_run, tmp_path):
+    run_dir, model = moe_run
+    again = _run(moe_dir, tmp_path, _settings())
+    assert _metrics(tmp_path) == _metrics(run_dir)
+    for step in range(3):
+        name = f"rollouts/step_{step:06d}.parquet"
+        assert pq.read_table(tmp_path / name).equals(pq.read_table(run_dir / name))
+    assert _weights_equal(again, model)
+
+
+def test_resume_from_checkpoint_loses_no_step(moe_dir, moe_run, tmp_path):
+    run_dir, model = moe_run
+    resumed_dir = tmp_path / "run"
+    shutil.copytree(run_dir, resumed_dir)
+    (resumed_dir / "checkpoints" / "step_000003").rename(resumed_dir / "checkpoints" / "step_000003.killed")
+    with pytest.raises(ValueError, match="ref_model"):  # beta > 0: the reference must be the base model
+        _run(moe_dir, resumed_dir, _settings(), start_step=2)
+    # the run "died" after checkpoint 2; resuming there forgets step 2 and redoes it
+    resumed = _run(moe_dir, resumed_dir, _settings(), model=load_model(resumed_dir / "checkpoints" / "step_000002"),
+                   start_step=2, ref_model=load_model(moe_dir))
+    assert _metrics(resumed_dir) == _metrics(run_dir)
+    for step in range(3):
+        name = f"rollouts/step_{step:06d}.parquet"
+        assert pq.read_table(resumed_dir / name).equals(pq.read_table(run_dir / name))
+    assert _weights_equal(resumed, model)
+
+
+def test_kl_in_the_reward_k1(moe_dir, tmp_path):
+    _run(moe_dir, tmp_path, _settings(steps=2, kl_estimator="k1", beta=0.5))
+    metrics = _metrics(tmp_path)
+    assert len(metrics) == 2 and metrics[1]["kl_to_reference"] > 0
+    assert all(np.isfinite(m["policy_loss"]) for m in metrics)
+
+
+def test_mitigations_and_frozen_router(moe_dir, tmp_path):
+    mitigations = MitigationSettings(entropy_coef=0.01, clip_cov=True, kl_cov=True, cov_ratio=0.05, freeze_router=True)
+    model = _run(moe_dir, tmp_path, _settings(steps=2, beta=0.0, mitigations=mitigations, router_aux_loss_coef=0.0))
+    base = load_model(moe_dir)
+    for name, parameter in model.named_parameters():
+        if name.endswith("mlp.gate.weight"):
+            assert torch.equal(parameter, base.get_parameter(name)), name
+    assert not torch.equal(model.lm_head.weight, base.lm_head.weight)
+    metrics = _metrics(tmp_path)
+    assert all(m["aux_loss"] is None and m["kl_to_reference"] is None for m in metrics)
+
+
+def test_unsupported_mitigation_is_refused(moe_dir, tmp_path):
+    with pytest.raises(ValueError, match="pass_at_k"):
+        _run(moe_dir, tmp_path, _settings(steps=1, mitigations=MitigationSettings(pass_at_k=2)))
+
+
+def test_dense_model_with_real_grading(dense_dir, tmp_path):
+    settings = _settings(steps=2, kl_estimator="k1")
+    with Sandbox(workers=1) as sandbox:
+        _run(dense_dir, tmp_path, settings, rewards=Rewards(FORMATS, sandbox, settings.reward_scale, 0.0))
+    rows = pq.read_table(tmp_path / "rollouts" / "step_000001.parquet").to_pylist()
+    assert len(rows) == 8 and all(r["expert_load"] is None for r in rows)
+    assert all(r["reason"] in {"correct", "wrong", "no_answer", "timeout", "forbidden", "error"} for r in rows)
+    metrics = _metrics(tmp_path)
+    assert len(metrics) == 2 and all(m["aux_loss"] is None for m in metrics)
+    assert not list((tmp_path / "router").iterdir())
