@@ -13,6 +13,8 @@ from math import comb
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 ANSWER_DECIMALS = 6  # final answers equal after rounding to this many decimals count as the same answer
 PROMPT_KEYS = ["step", "prompt_id"]
@@ -102,22 +104,50 @@ def distinct_answers_per_prompt(table: pd.DataFrame) -> pd.Series:
 
 
 def distinct_n(table: pd.DataFrame, orders: tuple[int, ...] = (1, 2)) -> pd.DataFrame:
-    """distinct-n(t) = |distinct n-grams| / |n-grams| over all of step t's completions, whitespace tokens
-    (Li et al. 2016, "A Diversity-Promoting Objective Function for Neural Conversation Models",
-    arXiv:1510.03055); rows steps, one column `distinct_<n>` per order n; NaN for a step without an n-gram.
-    Each distinct completion of a step is tokenised once and weighted by its count."""
-    values = {}
-    for step, completions in table.groupby("step")["completion"]:
-        seen: dict[int, set] = {n: set() for n in orders}
-        totals = dict.fromkeys(orders, 0)
-        for text, count in completions.value_counts(sort=False).items():
-            tokens = text.split()
-            for n in orders:
-                totals[n] += count * max(len(tokens) - n + 1, 0)
-                seen[n].update(tokens if n == 1 else zip(*(tokens[i:] for i in range(n))))
-        values[step] = [len(seen[n]) / totals[n] if totals[n] else np.nan for n in orders]
-    frame = pd.DataFrame.from_dict(values, orient="index", columns=[f"distinct_{n}" for n in orders], dtype=np.float64)
-    return frame.rename_axis(index="step")
+    """distinct-n(t) = |distinct n-grams| / |n-grams| over all of step t's completions (Li et al. 2016,
+    "A Diversity-Promoting Objective Function for Neural Conversation Models", arXiv:1510.03055); tokens are
+    maximal runs of non-whitespace characters (as `str.split()`). Rows steps, one column `distinct_<n>` per
+    order n; NaN for a step without an n-gram.
+
+    Vectorised: each distinct completion is tokenised once (Arrow), tokens and then n-grams are encoded as
+    integers, and a step counts the distinct codes over its distinct completions, weighting totals by count.
+    """
+    codes, texts = pd.factorize(table["completion"].to_numpy(dtype=object))
+    split = pc.utf8_split_whitespace(pa.array(texts, pa.string()))
+    pieces = split.flatten()
+    kept = pc.not_equal(pieces, "")  # Arrow keeps empty pieces at the ends; str.split() does not
+    owner = pc.list_parent_indices(split).to_numpy(zero_copy_only=False)[kept.to_numpy(zero_copy_only=False)]
+    lengths = np.bincount(owner, minlength=len(texts)).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    gram = pc.dictionary_encode(pieces.filter(kept)).indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    vocabulary = int(gram.max()) + 1 if gram.size else 1
+    uses = pd.DataFrame({"step": table["step"].to_numpy(), "text": codes}).value_counts(sort=False).sort_index()
+    use_steps = uses.index.get_level_values("step").to_numpy()
+    use_texts = uses.index.get_level_values("text").to_numpy()
+    steps = np.unique(use_steps)
+    values = np.full((len(steps), len(orders)), np.nan)
+    for order in range(1, max(orders) + 1):
+        if order > 1:  # the code of the n-gram at p from the (n-1)-gram at p and the token at p + n - 1
+            gram = pd.factorize(gram[:-1] * vocabulary + gram_tokens[order - 1:])[0].astype(np.int64)
+        else:
+            gram_tokens = gram
+        if order not in orders:
+            continue
+        grams_per_text = np.maximum(lengths - order + 1, 0)
+        totals = np.bincount(np.searchsorted(steps, use_steps), weights=uses.to_numpy() * grams_per_text[use_texts],
+                             minlength=len(steps))
+        for position, step in enumerate(steps):
+            texts_of_step = use_texts[use_steps == step]
+            distinct = len(pd.unique(gram[_ragged_positions(starts[texts_of_step], grams_per_text[texts_of_step])]))
+            if totals[position]:
+                values[position, orders.index(order)] = distinct / totals[position]
+    return pd.DataFrame(values, index=pd.Index(steps, name="step"), columns=[f"distinct_{n}" for n in orders])
+
+
+def _ragged_positions(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Concatenation of range(start, start + count) for each pair."""
+    ends = np.cumsum(counts)
+    return np.repeat(starts - (ends - counts), counts) + np.arange(ends[-1] if len(ends) else 0)
 
 
 def token_entropy(table: pd.DataFrame) -> pd.Series:

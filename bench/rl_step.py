@@ -97,6 +97,7 @@ def run_ours(model_dir: Path, settings, problems, rewards, engine_kind: str, see
 
 def run_stock_trl(model_dir: Path, settings, problems, rewards, seed: int, steps: int):
     import datasets
+    from transformers.trainer_callback import PrinterCallback
     from trl import GRPOTrainer
 
     from rl.grpo import grpo_config
@@ -117,6 +118,7 @@ def run_stock_trl(model_dir: Path, settings, problems, rewards, seed: int, steps
         args = grpo_config(settings, seed, out, max_steps=steps, moe=is_moe(model))
         trainer = GRPOTrainer(model=model, reward_funcs=[echolab_reward], args=args, train_dataset=dataset,
                               processing_class=tokenizer, callbacks=[timer])
+        trainer.remove_callback(PrinterCallback)  # keep stdout to the one JSON line
         trainer.train()
     lengths = [entry["completions/mean_length"] for entry in trainer.state.log_history if "completions/mean_length" in entry]
     return timer.times, lengths

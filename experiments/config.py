@@ -6,9 +6,10 @@ import tomllib
 import typing
 from pathlib import Path
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
-from specialists.config import SpecialistsConfig
+from rl.config import RLSettings
+from specialists.config import SpecialistsConfig, Strict
 from specialists.errors import UserError
 
 
@@ -53,3 +54,24 @@ def validate(document: dict, model: type[BaseModel], source: str):
 
 def load_specialists_config(path: str | Path) -> SpecialistsConfig:
     return validate(read_toml(path), SpecialistsConfig, str(path))
+
+
+class AnalysisSettings(Strict):
+    formats: str = Field("synthetic", description="format set name or a TOML/YAML format file")
+    collapse_threshold: float = Field(0.9, gt=0, le=1)
+
+
+class ExperimentConfig(SpecialistsConfig):
+    """A whole experiment: the base model (the SpecialistsConfig fields), RL post-training and analysis."""
+
+    name: str = "experiment"
+    rl: RLSettings = RLSettings()
+    analysis: AnalysisSettings = AnalysisSettings()
+
+    def specialists(self) -> SpecialistsConfig:
+        """The part that determines the pretrained base model (its cache key)."""
+        return SpecialistsConfig(**{name: getattr(self, name) for name in SpecialistsConfig.model_fields})
+
+
+def load_experiment_config(path: str | Path) -> ExperimentConfig:
+    return validate(read_toml(path), ExperimentConfig, str(path))

@@ -124,7 +124,7 @@ def to_rollouts(step: int, epoch: float, batch: StepBatch, expert_load: torch.Te
 
 def sampling_seed(seed: int, step: int) -> int:
     """The engine's seed for the rollouts of `step`, below 2**31 (vLLM). The same formula as
-    rl.grpo.sampling_seed, so every algorithm draws the same step-0 rollouts from the same base model."""
+    rl.grpo.sampling_seed: PPO, GRPO and EI give the engine the same seed at the same step."""
     return (seed * 1_000_003 + step) % (2**31 - 1)
 
 

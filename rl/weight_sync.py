@@ -1,0 +1,170 @@
+"""In-place weight sync from a transformers model trained in this process into a live `vllm.LLM` (CPU).
+
+`make_llm` builds the engine and `push_weights` copies the model's current parameters into it (about
+1 ms for the tiny models). Why this path (vLLM 0.32 CPU, transformers 5.19):
+
+- vLLM's CPU loader repacks weights once loading is done: each linear layer's weight goes into a
+  private oneDNN handle and the Parameter is swapped for an empty one (this is why TRL's
+  `model.load_weights` sync fails with "'Parameter' object has no attribute 'weight_loader'"), and
+  the fused-MoE expert tensors are rearranged in place (`prepack_moe_weight`).
+- vLLM's own in-place `reload_weights` restores and re-processes layers, so it works for dense models.
+  For MoE its "weight update" branch skips the CPU expert repack and copies unpacked weights into the
+  packed buffers, so the experts serve wrong weights. Clearing `quant_method.moe_kernel` first makes it
+  correct, but it costs ~12 ms per push, mostly Python overhead plus rebuilding the oneDNN handles.
+  `push_weights` uses this as a fallback for engines that `make_llm` did not build.
+- Fast path: `make_llm` turns vLLM's oneDNN linear dispatch off while the engine loads. Linear layers
+  then keep ordinary Parameters and run `F.linear`: logprobs are identical and generation is just as
+  fast at these sizes. A push is then vLLM's own `model.load_weights`, which handles the q/k/v and
+  gate/up stacking, plus a repack of each MoE layer's two expert tensors straight from transformers'
+  fused `experts.gate_up_proj` [E, 2I, H] and `experts.down_proj` [E, H, I]. vLLM uses the same layout.
+- Rebuilding the engine from a saved checkpoint is also correct, but costs seconds per step.
+
+Requirements: the engine must run in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, which
+`make_llm` sets), and `push_weights` resets vLLM's prefix cache, because cached KV blocks were
+computed with the old weights.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+    from vllm import LLM
+
+
+def make_llm(model_dir: str | Path, *, seed: int = 0, max_model_len: int = 256, kv_cache_gib: float = 1.0,
+             **llm_kwargs) -> "LLM":
+    """An in-process float32 vLLM engine whose weights `push_weights` can overwrite in place.
+
+    Cold start (first engine in a process, including the vllm import) takes ~10-40 s; later ones ~3 s.
+    """
+    # In-process engine core: push_weights reaches the model object directly (no pickling, no copies).
+    # vLLM caches its environment when the first engine starts, so this must hold before then.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    import vllm._custom_ops as ops
+    from vllm import LLM
+
+    kwargs = dict(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=max_model_len, seed=seed,
+                  # Explicit size: otherwise the CPU backend sizes the KV cache from system RAM. The legacy
+                  # env VLLM_CPU_KVCACHE_SPACE (integer GiB only) overrides this when set.
+                  kv_cache_memory_bytes=int(kv_cache_gib * 2**30))
+    kwargs.update(llm_kwargs)
+    supports_onednn = ops._supports_onednn
+    ops._supports_onednn = False  # read while the engine loads: keep plain F.linear + weight Parameters
+    try:
+        llm = LLM(**kwargs)
+    finally:
+        ops._supports_onednn = supports_onednn
+    _driver_worker(llm)  # fail now, not at the first push, if the engine is not in-process
+    return llm
+
+
+def push_weights(llm: "LLM", model: "PreTrainedModel") -> None:
+    """Make `llm` serve exactly `model`'s current parameters (call after every optimiser step)."""
+    weights = [(name, param.detach()) for name, param in model.named_parameters()]
+    _load_into_worker(_driver_worker(llm), weights)
+    llm.reset_prefix_cache()
+
+
+def _driver_worker(llm: "LLM"):
+    executor = getattr(llm.llm_engine, "model_executor", None)
+    if executor is None:
+        raise RuntimeError("push_weights needs an in-process vLLM engine: set VLLM_ENABLE_V1_MULTIPROCESSING=0 "
+                           "before the first engine starts in this process (make_llm does)")
+    return executor.driver_worker
+
+
+@torch.no_grad()
+def _load_into_worker(worker, weights: list[tuple[str, torch.Tensor]]) -> None:
+    model = worker.model_runner.get_model()
+    direct = model.__dict__.get("_weight_sync_direct")
+    if direct is None:  # decided once per engine
+        direct = model._weight_sync_direct = _linears_read_their_weight(model) and _experts_supported(model)
+    if direct:
+        _load_direct(model, weights)
+    else:
+        _reload_layerwise(worker, model, weights)
+
+
+def _load_direct(model: torch.nn.Module, weights: list[tuple[str, torch.Tensor]]) -> None:
+    experts = _routed_experts(model)  # keyed by the transformers prefix, e.g. "model.layers.0.mlp.experts"
+    rest, written = [], set()
+    for name, tensor in weights:
+        prefix, _, leaf = name.rpartition(".")
+        if prefix in experts and leaf in ("gate_up_proj", "down_proj"):
+            _write_experts(experts[prefix], leaf, tensor)
+            written.add(name)
+        else:
+            rest.append((name, tensor))
+    missing_experts = {f"{p}.{leaf}" for p in experts for leaf in ("gate_up_proj", "down_proj")} - written
+    loaded = set(model.load_weights(rest))
+    expected = {name for name, _ in model.named_parameters() if ".routed_experts." not in name}
+    if missing_experts or expected - loaded:
+        raise RuntimeError(f"weights not pushed: {sorted(missing_experts | (expected - loaded))}")
+
+
+def _write_experts(layer: torch.nn.Module, leaf: str, tensor: torch.Tensor) -> None:
+    """Repack transformers' fused expert tensor into the layer's CPU kernel layout (in place)."""
+    destination = layer.w13_weight if leaf == "gate_up_proj" else layer.w2_weight
+    tensor = tensor.to(destination.dtype)
+    num_experts, rows, cols = destination.shape
+    if tensor.shape != destination.shape:
+        # vLLM zero-pads the expert intermediate size I to its kernel alignment P: w13 = [gate | 0 | up | 0].
+        if leaf == "gate_up_proj":
+            size, padded = tensor.shape[1] // 2, rows // 2
+            padded_tensor = tensor.new_zeros(num_experts, rows, cols)
+            padded_tensor[:, :size] = tensor[:, :size]
+            padded_tensor[:, padded:padded + size] = tensor[:, size:]
+        else:
+            padded_tensor = tensor.new_zeros(num_experts, rows, cols)
+            padded_tensor[:, :, :tensor.shape[2]] = tensor
+        tensor = padded_tensor
+    isa = layer.quant_method.moe_kernel.fused_experts.isa
+    torch.ops._C.prepack_moe_weight(tensor.contiguous(), destination.data, isa)
+
+
+def _routed_experts(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+
+    return {name.removesuffix(".routed_experts"): module for name, module in model.named_modules()
+            if isinstance(module, RoutedExperts)}
+
+
+def _linears_read_their_weight(model: torch.nn.Module) -> bool:
+    """True if every CPU linear kernel computes from `layer.weight` (not a prepacked private copy)."""
+    for module in model.modules():
+        kernel, weight = getattr(module, "cpu_linear", None), getattr(module, "weight", None)
+        if kernel is None:
+            continue
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.numel() == 0:
+            return False
+        x = torch.ones(1, weight.shape[1], dtype=weight.dtype)
+        if kernel(x, torch.zeros_like(weight), None).abs().max() != 0:  # ignored the weight it was given
+            return False
+    return True
+
+
+def _experts_supported(model: torch.nn.Module) -> bool:
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+    for layer in _routed_experts(model).values():
+        kernel = getattr(layer.quant_method, "moe_kernel", None)
+        fused = getattr(kernel, "fused_experts", None)
+        if not isinstance(fused, CPUUnquantizedExperts) or fused._use_zentorch or layer.w13_weight.dim() != 3:
+            return False
+    return True
+
+
+def _reload_layerwise(worker, model: torch.nn.Module, weights: list[tuple[str, torch.Tensor]]) -> None:
+    """vLLM's in-place reload, fixed for CPU MoE: with `moe_kernel` unset, re-processing a layer runs the
+    first-load branch, which repacks the experts, instead of copying unpacked weights into packed buffers."""
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None and getattr(method, "moe_kernel", None) is not None:
+            method.moe_kernel = None
+    worker.model_runner.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
