@@ -2,16 +2,13 @@
 
 The grader reads each completion's final answer with its format's extractor (the sandbox runs code
 formats) and compares it with the gold answer, so the analysis judges exactly as the RL reward does.
-Each distinct (format, completion, gold) is graded once, in batches on two threads. `correct` is kept where the trainer gave it;
-elsewhere it is the grader's verdict, and unknown (NaN) when the row has no gold answer.
+Each distinct (format, completion, gold) is graded once, in batches. `correct` is kept
+where the trainer gave it; elsewhere it is the grader's verdict, and unknown (NaN) without a gold answer.
 """
 
 from __future__ import annotations
 
 import os
-import queue
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
 
 import numpy as np
 import pandas as pd
@@ -21,11 +18,8 @@ from specialists.formats import Format
 from specialists.grading import Grade, grade_completions
 from specialists.sandbox import Sandbox
 
-GRADE_BATCH = 4096  # completions per call to the grader
-# Two grading threads, each with its own sandbox: one thread reads answers and classifies (holding the
-# GIL) while the other's programs run in its sandbox workers, so the sandbox never waits for the parent.
-GRADING_THREADS = 2
-SANDBOX_WORKERS = max(1, (os.cpu_count() or 2) // GRADING_THREADS)
+GRADE_BATCH = 4096  # completions per call to the grader, so the progress bar moves
+SANDBOX_WORKERS = max(2, os.cpu_count() or 2)
 NO_GOLD = "no_gold"  # grade reason of a row with an answer but no gold to compare it with
 GRADE_KEYS = ["format", "completion", "answer"]
 
@@ -36,26 +30,14 @@ def grade_rollouts(table: pd.DataFrame, formats: tuple[Format, ...], progress: b
     Needs the columns `format`, `completion`, `answer` (gold, NaN when unknown) and `correct`."""
     codes = table.groupby(GRADE_KEYS, dropna=False, sort=False).ngroup().to_numpy()
     unique = table[GRADE_KEYS].iloc[np.unique(codes, return_index=True)[1]]
-    batches = [unique.iloc[start:start + GRADE_BATCH] for start in range(0, len(unique), GRADE_BATCH)]
-    grades = []
-    with ExitStack() as stack:
-        idle: queue.SimpleQueue[Sandbox] = queue.SimpleQueue()
-        for _ in range(GRADING_THREADS):
-            idle.put(stack.enter_context(Sandbox(workers=SANDBOX_WORKERS)))
-
-        def grade(batch: pd.DataFrame) -> list[Grade]:
-            sandbox = idle.get()
-            try:
-                golds = [None if np.isnan(gold) else gold for gold in batch["answer"]]
-                return grade_completions(batch["completion"].tolist(), golds, formats, sandbox, batch["format"].tolist())
-            finally:
-                idle.put(sandbox)
-
-        with ThreadPoolExecutor(GRADING_THREADS) as pool, tqdm(total=len(unique), desc="grade", unit="completion",
-                                                                disable=not progress, mininterval=1.0) as bar:
-            for batch_grades in pool.map(grade, batches):
-                grades += batch_grades
-                bar.update(len(batch_grades))
+    grades: list[Grade] = []
+    with Sandbox(workers=SANDBOX_WORKERS) as sandbox, tqdm(total=len(unique), desc="grade", unit="completion",
+                                                           disable=not progress, mininterval=1.0) as bar:
+        for start in range(0, len(unique), GRADE_BATCH):
+            batch = unique.iloc[start:start + GRADE_BATCH]
+            golds = [None if np.isnan(gold) else gold for gold in batch["answer"]]
+            grades += grade_completions(batch["completion"].tolist(), golds, formats, sandbox, batch["format"].tolist())
+            bar.update(len(batch))
     answers = np.array([np.nan if grade.answer is None else grade.answer for grade in grades])
     has_gold = unique["answer"].notna().to_numpy()
     judged = np.where(has_gold, [float(grade.correct) for grade in grades], np.nan)

@@ -119,25 +119,25 @@ def distinct_n(table: pd.DataFrame, orders: tuple[int, ...] = (1, 2)) -> pd.Data
     owner = pc.list_parent_indices(split).to_numpy(zero_copy_only=False)[kept.to_numpy(zero_copy_only=False)]
     lengths = np.bincount(owner, minlength=len(texts)).astype(np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    gram = pc.dictionary_encode(pieces.filter(kept)).indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    vocabulary = int(gram.max()) + 1 if gram.size else 1
+    token_codes = pc.dictionary_encode(pieces.filter(kept)).indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    vocabulary = int(token_codes.max()) + 1 if token_codes.size else 1
     uses = pd.DataFrame({"step": table["step"].to_numpy(), "text": codes}).value_counts(sort=False).sort_index()
     use_steps = uses.index.get_level_values("step").to_numpy()
     use_texts = uses.index.get_level_values("text").to_numpy()
     steps = np.unique(use_steps)
+    bounds = np.searchsorted(use_steps, np.append(steps, steps[-1] + 1) if len(steps) else steps)
     values = np.full((len(steps), len(orders)), np.nan)
+    gram = token_codes  # gram[p]: code of the n-gram starting at token p
     for order in range(1, max(orders) + 1):
-        if order > 1:  # the code of the n-gram at p from the (n-1)-gram at p and the token at p + n - 1
-            gram = pd.factorize(gram[:-1] * vocabulary + gram_tokens[order - 1:])[0].astype(np.int64)
-        else:
-            gram_tokens = gram
+        if order > 1:  # the n-gram at p is the (n-1)-gram at p followed by the token at p + n - 1
+            gram = pd.factorize(gram[:-1] * vocabulary + token_codes[order - 1:])[0].astype(np.int64)
         if order not in orders:
             continue
         grams_per_text = np.maximum(lengths - order + 1, 0)
         totals = np.bincount(np.searchsorted(steps, use_steps), weights=uses.to_numpy() * grams_per_text[use_texts],
                              minlength=len(steps))
-        for position, step in enumerate(steps):
-            texts_of_step = use_texts[use_steps == step]
+        for position, (first, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            texts_of_step = use_texts[first:stop]
             distinct = len(pd.unique(gram[_ragged_positions(starts[texts_of_step], grams_per_text[texts_of_step])]))
             if totals[position]:
                 values[position, orders.index(order)] = distinct / totals[position]

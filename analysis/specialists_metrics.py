@@ -46,11 +46,17 @@ def expert_token_counts(table: pd.DataFrame) -> pd.DataFrame:
     if not loads.size:
         return pd.DataFrame(columns=columns)
     _, layers, experts = loads.shape
-    flat = pd.DataFrame(loads.reshape(len(rows), layers * experts),
-                        columns=pd.MultiIndex.from_product([range(layers), range(experts)], names=["layer", "expert"]))
-    summed = flat.groupby([rows["step"].to_numpy(), rows["format"].to_numpy()]).sum()
-    summed.index.names = ["step", "format"]
-    return summed.stack(["layer", "expert"]).rename("tokens").reset_index()[columns]
+    groups = rows.groupby(["step", "format"], sort=True).ngroup().to_numpy()
+    keys = rows[["step", "format"]].drop_duplicates().sort_values(["step", "format"]).to_numpy()
+    sums = np.zeros((len(keys), layers * experts))
+    np.add.at(sums, groups, loads.reshape(len(rows), layers * experts))
+    return pd.DataFrame({
+        "step": np.repeat(keys[:, 0], layers * experts).astype(np.int64),
+        "format": np.repeat(keys[:, 1], layers * experts),
+        "layer": np.tile(np.repeat(np.arange(layers), experts), len(keys)),
+        "expert": np.tile(np.arange(experts), layers * len(keys)),
+        "tokens": sums.ravel(),
+    })[columns]
 
 
 def expert_share(tokens: pd.DataFrame) -> pd.DataFrame:
@@ -93,7 +99,7 @@ def routing_drift(shares: pd.DataFrame) -> pd.Series:
     """TV(share(l, t), share(l, t_prev)) = 1/2 sum_e |share_e(l, t) - share_e(l, t_prev)| between each step
     and the layer's previous recorded step; rows (layer, step) from each layer's second step on."""
     parts = []
-    for layer, block in shares.groupby(level="layer"):
+    for _, block in shares.groupby(level="layer"):
         values = block.to_numpy()
         parts.append(pd.Series(total_variation(values[1:], values[:-1]), index=block.index[1:]))
     return (pd.concat(parts) if parts else pd.Series(dtype=np.float64)).rename("routing_drift")

@@ -4,7 +4,8 @@ comparisons and the entropy-accuracy fit. Randomness is seeded: the same input g
 from __future__ import annotations
 
 import math
-from typing import Sequence
+import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -83,7 +84,9 @@ def compare_groups(baseline: Sequence[float], other: Sequence[float], resamples:
         rng = np.random.default_rng(seed)
         differences = _bootstrap_means(b, rng, resamples) - _bootstrap_means(a, rng, resamples)
         result["low"], result["high"] = _percentile_interval(differences, level)
-        p_value = stats.ttest_ind(b, a, equal_var=False).pvalue
+        with warnings.catch_warnings():  # (nearly) identical values: scipy warns and returns NaN or a noisy p
+            warnings.simplefilter("ignore", RuntimeWarning)
+            p_value = stats.ttest_ind(b, a, equal_var=False).pvalue
         result["p_value"] = None if math.isnan(p_value) else float(p_value)
     return result
 
@@ -92,7 +95,8 @@ def entropy_accuracy_fit(entropy: Sequence[float], accuracy: Sequence[float]) ->
     """Least-squares fit of R = -a exp(H) + b (Cui et al. 2025, "The Entropy Mechanism of Reinforcement
     Learning for Reasoning Language Models", arXiv:2505.22617, eq. 1), H entropy in nats, R accuracy;
     linear in x = exp(H). Returns a, b, r2 and the number of points; None values with < 2 distinct H."""
-    pairs = [(h, r) for h, r in zip(entropy, accuracy) if h is not None and r is not None and not (math.isnan(h) or math.isnan(r))]
+    pairs = [(h, r) for h, r in zip(entropy, accuracy, strict=True)
+             if h is not None and r is not None and not (math.isnan(h) or math.isnan(r))]
     x = np.exp(np.asarray([h for h, _ in pairs], dtype=np.float64))
     y = np.asarray([r for _, r in pairs], dtype=np.float64)
     if len(np.unique(x)) < 2:

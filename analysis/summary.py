@@ -35,12 +35,12 @@ DEFAULT_FORMATS = "synthetic"
 METRIC_KEYS = ["metric", "step", "layer", "format", "expert", "k", "value"]
 
 
-def analyze(input_path: str | Path, formats: str | None = DEFAULT_FORMATS, out_dir: str | Path | None = None,
+def analyze(input_path: str | Path, formats: str | None = None, out_dir: str | Path | None = None,
             collapse_threshold: float = 0.9, progress: bool = True) -> dict:
     """Analyse a run directory or a rollout file; write summary.json and metrics.parquet; return the summary.
 
-    formats: a built-in set name or a TOML/YAML file. For a run directory, None means the run config's
-    top-level `formats` (else "synthetic"); the CLI passes None when --formats is not given.
+    formats: a built-in set name or a TOML/YAML file; None (no --formats given): the run config's top-level
+    `formats` for a run directory, else "synthetic".
     out_dir: default the run directory itself, or `<stem>_analysis/` next to a rollout file.
     """
     input_path = Path(input_path)
@@ -88,7 +88,7 @@ def summarise(table: pd.DataFrame, names: list[str], collapse_threshold: float =
     bar.update()
     tokens = sm.expert_token_counts(table)
     if len(tokens):
-        specialists_summary, specialists_metrics = _specialists_metrics(tokens)
+        specialists_summary, specialists_metrics = _specialists_metrics(tokens, names)
         summary.update(specialists_summary)
         metrics += specialists_metrics
     bar.update()
@@ -169,7 +169,7 @@ def _entropy_accuracy_fits(table: pd.DataFrame, names: list[str]) -> dict:
             for key, values in entropies.items()}
 
 
-def _specialists_metrics(tokens: pd.DataFrame) -> tuple[dict, list]:
+def _specialists_metrics(tokens: pd.DataFrame, names: list[str]) -> tuple[dict, list]:
     shares = sm.expert_share(tokens)
     per_layer_step = {
         "expert_entropy": sm.expert_entropy(shares),
@@ -192,12 +192,13 @@ def _specialists_metrics(tokens: pd.DataFrame) -> tuple[dict, list]:
         "dominant_expert": {str(layer): int(block.iloc[-1]) for layer, block in dominant.groupby(level="layer")},
         "dominant_expert_by_step": _by_layer(dominant),
         "format_expert_affinity": {
-            str(layer): {str(step): {fmt: _floats(row) for (_, _, fmt), row in by_step.iterrows()}
+            str(layer): {str(step): {fmt: _floats(by_step.loc[(layer, step, fmt)])
+                                     for fmt in names if (layer, step, fmt) in by_step.index}
                          for step, by_step in block.groupby(level="step") if step in (first, last)}
             for layer, block in affinity.groupby(level="layer")},
         "routing_shift": _routing_shift(tokens, first, last),
     }
-    metrics = [("expert_share", shares.stack()), ("format_expert_affinity", affinity.stack()),
+    metrics = [("expert_share", shares), ("format_expert_affinity", affinity),
                ("dominant_expert", dominant.astype(np.float64))] + list(per_layer_step.items())
     return summary, metrics
 
@@ -249,8 +250,11 @@ def _by_layer(series: pd.Series) -> dict:
 
 def _long(metric: str, values: pd.Series | pd.DataFrame) -> pd.DataFrame:
     """A metric table (index and columns named among step, layer, format, expert, k) as long rows."""
-    series = values.stack() if isinstance(values, pd.DataFrame) else values
-    frame = series.rename("value").reset_index()
+    if isinstance(values, pd.DataFrame):  # melt keeps NaN cells, whatever the pandas version
+        frame = values.reset_index().melt(id_vars=list(values.index.names), var_name=values.columns.name,
+                                          value_name="value")
+    else:
+        frame = values.rename("value").reset_index()
     frame.insert(0, "metric", metric)
     for key in METRIC_KEYS:
         if key not in frame.columns:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -34,24 +35,38 @@ FORMAT_SHARES = (1 / 6, 1 / 6, 2 / 3)
 LAYERS, EXPERTS = 2, 8
 
 
-def random_problem(rng: np.random.Generator, index: int) -> Problem:
-    """A problem drawn directly (no dedup against a split): start value and 1-4 add/sub/mul steps."""
-    start = int(rng.integers(1, 1000))
-    steps, value = [], start
-    for _ in range(int(rng.integers(1, 5))):
-        op = ("add", "sub", "mul")[int(rng.integers(3))]
-        operand = int(rng.integers(2, 4)) if op == "mul" else int(rng.integers(1, 1000))
-        value = value + operand if op == "add" else value - operand if op == "sub" else value * operand
-        steps.append(Step(op, operand))
-    return Problem(f"p{index}", "", float(value), NAMES[index % len(NAMES)], ITEMS[index % len(ITEMS)], start, tuple(steps))
+def random_problems(rng: np.random.Generator, count: int) -> list[Problem]:
+    """Problems drawn directly (no dedup against a split): a start value and 1-4 add/sub/mul steps."""
+    starts, lengths = rng.integers(1, 1000, count), rng.integers(1, 5, count)
+    ops, addends, factors = rng.integers(0, 3, (count, 4)), rng.integers(1, 1000, (count, 4)), rng.integers(2, 4, (count, 4))
+    problems = []
+    for index in range(count):
+        value, steps = int(starts[index]), []
+        for position in range(int(lengths[index])):
+            op = ("add", "sub", "mul")[ops[index, position]]
+            operand = int(factors[index, position] if op == "mul" else addends[index, position])
+            value = value + operand if op == "add" else value - operand if op == "sub" else value * operand
+            steps.append(Step(op, operand))
+        problems.append(Problem(f"p{index}", "", float(value), NAMES[index % len(NAMES)], ITEMS[index % len(ITEMS)],
+                                int(starts[index]), tuple(steps)))
+    return problems
 
 
-def write_run(directory: Path, rows: int, distinct_share: float, steps: int, samples: int, seed: int = 0) -> None:
+def nested_lists(loads: np.ndarray) -> pa.Array:
+    """(rows, layers, experts) integers -> Arrow list<list<int64>> without Python objects."""
+    rows, layers, experts = loads.shape
+    inner = pa.ListArray.from_arrays(pa.array(np.arange(0, rows * layers * experts + 1, experts)), pa.array(loads.ravel()))
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, rows * layers + 1, layers)), inner)
+
+
+def write_run(directory: Path, rows: int, distinct_share: float, steps: int, samples: int, seed: int = 0) -> dict:
+    """Write the run directory; return how many rows are code and how many completions are distinct."""
     rng = np.random.default_rng(seed)
     distinct = max(1, int(rows * distinct_share))
-    pool = [random_problem(rng, index) for index in range(distinct)]
+    pool = random_problems(rng, distinct)
     pool_format = rng.choice(len(FORMATS), size=distinct, p=FORMAT_SHARES)
-    texts = [FORMATS[f].render(problem, "easy" if index % 2 else "hard") for index, (problem, f) in enumerate(zip(pool, pool_format))]
+    texts = [FORMATS[f].render(problem, "easy" if index % 2 else "hard")
+             for index, (problem, f) in enumerate(zip(pool, pool_format, strict=True))]
     # Row i shows pool entry i (while the pool lasts), then entries again; its gold is the entry's answer
     # for 70% of rows (correct) and a different number otherwise.
     entry = np.arange(rows) % distinct
@@ -76,9 +91,11 @@ def write_run(directory: Path, rows: int, distinct_share: float, steps: int, sam
             "answer": pa.array(gold[part]),
             "num_tokens": pa.array(tokens[part]),
             "logprob": pa.array(-0.5 * tokens[part].astype(np.float64)),
-            "expert_load": pa.array(loads[part].tolist(), pa.list_(pa.list_(pa.int64()))),
+            "expert_load": nested_lists(loads[part]),
         })
         pq.write_table(table, directory / "rollouts" / f"step_{step:06d}.parquet")
+    is_code = np.array([fmt.code is not None for fmt in FORMATS])[pool_format[entry]]
+    return {"code_rows": int(is_code.sum()), "distinct_completions": len(set(texts))}
 
 
 def main() -> None:
@@ -90,12 +107,12 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         run = Path(scratch) / "run"
-        write_run(run, args.rows, args.distinct_share, args.steps, args.samples)
+        data = write_run(run, args.rows, args.distinct_share, args.steps, args.samples)
         started = time.perf_counter()
         summary = analyze(run, formats=None, progress=False)
         seconds = time.perf_counter() - started
-    print(json.dumps({"rows": summary["rows"], "distinct_share": args.distinct_share, "seconds": round(seconds, 2),
-                      "rows_per_s": round(summary["rows"] / seconds)}))
+    print(json.dumps({"rows": summary["rows"], **data, "seconds": round(seconds, 2),
+                      "rows_per_s": round(summary["rows"] / seconds), "cpus": os.cpu_count()}))
 
 
 if __name__ == "__main__":

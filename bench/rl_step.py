@@ -5,7 +5,8 @@ prompts, samples and lengths.
 A step is timed from one `on_step_begin` to the next (the last one to `on_train_end`), so it covers
 sampling, grading (the same sandboxed `rl.rollouts.Rewards` for both), the loss forward/backward, the
 optimiser update and, for ours, the recording of rollouts, router statistics and metrics. Each side runs
-`--warmup` steps, then `--steps` measured ones; the median of the measured ones is reported. The machine
+`--warmup` steps, then `--steps` measured ones, then one unmeasured step (ours writes its final
+checkpoint there); the median of the measured ones is reported. The machine
 is shared, so the two sides alternate in `--rounds` rounds (ours, stock, ours, stock, ...) and the
 medians are over all rounds. Prints one JSON line.
 
@@ -162,18 +163,20 @@ def main() -> None:
                               sampling=SamplingSettings(samples_per_prompt=options.samples,
                                                         max_new_tokens=options.max_new_tokens))
         problems = generate_problems(options.prompts, options.seed + 10_000, "train", TaskConfig())
-        total = options.warmup + options.steps
+        # one trailing step per side is run but not measured: ours saves its final checkpoint there
+        total = options.warmup + options.steps + 1
+        measured = slice(options.warmup, options.warmup + options.steps)
         ours, stock, our_metrics, stock_lengths = [], [], [], []
         with Sandbox(workers=1) as sandbox:
             rewards = Rewards(FORMAT_SETS["synthetic"], sandbox, settings.reward_scale, 0.0)
             for _ in range(options.rounds):
                 times, metrics, engine_used, note = run_ours(model_dir, settings, problems, rewards, options.engine,
                                                              options.seed, total)
-                ours += times[options.warmup:]
-                our_metrics += metrics[options.warmup:]
+                ours += times[measured]
+                our_metrics += metrics[measured]
                 times, lengths = run_stock_trl(model_dir, settings, problems, rewards, options.seed, total)
-                stock += times[options.warmup:]
-                stock_lengths += lengths[options.warmup:]
+                stock += times[measured]
+                stock_lengths += lengths[measured]
 
     result = {
         "echolab_step_s": round(statistics.median(ours), 3),

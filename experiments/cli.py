@@ -16,9 +16,9 @@ EXIT_USER_ERROR = 1
 
 
 def _pretrain(args: argparse.Namespace) -> None:
-    from experiments.config import load_specialists_config
+    from experiments.config import load_experiment_config
 
-    config = load_specialists_config(args.config)  # validate before the slow imports
+    config = load_experiment_config(args.config).specialists()  # validate before the slow imports
     from specialists.evaluate import evaluate
     from specialists.pretrain import pretrain
 
@@ -32,9 +32,9 @@ def _pretrain(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from experiments.config import load_specialists_config
+    from experiments.config import load_experiment_config
 
-    config = load_specialists_config(args.config)
+    config = load_experiment_config(args.config).specialists()
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"not a model checkpoint (no config.json): {model_dir}")
@@ -43,6 +43,44 @@ def _evaluate(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else model_dir.parent / "evaluation.json"
     result = evaluate(model_dir, config, out, progress=not args.quiet)
     print(json.dumps({k: result[k] for k in ("accuracy", "format_share", "format_accuracy")}, indent=2))
+
+
+def _run(args: argparse.Namespace) -> None:
+    from experiments.config import load_experiment_config
+
+    config = load_experiment_config(args.config)
+    from experiments.pipeline import run_experiment
+
+    out = Path(args.out) if args.out else Path("runs") / config.name
+    report = run_experiment(config, out, resume=args.resume, progress=not args.quiet)
+    summary = json.loads((out / "summary.json").read_text())
+    print(f"run directory: {out}")
+    print(f"dominant format: {summary['dominant_format']}, collapse step: {summary['collapse_step']}")
+    print(f"report: {report}")
+
+
+def _analyze(args: argparse.Namespace) -> None:
+    from analysis.summary import analyze
+
+    summary = analyze(args.input, formats=args.formats, out_dir=args.out, collapse_threshold=args.threshold,
+                      progress=not args.quiet)
+    print(json.dumps({key: summary[key] for key in ("formats", "dominant_format", "collapse_step")}))
+
+
+def _report(args: argparse.Namespace) -> None:
+    from analysis.report import write_report
+
+    out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "report.html"
+    print(f"report: {write_report([Path(d) for d in args.run_dirs], out)}")
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from experiments.sweep import run_sweep
+
+    out = Path(args.out) if args.out else Path("runs") / Path(args.sweep).stem
+    report = run_sweep(args.sweep, out, backend=args.backend, resume=args.resume, progress=not args.quiet)
+    print(f"runs: {out / 'sweep.json'}")
+    print(f"report: {report}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         "pretrain", help="train the tokenizer and the multi-specialist model from scratch, then evaluate it",
         description="Jointly pretrain the model on the config's format mixture; write an HF checkpoint to "
                     "OUT/model and the per-format share and accuracy of sampled generations to OUT/evaluation.json.")
-    pretrain.add_argument("config", help="TOML config (see experiments/configs/)")
+    pretrain.add_argument("config", help="experiment TOML (see experiments/configs/); only its pretraining part is used")
     pretrain.add_argument("--out", required=True, help="output directory")
     pretrain.add_argument("--skip-eval", action="store_true", help="do not evaluate after pretraining")
     pretrain.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -72,6 +110,51 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="JSON file to write (default: next to the checkpoint)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
     evaluate.set_defaults(handler=_evaluate)
+
+    run = commands.add_parser(
+        "run", help="the whole experiment: pretrain (cached) -> RL -> analysis -> report",
+        description="Run one experiment config: pretrain the base model (cached by the hash of its config), "
+                    "post-train it with the configured RL algorithm, analyse every recorded rollout, and write "
+                    "the run directory (config.json, rollouts/, metrics.jsonl, router/, checkpoints/, "
+                    "summary.json, report.html).")
+    run.add_argument("config", help="experiment TOML (see experiments/configs/)")
+    run.add_argument("--out", help="run directory (default: runs/<config name>)")
+    run.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(handler=_run)
+
+    analyze = commands.add_parser(
+        "analyze", help="format collapse, specialist dominance and pass@k from a run directory or rollout file",
+        description="INPUT is a run directory or a rollout file (JSONL or Parquet; one row per completion with at "
+                    "least step, prompt_id, completion). Writes summary.json and metrics.parquet.")
+    analyze.add_argument("input", help="run directory, or .jsonl / .parquet rollout file")
+    analyze.add_argument("--formats", default="synthetic",
+                         help="format set: 'synthetic', 'echo-chamber', or a TOML/YAML file of your own (default: synthetic)")
+    analyze.add_argument("--out", help="output directory (default: the run directory, or <file stem>_analysis/)")
+    analyze.add_argument("--threshold", type=float, default=0.9, help="dominant share that counts as collapse (default 0.9)")
+    analyze.add_argument("--quiet", action="store_true", help="no progress bars")
+    analyze.set_defaults(handler=_analyze)
+
+    report = commands.add_parser(
+        "report", help="one self-contained HTML report for one or several runs",
+        description="Render one HTML file (figures embedded, no network) for one run, or several side by side; "
+                    "runs whose configs differ only in seed are pooled with 95%% confidence bands.")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    report.add_argument("--out", help="HTML file (default: RUN_DIR/report.html of the first run)")
+    report.set_defaults(handler=_report)
+
+    sweep = commands.add_parser(
+        "sweep", help="a grid of runs (seeds, mixtures, algorithms, mitigations) locally or on Ray",
+        description="Run every combination of a sweep file's grid over its base config, one `echolab run` process "
+                    "per run, locally one after another or as Ray tasks (the file's [ray] section sets the cluster "
+                    "address and each run's CPU/GPU request). A failed run is reported in OUT/sweep.json without "
+                    "stopping the others; finished runs are compared in OUT/report.html.")
+    sweep.add_argument("sweep", help="sweep TOML (see experiments/sweeps/)")
+    sweep.add_argument("--backend", choices=("local", "ray"), default="local")
+    sweep.add_argument("--out", help="sweep directory (default: runs/<sweep file stem>)")
+    sweep.add_argument("--resume", action="store_true", help="resume runs that were killed")
+    sweep.add_argument("--quiet", action="store_true", help="no progress bars")
+    sweep.set_defaults(handler=_sweep)
     return parser
 
 

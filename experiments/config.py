@@ -52,10 +52,6 @@ def validate(document: dict, model: type[BaseModel], source: str):
         raise UserError(f"{source}: {location}: {first['msg']}") from None
 
 
-def load_specialists_config(path: str | Path) -> SpecialistsConfig:
-    return validate(read_toml(path), SpecialistsConfig, str(path))
-
-
 class AnalysisSettings(Strict):
     formats: str = Field("synthetic", description="format set name or a TOML/YAML format file")
     collapse_threshold: float = Field(0.9, gt=0, le=1)

@@ -70,12 +70,10 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, resume: bool =
     base = base_model_dir(config.specialists(), progress)
     recorder = Recorder(run_dir)
     recorder.write_config(resolved)
-    start_step, trainer_state, weights = 0, None, base
+    start_step, weights = 0, base
     last = recorder.last_checkpoint() if resume else None
-    if last is not None:
+    if last is not None:  # the trainers read the optimiser and RNG state from the checkpoint themselves
         start_step, weights = last
-        trainer_state = torch.load(weights / "trainer_state.pt", weights_only=False)
-    recorder.forget_from(start_step)
 
     torch.manual_seed(config.seed)
     model, tokenizer = load_model(weights), load_tokenizer(weights)
@@ -86,8 +84,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, resume: bool =
         with Sandbox() as sandbox:
             rewards = Rewards(FORMAT_SETS["synthetic"], sandbox, config.rl.reward_scale, config.rl.mitigations.format_diversity_coef)
             train(config.rl, model=model, tokenizer=tokenizer, engine=engine, prompt_set=prompt_set, rewards=rewards,
-                  recorder=recorder, seed=config.seed, base_model_dir=base, start_step=start_step,
-                  trainer_state=trainer_state, progress=progress)
+                  recorder=recorder, seed=config.seed, base_model_dir=base, start_step=start_step, progress=progress)
     finally:
         engine.close()
     analyze(run_dir, formats=config.analysis.formats, collapse_threshold=config.analysis.collapse_threshold, progress=progress)

@@ -34,14 +34,12 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import Sampler
 
@@ -55,24 +53,21 @@ from rl.losses import (
     pass_at_k_advantages,
     unlikeliness_rewards,
 )
+from rl.ppo import check_mitigations, freeze_router, restore_rng_state, rng_state, start_or_resume
 from rl.recorder import Recorder
-from rl.rollouts import PromptSet, Rewards, StepBatch, to_rollouts
+from rl.rollouts import PromptSet, Rewards, StepBatch, record_step, sampling_seed, step_seed
 from rl.routing import capture_routing
 from specialists.grading import Grade
 from specialists.model import is_moe
 from specialists.tasks import prompt_text
 
 REWARD_NAME = "echolab_reward"  # TRL logs rewards/<name>/mean and /std
-_TIMING_KEYS = ("step_time", "step_time_s", "rollout_time_s", "rollout_tokens_per_s")
-
-
-def sampling_seed(seed: int, step: int) -> int:
-    """The engine's seed for the rollouts of `step`: distinct per (seed, step), below 2**31 (vLLM)."""
-    return (seed * 1_000_003 + step) % (2**31 - 1)
-
-
-def _clip_cov_seed(seed: int, step: int, iteration: int) -> int:
-    return (seed * 7_919 + step * 104_729 + iteration) % (2**63 - 1)
+GRPO_MITIGATIONS = {"entropy_coef", "clip_cov", "kl_cov", "format_diversity_coef", "unlikeliness_beta", "pass_at_k",
+                    "freeze_router"}
+# Wall-clock measurements: they differ between otherwise identical runs.
+TIMING_KEYS = ("step_time", "step_time_s", "rollout_time_s", "rollout_tokens_per_s")
+# TRL's own reward summary; the metrics line carries the shared reward_mean / reward_std (rl.rollouts.record_step).
+_DROPPED_TRL_KEYS = {"reward", "reward_std", "epoch", "num_input_tokens_seen"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +191,8 @@ class _Generation:
     generation: int
     problems: list
     completions: list[list[Completion]]
-    rollout_time_s: float
+    generation_s: float
+    grading_s: float = 0.0
     grades: list[Grade] = field(default_factory=list)
     rewards: torch.Tensor | None = None  # flat (prompts * samples,)
     expert_load: torch.Tensor | None = None  # (completions, layers, experts), flat completion order
@@ -248,7 +244,6 @@ def _make_trainer_class():
             self._synced_step: int | None = None
             self._capture_routing = False
             self._loss_inputs: dict | None = None
-            self._loss_pass = 0
             self._step_started: float | None = None
             self._bar = None
             remaining = settings.steps - start_step
@@ -299,11 +294,11 @@ def _make_trainer_class():
             started = time.perf_counter()
             groups = self.engine.generate([prompt_text(p) for p in problems], self.settings.sampling,
                                           sampling_seed(self.seed, step))
-            rollout_time = time.perf_counter() - started
+            generation_s = time.perf_counter() - started
             if len(groups) != len(problems) or any(len(g) != samples for g in groups):
                 raise RuntimeError(f"the engine returned {[len(g) for g in groups]} completions per prompt, "
                                    f"expected {samples} for each of {len(problems)} prompts")
-            self._generation = _Generation(step, generation, problems, groups, rollout_time)
+            self._generation = _Generation(step, generation, problems, groups, generation_s)
             self._generations_done += 1
             self._capture_routing = True
             prompt_ids = [self.processing_class(prompt_text(p), add_special_tokens=False)["input_ids"] for p in problems]
@@ -318,8 +313,10 @@ def _make_trainer_class():
         # ----- rewards and advantages ------------------------------------------------------
 
         def _reward(self, prompts, completions, completion_ids, completion_text, answer, **kwargs) -> list[float]:
+            started = time.perf_counter()
             rewards, grades = self.rewards(list(completion_text), list(answer), self.settings.sampling.samples_per_prompt)
             self._generation.grades, self._generation.rewards = grades, rewards
+            self._generation.grading_s = time.perf_counter() - started
             return rewards.tolist()
 
         _reward.__name__ = REWARD_NAME
@@ -359,7 +356,6 @@ def _make_trainer_class():
         def _compute_loss(self, model, inputs):
             inputs = dict(inputs)  # the hooks may replace entries; TRL reuses the buffered batch when mu > 1
             self._loss_inputs = inputs
-            self._loss_pass += 1
             try:
                 if self._capture_routing:
                     self._capture_routing = False
@@ -402,7 +398,7 @@ def _make_trainer_class():
             if not mitigations.clip_cov:
                 return None
             generator = torch.Generator(device=logps.device)
-            generator.manual_seed(_clip_cov_seed(self.seed, self.start_step + self.state.global_step, self._loss_pass))
+            generator.manual_seed(step_seed(self.seed, self.start_step + self.state.global_step, "clip_cov"))
             keep = clip_cov_mask(logps.detach(), old_logps, advantages, mask, clip_ratio=mitigations.cov_ratio,
                                  epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, generator=generator)
             self._metrics["train"]["clip_cov/fraction"].append(
@@ -438,34 +434,39 @@ def _make_trainer_class():
                 self.record_step(self.start_step + self.state.global_step - 1, dict(logs))
 
         def record_step(self, step: int, logs: dict) -> None:
-            """After the update made with the rollouts of `step`: write its rollouts (if taken at this step),
-            router statistics, metrics line, and the checkpoint when due."""
+            """After the update made with the rollouts of `step`: write its rollouts and router statistics (when
+            they were taken at this step), its metrics line, and the checkpoint when due.
+
+            The metrics line holds TRL's logged metrics of the update (loss, grad_norm, entropy, kl with beta > 0,
+            clip_ratio/*, aux_loss, completions/*, rewards/echolab_reward/*, frac_reward_zero_std, step_time, ...)
+            and ours: step_time_s, rollout_tokens, rollout_time_s (sampling + grading), rollout_tokens_per_s, and
+            from rl.rollouts.record_step epoch, reward_mean, reward_std (population) and accuracy. Steps without
+            rollouts (num_iterations > 1) carry TRL's metrics and step_time_s only.
+            """
             metrics = {key: value for key, value in logs.items()
-                       if key != "epoch" and not key.startswith("train_") and key != "num_input_tokens_seen"}
+                       if key not in _DROPPED_TRL_KEYS and not key.startswith("train_")}
             generation = self._generation
-            if generation is not None and generation.step == step:
+            fresh = generation is not None and generation.step == step
+            if fresh:
                 tokens = sum(len(c.token_ids) for group in generation.completions for c in group)
-                size = self.settings.sampling.samples_per_prompt
-                grades = generation.grades
-                batch = StepBatch(generation.problems, generation.completions,
-                                  [grades[i:i + size] for i in range(0, len(grades), size)],
-                                  generation.rewards.view(len(generation.problems), size))
-                epoch = self.prompt_set.epoch(generation.generation)
-                metrics.update(
-                    epoch=epoch,
-                    accuracy=float(np.mean([g.correct for g in grades])),
-                    rollout_time_s=generation.rollout_time_s,
-                    rollout_tokens_per_s=tokens / max(generation.rollout_time_s, 1e-9),
-                    rollout_tokens=tokens,
-                )
-                if self.recorder is not None:
-                    rows = to_rollouts(step, epoch, batch, generation.expert_load)
-                    self.recorder.write_rollouts(step, rows)
-                    self.recorder.write_router(step, rows)
+                rollout_s = generation.generation_s + generation.grading_s
+                metrics.update(rollout_tokens=tokens, rollout_time_s=rollout_s,
+                               rollout_tokens_per_s=tokens / max(rollout_s, 1e-9))
             metrics["step_time_s"] = time.perf_counter() - (self._step_started or time.perf_counter())
             self._step_started = None
+            metrics = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+                       for key, value in metrics.items()}
             if self.recorder is not None:
-                self.recorder.write_metrics(step, metrics)
+                if fresh:
+                    size = self.settings.sampling.samples_per_prompt
+                    grades = generation.grades
+                    batch = StepBatch(generation.problems, generation.completions,
+                                      [grades[i:i + size] for i in range(0, len(grades), size)],
+                                      generation.rewards.view(len(generation.problems), size))
+                    record_step(self.recorder, step, self.prompt_set.epoch(generation.generation), batch,
+                                generation.expert_load, metrics)
+                else:
+                    self.recorder.write_metrics(step, metrics)
             self.last_metrics = metrics
             done = step + 1
             # A resumed run restarts at a generation, so intermediate checkpoints sit on multiples of num_iterations.
@@ -480,7 +481,8 @@ def _make_trainer_class():
 
                     self._bar = tqdm(total=self.settings.steps, initial=self.start_step, desc="grpo")
                 self._bar.update(1)
-                self._bar.set_postfix(reward=metrics.get("reward"), accuracy=metrics.get("accuracy"))
+                if fresh:
+                    self._bar.set_postfix(reward=f"{generation.rewards.mean().item():.3f}")
                 if done == self.settings.steps:
                     self._bar.close()
 
@@ -493,7 +495,7 @@ def _make_trainer_class():
                 "optimizer": self.optimizer.state_dict(),
                 "lr_scheduler": self.lr_scheduler.state_dict(),
                 "num_input_tokens_seen": self.state.num_input_tokens_seen,
-                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+                "rng": rng_state(),
             }
 
     return EchoGRPOTrainer
@@ -521,10 +523,6 @@ def __getattr__(name: str):
 # ---------------------------------------------------------------------------------------------
 
 
-def _routers(model) -> list[torch.nn.Parameter]:
-    return [layer.mlp.gate.weight for layer in model.model.layers if hasattr(layer.mlp, "gate")]
-
-
 def train_grpo(model, tokenizer, engine: RolloutEngine, prompt_set: PromptSet, rewards: Rewards,
                settings: RLSettings, recorder: Recorder, seed: int, start_step: int = 0, progress: bool = True, *,
                ref_model=None, trainer_state: dict | None = None, callbacks=None):
@@ -534,49 +532,36 @@ def train_grpo(model, tokenizer, engine: RolloutEngine, prompt_set: PromptSet, r
     router/step_*.json and a metrics.jsonl line; checkpoints (model after s updates, with optimiser,
     schedule and RNG state in trainer_state.pt) every `checkpoint_every` steps and after the last.
 
-    Resuming: pass the model loaded from the checkpoint of `start_step`; the optimiser / RNG state is read
-    from that checkpoint's trainer_state.pt unless `trainer_state` is given, and anything recorded at
-    `start_step` or later is forgotten first. With beta > 0 the reference is `ref_model`, defaulting to a
-    copy of `model` at a fresh start; a resumed run must pass the base model as `ref_model`.
-    The learning rate is constant (AdamW, no weight decay); gradients are clipped at norm 1 (TRL default).
+    Resuming (as rl.ppo.train_ppo): pass the model loaded from the checkpoint of `start_step`; the optimiser,
+    RNG state and TRL's token count are read from that checkpoint's trainer_state.pt unless `trainer_state` is
+    given, and anything recorded at `start_step` or later is forgotten first. With beta > 0 the reference is
+    `ref_model` (frozen), defaulting to a copy of `model` at a fresh start; a resumed run must pass the base model.
+    The caller owns `engine`. The learning rate is constant (AdamW, no weight decay); gradients are clipped
+    at norm 1 (TRL's default). Mitigations GRPO does not implement (pretrain_replay_coef) are refused.
     """
-    if settings.algorithm != "grpo":
-        raise ValueError(f"train_grpo runs GRPO, but settings.algorithm is {settings.algorithm!r}")
-    if not 0 <= start_step <= settings.steps:
-        raise ValueError(f"start_step must be in [0, {settings.steps}], got {start_step}")
-    if start_step > 0:
-        recorder.forget_from(start_step)
-        if trainer_state is None:
-            path = recorder.checkpoint_dir(start_step) / "trainer_state.pt"
-            if path.exists():
-                trainer_state = torch.load(path, weights_only=False)
+    check_mitigations(settings, GRPO_MITIGATIONS, "GRPO")
+    if settings.beta > 0 and ref_model is None and start_step > 0:
+        raise ValueError("resuming GRPO with beta > 0 needs ref_model (the base model), not a copy of the checkpoint")
+    trainer_state = start_or_resume("grpo", settings, recorder, start_step, trainer_state)
     if start_step == settings.steps:
         return model
     if settings.beta > 0 and ref_model is None:
-        if start_step > 0:
-            raise ValueError("resuming GRPO with beta > 0 needs ref_model (the base model), not a copy of the checkpoint")
         ref_model = copy.deepcopy(model)
-
-    moe = is_moe(model)
-    frozen = []
-    if settings.mitigations.freeze_router:
-        frozen = [p for p in _routers(model) if p.requires_grad]
-        for parameter in frozen:
-            parameter.requires_grad_(False)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.learning_rate,
-                                  betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    if trainer_state is not None:
-        optimizer.load_state_dict(trainer_state["optimizer"])
-        scheduler.load_state_dict(trainer_state["lr_scheduler"])
 
     callbacks = list(callbacks or [])
     if trainer_state is not None:
-        callbacks.append(_RestoreState(trainer_state))
+        callbacks.append(_restore_state_callback(trainer_state))
     had_own_forward = "forward" in vars(model)
+    frozen = freeze_router(model) if settings.mitigations.freeze_router else []
     try:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.learning_rate,
+                                      betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        if trainer_state is not None:
+            optimizer.load_state_dict(trainer_state["optimizer"])
+            scheduler.load_state_dict(trainer_state["lr_scheduler"])
         with tempfile.TemporaryDirectory(prefix="echolab-grpo-") as scratch:
-            args = grpo_config(settings, seed, scratch, max_steps=settings.steps - start_step, moe=moe)
+            args = grpo_config(settings, seed, scratch, max_steps=settings.steps - start_step, moe=is_moe(model))
             trainer = trainer_class()(model, tokenizer, engine, prompt_set, rewards, settings, seed, args,
                                       start_step=start_step, recorder=recorder, ref_model=ref_model,
                                       optimizers=(optimizer, scheduler), callbacks=callbacks, progress=progress)
@@ -589,22 +574,14 @@ def train_grpo(model, tokenizer, engine: RolloutEngine, prompt_set: PromptSet, r
     return model
 
 
-def _RestoreState(trainer_state: dict):
+def _restore_state_callback(trainer_state: dict):
     """A callback restoring, when training begins, what the checkpoint's trainer_state holds besides the
     optimiser and schedule (which are loaded before the trainer is built): RNG states and token count."""
     from transformers import TrainerCallback
 
     class RestoreState(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            rng = trainer_state["rng"]
-            random.setstate(rng["python"])
-            np.random.set_state(rng["numpy"])
-            torch.set_rng_state(rng["torch"])
+            restore_rng_state(trainer_state["rng"])
             state.num_input_tokens_seen = trainer_state.get("num_input_tokens_seen", 0)
 
     return RestoreState()
-
-
-def timing_keys() -> tuple[str, ...]:
-    """Metrics that are wall-clock measurements (they differ between otherwise identical runs)."""
-    return _TIMING_KEYS

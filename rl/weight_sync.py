@@ -9,9 +9,8 @@
   the fused-MoE expert tensors are rearranged in place (`prepack_moe_weight`).
 - vLLM's own in-place `reload_weights` restores and re-processes layers, so it works for dense models.
   For MoE its "weight update" branch skips the CPU expert repack and copies unpacked weights into the
-  packed buffers, so the experts serve wrong weights. Clearing `quant_method.moe_kernel` first makes it
-  correct, but it costs ~12 ms per push, mostly Python overhead plus rebuilding the oneDNN handles.
-  `push_weights` uses this as a fallback for engines that `make_llm` did not build.
+  packed buffers, so the experts serve wrong weights (clearing `quant_method.moe_kernel` first fixes it,
+  at ~12 ms per push against ~2 ms for the path below).
 - Fast path: `make_llm` turns vLLM's oneDNN linear dispatch off while the engine loads. Linear layers
   then keep ordinary Parameters and run `F.linear`: logprobs are identical and generation is just as
   fast at these sizes. A push is then vLLM's own `model.load_weights`, which handles the q/k/v and
@@ -82,13 +81,11 @@ def _driver_worker(llm: "LLM"):
 @torch.no_grad()
 def _load_into_worker(worker, weights: list[tuple[str, torch.Tensor]]) -> None:
     model = worker.model_runner.get_model()
-    direct = model.__dict__.get("_weight_sync_direct")
-    if direct is None:  # decided once per engine
-        direct = model._weight_sync_direct = _linears_read_their_weight(model) and _experts_supported(model)
-    if direct:
-        _load_direct(model, weights)
-    else:
-        _reload_layerwise(worker, model, weights)
+    if "_weight_sync_checked" not in model.__dict__:  # once per engine
+        if not (_linears_read_their_weight(model) and _experts_supported(model)):
+            raise RuntimeError("push_weights needs an engine built by make_llm (plain linear weights, CPU MoE kernel)")
+        model._weight_sync_checked = True
+    _load_direct(model, weights)
 
 
 def _load_direct(model: torch.nn.Module, weights: list[tuple[str, torch.Tensor]]) -> None:
@@ -158,13 +155,3 @@ def _experts_supported(model: torch.nn.Module) -> bool:
         if not isinstance(fused, CPUUnquantizedExperts) or fused._use_zentorch or layer.w13_weight.dim() != 3:
             return False
     return True
-
-
-def _reload_layerwise(worker, model: torch.nn.Module, weights: list[tuple[str, torch.Tensor]]) -> None:
-    """vLLM's in-place reload, fixed for CPU MoE: with `moe_kernel` unset, re-processing a layer runs the
-    first-load branch, which repacks the experts, instead of copying unpacked weights into packed buffers."""
-    for module in model.modules():
-        method = getattr(module, "quant_method", None)
-        if method is not None and getattr(method, "moe_kernel", None) is not None:
-            method.moe_kernel = None
-    worker.model_runner.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)

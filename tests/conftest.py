@@ -29,3 +29,15 @@ def tiny_dense_dir(tmp_path_factory):
     from specialists.pretrain import pretrain
 
     return pretrain(tiny_config("dense"), tmp_path_factory.mktemp("tiny-dense"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def vllm_moe(tiny_moe_dir):
+    """One vLLM engine on the tiny MoE for the whole session (an engine takes 10-40 s to start on CPU).
+    Tests that push other weights into it must push the checkpoint's weights back when done."""
+    from rl.vllm_engine import VLLMEngine
+    from specialists.tokenizer import load_tokenizer
+
+    engine = VLLMEngine(tiny_moe_dir, load_tokenizer(tiny_moe_dir), max_length=256, seed=0)
+    yield engine
+    engine.close()

@@ -1,0 +1,124 @@
+"""The report's figures, drawn with matplotlib's Agg backend and returned as base64 PNG for embedding.
+
+Each function takes plain tables (steps as the index) and returns the PNG's base64 text; none reads files.
+Bands are (mean, low, high) tables from `analysis.statistics.bootstrap_band`.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+WIDTH = 7.5  # inches; at DPI below, 750 px wide
+DPI = 100
+PALETTE = plt.get_cmap("tab10").colors
+
+
+def _png(figure: plt.Figure) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": None})
+    plt.close(figure)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _mark_collapse(axes: plt.Axes, collapse_steps: list[int]) -> None:
+    for step in sorted(set(collapse_steps)):
+        axes.axvline(step, color="black", linestyle=":", linewidth=1)
+    if collapse_steps:
+        axes.text(min(collapse_steps), 1.01, " collapse", transform=axes.get_xaxis_transform(), fontsize=8)
+
+
+def format_share_areas(shares: pd.DataFrame, collapse_steps: list[int], title: str) -> str:
+    """Stacked areas of the format shares over steps (rows steps, columns formats, rows summing to 1)."""
+    figure, axes = plt.subplots(figsize=(WIDTH, 3.2))
+    axes.stackplot(shares.index, shares.to_numpy().T, labels=list(shares.columns), colors=PALETTE[: shares.shape[1]], alpha=0.85)
+    axes.set(xlabel="RL step", ylabel="share of completions", ylim=(0, 1), xlim=(shares.index.min(), shares.index.max()),
+             title=title)
+    _mark_collapse(axes, collapse_steps)
+    axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    return _png(figure)
+
+
+def lines_over_steps(series: dict[str, pd.DataFrame], ylabel: str, title: str, ylim: tuple | None = (0, 1)) -> str:
+    """One line per entry, each a band table (columns mean, low, high; rows steps); shaded where low/high exist."""
+    figure, axes = plt.subplots(figsize=(WIDTH, 3.2))
+    for color, (label, band) in zip(PALETTE * 4, series.items()):
+        axes.plot(band.index, band["mean"], marker="o", markersize=3, color=color, label=label)
+        if band[["low", "high"]].notna().any().all():
+            axes.fill_between(band.index, band["low"].astype(float), band["high"].astype(float), color=color, alpha=0.2,
+                              linewidth=0)
+    axes.set(xlabel="RL step", ylabel=ylabel, title=title)
+    if ylim:
+        axes.set_ylim(*ylim)
+    axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    return _png(figure)
+
+
+def entropy_accuracy_scatter(points: dict[str, pd.DataFrame], fits: dict[str, dict]) -> str:
+    """Format entropy (nats) against accuracy, one colour per group (points: columns entropy, accuracy), with
+    each group's fit R = -a exp(H) + b drawn over its entropy range."""
+    figure, axes = plt.subplots(figsize=(WIDTH, 3.4))
+    for color, (label, frame) in zip(PALETTE * 4, points.items()):
+        axes.scatter(frame["entropy"], frame["accuracy"], s=14, color=color, label=label, alpha=0.8)
+        fit = fits.get(label) or {}
+        if fit.get("a") is not None and len(frame):
+            grid = np.linspace(frame["entropy"].min(), frame["entropy"].max(), 50)
+            r2 = f", R²={fit['r2']:.2f}" if fit.get("r2") is not None else ""
+            axes.plot(grid, -fit["a"] * np.exp(grid) + fit["b"], color=color, linewidth=1,
+                      label=f"fit: R = -{fit['a']:.3g}·exp(H) + {fit['b']:.3g}{r2}")
+    axes.set(xlabel="format entropy H (nats)", ylabel="accuracy", title="Entropy vs accuracy (Cui et al. 2025 fit)")
+    axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    return _png(figure)
+
+
+def expert_share_heatmaps(shares_by_layer: dict[str, pd.DataFrame], title: str) -> str:
+    """One heatmap per layer: rows experts, columns steps, colour = share of the layer's routed tokens."""
+    layers = list(shares_by_layer)
+    columns = min(len(layers), 4)
+    rows = -(-len(layers) // columns)
+    figure, grid = plt.subplots(rows, columns, figsize=(WIDTH, 2.4 * rows), squeeze=False)
+    for axes in grid.ravel()[len(layers):]:
+        axes.set_visible(False)
+    image = None
+    for axes, layer in zip(grid.ravel(), layers):
+        frame = shares_by_layer[layer]
+        image = axes.imshow(frame.to_numpy().T, aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis",
+                            extent=(-0.5, len(frame) - 0.5, -0.5, frame.shape[1] - 0.5))
+        ticks = np.linspace(0, len(frame) - 1, min(len(frame), 6)).round().astype(int)
+        axes.set_xticks(ticks, [str(frame.index[i]) for i in ticks], fontsize=7)
+        axes.set_title(f"layer {layer}", fontsize=9)
+        axes.set_xlabel("RL step", fontsize=8)
+        axes.set_ylabel("expert", fontsize=8)
+    figure.suptitle(title, fontsize=10, y=1.04)
+    figure.colorbar(image, ax=grid.ravel().tolist(), label="token share", shrink=0.8)
+    return _png(figure)
+
+
+def affinity_heatmaps(affinity_by_layer: dict[str, pd.DataFrame], title: str) -> str:
+    """One heatmap per layer: rows formats, columns experts, cell = P(expert | format), annotated."""
+    layers = list(affinity_by_layer)
+    columns = min(len(layers), 3)
+    rows = -(-len(layers) // columns)
+    figure, grid = plt.subplots(rows, columns, figsize=(WIDTH, 2.2 * rows + 0.4), squeeze=False)
+    for axes in grid.ravel()[len(layers):]:
+        axes.set_visible(False)
+    for axes, layer in zip(grid.ravel(), layers):
+        frame = affinity_by_layer[layer]
+        axes.imshow(frame.to_numpy(), aspect="auto", vmin=0, vmax=1, cmap="magma")
+        axes.set_yticks(range(len(frame)), frame.index, fontsize=7)
+        axes.set_xticks(range(frame.shape[1]), [str(c) for c in frame.columns], fontsize=7)
+        if frame.size <= 64:
+            for (i, j), value in np.ndenumerate(frame.to_numpy()):
+                axes.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6,
+                          color="white" if value < 0.5 else "black")
+        axes.set_title(f"layer {layer}", fontsize=9)
+        axes.set_xlabel("expert", fontsize=8)
+    figure.suptitle(title, fontsize=10, y=1.04)
+    return _png(figure)

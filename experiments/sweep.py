@@ -1,0 +1,165 @@
+"""Sweeps: a base experiment config and a grid of overrides, run locally or as Ray tasks.
+
+Sweep file (TOML):
+
+    base = "../configs/smoke.toml"        # path relative to the sweep file
+    name = "smoke"
+    [grid]                                 # dotted config keys -> values; the runs are the product
+    seed = [0, 1]
+    "rl.mitigations.entropy_coef" = [0.0, 0.01]
+    [ray]                                  # only for --backend ray
+    address = ""                           # "" starts a local Ray cluster; "auto" or "ray://host:port" joins one
+    num_cpus = 1                           # per run
+    num_gpus = 0                           # per run
+
+Every run is a separate `echolab run` process (a crash or an out-of-memory kill loses that run only)
+with its own config file `OUT/<run name>/../configs/<run name>.toml`. Distinct pretrained bases
+are trained once, before the runs start, so parallel runs never race on the pretraining cache.
+The sweep ends with `OUT/sweep.json` (each run's status) and one comparison report `OUT/report.html`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import Field
+
+from experiments.config import ExperimentConfig, read_toml, validate
+from specialists.config import Strict
+from specialists.errors import UserError
+
+
+class RaySettings(Strict):
+    address: str = ""
+    num_cpus: float = Field(1, gt=0)
+    num_gpus: float = Field(0, ge=0)
+
+
+class SweepFile(Strict):
+    base: str
+    name: str = "sweep"
+    grid: dict[str, list] = Field(default_factory=dict)
+    ray: RaySettings = RaySettings()
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    name: str
+    config_path: Path
+    run_dir: Path
+
+
+def _set_dotted(document: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        document = document.setdefault(key, {})
+        if not isinstance(document, dict):
+            raise UserError(f"grid key {dotted!r}: {key!r} is not a section")
+    document[leaf] = value
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise UserError(f"cannot write {value!r} to TOML")
+
+
+def to_toml(document: dict, prefix: str = "") -> str:
+    """A minimal TOML writer for config documents (scalars, lists, nested tables)."""
+    scalars = [f"{key} = {_toml_value(value)}" for key, value in document.items() if not isinstance(value, dict)]
+    tables = [to_toml(value, f"{prefix}{key}.") for key, value in document.items() if isinstance(value, dict)]
+    header = f"[{prefix.rstrip('.')}]\n" if prefix and scalars else ""
+    return header + "".join(line + "\n" for line in scalars) + "".join(tables)
+
+
+def plan(sweep_path: str | Path, out_dir: str | Path) -> tuple[SweepFile, list[PlannedRun]]:
+    """Validate the sweep and every run's config (before anything starts); write the run configs."""
+    sweep_path, out_dir = Path(sweep_path), Path(out_dir).resolve()  # Ray workers run elsewhere
+    sweep = validate(read_toml(sweep_path), SweepFile, str(sweep_path))
+    base_path = (sweep_path.parent / sweep.base).resolve()
+    base = read_toml(base_path)
+    keys = list(sweep.grid)
+    if any(not values for values in sweep.grid.values()):
+        raise UserError(f"{sweep_path}: every grid entry needs at least one value")
+    runs = []
+    for values in itertools.product(*(sweep.grid[k] for k in keys)):
+        document = json.loads(json.dumps(base))
+        for key, value in zip(keys, values):
+            _set_dotted(document, key, value)
+        name = "-".join(f"{key.split('.')[-1]}={value}" for key, value in zip(keys, values)) or "base"
+        document["name"] = f"{sweep.name}/{name}"
+        validate(document, ExperimentConfig, f"{sweep_path} run {name}")
+        config_path = out_dir / "configs" / f"{name}.toml"
+        config_path.parent.mkdir(parents=True, exist_ok=True)
+        config_path.write_text(to_toml(document))
+        runs.append(PlannedRun(name, config_path, out_dir / "runs" / name))
+    return sweep, runs
+
+
+def run_one(config_path: str, run_dir: str, resume: bool) -> dict:
+    """One run in its own process; returns its status (never raises, so one failure loses one run)."""
+    command = [sys.executable, "-m", "experiments.cli", "run", config_path, "--out", run_dir, "--quiet"]
+    if resume:
+        command.append("--resume")
+    result = subprocess.run(command, capture_output=True, text=True)
+    status = "ok" if result.returncode == 0 else "failed"
+    last_error = result.stderr.strip().splitlines()[-1] if result.returncode and result.stderr.strip() else ""
+    return {"run_dir": run_dir, "status": status, "error": last_error}
+
+
+def _pretrain_bases(runs: list[PlannedRun], progress: bool) -> None:
+    from experiments.config import load_experiment_config
+    from experiments.pipeline import base_model_dir
+
+    distinct = {}
+    for run in runs:
+        specialists = load_experiment_config(run.config_path).specialists()
+        distinct[specialists.model_dump_json()] = specialists
+    for config in distinct.values():
+        base_model_dir(config, progress=progress)
+
+
+def run_sweep(sweep_path: str | Path, out_dir: str | Path, backend: str = "local", resume: bool = False,
+              progress: bool = True) -> Path:
+    from tqdm.auto import tqdm
+
+    sweep, runs = plan(sweep_path, out_dir)
+    _pretrain_bases(runs, progress)
+    if backend == "local":
+        results = [run_one(str(r.config_path), str(r.run_dir), resume) for r in tqdm(runs, desc="runs", disable=not progress)]
+    elif backend == "ray":
+        import ray
+
+        ray.init(address=sweep.ray.address or None, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+        task = ray.remote(num_cpus=sweep.ray.num_cpus, num_gpus=sweep.ray.num_gpus, max_retries=0)(run_one)
+        pending = {task.remote(str(r.config_path), str(r.run_dir), resume): r for r in runs}
+        results = []
+        with tqdm(total=len(runs), desc="runs", disable=not progress) as bar:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                for reference in done:
+                    pending.pop(reference)
+                    results.append(ray.get(reference))
+                    bar.update(1)
+    else:
+        raise UserError(f"unknown backend {backend!r}; allowed: local, ray")
+    results.sort(key=lambda r: r["run_dir"])
+    out_dir = Path(out_dir)
+    (out_dir / "sweep.json").write_text(json.dumps({"name": sweep.name, "runs": results}, indent=2) + "\n")
+    finished = [Path(r["run_dir"]) for r in results if r["status"] == "ok"]
+    if not finished:
+        raise UserError(f"every run of the sweep failed; see {out_dir / 'sweep.json'}")
+    from analysis.report import write_report
+
+    return write_report(finished, out_dir / "report.html")
