@@ -39,8 +39,8 @@ def analyze(input_path: str | Path, formats: str | None = None, out_dir: str | P
             collapse_threshold: float = 0.9, progress: bool = True) -> dict:
     """Analyse a run directory or a rollout file; write summary.json and metrics.parquet; return the summary.
 
-    formats: a built-in set name or a TOML/YAML file; None (no --formats given): the run config's top-level
-    `formats` for a run directory, else "synthetic".
+    formats: a built-in set name or a TOML/YAML file; None (no --formats given): the run config's `formats`
+    for a run directory (see `resolve_formats`), else "synthetic".
     out_dir: default the run directory itself, or `<stem>_analysis/` next to a rollout file.
     """
     input_path = Path(input_path)
@@ -62,9 +62,11 @@ def analyze(input_path: str | Path, formats: str | None = None, out_dir: str | P
 
 
 def resolve_formats(formats: str | None, run_dir: Path | None) -> tuple[Format, ...]:
-    """The format set: `formats`, else the run config's `formats`, else the synthetic set. A relative file
-    named by a run config is looked up in the run directory first."""
-    name = formats if formats is not None else (read_run_config(run_dir).get("formats") if run_dir else None)
+    """The format set: `formats`, else the run config's `formats` (top level, or in its `analysis` table as
+    echolab's pipeline writes it), else the synthetic set. A relative file named by a run config is looked
+    up in the run directory first."""
+    config = read_run_config(run_dir) if run_dir is not None and formats is None else {}
+    name = formats if formats is not None else config.get("formats", config.get("analysis", {}).get("formats"))
     name = DEFAULT_FORMATS if name is None else str(name)
     if run_dir is not None and formats is None and (run_dir / name).is_file():
         name = str(run_dir / name)

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
@@ -138,7 +139,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     options = parser.parse_args()
+    # Libraries (vLLM, transformers) print to stdout; keep it for the one JSON line.
+    stdout = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        result = measure(options)
+    finally:
+        sys.stdout.flush()
+        os.dup2(stdout, 1)
+    print(json.dumps(result))
 
+
+def measure(options) -> dict:
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -195,7 +207,7 @@ def main() -> None:
     }
     if note:
         result["engine_note"] = note
-    print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

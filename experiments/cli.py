@@ -128,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="INPUT is a run directory or a rollout file (JSONL or Parquet; one row per completion with at "
                     "least step, prompt_id, completion). Writes summary.json and metrics.parquet.")
     analyze.add_argument("input", help="run directory, or .jsonl / .parquet rollout file")
-    analyze.add_argument("--formats", default="synthetic",
-                         help="format set: 'synthetic', 'echo-chamber', or a TOML/YAML file of your own (default: synthetic)")
+    analyze.add_argument("--formats",
+                         help="format set: 'synthetic', 'echo-chamber', or a TOML/YAML file of your own "
+                              "(default: the run's configured set, else synthetic)")
     analyze.add_argument("--out", help="output directory (default: the run directory, or <file stem>_analysis/)")
     analyze.add_argument("--threshold", type=float, default=0.9, help="dominant share that counts as collapse (default 0.9)")
     analyze.add_argument("--quiet", action="store_true", help="no progress bars")

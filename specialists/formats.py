@@ -174,7 +174,7 @@ NATURAL_LANGUAGE = Format(
     name="natural_language",
     description="OpenMathInstruct-2 / prose: steps in words, the last line saying 'The answer is N' or \\boxed{N}",
     detect=re.compile(rf"{_NOT_CODE}(?:[^\n]*\n)*[^\n]*{_ANSWER_MARK}[^\n]*"),
-    answer=re.compile(rf"[^\n]*{_ANSWER_MARK}[^\n]*\Z"),
+    answer=re.compile(rf"(?:\A|\n)[^\n]*{_ANSWER_MARK}[^\n]*\Z"),  # the last line only
     render=_render_natural_language,
 )
 

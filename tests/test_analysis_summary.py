@@ -144,6 +144,8 @@ def test_run_config_names_the_formats(tmp_path):
     assert summary["format_share"]["0"]["gsm8k"] == 0.5
     assert summary["accuracy"]["0"] == 1.0
     assert "gsm8k" not in analyze(run, formats="synthetic", progress=False)["formats"]  # --formats wins
+    (run / "config.json").write_text(json.dumps({"analysis": {"formats": "echo-chamber"}}))  # the pipeline's layout
+    assert "gsm8k" in analyze(run, formats=None, progress=False)["formats"]
 
 
 def test_user_format_file(tmp_path):
