@@ -33,6 +33,13 @@ def metrics_without_timing(run_dir):
     return [{k: v for k, v in line.items() if not any(t in k for t in TIMING)} for line in lines]
 
 
+def rollouts(run_dir):
+    import pandas as pd
+
+    table = pd.concat(pd.read_parquet(path) for path in sorted((run_dir / "rollouts").glob("*.parquet")))
+    return table[["step", "prompt_id", "sample_index", "completion", "reward", "format"]].reset_index(drop=True)
+
+
 def test_run_directory_follows_the_spec(smoke_run):
     names = {p.name for p in smoke_run.iterdir()}
     assert {"config.json", "rollouts", "metrics.jsonl", "router", "checkpoints", "summary.json", "report.html"} <= names
@@ -66,8 +73,11 @@ def test_resume_after_a_kill_loses_no_step(smoke_run, tmp_path, monkeypatch):
         run_experiment(load_experiment_config(SMOKE), killed, progress=False)
     monkeypatch.setattr(Recorder, "save_checkpoint", save)
     run_experiment(load_experiment_config(SMOKE), killed, resume=True, progress=False)
-    assert metrics_without_timing(killed) == metrics_without_timing(smoke_run)
-    assert json.loads((killed / "summary.json").read_text()) == json.loads((smoke_run / "summary.json").read_text())
+    # The same completions at every step; losses equal up to float32 rounding (a model reloaded from disk
+    # can sum in another order than the one kept in memory).
+    assert rollouts(killed).equals(rollouts(smoke_run))
+    for resumed, uninterrupted in zip(metrics_without_timing(killed), metrics_without_timing(smoke_run), strict=True):
+        assert resumed == pytest.approx(uninterrupted, rel=1e-5, abs=1e-7)
 
 
 def test_an_existing_run_is_not_overwritten_without_resume(smoke_run):
