@@ -25,8 +25,10 @@ $(STAMP): pyproject.toml
 browser:
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
 
+# The main job; it replaces an earlier runs/demo. The pretrained base is cached in ~/.cache/echolab.
 demo: setup
-	$(BIN)/echolab pretrain experiments/configs/default.toml --out $(OUT)
+	rm -rf $(OUT)
+	$(BIN)/echolab run experiments/configs/quick.toml --out $(OUT)
 
 test: setup browser
 	$(BIN)/python -m pytest -q tests

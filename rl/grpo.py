@@ -425,6 +425,10 @@ def _make_trainer_class():
         def training_step(self, model, inputs, num_items_in_batch):
             if self._step_started is None:
                 self._step_started = time.perf_counter()
+            if self.progress and self._bar is None:
+                from tqdm.auto import tqdm
+
+                self._bar = tqdm(total=self.settings.steps, initial=self.start_step, desc="grpo")
             return super().training_step(model, inputs, num_items_in_batch)
 
         def log(self, logs: dict, start_time: float | None = None) -> None:
@@ -475,11 +479,7 @@ def _make_trainer_class():
             if self.recorder is not None and checkpoint_due:
                 self.recorder.save_checkpoint(done, self.accelerator.unwrap_model(self.model), self.processing_class,
                                               self.trainer_state(done))
-            if self.progress:
-                if self._bar is None:
-                    from tqdm.auto import tqdm
-
-                    self._bar = tqdm(total=self.settings.steps, initial=self.start_step, desc="grpo")
+            if self._bar is not None:
                 self._bar.update(1)
                 if fresh:
                     self._bar.set_postfix(reward=f"{generation.rewards.mean().item():.3f}")
