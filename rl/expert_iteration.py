@@ -20,7 +20,8 @@ Each round (one recorded step) does, with k = sampling.samples_per_prompt:
 A round with no correct sample fine-tunes on nothing: the model is the base model again ("base") or
 unchanged ("latest"). The data of a round are that round's samples only; nothing accumulates.
 Mitigations: only freeze_router (and format_diversity_coef, which changes the recorded reward but not
-what is kept); the rest act on policy-gradient losses that EI does not have and are refused.
+what is kept); the rest act on policy-gradient losses that EI does not have and are refused, and so is
+pretrain_replay_coef (EI's update is already supervised).
 """
 
 from __future__ import annotations
@@ -33,17 +34,23 @@ from tqdm.auto import tqdm
 from rl.config import RLSettings
 from rl.engines import Completion, RolloutEngine
 from rl.losses import masked_mean
-from rl.ppo import (aux_loss_coefficient, check_mitigations, freeze_router, restore_rng_state, rng_state,
-                    start_or_resume)
 from rl.recorder import Recorder
 from rl.rollouts import PromptSet, Rewards, StepBatch, collect, pack_batch, record_step, sampling_seed, step_seed
 from rl.routing import capture_routing
 from rl.sequences import pack, token_logprobs
+from rl.training import (
+    MAX_GRAD_NORM,
+    aux_loss_coefficient,
+    check_mitigations,
+    frozen_router,
+    restore_rng_state,
+    rng_state,
+    start_or_resume,
+)
 from specialists.errors import UserError
 from specialists.tasks import Problem, prompt_text
 
 SFT_BATCH_SIZE = 16
-MAX_GRAD_NORM = 1.0
 EI_MITIGATIONS = {"freeze_router", "format_diversity_coef"}
 
 
@@ -147,13 +154,9 @@ def train_expert_iteration(
     if from_base:
         source = ref_model if ref_model is not None else model
         base_weights = {name: tensor.detach().clone() for name, tensor in source.state_dict().items()}
-    frozen_routers = freeze_router(model) if settings.mitigations.freeze_router else []
-    try:
+    with frozen_router(model, settings.mitigations.freeze_router):
         _rounds(model, tokenizer, engine, prompt_set, rewards, settings, recorder, seed, start_step, progress,
                 base_weights)
-    finally:
-        for parameter in frozen_routers:
-            parameter.requires_grad_(True)
     return model
 
 

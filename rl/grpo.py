@@ -11,7 +11,7 @@ is recorded:
   them out), so epochs are counted exactly as for PPO;
 - rollouts: TRL's `rollout_func` hook calls our `RolloutEngine` (vLLM or transformers), never TRL's own
   vLLM integration; `engine.sync_weights(model)` runs whenever the global step changed since the last
-  generation;
+  generation, and once more when training ends;
 - rewards: `rl.rollouts.Rewards` (correctness x `reward_scale`, plus the format-diversity bonus), with
   every completion's Grade kept for the recorder;
 - advantages: `compute_advantages` replaces TRL's group-normalised advantages when a mitigation acts
@@ -19,6 +19,8 @@ is recorded:
 - per-token mitigations: Clip-Cov zeroes the advantage of the selected tokens (identical to masking
   their policy loss), KL-Cov adds its penalty to the loss; both read the log-probabilities of TRL's own
   loss forward (see `_get_per_token_logps_and_entropies`);
+- pretraining replay: `replay_loss` adds pretrain_replay_coef x the NLL of a replay batch (rl.replay) to
+  every optimiser step's loss;
 - recording: the loss forward runs inside `rl.routing.capture_routing`, so each completion's expert
   load comes from the training forward; each optimiser step writes its rollouts, router statistics
   and one metrics line (TRL's logged metrics plus ours), and checkpoints go through the Recorder.
@@ -32,7 +34,6 @@ writes its metrics line.
 
 from __future__ import annotations
 
-import copy
 import math
 import tempfile
 import time
@@ -53,17 +54,27 @@ from rl.losses import (
     pass_at_k_advantages,
     unlikeliness_rewards,
 )
-from rl.ppo import check_mitigations, freeze_router, restore_rng_state, rng_state, start_or_resume
 from rl.recorder import Recorder
+from rl.replay import PretrainReplay, active_replay
 from rl.rollouts import PromptSet, Rewards, StepBatch, record_step, sampling_seed, step_seed
 from rl.routing import capture_routing
+from rl.training import (
+    MAX_GRAD_NORM,
+    check_mitigations,
+    frozen,
+    frozen_router,
+    kl_reference,
+    restore_rng_state,
+    rng_state,
+    start_or_resume,
+)
 from specialists.grading import Grade
 from specialists.model import is_moe
 from specialists.tasks import prompt_text
 
 REWARD_NAME = "echolab_reward"  # TRL logs rewards/<name>/mean and /std
 GRPO_MITIGATIONS = {"entropy_coef", "clip_cov", "kl_cov", "format_diversity_coef", "unlikeliness_beta", "pass_at_k",
-                    "freeze_router"}
+                    "freeze_router", "pretrain_replay_coef"}
 # Wall-clock measurements: they differ between otherwise identical runs.
 TIMING_KEYS = ("step_time", "step_time_s", "rollout_time_s", "rollout_tokens_per_s")
 # TRL's own reward summary; the metrics line carries the shared reward_mean / reward_std (rl.rollouts.record_step).
@@ -155,6 +166,7 @@ def grpo_config(settings: RLSettings, seed: int, output_dir: str | Path, *, max_
         learning_rate=settings.learning_rate,
         lr_scheduler_type="constant",
         weight_decay=0.0,
+        max_grad_norm=MAX_GRAD_NORM,
         per_device_train_batch_size=settings.prompts_per_step * sampling.samples_per_prompt,
         gradient_accumulation_steps=1,
         steps_per_generation=1,
@@ -217,12 +229,14 @@ def _make_trainer_class():
         - `compute_advantages(rewards, correct, sequence_logprobs)`: advantages replacing TRL's, or None;
         - `per_token_advantages(logps, old_logps, advantages, mask)`: per-token reshaping (Clip-Cov);
         - `extra_loss(logps, old_logps, advantages, mask, inputs)`: a term added to TRL's loss (KL-Cov);
+        - `replay_loss(model)`: a term added to the loss outside the policy forward (pretraining replay);
         - `record_step(step, logs)`: what is written after each optimiser step.
         """
 
         def __init__(self, model, tokenizer, engine: RolloutEngine, prompt_set: PromptSet, rewards: Rewards,
                      settings: RLSettings, seed: int, args, *, start_step: int = 0, recorder: Recorder | None = None,
-                     ref_model=None, optimizers=(None, None), callbacks=None, progress: bool = False):
+                     ref_model=None, optimizers=(None, None), callbacks=None, progress: bool = False,
+                     replay: PretrainReplay | None = None):
             mitigations = settings.mitigations
             mu = settings.grpo.num_iterations
             if mitigations.pass_at_k and (mitigations.unlikeliness_beta > 0 or mitigations.format_diversity_coef > 0):
@@ -239,6 +253,7 @@ def _make_trainer_class():
             self.engine, self.prompt_set, self.rewards = engine, prompt_set, rewards
             self.settings, self.seed, self.start_step = settings, seed, start_step
             self.recorder, self.progress = recorder, progress
+            self.replay = active_replay(mitigations.pretrain_replay_coef, replay)
             self._generation: _Generation | None = None
             self._generations_done = 0
             self._synced_step: int | None = None
@@ -260,7 +275,7 @@ def _make_trainer_class():
             if beta != 0.0:
                 if ref_model is None:
                     raise ValueError("beta > 0 needs the reference model")
-                ref_model.eval().requires_grad_(False)
+                frozen(ref_model)
                 add_fused_lm_head(ref_model, temperature=self.temperature, cast_lm_head_to_fp32=args.cast_lm_head_to_fp32)
                 self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
             if mitigations.kl_cov:
@@ -369,9 +384,11 @@ def _make_trainer_class():
                 else:
                     loss = super()._compute_loss(model, inputs)
                 extra = inputs.pop("echolab_extra_loss", None)
-                return loss if extra is None else loss + extra
+                loss = loss if extra is None else loss + extra
             finally:
                 self._loss_inputs = None
+            replay = self.replay_loss(model)  # its own forward, after the routing capture has ended
+            return loss if replay is None else loss + replay
 
         def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
             logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(
@@ -419,6 +436,16 @@ def _make_trainer_class():
                 term = term / self.current_gradient_accumulation_steps
             self._metrics["train"]["kl_cov/penalty"].append(float(term.detach()))
             return term
+
+        def replay_loss(self, model) -> torch.Tensor | None:
+            """Pretraining replay (PPO-ptx, Ouyang et al. 2022, arXiv:2203.02155; see rl.replay):
+            pretrain_replay_coef x the mean token NLL of this optimiser step's replay batch. One loss call per
+            optimiser step (gradient_accumulation_steps = 1), so the term is not divided further."""
+            if self.replay is None:
+                return None
+            nll = self.replay.loss(model, self.start_step + self.state.global_step)
+            self._metrics["train"]["replay_loss"].append(float(nll.detach()))
+            return self.settings.mitigations.pretrain_replay_coef * nll
 
         # ----- recording -------------------------------------------------------------------
 
@@ -525,7 +552,8 @@ def __getattr__(name: str):
 
 def train_grpo(model, tokenizer, engine: RolloutEngine, prompt_set: PromptSet, rewards: Rewards,
                settings: RLSettings, recorder: Recorder, seed: int, start_step: int = 0, progress: bool = True, *,
-               ref_model=None, trainer_state: dict | None = None, callbacks=None):
+               ref_model=None, trainer_state: dict | None = None, callbacks=None,
+               replay: PretrainReplay | None = None):
     """Post-train `model` with GRPO for steps start_step .. settings.steps - 1; returns the model.
 
     Every step writes rollouts/step_*.parquet (SPEC columns, expert_load from the training forward),
@@ -536,41 +564,41 @@ def train_grpo(model, tokenizer, engine: RolloutEngine, prompt_set: PromptSet, r
     RNG state and TRL's token count are read from that checkpoint's trainer_state.pt unless `trainer_state` is
     given, and anything recorded at `start_step` or later is forgotten first. With beta > 0 the reference is
     `ref_model` (frozen), defaulting to a copy of `model` at a fresh start; a resumed run must pass the base model.
-    The caller owns `engine`. The learning rate is constant (AdamW, no weight decay); gradients are clipped
-    at norm 1 (TRL's default). Mitigations GRPO does not implement (pretrain_replay_coef) are refused.
+    The caller owns `engine`; when training ends it serves the returned model (as after PPO and EI). The
+    learning rate is constant (AdamW, no weight decay); gradients are clipped at norm MAX_GRAD_NORM (TRL's
+    default). With mitigations.pretrain_replay_coef > 0, `replay` holds the pretraining texts (rl.replay).
     """
     check_mitigations(settings, GRPO_MITIGATIONS, "GRPO")
-    if settings.beta > 0 and ref_model is None and start_step > 0:
-        raise ValueError("resuming GRPO with beta > 0 needs ref_model (the base model), not a copy of the checkpoint")
+    replay = active_replay(settings.mitigations.pretrain_replay_coef, replay)
+    ref_model = kl_reference(model, ref_model, settings, start_step, "GRPO")
     trainer_state = start_or_resume("grpo", settings, recorder, start_step, trainer_state)
     if start_step == settings.steps:
         return model
-    if settings.beta > 0 and ref_model is None:
-        ref_model = copy.deepcopy(model)
 
     callbacks = list(callbacks or [])
     if trainer_state is not None:
         callbacks.append(_restore_state_callback(trainer_state))
     had_own_forward = "forward" in vars(model)
-    frozen = freeze_router(model) if settings.mitigations.freeze_router else []
     try:
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.learning_rate,
-                                      betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-        if trainer_state is not None:
-            optimizer.load_state_dict(trainer_state["optimizer"])
-            scheduler.load_state_dict(trainer_state["lr_scheduler"])
-        with tempfile.TemporaryDirectory(prefix="echolab-grpo-") as scratch:
-            args = grpo_config(settings, seed, scratch, max_steps=settings.steps - start_step, moe=is_moe(model))
-            trainer = trainer_class()(model, tokenizer, engine, prompt_set, rewards, settings, seed, args,
-                                      start_step=start_step, recorder=recorder, ref_model=ref_model,
-                                      optimizers=(optimizer, scheduler), callbacks=callbacks, progress=progress)
-            trainer.train()
+        with frozen_router(model, settings.mitigations.freeze_router):
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.learning_rate,
+                                          betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+            if trainer_state is not None:
+                optimizer.load_state_dict(trainer_state["optimizer"])
+                scheduler.load_state_dict(trainer_state["lr_scheduler"])
+            with tempfile.TemporaryDirectory(prefix="echolab-grpo-") as scratch:
+                args = grpo_config(settings, seed, scratch, max_steps=settings.steps - start_step, moe=is_moe(model))
+                trainer = trainer_class()(model, tokenizer, engine, prompt_set, rewards, settings, seed, args,
+                                          start_step=start_step, recorder=recorder, ref_model=ref_model,
+                                          optimizers=(optimizer, scheduler), callbacks=callbacks, progress=progress,
+                                          replay=replay)
+                trainer.train()
     finally:
-        for parameter in frozen:
-            parameter.requires_grad_(True)
         if not had_own_forward and "forward" in vars(model):
             del model.forward  # TRL patches its fused log-prob head onto the instance; restore the class forward
+    # The trainer pushes lazily, before each generation; the last update has none after it.
+    engine.sync_weights(model)
     return model
 
 

@@ -21,6 +21,7 @@ optimiser updates):
                        - entropy_coef * H                         entropy bonus (Mnih et al. 2016, arXiv:1602.01783)
                        + beta * k3                                with kl_estimator "k3" (GRPO, arXiv:2402.03300, eq. 4)
                        + aux_coef * L_aux                         router load balancing (Switch, arXiv:2101.03961)
+                       + pretrain_replay_coef * NLL_pretrain      pretraining replay (PPO-ptx, rl.replay)
                  with Clip-Cov / KL-Cov (Cui et al. 2025, arXiv:2505.22617) acting on L_clip's tokens
                  when switched on; gradient norms clipped to MAX_GRAD_NORM (policy and value head apart).
  7. sync         engine.sync_weights(model) once the step's updates are done (the engine is idle between
@@ -43,8 +44,6 @@ Design choices, stated once:
 
 from __future__ import annotations
 
-import copy
-import random
 import time
 
 import torch
@@ -66,16 +65,26 @@ from rl.losses import (
     token_entropy,
 )
 from rl.recorder import Recorder
+from rl.replay import PretrainReplay, active_replay
 from rl.rollouts import PromptSet, Rewards, collect, pack_batch, record_step, sampling_seed, step_seed
 from rl.routing import capture_routing
 from rl.sequences import token_logprobs
-from specialists.errors import UserError
-from specialists.model import is_moe
+from rl.training import (
+    MAX_GRAD_NORM,
+    aux_loss_coefficient,
+    check_mitigations,
+    frozen_router,
+    kl_reference,
+    restore_rng_state,
+    rng_state,
+    start_or_resume,
+)
 
-MAX_GRAD_NORM = 1.0
-# Means over a step's updates; grad_norm is the policy's before clipping; aux_loss is the unweighted
-# load-balancing loss (null when not computed).
-UPDATE_METRICS = ("policy_loss", "value_loss", "approx_kl", "clip_fraction", "entropy", "grad_norm", "aux_loss")
+# Means over a step's updates; loss is the minimised total; grad_norm is the policy's before clipping;
+# aux_loss is the unweighted load-balancing loss, replay_loss the unweighted pretraining-replay NLL
+# (each null when not computed).
+UPDATE_METRICS = ("loss", "policy_loss", "value_loss", "approx_kl", "clip_fraction", "entropy", "grad_norm", "aux_loss",
+                  "replay_loss")
 ADVANTAGE_EPSILON = 1e-8
 
 
@@ -92,87 +101,7 @@ class ValueHead(torch.nn.Module):
         return self.linear(hidden.detach()).squeeze(-1)
 
 
-# ---------------------------------------------------------------------------------------------
-# Helpers shared with Expert Iteration
-# ---------------------------------------------------------------------------------------------
-
-
-def aux_loss_coefficient(model, settings: RLSettings) -> float:
-    """Weight of the router load-balancing loss: the setting, else the model's own; 0 for dense models."""
-    if not is_moe(model):
-        return 0.0
-    if settings.router_aux_loss_coef is not None:
-        return settings.router_aux_loss_coef
-    return float(model.config.router_aux_loss_coef)
-
-
-def freeze_router(model) -> list[torch.nn.Parameter]:
-    """mitigations.freeze_router: requires_grad=False on every MoE router (`mlp.gate`) weight that had
-    it; returns those parameters, for the caller to unfreeze after training."""
-    frozen = [p for name, p in model.named_parameters() if name.endswith("mlp.gate.weight") and p.requires_grad]
-    for parameter in frozen:
-        parameter.requires_grad_(False)
-    return frozen
-
-
-# Settings that only tune a switch; they are never refused on their own.
-MITIGATION_PARAMETERS = {"cov_ratio", "kl_cov_coef", "pretrain_replay_batch"}
-
-
-def check_mitigations(settings: RLSettings, supported: set[str], algorithm: str) -> None:
-    """Refuse mitigation switches an algorithm does not implement, rather than silently ignoring them
-    (a switch added to MitigationSettings later is refused until an algorithm supports it)."""
-    defaults = type(settings.mitigations)()
-    unsupported = [name for name in type(settings.mitigations).model_fields
-                   if name not in supported | MITIGATION_PARAMETERS
-                   and getattr(settings.mitigations, name) != getattr(defaults, name)]
-    if unsupported:
-        raise UserError(f"{algorithm} does not implement mitigations {unsupported}; "
-                        f"it supports {sorted(supported)}")
-
-
-def start_or_resume(algorithm: str, settings: RLSettings, recorder: Recorder, start_step: int,
-                    trainer_state: dict | None) -> dict | None:
-    """Checks shared by the entry points; on a resume (start_step > 0) forgets what was recorded at
-    start_step or later and returns the checkpoint's trainer state (read from its trainer_state.pt
-    unless given)."""
-    if settings.algorithm != algorithm:
-        raise ValueError(f"this trainer runs {algorithm!r}, but settings.algorithm is {settings.algorithm!r}")
-    if not 0 <= start_step <= settings.steps:
-        raise ValueError(f"start_step must be in [0, {settings.steps}], got {start_step}")
-    if start_step == 0:
-        return trainer_state
-    recorder.forget_from(start_step)
-    if trainer_state is None:
-        path = recorder.checkpoint_dir(start_step) / "trainer_state.pt"
-        if not path.exists():
-            raise UserError(f"cannot resume at step {start_step}: {path} is missing")
-        trainer_state = torch.load(path, map_location="cpu", weights_only=True)
-    if trainer_state.get("algorithm") != algorithm or trainer_state.get("step") != start_step:
-        raise UserError(f"trainer state of {trainer_state.get('algorithm')!r} step {trainer_state.get('step')} "
-                        f"cannot resume {algorithm!r} at step {start_step}")
-    return trainer_state
-
-
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
-
-
-def restore_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-
-
-def frozen(model):
-    model.eval()
-    return model.requires_grad_(False)
-
-
-# ---------------------------------------------------------------------------------------------
-# PPO
-# ---------------------------------------------------------------------------------------------
-
-PPO_MITIGATIONS = {"entropy_coef", "clip_cov", "kl_cov", "format_diversity_coef", "freeze_router"}
+PPO_MITIGATIONS = {"entropy_coef", "clip_cov", "kl_cov", "format_diversity_coef", "freeze_router", "pretrain_replay_coef"}
 
 
 def _forward(model, input_ids, attention_mask, temperature: float, value_head=None, router_logits: bool = False):
@@ -243,6 +172,7 @@ def train_ppo(
     *,
     ref_model=None,
     trainer_state: dict | None = None,
+    replay: PretrainReplay | None = None,
 ):
     """Post-train `model` with PPO for steps start_step .. settings.steps - 1; returns the model (trained
     in place). Every step writes rollouts/step_*.parquet, router/step_*.json and a metrics.jsonl line;
@@ -253,30 +183,24 @@ def train_ppo(
     recorded at `start_step` or later is forgotten and the trainer state is read from that checkpoint
     unless `trainer_state` is given. With beta > 0 the KL reference is `ref_model` (used as is, frozen),
     defaulting to a frozen copy of `model` at a fresh start; a resumed run must pass the base model.
+    With mitigations.pretrain_replay_coef > 0, `replay` holds the pretraining texts (rl.replay).
     """
     check_mitigations(settings, PPO_MITIGATIONS, "PPO")
-    if settings.beta > 0 and ref_model is None and start_step > 0:
-        raise ValueError("resuming PPO with beta > 0 needs ref_model (the base model), not a copy of the checkpoint")
+    replay = active_replay(settings.mitigations.pretrain_replay_coef, replay)
+    reference = kl_reference(model, ref_model, settings, start_step, "PPO")
     trainer_state = start_or_resume("ppo", settings, recorder, start_step, trainer_state)
     if start_step == settings.steps:
         return model
 
     device = next(model.parameters()).device
-    reference = None
-    if settings.beta > 0:
-        reference = frozen(ref_model if ref_model is not None else copy.deepcopy(model))
-    frozen_routers = freeze_router(model) if settings.mitigations.freeze_router else []
-    try:
+    with frozen_router(model, settings.mitigations.freeze_router):
         _ppo_steps(model, tokenizer, engine, prompt_set, rewards, settings, recorder, seed, start_step, progress,
-                   trainer_state, reference, device)
-    finally:
-        for parameter in frozen_routers:
-            parameter.requires_grad_(True)
+                   trainer_state, reference, replay, device)
     return model
 
 
 def _ppo_steps(model, tokenizer, engine, prompt_set, rewards, settings, recorder, seed, start_step, progress,
-               trainer_state, reference, device):
+               trainer_state, reference, replay, device):
     ppo, mitigations = settings.ppo, settings.mitigations
     policy_parameters = [p for p in model.parameters() if p.requires_grad]
     value_head = ValueHead(model.config.hidden_size).to(device)
@@ -355,6 +279,9 @@ def _ppo_steps(model, tokenizer, engine, prompt_set, rewards, settings, recorder
                     loss = loss + settings.beta * masked_mean(kl_k3(logprobs, ref_logprobs[rows]), m)
                 if aux_loss is not None:
                     loss = loss + aux_coef * aux_loss
+                replay_loss = replay.loss(model, step, updates) if replay is not None else None
+                if replay_loss is not None:
+                    loss = loss + mitigations.pretrain_replay_coef * replay_loss
 
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -363,9 +290,9 @@ def _ppo_steps(model, tokenizer, engine, prompt_set, rewards, settings, recorder
                 torch.nn.utils.clip_grad_norm_(value_head.parameters(), MAX_GRAD_NORM)
                 optimizer.step()
 
-                for key, value in zip(UPDATE_METRICS, (policy_loss, value_loss, approx_kl, clip_fraction,
-                                                       entropy, grad_norm, aux_loss)):
-                    if value is not None:  # aux_loss: MoE with a coefficient > 0 only
+                for key, value in zip(UPDATE_METRICS, (loss, policy_loss, value_loss, approx_kl, clip_fraction,
+                                                       entropy, grad_norm, aux_loss, replay_loss)):
+                    if value is not None:  # aux_loss: MoE with a coefficient > 0 only; replay_loss: with replay
                         sums[key] = sums.get(key, 0.0) + float(value.detach())
                 updates += 1
 

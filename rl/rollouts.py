@@ -123,8 +123,8 @@ def to_rollouts(step: int, epoch: float, batch: StepBatch, expert_load: torch.Te
 
 
 def sampling_seed(seed: int, step: int) -> int:
-    """The engine's seed for the rollouts of `step`, below 2**31 (vLLM). The same formula as
-    rl.grpo.sampling_seed: PPO, GRPO and EI give the engine the same seed at the same step."""
+    """The engine's seed for the rollouts of `step`, below 2**31 (vLLM). The one formula PPO, GRPO and EI
+    use, so all three give the engine the same seed at the same step."""
     return (seed * 1_000_003 + step) % (2**31 - 1)
 
 

@@ -1,0 +1,67 @@
+"""Sweeps: planning a grid, and the smoke sweep on a local Ray cluster (one failed run loses only itself)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from experiments.sweep import plan, run_sweep, to_toml
+from specialists.errors import UserError
+
+SMOKE_SWEEP = Path("experiments/sweeps/smoke.toml")
+
+
+def write_sweep(tmp_path, grid: str, base: str = str(Path("experiments/configs/smoke.toml").resolve())) -> Path:
+    path = tmp_path / "sweep.toml"
+    path.write_text(f'base = "{base}"\nname = "t"\n[grid]\n{grid}')
+    return path
+
+
+def test_plan_is_the_product_of_the_grid(tmp_path):
+    sweep_file = write_sweep(tmp_path, 'seed = [0, 1]\n"rl.mitigations.entropy_coef" = [0.0, 0.01]\n')
+    _, runs = plan(sweep_file, tmp_path / "out")
+    assert [r.name for r in runs] == ["seed=0-entropy_coef=0.0", "seed=0-entropy_coef=0.01",
+                                      "seed=1-entropy_coef=0.0", "seed=1-entropy_coef=0.01"]
+    from experiments.config import load_experiment_config
+
+    config = load_experiment_config(runs[3].config_path)
+    assert (config.seed, config.rl.mitigations.entropy_coef, config.rl.steps) == (1, 0.01, 3)
+
+
+@pytest.mark.parametrize("grid, message", [
+    ('"rl.mitigations.entropy_cof" = [0.1]\n', "unknown key rl.mitigations.entropy_cof"),
+    ('"rl.algorithm" = ["dqn"]\n', "rl.algorithm"),
+    ('seed = []\n', "at least one value"),
+])
+def test_bad_grids_fail_before_anything_runs(tmp_path, grid, message):
+    with pytest.raises(UserError, match=message):
+        plan(write_sweep(tmp_path, grid), tmp_path / "out")
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_toml_writer_round_trips():
+    import tomllib
+
+    document = {"seed": 1, "name": "a/b", "rl": {"beta": 0.001, "sampling": {"samples_per_prompt": 4}}, "flag": True}
+    assert tomllib.loads(to_toml(document)) == document
+
+
+@pytest.mark.integration
+def test_smoke_sweep_on_a_local_ray_cluster(tmp_path, monkeypatch):
+    monkeypatch.setenv("ECHOLAB_CACHE", str(tmp_path / "cache"))
+    report = run_sweep(SMOKE_SWEEP, tmp_path / "sweep", backend="ray", progress=False)
+    results = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["runs"]
+    assert [r["status"] for r in results] == ["ok", "ok"]
+    for result in results:
+        assert (Path(result["run_dir"]) / "summary.json").is_file()
+    assert report.is_file() and "seed" in report.read_text()
+
+
+def test_a_failed_run_is_reported_with_its_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("ECHOLAB_CACHE", str(tmp_path / "cache"))
+    missing = tmp_path / "no-such-gsm8k.jsonl"
+    sweep_file = write_sweep(tmp_path, f'"rl.prompts" = ["{missing}"]\n')
+    with pytest.raises(UserError, match="every run of the sweep failed"):
+        run_sweep(sweep_file, tmp_path / "out", backend="local", progress=False)
+    [result] = json.loads((tmp_path / "out" / "sweep.json").read_text())["runs"]
+    assert result["status"] == "failed" and "not found" in result["error"]
