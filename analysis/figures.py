@@ -112,7 +112,8 @@ def affinity_heatmaps(affinity_by_layer: dict[str, pd.DataFrame], title: str) ->
     for axes, layer in zip(grid.ravel(), layers):
         frame = affinity_by_layer[layer]
         axes.imshow(frame.to_numpy(), aspect="auto", vmin=0, vmax=1, cmap="magma")
-        axes.set_yticks(range(len(frame)), frame.index, fontsize=7)
+        # Format names only on the first column of panels, so labels never run into the panel to the left.
+        axes.set_yticks(range(len(frame)), frame.index if axes.get_subplotspec().is_first_col() else [], fontsize=7)
         axes.set_xticks(range(frame.shape[1]), [str(c) for c in frame.columns], fontsize=7)
         if frame.size <= 64:
             for (i, j), value in np.ndenumerate(frame.to_numpy()):

@@ -52,6 +52,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, resume: bool =
     from rl.rollouts import PromptSet, Rewards, load_prompt_problems
     from rl.train import train
     from specialists.formats import FORMAT_SETS
+    from specialists.pretrain import build_corpus
     from specialists.model import load_model
     from specialists.sandbox import Sandbox
     from specialists.tokenizer import load_tokenizer
@@ -84,7 +85,9 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, resume: bool =
         with Sandbox() as sandbox:
             rewards = Rewards(FORMAT_SETS["synthetic"], sandbox, config.rl.reward_scale, config.rl.mitigations.format_diversity_coef)
             train(config.rl, model=model, tokenizer=tokenizer, engine=engine, prompt_set=prompt_set, rewards=rewards,
-                  recorder=recorder, seed=config.seed, base_model_dir=base, start_step=start_step, progress=progress)
+                  recorder=recorder, seed=config.seed, base_model_dir=base, start_step=start_step, progress=progress,
+                  replay_texts=[e.text for e in build_corpus(config.specialists())]
+                  if config.rl.mitigations.pretrain_replay_coef > 0 else None)
     finally:
         engine.close()
     analyze(run_dir, formats=config.analysis.formats, collapse_threshold=config.analysis.collapse_threshold, progress=progress)

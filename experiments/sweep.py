@@ -6,7 +6,9 @@ Sweep file (TOML):
     name = "smoke"
     [grid]                                 # dotted config keys -> values; the runs are the product
     seed = [0, 1]
-    "rl.mitigations.entropy_coef" = [0.0, 0.01]
+    [variants.baseline]                    # optional named sets of overrides, crossed with the grid
+    [variants.entropy]
+    "rl.mitigations.entropy_coef" = 0.01
     [ray]                                  # only for --backend ray
     address = ""                           # "" starts a local Ray cluster; "auto" or "ray://host:port" joins one
     num_cpus = 1                           # per run
@@ -44,6 +46,7 @@ class SweepFile(Strict):
     base: str
     name: str = "sweep"
     grid: dict[str, list] = Field(default_factory=dict)
+    variants: dict[str, dict] = Field(default_factory=lambda: {"": {}})
     ray: RaySettings = RaySettings()
 
 
@@ -93,11 +96,12 @@ def plan(sweep_path: str | Path, out_dir: str | Path) -> tuple[SweepFile, list[P
     if any(not values for values in sweep.grid.values()):
         raise UserError(f"{sweep_path}: every grid entry needs at least one value")
     runs = []
-    for values in itertools.product(*(sweep.grid[k] for k in keys)):
+    for variant, values in itertools.product(sweep.variants, itertools.product(*(sweep.grid[k] for k in keys))):
         document = json.loads(json.dumps(base))
-        for key, value in zip(keys, values):
+        for key, value in [*sweep.variants[variant].items(), *zip(keys, values)]:
             _set_dotted(document, key, value)
-        name = "-".join(f"{key.split('.')[-1]}={value}" for key, value in zip(keys, values)) or "base"
+        parts = [variant] if variant else []
+        name = "-".join(parts + [f"{key.split('.')[-1]}={value}" for key, value in zip(keys, values)]) or "base"
         document["name"] = f"{sweep.name}/{name}"
         validate(document, ExperimentConfig, f"{sweep_path} run {name}")
         config_path = out_dir / "configs" / f"{name}.toml"

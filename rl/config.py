@@ -1,7 +1,7 @@
 """Typed configuration of RL post-training: algorithm, sampling, rollout engine, rewards and mitigations.
 
 Defaults follow the Echo Chamber paper's GSM8K runs scaled to a 2-core CPU. Every mitigation is one
-switch here; `rl.mitigations` documents each with its source.
+switch of `MitigationSettings`, whose description names its source; the math is in rl.losses / rl.replay.
 """
 
 from __future__ import annotations
@@ -50,19 +50,36 @@ class ExpertIterationSettings(Strict):
 
 
 class MitigationSettings(Strict):
-    """Each switch is off by default; see rl/mitigations.py for what each does and its source."""
+    """Diversity mitigations, each off by default. Every switch names its source and where it acts; an
+    algorithm refuses a switch it does not implement (rl.training.check_mitigations)."""
 
-    entropy_coef: float = Field(0.0, ge=0, description="entropy bonus: loss -= coef * mean token entropy")
-    clip_cov: bool = Field(False, description="Clip-Cov (Cui et al., arXiv:2505.22617)")
-    kl_cov: bool = Field(False, description="KL-Cov (Cui et al., arXiv:2505.22617)")
-    cov_ratio: float = Field(2e-3, gt=0, le=1, description="fraction of tokens Clip-Cov / KL-Cov act on")
-    kl_cov_coef: float = Field(1.0, ge=0)
-    format_diversity_coef: float = Field(0.0, ge=0, description="bonus for correct completions in formats rare in their group")
-    unlikeliness_beta: float = Field(0.0, ge=0, le=1, description="He et al., arXiv:2506.02355")
-    pass_at_k: int = Field(0, ge=0, description="Chen et al., arXiv:2508.10751: optimise pass@k advantages; 0 = off")
-    freeze_router: bool = Field(False, description="keep the MoE router weights fixed during RL")
-    pretrain_replay_coef: float = Field(0.0, ge=0, description="weight of a supervised loss on the pretraining mixture")
-    pretrain_replay_batch: int = Field(8, ge=1)
+    entropy_coef: float = Field(0.0, ge=0, description=(
+        "entropy bonus, loss -= coef * mean token entropy (Mnih et al. 2016, arXiv:1602.01783; TRL's entropy_coef). "
+        "PPO, GRPO"))
+    clip_cov: bool = Field(False, description=(
+        "Clip-Cov: no gradient for a few tokens of high log-prob/advantage covariance (Cui et al. 2025, "
+        "arXiv:2505.22617; rl.losses.clip_cov_mask). PPO, GRPO"))
+    kl_cov: bool = Field(False, description=(
+        "KL-Cov: |log pi - log pi_old| penalty on the top-covariance tokens (Cui et al. 2025, arXiv:2505.22617; "
+        "rl.losses.kl_cov_penalty). PPO, GRPO (needs grpo.num_iterations > 1)"))
+    cov_ratio: float = Field(2e-3, gt=0, le=1, description="fraction of tokens Clip-Cov / KL-Cov act on (Cui et al.'s r / k)")
+    kl_cov_coef: float = Field(1.0, ge=0, description="KL-Cov's penalty weight (Cui et al.'s beta)")
+    format_diversity_coef: float = Field(0.0, ge=0, description=(
+        "reward bonus coef * (1 - share of its format in the group) for correct completions; echolab's own, "
+        "no paper (rl.losses.format_diversity_bonus). PPO, GRPO, EI (recorded reward only)"))
+    unlikeliness_beta: float = Field(0.0, ge=0, le=1, description=(
+        "unlikeliness reward: likely correct completions get less reward (He, Fried & Welleck 2025, "
+        "arXiv:2506.02355; rl.losses.unlikeliness_rewards). GRPO"))
+    pass_at_k: int = Field(0, ge=0, description=(
+        "pass@k training: analytical pass@k advantages (Chen et al. 2025, arXiv:2508.10751; "
+        "rl.losses.pass_at_k_advantages); 0 = off. GRPO"))
+    freeze_router: bool = Field(False, description=(
+        "keep every MoE router weight as pretrained during RL (rl.training.frozen_router); echolab's own "
+        "ablation, no paper: routing can then change only through the hidden states the router sees. PPO, GRPO, EI"))
+    pretrain_replay_coef: float = Field(0.0, ge=0, description=(
+        "loss += coef * mean token NLL of a batch of pretraining texts each optimiser step (PPO-ptx, Ouyang et al. "
+        "2022, arXiv:2203.02155, eq. 2; rl.replay). PPO, GRPO"))
+    pretrain_replay_batch: int = Field(8, ge=1, description="pretraining texts per replay batch")
 
 
 class RLSettings(Strict):

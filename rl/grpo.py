@@ -75,8 +75,6 @@ from specialists.tasks import prompt_text
 REWARD_NAME = "echolab_reward"  # TRL logs rewards/<name>/mean and /std
 GRPO_MITIGATIONS = {"entropy_coef", "clip_cov", "kl_cov", "format_diversity_coef", "unlikeliness_beta", "pass_at_k",
                     "freeze_router", "pretrain_replay_coef"}
-# Wall-clock measurements: they differ between otherwise identical runs.
-TIMING_KEYS = ("step_time", "step_time_s", "rollout_time_s", "rollout_tokens_per_s")
 # TRL's own reward summary; the metrics line carries the shared reward_mean / reward_std (rl.rollouts.record_step).
 _DROPPED_TRL_KEYS = {"reward", "reward_std", "epoch", "num_input_tokens_seen"}
 

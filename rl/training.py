@@ -5,7 +5,7 @@ pieces they all need live here, so that no algorithm imports another and a rule 
 refused, how a run resumes, which model is the KL reference) is written once:
 
 - `check_mitigations`: refuse a mitigation switch the algorithm does not implement;
-- `kl_reference`: the frozen reference model of the KL term;
+- `kl_reference` / `frozen`: the frozen reference model of the KL term;
 - `start_or_resume`: the entry checks, and on a resume the checkpoint's trainer state;
 - `rng_state` / `restore_rng_state`: the RNG state a checkpoint carries;
 - `frozen_router`: mitigations.freeze_router for the duration of a run;

@@ -1,11 +1,7 @@
 """Expert Iteration (rl/expert_iteration.py): the filter by hand, then rounds on a tiny pretrained MoE."""
 
-import json
 import shutil
-import zlib
 
-import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -13,15 +9,13 @@ import rl.expert_iteration as ei
 from rl.config import EngineSettings, ExpertIterationSettings, MitigationSettings, RLSettings, SamplingSettings
 from rl.engines import Completion, HFEngine
 from rl.recorder import Recorder
-from rl.rollouts import PromptSet, StepBatch, load_prompt_problems
-from specialists.config import SpecialistsConfig
-from specialists.formats import FORMAT_SETS, classify
+from rl.rollouts import StepBatch
 from specialists.grading import Grade
 from specialists.model import load_model
 from specialists.tasks import Problem
 from specialists.tokenizer import load_tokenizer
 
-FORMATS = FORMAT_SETS["synthetic"]
+from rl_helpers import TIMING_KEYS, ChecksumRewards, check_run_directory, prompt_set_for, read_metrics, weights_equal
 
 
 def _grade(correct: bool) -> Grade:
@@ -57,16 +51,6 @@ def test_select_for_sft_merges_a_prompt_drawn_twice():
     assert len(ei.select_for_sft(batch)[1]) == 1
 
 
-class ChecksumRewards:
-    """Stand-in grader: correct iff crc32(text) % 2 == 0, so the barely trained model has data to keep."""
-
-    def __call__(self, texts, gold, group_size):
-        correct = [zlib.crc32(text.encode()) % 2 == 0 for text in texts]
-        grades = [Grade(classify(text, FORMATS), None, ok, "correct" if ok else "wrong")
-                  for text, ok in zip(texts, correct)]
-        return torch.tensor(correct, dtype=torch.float32), grades
-
-
 @pytest.fixture(scope="module")
 def moe_dir(tiny_moe_dir):  # tests/conftest.py: pretrained once per session
     return tiny_moe_dir
@@ -92,21 +76,16 @@ def _run_with_spy(moe_dir, run_dir, settings, monkeypatch, model=None, **kwargs)
 
     monkeypatch.setattr(ei, "supervised_finetune", spy)
     model, tokenizer = model or load_model(moe_dir), load_tokenizer(moe_dir)
-    problems = load_prompt_problems(settings, 0, SpecialistsConfig().task.task_config())
-    prompt_set = PromptSet(problems, settings.prompts_per_step, 0)
-    ei.train_expert_iteration(model, tokenizer, HFEngine(model, tokenizer), prompt_set, ChecksumRewards(), settings,
-                              Recorder(run_dir), seed=0, progress=False, **kwargs)
+    # half of the completions count as correct, so the barely trained model has data to keep
+    ei.train_expert_iteration(model, tokenizer, HFEngine(model, tokenizer), prompt_set_for(settings), ChecksumRewards(2),
+                              settings, Recorder(run_dir), seed=0, progress=False, **kwargs)
     return model, at_start, at_end
-
-
-def _equal(a: dict, b: dict) -> bool:
-    return all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_two_rounds_from_base(moe_dir, tmp_path, monkeypatch):
     model, at_start, at_end = _run_with_spy(moe_dir, tmp_path, _settings("base"), monkeypatch)
     base = load_model(moe_dir).state_dict()
-    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(tmp_path)
     assert [m["step"] for m in metrics] == [0, 1]
     for line in metrics:
         assert line["sampled"] == 3 * 4
@@ -115,27 +94,19 @@ def test_two_rounds_from_base(moe_dir, tmp_path, monkeypatch):
         assert isinstance(line["sft_loss"], float) and line["sft_updates"] == 2 * -(-line["kept_unique"] // 16)
         assert {"reward_mean", "reward_std", "step_time_s", "rollout_tokens_per_s"} <= line.keys()
     # every round fine-tunes the base model, and the fine-tuned weights are what the run returns
-    assert len(at_start) == 2 and all(_equal(start, base) for start in at_start)
-    assert not _equal(at_end[0], base) and not _equal(at_end[1], at_end[0])
-    assert _equal(model.state_dict(), at_end[1])
-    # rollouts with expert loads of the sampling model; a checkpoint per round
-    config = load_model(moe_dir).config
-    for step in range(2):
-        rows = pq.read_table(tmp_path / "rollouts" / f"step_{step:06d}.parquet").to_pylist()
-        assert len(rows) == 12
-        for row in rows:
-            load = np.array(row["expert_load"])
-            assert load.shape == (config.num_hidden_layers, config.num_experts)
-            assert (load.sum(axis=1) == row["num_tokens"] * config.num_experts_per_tok).all()
-        assert (tmp_path / "router" / f"step_{step:06d}.json").exists()
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000001", "step_000002"]
-    assert _equal(load_model(tmp_path / "checkpoints" / "step_000001").state_dict(), at_end[0])
+    assert len(at_start) == 2 and all(weights_equal(start, base) for start in at_start)
+    assert not weights_equal(at_end[0], base) and not weights_equal(at_end[1], at_end[0])
+    assert weights_equal(model.state_dict(), at_end[1])
+    # rollouts with expert loads of the sampling model, router statistics; a checkpoint per round
+    check_run_directory(tmp_path, load_model(moe_dir).config, steps=2, rows_per_step=12, checkpoints=[1, 2],
+                        algorithm="ei")
+    assert weights_equal(load_model(tmp_path / "checkpoints" / "step_000001").state_dict(), at_end[0])
 
 
 def test_start_from_latest_continues(moe_dir, tmp_path, monkeypatch):
     _, at_start, at_end = _run_with_spy(moe_dir, tmp_path, _settings("latest"), monkeypatch)
-    assert _equal(at_start[0], load_model(moe_dir).state_dict())
-    assert _equal(at_start[1], at_end[0])  # round 2 starts where round 1 ended
+    assert weights_equal(at_start[0], load_model(moe_dir).state_dict())
+    assert weights_equal(at_start[1], at_end[0])  # round 2 starts where round 1 ended
 
 
 def test_policy_gradient_mitigations_are_refused(moe_dir, tmp_path, monkeypatch):
@@ -144,19 +115,14 @@ def test_policy_gradient_mitigations_are_refused(moe_dir, tmp_path, monkeypatch)
         _run_with_spy(moe_dir, tmp_path, settings, monkeypatch)
 
 
-def _without_timing(line: str) -> dict:
-    return {k: v for k, v in json.loads(line).items() if k not in ("step_time_s", "rollout_tokens_per_s")}
-
-
 def test_resume_redoes_the_lost_round(moe_dir, tmp_path, monkeypatch):
     first = tmp_path / "first"
     _, _, at_end = _run_with_spy(moe_dir, first, _settings("base"), monkeypatch)
-    lines = (first / "metrics.jsonl").read_text().splitlines()
+    lines = read_metrics(first, TIMING_KEYS)
     shutil.rmtree(first / "checkpoints" / "step_000002")  # the run died after checkpoint 1
     resumed, at_start, _ = _run_with_spy(moe_dir, first, _settings("base"), monkeypatch,
                                          model=load_model(first / "checkpoints" / "step_000001"), start_step=1,
                                          ref_model=load_model(moe_dir))
-    assert _equal(at_start[0], load_model(moe_dir).state_dict())  # the redone round starts from the base again
-    again = (first / "metrics.jsonl").read_text().splitlines()
-    assert [_without_timing(line) for line in again] == [_without_timing(line) for line in lines]
-    assert _equal(resumed.state_dict(), at_end[1])
+    assert weights_equal(at_start[0], load_model(moe_dir).state_dict())  # the redone round starts from the base again
+    assert read_metrics(first, TIMING_KEYS) == lines
+    assert weights_equal(resumed.state_dict(), at_end[1])

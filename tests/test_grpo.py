@@ -8,18 +8,16 @@ digits in the completion).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from rl.config import GRPOSettings, MitigationSettings, RLSettings, SamplingSettings
 from rl.engines import HFEngine
-from rl.grpo import TIMING_KEYS, PromptSetSampler, train_grpo
-from rl.recorder import ROLLOUT_SCHEMA, Recorder
+from rl.grpo import PromptSetSampler, train_grpo
+from rl.recorder import Recorder
 from rl.rollouts import PromptSet, Rewards
 from specialists.config import ModelSettings, PretrainSettings, SpecialistsConfig
 from specialists.formats import FORMAT_SETS
@@ -28,6 +26,8 @@ from specialists.pretrain import pretrain
 from specialists.sandbox import Sandbox
 from specialists.tasks import TaskConfig, generate_problems
 from specialists.tokenizer import load_tokenizer
+
+from rl_helpers import TIMING_KEYS, check_run_directory, read_metrics, rollout_rows
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -78,19 +78,11 @@ def run(models, sandbox, problems, run_dir, rl_settings, kind="moe", reward_clas
     rewards = reward_class(FORMAT_SETS["synthetic"], sandbox, rl_settings.reward_scale, 0.0)
     trained = train_grpo(model, tokenizer, HFEngine(model, tokenizer), PromptSet(problems, PROMPTS, seed=0), rewards,
                          rl_settings, Recorder(run_dir), seed=0, start_step=start_step, progress=False)
-    return trained, metrics_of(run_dir)
-
-
-def metrics_of(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return trained, read_metrics(run_dir)
 
 
 def untimed(metrics):
     return [{k: v for k, v in line.items() if k not in TIMING_KEYS} for line in metrics]
-
-
-def rollouts_of(run_dir, step):
-    return pq.read_table(run_dir / "rollouts" / f"step_{step:06d}.parquet").to_pylist()
 
 
 @pytest.fixture(scope="module")
@@ -103,14 +95,13 @@ def three_steps(models, sandbox, problems, tmp_path_factory):
 
 def test_three_steps_write_a_complete_run_directory(three_steps, problems):
     run_dir, _, trained, metrics = three_steps
-    config = trained.config
+    # schema, routed-token counts, router statistics, three metrics lines; checkpoints after 2 updates
+    # (checkpoint_every) and after the last, each resumable
+    assert check_run_directory(run_dir, trained.config, steps=3, rows_per_step=PROMPTS * SAMPLES, checkpoints=[2, 3],
+                               algorithm="grpo") == metrics
     prompt_set = PromptSet(problems, PROMPTS, seed=0)
     for step in range(3):
-        table = pq.read_table(run_dir / "rollouts" / f"step_{step:06d}.parquet")
-        assert table.schema.names == ROLLOUT_SCHEMA.names
-        rows = table.to_pylist()
-        assert len(rows) == PROMPTS * SAMPLES
-        assert {r["step"] for r in rows} == {step}
+        rows = rollout_rows(run_dir, step)
         assert {r["epoch"] for r in rows} == {prompt_set.epoch(step)}
         # the prompts TRL trained on are the PromptSet's batch of this step, each sampled SAMPLES times
         assert [r["prompt_id"] for r in rows] == [p.id for p in prompt_set.batch(step) for _ in range(SAMPLES)]
@@ -118,24 +109,16 @@ def test_three_steps_write_a_complete_run_directory(three_steps, problems):
         for r in rows:
             assert r["reward"] == float(r["correct"])  # reward_scale 1, no bonus
             assert r["format"] and r["reason"]
-            load = torch.tensor(r["expert_load"])
-            assert load.shape == (config.num_hidden_layers, config.num_experts)
-            assert load.sum(dim=1).tolist() == [r["num_tokens"] * config.num_experts_per_tok] * config.num_hidden_layers
-        router = json.loads((run_dir / "router" / f"step_{step:06d}.json").read_text())
-        assert torch.tensor(router["expert_load"]).sum() == sum(r["num_tokens"] for r in rows) * config.num_experts_per_tok * config.num_hidden_layers
-    assert not (run_dir / "rollouts" / "step_000003.parquet").exists()
 
-    assert [m["step"] for m in metrics] == [0, 1, 2]
     for line in metrics:
         assert STEP_KEYS | {"aux_loss"} <= set(line), STEP_KEYS | {"aux_loss"} - set(line)
         assert all(math.isfinite(line[k]) for k in STEP_KEYS | {"aux_loss"})
         assert line["rollout_tokens_per_s"] > 0
 
-    # checkpoints after 2 updates (checkpoint_every) and after the last; each resumable
     for step in (2, 3):
         directory = run_dir / "checkpoints" / f"step_{step:06d}"
-        state = torch.load(directory / "trainer_state.pt", weights_only=True)  # as rl.ppo.start_or_resume loads it
-        assert state["algorithm"] == "grpo" and state["step"] == step and state["optimizer"]["state"] and state["rng"]
+        state = torch.load(directory / "trainer_state.pt", weights_only=True)  # as rl.training.start_or_resume loads it
+        assert state["optimizer"]["state"]
     reloaded = load_model(run_dir / "checkpoints" / "step_000003")
     for name, value in trained.state_dict().items():
         assert torch.equal(value, reloaded.state_dict()[name]), name
@@ -154,7 +137,7 @@ def test_same_seed_same_metrics_and_rollouts(three_steps, models, sandbox, probl
     _, again = run(models, sandbox, problems, tmp_path, settings())
     assert untimed(again) == untimed(metrics)
     for step in range(3):
-        assert rollouts_of(tmp_path, step) == rollouts_of(run_dir, step)
+        assert rollout_rows(tmp_path, step) == rollout_rows(run_dir, step)
 
 
 def test_resume_from_checkpoint_reproduces_the_run(three_steps, models, sandbox, problems, tmp_path):
@@ -183,7 +166,7 @@ def test_beta_adds_the_kl_to_the_initial_model(models, sandbox, problems, tmp_pa
 def test_dense_model_runs_without_routing_data(models, sandbox, problems, tmp_path):
     _, metrics = run(models, sandbox, problems, tmp_path, settings(steps=2), kind="dense", reward_class=DigitRewards)
     assert len(metrics) == 2 and "aux_loss" not in metrics[0]
-    assert all(r["expert_load"] is None for r in rollouts_of(tmp_path, 1))
+    assert all(r["expert_load"] is None for r in rollout_rows(tmp_path, 1))
     assert not list((tmp_path / "router").iterdir())
 
 

@@ -85,3 +85,16 @@ def test_an_existing_run_is_not_overwritten_without_resume(smoke_run):
 
     with pytest.raises(UserError, match="--resume"):
         run_experiment(load_experiment_config(SMOKE), smoke_run, progress=False)
+
+
+def test_analyze_gives_the_same_summary_for_the_recorder_files_and_an_external_jsonl(smoke_run, tmp_path):
+    from analysis.summary import analyze
+
+    import pyarrow.parquet as pq
+
+    rows = [row for path in sorted((smoke_run / "rollouts").glob("*.parquet")) for row in pq.read_table(path).to_pylist()]
+    external = tmp_path / "rollouts.jsonl"
+    external.write_text("".join(json.dumps(row) + "\n" for row in rows))  # json writes floats exactly
+    from_run = analyze(smoke_run, formats="synthetic", out_dir=tmp_path / "from_run", progress=False)
+    from_file = analyze(external, formats="synthetic", out_dir=tmp_path / "from_file", progress=False)
+    assert from_file == from_run

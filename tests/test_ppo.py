@@ -4,9 +4,7 @@ Most runs use a stand-in reward (a fixed, checksum-based third of the completion
 that the barely trained test models still see a reward signal; one run grades for real in the sandbox.
 """
 
-import json
 import shutil
-import zlib
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -16,32 +14,21 @@ import torch
 from rl.config import EngineSettings, MitigationSettings, RLSettings, SamplingSettings
 from rl.engines import HFEngine
 from rl.ppo import train_ppo
-from rl.recorder import ROLLOUT_SCHEMA, Recorder
-from rl.rollouts import PromptSet, Rewards, load_prompt_problems
-from specialists.config import SpecialistsConfig
-from specialists.formats import FORMAT_SETS, classify
-from specialists.grading import Grade
+from rl.recorder import Recorder
+from rl.rollouts import Rewards
+from specialists.formats import FORMAT_SETS
 from specialists.model import load_model
 from specialists.sandbox import Sandbox
 from specialists.tokenizer import load_tokenizer
 
+from rl_helpers import TIMING_KEYS, ChecksumRewards, check_run_directory, prompt_set_for, read_metrics
+
 pytestmark = pytest.mark.integration
 
 FORMATS = FORMAT_SETS["synthetic"]
-TIMING_KEYS = {"step_time_s", "rollout_tokens_per_s"}
-DIAGNOSTICS = {"policy_loss", "value_loss", "approx_kl", "clip_fraction", "explained_variance", "entropy",
+DIAGNOSTICS = {"loss", "policy_loss", "value_loss", "approx_kl", "clip_fraction", "explained_variance", "entropy",
                "kl_to_reference", "aux_loss", "reward_mean", "reward_std", "accuracy", "step_time_s",
                "rollout_tokens_per_s"}
-
-
-class ChecksumRewards:
-    """Stand-in for rl.rollouts.Rewards: correct iff crc32(text) % 3 == 0; formats classified for real."""
-
-    def __call__(self, texts, gold, group_size):
-        correct = [zlib.crc32(text.encode()) % 3 == 0 for text in texts]
-        grades = [Grade(classify(text, FORMATS), None, ok, "correct" if ok else "wrong")
-                  for text, ok in zip(texts, correct)]
-        return torch.tensor(correct, dtype=torch.float32), grades
 
 
 @pytest.fixture(scope="module")
@@ -64,16 +51,13 @@ def _settings(**overrides) -> RLSettings:
 
 def _run(model_dir, run_dir, settings, rewards=None, seed=0, **kwargs):
     model, tokenizer = kwargs.pop("model", None) or load_model(model_dir), load_tokenizer(model_dir)
-    problems = load_prompt_problems(settings, seed, SpecialistsConfig().task.task_config())
-    prompt_set = PromptSet(problems, settings.prompts_per_step, seed)
-    trained = train_ppo(model, tokenizer, HFEngine(model, tokenizer), prompt_set, rewards or ChecksumRewards(),
-                        settings, Recorder(run_dir), seed, progress=False, **kwargs)
+    trained = train_ppo(model, tokenizer, HFEngine(model, tokenizer), prompt_set_for(settings, seed),
+                        rewards or ChecksumRewards(3), settings, Recorder(run_dir), seed, progress=False, **kwargs)
     return trained
 
 
 def _metrics(run_dir, drop=TIMING_KEYS):
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in line.items() if k not in drop} for line in lines]
+    return read_metrics(run_dir, drop)
 
 
 def _weights_equal(a, b) -> bool:
@@ -91,32 +75,19 @@ def moe_run(moe_dir, tmp_path_factory):
 def test_run_directory_is_complete(moe_dir, moe_run):
     run_dir, model = moe_run
     config = load_model(moe_dir).config
-    for step in range(3):
-        table = pq.read_table(run_dir / "rollouts" / f"step_{step:06d}.parquet")
-        assert table.schema.equals(ROLLOUT_SCHEMA)
-        rows = table.to_pylist()
-        assert len(rows) == 2 * 4 and {r["step"] for r in rows} == {step}
-        for row in rows:
-            load = np.array(row["expert_load"])
-            assert load.shape == (config.num_hidden_layers, config.num_experts)
-            # every completion token is routed to experts_per_token experts in every layer
-            assert (load.sum(axis=1) == row["num_tokens"] * config.num_experts_per_tok).all()
-        router = json.loads((run_dir / "router" / f"step_{step:06d}.json").read_text())
-        assert np.array(router["expert_load"]).sum() == sum(r["num_tokens"] for r in rows) * 2 * 2
-    metrics = _metrics(run_dir, drop=set())
-    assert [m["step"] for m in metrics] == [0, 1, 2]
+    # rollouts with routed-token counts, router statistics, three metrics lines; checkpoint "step s" = the
+    # model after s updates: after 2 (checkpoint_every) and after the last
+    metrics = check_run_directory(run_dir, config, steps=3, rows_per_step=2 * 4, checkpoints=[2, 3], algorithm="ppo")
     for line in metrics:
         assert DIAGNOSTICS <= line.keys()
-        for key in ("policy_loss", "value_loss", "approx_kl", "clip_fraction", "entropy", "aux_loss",
+        for key in ("loss", "policy_loss", "value_loss", "approx_kl", "clip_fraction", "entropy", "aux_loss",
                     "kl_to_reference", "step_time_s", "rollout_tokens_per_s"):
             assert isinstance(line[key], float) and np.isfinite(line[key]), key
         assert line["updates"] == 2 * 2  # epochs x minibatches
     assert metrics[0]["kl_to_reference"] == 0.0  # step 0 samples from the reference itself
     assert metrics[-1]["kl_to_reference"] > 0.0
-    # checkpoint "step s" = the model after s updates; the last one equals the returned model
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
+    # the last checkpoint carries the value head and equals the returned model
     state = torch.load(run_dir / "checkpoints" / "step_000003" / "trainer_state.pt", weights_only=True)
-    assert state["step"] == 3 and state["algorithm"] == "ppo"
     assert {"optimizer", "value_head", "rng"} <= state.keys()
     assert _weights_equal(load_model(run_dir / "checkpoints" / "step_000003"), model)
 

@@ -65,3 +65,11 @@ def test_a_failed_run_is_reported_with_its_error(tmp_path, monkeypatch):
         run_sweep(sweep_file, tmp_path / "out", backend="local", progress=False)
     [result] = json.loads((tmp_path / "out" / "sweep.json").read_text())["runs"]
     assert result["status"] == "failed" and "not found" in result["error"]
+
+
+def test_variants_cross_the_grid_and_every_shipped_sweep_validates(tmp_path):
+    sweep_file = write_sweep(tmp_path, 'seed = [0, 1]\n[variants.baseline]\n[variants.kl]\n"rl.beta" = 0.01\n')
+    _, runs = plan(sweep_file, tmp_path / "out")
+    assert [r.name for r in runs] == ["baseline-seed=0", "baseline-seed=1", "kl-seed=0", "kl-seed=1"]
+    for shipped in Path("experiments/sweeps").glob("*.toml"):
+        assert plan(shipped, tmp_path / shipped.stem)[1]

@@ -1,12 +1,12 @@
 """The same checkpoint in transformers and in vLLM: same greedy tokens, same float32 log-probabilities."""
 
-import torch
-
 from rl.config import SamplingSettings
 from rl.engines import HFEngine
 from specialists.model import load_model
 from specialists.tasks import generate_problems, prompt_text
 from specialists.tokenizer import load_tokenizer
+
+from rl_helpers import completion_logprob
 
 PROMPTS = [prompt_text(p) for p in generate_problems(6, seed=5, split="eval")]
 
@@ -24,8 +24,4 @@ def test_greedy_tokens_and_logprobs_match(tiny_moe_dir, vllm_moe):
     # Per token, on the completions vLLM chose: teacher-forced transformers vs vLLM's own logprobs.
     for prompt, group in zip(PROMPTS, from_vllm):
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([prompt_ids + group[0].token_ids])
-        with torch.no_grad():
-            logprobs = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
-        completion_logprobs = logprobs[len(prompt_ids) - 1:].gather(-1, ids[0, len(prompt_ids):, None]).squeeze(-1)
-        assert abs(completion_logprobs.sum().item() - group[0].logprob) <= 1e-3
+        assert abs(completion_logprob(model, prompt_ids, group[0].token_ids) - group[0].logprob) <= 1e-3

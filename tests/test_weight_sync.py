@@ -20,6 +20,8 @@ pytest.importorskip("vllm")
 
 from rl.weight_sync import _driver_worker, make_llm, push_weights  # noqa: E402
 
+from rl_helpers import hf_token_logprobs, vllm_token_logprobs  # noqa: E402
+
 TOLERANCE = 1e-3  # max |logprob difference| vLLM vs transformers (float32 both)
 STALE = 1e-2  # a difference this large means the engine is not serving the model's weights
 VOCAB = 512
@@ -71,26 +73,9 @@ def train(model, steps: int = 2, seed: int = 0) -> None:
 SEQUENCES = [prompt + completion for prompt, completion in zip(random_tokens(4, 8, 1), random_tokens(4, 16, 2))]
 
 
-@torch.no_grad()
-def hf_logprobs(model, sequences=SEQUENCES) -> torch.Tensor:
-    """Log-probability of every token after the first, under the transformers model."""
-    ids = torch.tensor(sequences)
-    logprobs = model(input_ids=ids).logits.float().log_softmax(-1)[:, :-1]
-    return logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1)
-
-
-def vllm_logprobs(llm, sequences=SEQUENCES) -> torch.Tensor:
-    """The same, served by vLLM (prompt logprobs of the prompt+completion token ids)."""
-    from vllm import SamplingParams
-
-    outputs = llm.generate([{"prompt_token_ids": s} for s in sequences], SamplingParams(max_tokens=1, prompt_logprobs=0),
-                           use_tqdm=False)
-    return torch.tensor([[out.prompt_logprobs[i][s[i]].logprob for i in range(1, len(s))]
-                         for s, out in zip(sequences, outputs)])
-
-
 def max_difference(llm, model) -> float:
-    return (vllm_logprobs(llm) - hf_logprobs(model)).abs().max().item()
+    """Largest |logprob difference| between vLLM and the transformers model over SEQUENCES."""
+    return (vllm_token_logprobs(llm, SEQUENCES) - hf_token_logprobs(model, SEQUENCES)).abs().max().item()
 
 
 @pytest.fixture(scope="module", params=["moe", "dense"])

@@ -1,0 +1,245 @@
+"""Each mitigation switch (rl/config.py MitigationSettings) changes the loss or the reward as its source says.
+
+Where each switch is tested (`here` = this file):
+
+- entropy_coef: here, the GRPO and the PPO loss change by exactly -coef * mean token entropy;
+  test_losses::test_token_entropy.
+- clip_cov (with cov_ratio): test_losses::test_clip_cov_*; test_grpo::test_freeze_router_with_entropy_bonus_and_clip_cov;
+  test_ppo::test_mitigations_and_frozen_router.
+- kl_cov (with cov_ratio, kl_cov_coef): test_losses::test_kl_cov_*; test_grpo::test_kl_cov_with_two_iterations_per_batch;
+  test_ppo::test_mitigations_and_frozen_router.
+- format_diversity_coef: test_losses::test_format_diversity_bonus; here, rl.rollouts.Rewards adds it to the reward.
+- unlikeliness_beta: test_losses::test_unlikeliness_rewards_*; test_grpo::test_advantage_mitigations_replace_trl_advantages.
+- pass_at_k: test_losses::test_pass_at_k_*; test_grpo::test_advantage_mitigations_replace_trl_advantages.
+- freeze_router: test_grpo::test_freeze_router_with_entropy_bonus_and_clip_cov; test_ppo::test_mitigations_and_frozen_router;
+  here for Expert Iteration.
+- pretrain_replay_coef (with pretrain_replay_batch): here, the NLL by hand, the GRPO and the PPO loss change by exactly
+  coef * NLL, 2-step runs log replay_loss, Expert Iteration refuses it.
+
+The loss checks compare the first update of two runs that differ only in the switch: same seed, same rollouts,
+same weights, so the losses differ by the switch's term alone, which the test computes itself from the base model.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from rl.config import ExpertIterationSettings, MitigationSettings, PPOSettings, RLSettings, SamplingSettings
+from rl.engines import HFEngine
+from rl.recorder import Recorder
+from rl.replay import PretrainReplay
+from rl.rollouts import Rewards, collect, pack_batch, sampling_seed
+from rl.train import train
+from specialists.config import PretrainSettings, SpecialistsConfig
+from specialists.errors import UserError
+from specialists.formats import FORMAT_SETS
+from specialists.model import load_model
+from specialists.pretrain import build_corpus
+from specialists.tasks import TaskConfig, generate_problems
+from specialists.tokenizer import load_tokenizer
+
+from rl_helpers import ChecksumRewards, prompt_set_for, read_metrics
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+pytestmark = pytest.mark.integration
+
+ENTROPY_COEF, REPLAY_COEF, REPLAY_BATCH = 0.1, 0.5, 4
+TOLERANCE = 1e-5  # float32 losses of order 1
+
+
+def rl_settings(algorithm: str, steps: int = 2, **mitigations) -> RLSettings:
+    return RLSettings(algorithm=algorithm, steps=steps, prompts_per_step=2, num_prompts=8, learning_rate=1e-3,
+                      checkpoint_every=10, sampling=SamplingSettings(samples_per_prompt=4, max_new_tokens=24),
+                      ppo=PPOSettings(epochs=1, minibatches=1),  # one update per PPO step
+                      expert_iteration=ExpertIterationSettings(sft_epochs=1, start_from="latest"),
+                      mitigations=MitigationSettings(pretrain_replay_batch=REPLAY_BATCH, **mitigations))
+
+
+@pytest.fixture(scope="module")
+def replay_texts():
+    """Texts of the pretraining mixture, as the pipeline passes them (specialists.pretrain.build_corpus)."""
+    return [example.text for example in build_corpus(SpecialistsConfig(pretrain=PretrainSettings(num_examples=40)))]
+
+
+def run(model_dir, run_dir, settings, replay_texts=None):
+    """rl.train.train as the pipeline calls it, with the transformers engine; returns the trained model."""
+    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+    return train(settings, model=model, tokenizer=tokenizer, engine=HFEngine(model, tokenizer),
+                 prompt_set=prompt_set_for(settings), rewards=ChecksumRewards(2), recorder=Recorder(run_dir), seed=0,
+                 base_model_dir=model_dir, progress=False, replay_texts=replay_texts)
+
+
+@torch.no_grad()
+def nll_by_hand(model, token_ids: list[list[int]]) -> float:
+    """Mean token NLL of the texts, each run alone (no padding): sum_b sum_{t>=1} -log p(x_bt | x_b,<t) / sum_b (|x_b| - 1)."""
+    total, count = 0.0, 0
+    for ids in token_ids:
+        logprobs = model(input_ids=torch.tensor([ids])).logits[0, :-1].double().log_softmax(-1)
+        total -= logprobs[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].sum().item()
+        count += len(ids) - 1
+    return total / count
+
+
+def mean_entropy_by_hand(logits: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean over the masked positions of H = -sum_v p_v log p_v of each next-token distribution."""
+    logprobs = logits.double().log_softmax(-1)
+    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    return ((entropy * mask).sum() / mask.sum()).item()
+
+
+def step0_replay_nll(model_dir, replay_texts) -> float:
+    """The replay NLL of the first update (step 0, update 0) under the base model, computed by hand."""
+    tokenizer = load_tokenizer(model_dir)
+    replay = PretrainReplay.from_texts(replay_texts, tokenizer, REPLAY_BATCH, seed=0)  # rl.train uses the run seed
+    return nll_by_hand(load_model(model_dir), [replay.token_ids[i] for i in replay.indices(0, 0)])
+
+
+# ----- pretraining replay: the loss term by hand ------------------------------------------------
+
+
+def test_replay_batches_are_seeded_and_the_loss_is_the_mean_token_nll(tiny_moe_dir, replay_texts):
+    tokenizer, model = load_tokenizer(tiny_moe_dir), load_model(tiny_moe_dir)
+    replay = PretrainReplay.from_texts(replay_texts, tokenizer, 3, seed=7)
+    chosen = replay.indices(5, 1)
+    assert len(set(chosen)) == 3 and replay.indices(5, 1) == chosen  # without replacement; a pure function
+    assert {tuple(replay.indices(step, update)) for step in range(3) for update in range(3)} != {tuple(chosen)}
+    with torch.no_grad():
+        nll = replay.loss(model, 5, 1).item()  # padded batch, as in training
+    assert nll == pytest.approx(nll_by_hand(model, [replay.token_ids[i] for i in chosen]), abs=TOLERANCE)
+    small = PretrainReplay.from_texts(replay_texts[:2], tokenizer, 8, seed=0)
+    assert sorted(small.indices(0)) == [0, 1]  # fewer texts than a batch: all of them
+
+
+# ----- PPO: three runs that differ only in a switch ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ppo_runs(tiny_moe_dir, replay_texts, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("ppo-mitigations")
+    run(tiny_moe_dir, directory / "baseline", rl_settings("ppo"))
+    run(tiny_moe_dir, directory / "entropy", rl_settings("ppo", steps=1, entropy_coef=ENTROPY_COEF))
+    run(tiny_moe_dir, directory / "replay", rl_settings("ppo", pretrain_replay_coef=REPLAY_COEF), replay_texts)
+    return {name: read_metrics(directory / name) for name in ("baseline", "entropy", "replay")}
+
+
+def test_entropy_bonus_changes_the_ppo_loss_by_minus_coef_times_entropy(ppo_runs, tiny_moe_dir):
+    # The first update's minibatch is the whole step-0 batch: rebuild it and compute its mean token entropy.
+    settings, model, tokenizer = rl_settings("ppo"), load_model(tiny_moe_dir), load_tokenizer(tiny_moe_dir)
+    batch = collect(HFEngine(model, tokenizer), prompt_set_for(settings).batch(0), settings, ChecksumRewards(2),
+                    sampling_seed(0, 0))
+    input_ids, attention_mask, completion_mask = pack_batch(batch, tokenizer)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    entropy = mean_entropy_by_hand(logits / settings.sampling.temperature, completion_mask[:, 1:])
+
+    baseline, bonus = ppo_runs["baseline"][0], ppo_runs["entropy"][0]
+    assert bonus["entropy"] == pytest.approx(entropy, abs=TOLERANCE) == baseline["entropy"]
+    assert bonus["loss"] - baseline["loss"] == pytest.approx(-ENTROPY_COEF * entropy, abs=TOLERANCE)
+    assert bonus["policy_loss"] == baseline["policy_loss"] and bonus["value_loss"] == baseline["value_loss"]
+
+
+def test_pretrain_replay_changes_the_ppo_loss_by_coef_times_nll(ppo_runs, tiny_moe_dir, replay_texts):
+    nll = step0_replay_nll(tiny_moe_dir, replay_texts)
+    baseline, replay = ppo_runs["baseline"], ppo_runs["replay"]
+    assert replay[0]["replay_loss"] == pytest.approx(nll, abs=TOLERANCE)
+    assert replay[0]["loss"] - baseline[0]["loss"] == pytest.approx(REPLAY_COEF * nll, abs=TOLERANCE)
+    assert replay[0]["policy_loss"] == baseline[0]["policy_loss"]
+    # every step of the 2-step run logs its replay loss; without the switch it is null
+    assert len(replay) == 2 and all(math.isfinite(m["replay_loss"]) and m["replay_loss"] > 0 for m in replay)
+    assert all(m["replay_loss"] is None for m in baseline)
+
+
+# ----- GRPO: the same, reading the loss TRL minimises -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def grpo_runs(tiny_moe_dir, replay_texts, tmp_path_factory):
+    """{name: (metrics lines, [(first update's loss, its inputs)])}: the loss _compute_loss returned to TRL."""
+    from rl.grpo import trainer_class
+
+    directory = tmp_path_factory.mktemp("grpo-mitigations")
+    trainer = trainer_class()
+    original = trainer._compute_loss
+    first: list[tuple[float, dict]] = []
+
+    def spy(self, model, inputs):
+        loss = original(self, model, inputs)
+        if self.state.global_step == 0:
+            first.append((float(loss.detach()), dict(inputs)))
+        return loss
+
+    runs = {"baseline": (rl_settings("grpo"), None),
+            "entropy": (rl_settings("grpo", steps=1, entropy_coef=ENTROPY_COEF), None),
+            "replay": (rl_settings("grpo", pretrain_replay_coef=REPLAY_COEF), replay_texts)}
+    results = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer, "_compute_loss", spy)
+        for name, (settings, texts) in runs.items():
+            first.clear()
+            run(tiny_moe_dir, directory / name, settings, texts)
+            assert len(first) == 1
+            results[name] = (read_metrics(directory / name), first[0])
+    return results
+
+
+def test_entropy_bonus_changes_the_grpo_loss_by_minus_coef_times_entropy(grpo_runs, tiny_moe_dir):
+    _, (baseline_loss, inputs) = grpo_runs["baseline"]
+    metrics, (bonus_loss, bonus_inputs) = grpo_runs["entropy"]
+    assert torch.equal(bonus_inputs["completion_ids"], inputs["completion_ids"])  # the same rollouts
+    # TRL's entropy: mean over the completion tokens of the entropy of pi(. | prompt, y_<t) at temperature 1.
+    prompt_length = inputs["prompt_ids"].size(1)
+    with torch.no_grad():
+        logits = load_model(tiny_moe_dir)(
+            input_ids=torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1),
+            attention_mask=torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)).logits
+    entropy = mean_entropy_by_hand(logits[:, prompt_length - 1:-1], inputs["completion_mask"])
+    assert metrics[0]["entropy"] == pytest.approx(entropy, abs=TOLERANCE)
+    assert bonus_loss - baseline_loss == pytest.approx(-ENTROPY_COEF * entropy, abs=TOLERANCE)
+
+
+def test_pretrain_replay_changes_the_grpo_loss_by_coef_times_nll(grpo_runs, tiny_moe_dir, replay_texts):
+    nll = step0_replay_nll(tiny_moe_dir, replay_texts)
+    baseline_metrics, (baseline_loss, _) = grpo_runs["baseline"]
+    metrics, (replay_loss, _) = grpo_runs["replay"]
+    assert replay_loss - baseline_loss == pytest.approx(REPLAY_COEF * nll, abs=TOLERANCE)
+    assert metrics[0]["replay_loss"] == pytest.approx(nll, abs=TOLERANCE)
+    assert len(metrics) == 2 and all(math.isfinite(m["replay_loss"]) and m["replay_loss"] > 0 for m in metrics)
+    assert all("replay_loss" not in m for m in baseline_metrics)
+
+
+def test_pretrain_replay_needs_texts_and_expert_iteration_refuses_it(tiny_moe_dir, replay_texts, tmp_path):
+    with pytest.raises(UserError, match="replay_texts"):
+        run(tiny_moe_dir, tmp_path / "ppo", rl_settings("ppo", pretrain_replay_coef=REPLAY_COEF))
+    with pytest.raises(UserError, match="pretrain_replay_coef"):
+        run(tiny_moe_dir, tmp_path / "ei", rl_settings("ei", pretrain_replay_coef=REPLAY_COEF), replay_texts)
+
+
+# ----- freeze_router in Expert Iteration; the format-diversity reward -----------------------------
+
+
+def test_freeze_router_keeps_the_router_in_expert_iteration(tiny_moe_dir, tmp_path):
+    base = load_model(tiny_moe_dir).state_dict()
+    trained = run(tiny_moe_dir, tmp_path, rl_settings("ei", steps=1, freeze_router=True))
+    after = trained.state_dict()
+    gates = [name for name in after if name.endswith(".mlp.gate.weight")]
+    assert gates and all(torch.equal(after[name], base[name]) for name in gates)
+    assert not torch.equal(after["lm_head.weight"], base["lm_head.weight"])
+    assert all(p.requires_grad for p in trained.parameters())  # unfrozen after the run
+
+
+def test_format_diversity_bonus_is_added_to_the_reward():
+    formats = FORMAT_SETS["synthetic"]
+    language = next(f for f in formats if f.name == "natural_language")
+    problem = generate_problems(1, 0, "train", TaskConfig())[0]
+    solution = language.render(problem, "easy")
+    texts = [solution, solution, solution, "no idea"]
+    gold = [problem.answer, problem.answer, problem.answer + 1, problem.answer]  # the third is graded wrong
+    # natural_language 3 of 4 in the group: each correct one earns 0.5 * (1 - 3/4); wrong ones and "other" nothing
+    rewards, grades = Rewards(formats, sandbox=None, reward_scale=2.0, format_diversity_coef=0.5)(texts, gold, 4)
+    assert [g.correct for g in grades] == [True, True, False, False]
+    assert rewards.tolist() == pytest.approx([2.125, 2.125, 0.0, 0.0])
