@@ -137,7 +137,7 @@ def test_a_hang_in_c_code_loses_no_other_result(sandbox):
 def test_memory_bomb_is_stopped_and_the_pool_still_works(sandbox):
     assert run(sandbox, "x = [0] * (10**9)").status in ("error", "timeout")
     assert run(sandbox, "x = 'ab' * (10**9)").status in ("error", "timeout")
-    assert run(sandbox, "x = [0] * (10**7)\nprint(len(x))").value == "10000000"
+    assert run(sandbox, "x = [0] * (10**6)\nprint(len(x))").value == "1000000"  # a modest list still fits
 
 
 def test_a_worker_crash_blames_one_program_and_loses_no_other_result():
