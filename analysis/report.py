@@ -24,6 +24,7 @@ from analysis.summary import SUMMARY_FILE, analyze
 from specialists.errors import UserError
 
 SEED_KEY = "seed"
+NAME_KEY = "name"
 REPORT_KEYS = ("steps", "formats", "format_share", "accuracy", "format_accuracy", "pass_at_k", "budgets",
                "format_entropy", "format_entropy_nats", "format_change_test", "collapse_step")
 
@@ -88,7 +89,9 @@ def _flatten(config: dict, prefix: str = "") -> dict[str, object]:
 
 
 def _without_seeds(config: dict) -> dict[str, object]:
-    return {key: value for key, value in _flatten(config).items() if key.rsplit(".", 1)[-1] != SEED_KEY}
+    """The flattened config minus its seeds and its `name` (a label, which sweeps set per run)."""
+    return {key: value for key, value in _flatten(config).items()
+            if key.rsplit(".", 1)[-1] != SEED_KEY and key != NAME_KEY}
 
 
 def group_runs(runs: list[Run]) -> list[Group]:

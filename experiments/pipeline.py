@@ -76,16 +76,17 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, resume: bool =
     if last is not None:  # the trainers read the optimiser and RNG state from the checkpoint themselves
         start_step, weights = last
 
-    torch.manual_seed(config.seed)
+    seed = config.seed if config.rl.seed is None else config.rl.seed
+    torch.manual_seed(seed)
     model, tokenizer = load_model(weights), load_tokenizer(weights)
-    problems = load_prompt_problems(config.rl, config.seed, config.task.task_config())
-    prompt_set = PromptSet(problems, config.rl.prompts_per_step, config.seed)
-    engine = make_engine(config.rl.engine, weights, model, tokenizer, config.model.max_length, config.seed)
+    problems = load_prompt_problems(config.rl, seed, config.task.task_config())
+    prompt_set = PromptSet(problems, config.rl.prompts_per_step, seed)
+    engine = make_engine(config.rl.engine, weights, model, tokenizer, config.model.max_length, seed)
     try:
         with Sandbox() as sandbox:
             rewards = Rewards(FORMAT_SETS["synthetic"], sandbox, config.rl.reward_scale, config.rl.mitigations.format_diversity_coef)
             train(config.rl, model=model, tokenizer=tokenizer, engine=engine, prompt_set=prompt_set, rewards=rewards,
-                  recorder=recorder, seed=config.seed, base_model_dir=base, start_step=start_step, progress=progress,
+                  recorder=recorder, seed=seed, base_model_dir=base, start_step=start_step, progress=progress,
                   replay_texts=[e.text for e in build_corpus(config.specialists())]
                   if config.rl.mitigations.pretrain_replay_coef > 0 else None)
     finally:

@@ -83,6 +83,8 @@ class MitigationSettings(Strict):
 
 
 class RLSettings(Strict):
+    seed: int | None = Field(None, description="seed of RL (prompt order, sampling, updates); None = the top-level seed. "
+                             "Setting it varies RL on one shared pretrained base")
     algorithm: Literal["grpo", "ppo", "ei"] = "grpo"
     steps: int = Field(30, ge=1, description="optimiser steps (EI: rounds)")
     prompts_per_step: int = Field(8, ge=1)

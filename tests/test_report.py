@@ -130,3 +130,10 @@ def test_bad_report_input(tmp_path):
         write_report([tmp_path], tmp_path / "r.html", progress=False)
     with pytest.raises(UserError, match="at least one run directory"):
         write_report([], tmp_path / "r.html", progress=False)
+
+
+def test_sweep_runs_pool_across_rl_seeds_despite_their_names(tmp_path):
+    configs = [{"name": f"core/grpo-seed={seed}", "seed": 0, "rl": {"seed": seed, "beta": 0.0}} for seed in range(3)]
+    configs.append({"name": "core/kl-seed=0", "seed": 0, "rl": {"seed": 0, "beta": 0.01}})
+    loaded = [report.Run(tmp_path / str(index), config, {}) for index, config in enumerate(configs)]
+    assert [group.label for group in group_runs(loaded)] == ["rl.beta=0.0 (3 seeds)", "rl.beta=0.01"]
