@@ -51,7 +51,10 @@ def make_llm(model_dir: str | Path, *, seed: int = 0, max_model_len: int = 256, 
     kwargs = dict(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=max_model_len, seed=seed,
                   # Explicit size: otherwise the CPU backend sizes the KV cache from system RAM. The legacy
                   # env VLLM_CPU_KVCACHE_SPACE (integer GiB only) overrides this when set.
-                  kv_cache_memory_bytes=int(kv_cache_gib * 2**30))
+                  kv_cache_memory_bytes=int(kv_cache_gib * 2**30),
+                  # Seeded requests must never be prefilled in chunks on CPU: vLLM rewinds a chunked request's
+                  # generator with `set_offset`, which CPU generators lack ("CPU Generator does not use offset").
+                  enable_chunked_prefill=False)
     kwargs.update(llm_kwargs)
     supports_onednn = ops._supports_onednn
     ops._supports_onednn = False  # read while the engine loads: keep plain F.linear + weight Parameters

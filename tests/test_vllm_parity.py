@@ -25,3 +25,13 @@ def test_greedy_tokens_and_logprobs_match(tiny_moe_dir, vllm_moe):
     for prompt, group in zip(PROMPTS, from_vllm):
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         assert abs(completion_logprob(model, prompt_ids, group[0].token_ids) - group[0].logprob) <= 1e-3
+
+
+def test_seeded_batches_larger_than_one_prefill_budget(vllm_moe):
+    """vLLM rewinds the generator of a chunk-prefilled seeded request, which CPU generators cannot do;
+    the engine is built without chunked prefill, so a large seeded batch samples, and does so repeatably."""
+    prompts = PROMPTS * 20  # 120 prompts x 8 samples: far over one step's 4,096-token budget
+    sampling = SamplingSettings(temperature=1.0, max_new_tokens=4, samples_per_prompt=8)
+    first = vllm_moe.generate(prompts, sampling, seed=3)
+    assert [len(group) for group in first] == [8] * len(prompts)
+    assert [[c.token_ids for c in g] for g in vllm_moe.generate(prompts, sampling, seed=3)] == [[c.token_ids for c in g] for g in first]
