@@ -41,6 +41,14 @@ def base_model_dir(config: SpecialistsConfig, progress: bool = True) -> Path:
     return directory / "model"
 
 
+def _check_input_files(config: ExperimentConfig) -> None:
+    from specialists.formats import load_formats
+
+    if config.rl.prompts != "synthetic" and not Path(config.rl.prompts).is_file():
+        raise UserError(f"rl.prompts: file not found: {config.rl.prompts}")
+    load_formats(config.analysis.formats)  # a built-in set name or a readable format file
+
+
 def run_experiment(config: ExperimentConfig, run_dir: str | Path, resume: bool = False, progress: bool = True) -> Path:
     """Run (or resume) the experiment into `run_dir`; returns the path of the report."""
     import torch
@@ -59,6 +67,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, resume: bool =
 
     run_dir = Path(run_dir)
     resolved = config.model_dump(mode="json")
+    _check_input_files(config)  # before any work: a typo must not cost a pretraining
     if run_dir.exists() and any(run_dir.iterdir()):
         if not resume:
             raise UserError(f"{run_dir} is not empty: pass --resume to continue it, or choose another --out")

@@ -48,3 +48,19 @@ def test_missing_files_are_named(tmp_path):
     config = tmp_path / "config.toml"
     config.write_text("seed = 1\n")
     assert_one_line_error(run_cli("evaluate", str(config), str(tmp_path / "no-model")), "not a model checkpoint")
+
+
+def test_run_names_a_missing_data_file_before_any_work(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text('[rl]\nprompts = "no/such/gsm8k.jsonl"\n')
+    assert_one_line_error(run_cli("run", str(config), "--out", str(tmp_path / "run")), "rl.prompts", "not found")
+    config.write_text('[analysis]\nformats = "no-such-formats.toml"\n')
+    assert_one_line_error(run_cli("run", str(config), "--out", str(tmp_path / "run")), "unknown format set")
+    assert not (tmp_path / "run").exists()
+
+
+def test_analyze_and_report_name_bad_input(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert_one_line_error(run_cli("analyze", str(empty)), "empty")
+    assert_one_line_error(run_cli("report", str(tmp_path)), "not a run")
