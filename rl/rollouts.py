@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import functools
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,10 +52,14 @@ class PromptSet:
         chosen = []
         for position in range(step * self.prompts_per_step, (step + 1) * self.prompts_per_step):
             epoch, index = divmod(position, len(self.problems))
-            order = list(range(len(self.problems)))
-            random.Random(f"{self.seed}:{epoch}").shuffle(order)
-            chosen.append(self.problems[order[index]])
+            chosen.append(self.problems[self._order(epoch)[index]])
         return chosen
+
+    @functools.lru_cache(maxsize=4)
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.problems)))
+        random.Random(f"{self.seed}:{epoch}").shuffle(order)
+        return order
 
 
 @dataclass
