@@ -14,8 +14,7 @@ medians are over all rounds. Prints one JSON line.
                             [--warmup 2] [--steps 5] [--rounds 1]
 
 Without `--model`, a tiny MoE is pretrained first (`--pretrain-examples`, default 2000; not timed).
-`--engine vllm` builds the engine with `rl.engines.make_engine`; while rl/vllm_engine.py does not exist
-it falls back to the transformers engine and says so in the output (`engine`, `engine_note`).
+`--engine vllm` builds the engine with `rl.engines.make_engine`.
 """
 
 from __future__ import annotations
@@ -61,19 +60,10 @@ def _step_timer():
 
 def _engine(kind: str, model_dir: Path, model, tokenizer, seed: int):
     from rl.config import EngineSettings
-    from rl.engines import HFEngine, make_engine
+    from rl.engines import make_engine
 
-    if kind == "hf":
-        return HFEngine(model, tokenizer), "hf", None
-    try:
-        import rl.vllm_engine  # noqa: F401
-    except ModuleNotFoundError as error:
-        if error.name != "rl.vllm_engine":
-            raise
-        return HFEngine(model, tokenizer), "hf", "rl/vllm_engine.py does not exist yet: ran the transformers engine"
-    engine = make_engine(EngineSettings(kind="vllm"), model_dir, model, tokenizer,
-                         max_length=model.config.max_position_embeddings, seed=seed)
-    return engine, "vllm", None
+    return make_engine(EngineSettings(kind=kind), model_dir, model, tokenizer,
+                       max_length=model.config.max_position_embeddings, seed=seed)
 
 
 def run_ours(model_dir: Path, settings, problems, rewards, engine_kind: str, seed: int, steps: int):
@@ -84,7 +74,7 @@ def run_ours(model_dir: Path, settings, problems, rewards, engine_kind: str, see
     from specialists.tokenizer import load_tokenizer
 
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
-    engine, used, note = _engine(engine_kind, model_dir, model, tokenizer, seed)
+    engine = _engine(engine_kind, model_dir, model, tokenizer, seed)
     timer = _step_timer()
     try:
         with tempfile.TemporaryDirectory(prefix="rl-step-bench-") as run_dir:
@@ -94,7 +84,7 @@ def run_ours(model_dir: Path, settings, problems, rewards, engine_kind: str, see
             metrics = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     finally:
         engine.close()
-    return timer.times, metrics, used, note
+    return timer.times, metrics
 
 
 def run_stock_trl(model_dir: Path, settings, problems, rewards, seed: int, steps: int):
@@ -182,8 +172,7 @@ def measure(options) -> dict:
         with Sandbox(workers=1) as sandbox:
             rewards = Rewards(FORMAT_SETS["synthetic"], sandbox, settings.reward_scale, 0.0)
             for _ in range(options.rounds):
-                times, metrics, engine_used, note = run_ours(model_dir, settings, problems, rewards, options.engine,
-                                                             options.seed, total)
+                times, metrics = run_ours(model_dir, settings, problems, rewards, options.engine, options.seed, total)
                 ours += times[measured]
                 our_metrics += metrics[measured]
                 times, lengths = run_stock_trl(model_dir, settings, problems, rewards, options.seed, total)
@@ -194,7 +183,7 @@ def measure(options) -> dict:
         "echolab_step_s": round(statistics.median(ours), 3),
         "trl_step_s": round(statistics.median(stock), 3),
         "speedup": round(statistics.median(stock) / statistics.median(ours), 2),
-        "engine": engine_used,
+        "engine": options.engine,
         "echolab_rollout_s": round(statistics.median(m["rollout_time_s"] for m in our_metrics), 3),
         "echolab_rollout_tokens_per_s": round(statistics.median(m["rollout_tokens_per_s"] for m in our_metrics), 1),
         "echolab_mean_completion_tokens": round(statistics.mean(m["completions/mean_length"] for m in our_metrics), 1),
@@ -205,8 +194,6 @@ def measure(options) -> dict:
         "warmup": options.warmup, "steps": options.steps, "rounds": options.rounds,
         "torch_threads": torch.get_num_threads(), "loadavg_1min": round(os.getloadavg()[0], 2),
     }
-    if note:
-        result["engine_note"] = note
     return result
 
 
