@@ -4,7 +4,7 @@ several side by side.
 Runs whose configs differ only in seeds (any config key named `seed`, at any depth) form a group; a group's
 curves are means over its runs with seeded bootstrap 95% bands. With several groups, the first given is
 the baseline the others are compared with. Each run's summary.json is (re)computed with `analyze` when
-missing or older than the run's rollouts or config.
+missing, unreadable or older than the run's rollouts or config. The HTML file is replaced atomically.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import pandas as pd
 
 from analysis import figures
 from analysis.load import CONFIG_FILES, is_run_dir, read_run_config, rollout_files
+from analysis.output import check_output_file, replace_atomically
 from analysis.statistics import bootstrap_band, combined_format_change_test, compare_groups, entropy_accuracy_fit
 from analysis.summary import SUMMARY_FILE, analyze
 from specialists.errors import UserError
@@ -54,10 +55,12 @@ def write_report(run_dirs: list[str | Path], out_file: str | Path, progress: boo
     """Write the HTML report of `run_dirs` (analysing runs whose summary is missing or stale) to `out_file`."""
     if not run_dirs:
         raise UserError("report needs at least one run directory")
-    runs = [load_run(Path(path), progress) for path in run_dirs]
     out_file = Path(out_file)
+    check_output_file(out_file)  # before the runs are analysed, which can take a while
+    runs = [load_run(Path(path), progress) for path in run_dirs]
+    text = render_html(group_runs(runs))
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    out_file.write_text(render_html(group_runs(runs)), encoding="utf-8")
+    replace_atomically({out_file: lambda path: path.write_text(text, encoding="utf-8")})
     return out_file
 
 
@@ -69,9 +72,15 @@ def load_run(path: Path, progress: bool = True) -> Run:
     inputs = rollout_files(path) + [path / name for name in CONFIG_FILES if (path / name).is_file()]
     summary = None
     if summary_path.is_file() and summary_path.stat().st_mtime >= max(file.stat().st_mtime for file in inputs):
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    if summary is None or not all(key in summary for key in REPORT_KEYS):
-        summary = analyze(path, formats=None, progress=progress)
+        try:
+            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):  # a damaged summary is analysed afresh, like a stale one
+            summary = None
+    if not isinstance(summary, dict) or not all(key in summary for key in REPORT_KEYS):
+        try:
+            summary = analyze(path, formats=None, progress=progress)
+        except UserError as error:
+            raise UserError(f"{path}: no up-to-date {SUMMARY_FILE}, and analysing the run failed: {error}") from None
     return Run(path, read_run_config(path), summary)
 
 

@@ -10,30 +10,21 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
+import pyarrow.compute as pc
 
 from analysis.information import mutual_information_bits, normalised_entropy, total_variation
-from specialists.errors import UserError
+from analysis.load import expert_loads
 
 LAYER_STEP = ["layer", "step"]
 
 
 def expert_load_array(loads: pd.Series) -> np.ndarray:
-    """The `expert_load` values as one float array of shape (rows, layers, experts); UserError when ragged."""
-    try:
-        arrow = pa.array(loads)
-        arrow = arrow.combine_chunks() if isinstance(arrow, pa.ChunkedArray) else arrow
-        nested = arrow.cast(pa.list_(pa.list_(pa.float64())))
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as error:
-        raise UserError(f"column 'expert_load' must hold lists (layers) of lists (experts) of token counts ({error})") from None
-    layers, per_layer = nested.value_lengths().to_numpy(zero_copy_only=False), nested.flatten()
-    experts = per_layer.value_lengths().to_numpy(zero_copy_only=False)
-    if len(set(layers)) > 1 or len(set(experts)) > 1 or (len(experts) and experts[0] == 0):
-        raise UserError("column 'expert_load' must have the same number of layers and experts in every row")
-    counts = per_layer.flatten().to_numpy(zero_copy_only=False)
-    if counts.size and (np.isnan(counts).any() or counts.min() < 0):
-        raise UserError("column 'expert_load' must hold non-negative token counts")
-    return counts.reshape(len(loads), int(layers[0]) if len(layers) else 0, int(experts[0]) if len(experts) else 0)
+    """The `expert_load` values (none missing) as one float array of shape (rows, layers, experts); UserError when a
+    row is not a list of lists of token counts of the same shape as the others (see `analysis.load.expert_loads`)."""
+    nested = expert_loads(loads)
+    per_layer = pc.list_flatten(nested)
+    layers, experts = (len(nested[0]), len(per_layer[0])) if len(loads) else (0, 0)
+    return pc.list_flatten(per_layer).to_numpy(zero_copy_only=False).reshape(len(loads), layers, experts)
 
 
 def expert_token_counts(table: pd.DataFrame) -> pd.DataFrame:

@@ -25,6 +25,7 @@ from analysis.classify import format_names, label_formats
 from analysis.correctness import grade_reason_share, grade_rollouts
 from analysis.information import total_variation
 from analysis.load import is_run_dir, read_rollouts, read_run_config
+from analysis.output import check_output_dir, replace_atomically
 from analysis.statistics import entropy_accuracy_fit, format_change_test
 from specialists.errors import UserError
 from specialists.formats import Format, load_formats
@@ -49,15 +50,19 @@ def analyze(input_path: str | Path, formats: str | None = None, out_dir: str | P
     if not 0 < collapse_threshold <= 1:
         raise UserError(f"collapse threshold must be in (0, 1], got {collapse_threshold}")
     run_dir = input_path if input_path.is_dir() else None
+    out = Path(out_dir) if out_dir is not None else run_dir or input_path.with_name(f"{input_path.stem}_analysis")
+    check_output_dir(out)
     format_set = resolve_formats(formats, run_dir)
     table = read_rollouts(input_path)
     table["format"] = label_formats(table, format_set, progress)
     table[["final_answer", "correct", "grade_reason"]] = grade_rollouts(table, format_set, progress)
     summary, metrics = summarise(table, format_names(format_set, table["format"]), collapse_threshold, progress)
-    out = Path(out_dir) if out_dir is not None else run_dir or input_path.with_name(f"{input_path.stem}_analysis")
     out.mkdir(parents=True, exist_ok=True)
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    pq.write_table(pa.Table.from_pandas(metrics, preserve_index=False), out / METRICS_FILE)
+    text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
+    replace_atomically({
+        out / SUMMARY_FILE: lambda path: path.write_text(text, encoding="utf-8"),
+        out / METRICS_FILE: lambda path: pq.write_table(pa.Table.from_pandas(metrics, preserve_index=False), path),
+    })
     return summary
 
 
@@ -70,10 +75,7 @@ def resolve_formats(formats: str | None, run_dir: Path | None) -> tuple[Format, 
     name = DEFAULT_FORMATS if name is None else str(name)
     if run_dir is not None and formats is None and (run_dir / name).is_file():
         name = str(run_dir / name)
-    try:
-        return load_formats(name)
-    except ValueError as error:
-        raise UserError(str(error)) from None
+    return load_formats(name)
 
 
 def summarise(table: pd.DataFrame, names: list[str], collapse_threshold: float = 0.9,

@@ -1,8 +1,8 @@
 """The `echolab` command line.
 
 Every command: `--help`, progress bars on long work, and for bad input a one-line error on stderr
-with exit code 1 (no traceback). Heavy libraries are imported inside the commands so that `--help`
-and input errors answer at once.
+with exit code 1, or 2 for bad arguments (no traceback). Heavy libraries are imported inside the
+commands so that `--help` and input errors answer at once.
 """
 
 from __future__ import annotations
@@ -33,14 +33,19 @@ def _pretrain(args: argparse.Namespace) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     from experiments.config import load_experiment_config
+    from specialists.errors import UserError
 
     config = load_experiment_config(args.config).specialists()
     model_dir = Path(args.model)
+    if not model_dir.is_dir():
+        raise UserError(f"{model_dir}: no such model directory")
     if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"not a model checkpoint (no config.json): {model_dir}")
+        raise UserError(f"{model_dir}: not a model checkpoint (no config.json)")
+    out = Path(args.out) if args.out else model_dir.parent / "evaluation.json"
+    if not out.parent.is_dir():  # found now, not after the sampling
+        raise UserError(f"--out {out}: no such directory {out.parent}")
     from specialists.evaluate import evaluate
 
-    out = Path(args.out) if args.out else model_dir.parent / "evaluation.json"
     result = evaluate(model_dir, config, out, progress=not args.quiet)
     print(json.dumps({k: result[k] for k in ("accuracy", "format_share", "format_accuracy")}, indent=2))
 
@@ -52,7 +57,7 @@ def _run(args: argparse.Namespace) -> None:
     from experiments.pipeline import run_experiment
 
     out = Path(args.out) if args.out else Path("runs") / config.name
-    report = run_experiment(config, out, resume=args.resume, progress=not args.quiet)
+    report = run_experiment(config, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     summary = json.loads((out / "summary.json").read_text())
     print(f"run directory: {out}")
     print(f"dominant format: {summary['dominant_format']}, collapse step: {summary['collapse_step']}")
@@ -71,7 +76,7 @@ def _report(args: argparse.Namespace) -> None:
     from analysis.report import write_report
 
     out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "report.html"
-    print(f"report: {write_report([Path(d) for d in args.run_dirs], out)}")
+    print(f"report: {write_report([Path(d) for d in args.run_dirs], out, progress=not args.quiet)}")
 
 
 def _sweep(args: argparse.Namespace) -> None:
@@ -83,8 +88,15 @@ def _sweep(args: argparse.Namespace) -> None:
     print(f"report: {report}")
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """A bad argument is reported like any other bad input: one line (argparse prints the usage too), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="echolab",
         description="Measure what RL post-training does to the diversity of a multi-specialist model: "
                     "which output formats survive, which experts carry the work, and which mitigations help.",
@@ -119,7 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "summary.json, report.html).")
     run.add_argument("config", help="experiment TOML (see experiments/configs/)")
     run.add_argument("--out", help="run directory (default: runs/<config name>)")
-    run.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    existing = run.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true",
+                          help="continue a killed run from its last checkpoint (same config only)")
+    existing.add_argument("--overwrite", action="store_true",
+                          help="delete what the run directory holds and start afresh")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(handler=_run)
 
@@ -142,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "runs whose configs differ only in seed are pooled with 95%% confidence bands.")
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     report.add_argument("--out", help="HTML file (default: RUN_DIR/report.html of the first run)")
+    report.add_argument("--quiet", action="store_true", help="no progress bars (runs without an up-to-date "
+                                                             "summary.json are analysed first)")
     report.set_defaults(handler=_report)
 
     sweep = commands.add_parser(
@@ -153,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("sweep", help="sweep TOML (see experiments/sweeps/)")
     sweep.add_argument("--backend", choices=("local", "ray"), default="local")
     sweep.add_argument("--out", help="sweep directory (default: runs/<sweep file stem>)")
-    sweep.add_argument("--resume", action="store_true", help="resume runs that were killed")
+    sweep.add_argument("--resume", action="store_true",
+                       help="resume the runs that were killed and start those that had not begun")
     sweep.add_argument("--quiet", action="store_true", help="no progress bars")
     sweep.set_defaults(handler=_sweep)
     return parser
@@ -167,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         args.handler(args)
     except (UserError, FileNotFoundError) as error:
         print(f"echolab {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as error:  # disk full, unwritable output, ...: the system's words and the path
+        where = f": {error.filename}" if error.filename else ""
+        print(f"echolab {args.command}: error: {error.strerror or error}{where}", file=sys.stderr)
         return EXIT_USER_ERROR
     return 0
 

@@ -15,41 +15,49 @@ from specialists.errors import UserError
 
 def read_toml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory, not a config file")
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as error:
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file (not UTF-8)") from None
+    except tomllib.TOMLDecodeError as error:  # its message ends with "(at line L, column C)"
         raise UserError(f"{path}: not valid TOML ({error})") from None
 
 
-def check_keys(document: dict, model: type[BaseModel], where: str = "") -> None:
-    """Reject keys the model does not define, naming them and the allowed ones (recursing into sections)."""
+def check_keys(document: dict, model: type[BaseModel], source: str, where: str = "") -> None:
+    """Reject keys the model does not define, naming `source`, them and the allowed ones (recursing into sections)."""
     allowed = model.model_fields
     unknown = sorted(set(document) - set(allowed))
     if unknown:
-        raise UserError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(where + k for k in unknown)}; "
+        keys = ", ".join(where + key for key in unknown)
+        raise UserError(f"{source}: unknown key{'s' if len(unknown) > 1 else ''} {keys}; "
                         f"allowed in {where.rstrip('.') or 'the top level'}: {', '.join(sorted(allowed))}")
     for key, value in document.items():
         annotation = allowed[key].annotation
         if isinstance(value, dict) and isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            check_keys(value, annotation, f"{where}{key}.")
+            check_keys(value, annotation, source, f"{where}{key}.")
         elif isinstance(value, dict) and typing.get_origin(annotation) is dict:
             value_type = typing.get_args(annotation)[1]
             if isinstance(value_type, type) and issubclass(value_type, BaseModel):
                 for name, entry in value.items():
                     if isinstance(entry, dict):
-                        check_keys(entry, value_type, f"{where}{key}.{name}.")
+                        check_keys(entry, value_type, source, f"{where}{key}.{name}.")
 
 
 def validate(document: dict, model: type[BaseModel], source: str):
-    check_keys(document, model)
+    check_keys(document, model, source)
     try:
         return model.model_validate(document)
     except ValidationError as error:
         first = error.errors()[0]
         location = ".".join(str(part) for part in first["loc"])
-        raise UserError(f"{source}: {location}: {first['msg']}") from None
+        message = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for our validators' messages
+        if isinstance(first["input"], (str, int, float)):  # a section's input is the whole table: not worth quoting
+            message += f" (got {first['input']!r})"
+        raise UserError(f"{source}: {location}: {message}") from None
 
 
 class AnalysisSettings(Strict):

@@ -3,7 +3,9 @@
 The pretrained base is cached under `$ECHOLAB_CACHE` (default `~/.cache/echolab`) by the hash of the
 config's pretraining part, so runs that share a base (seeds of RL aside) reuse it. A killed run
 continues with `resume=True` from its last checkpoint; the steps after it are redone and recorded
-again (their partial records are dropped first), so no step is lost or doubled.
+again (their partial records are dropped first), so no step is lost or doubled. Every file of the run
+directory is written whole or not at all (temporary file, then rename), except metrics.jsonl, which
+is appended one line per write (a cut last line is dropped on resume).
 """
 
 from __future__ import annotations
@@ -49,37 +51,58 @@ def _check_input_files(config: ExperimentConfig) -> None:
     load_formats(config.analysis.formats)  # a built-in set name or a readable format file
 
 
-def run_experiment(config: ExperimentConfig, run_dir: str | Path, resume: bool = False, progress: bool = True) -> Path:
-    """Run (or resume) the experiment into `run_dir`; returns the path of the report."""
+def _prepare_run_dir(run_dir: Path, resolved: dict, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix runs: a non-empty `run_dir` needs `resume` (and the same config) or `overwrite`."""
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite exclude each other")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir} is a file, not a run directory")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if overwrite:
+            shutil.rmtree(run_dir)
+        elif not resume:
+            raise UserError(f"{run_dir} is not empty: pass --resume to continue it, --overwrite to start it "
+                            "afresh, or choose another --out")
+        elif not (run_dir / "config.json").is_file():
+            raise UserError(f"{run_dir} has no config.json, so it is no run to resume")
+        elif json.loads((run_dir / "config.json").read_text()) != resolved:
+            raise UserError(f"{run_dir} was started with a different config; resume it with the same one")
+    elif resume:
+        raise UserError(f"nothing to resume in {run_dir}")
+
+
+def run_experiment(config: ExperimentConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
+                   progress: bool = True) -> Path:
+    """Run (or resume) the experiment into `run_dir`; returns the path of the report.
+
+    A non-empty `run_dir` is refused unless `resume` (same config; continues from the last checkpoint) or
+    `overwrite` (deletes it first). A reward or loss that turns NaN or infinite stops the run with a
+    UserError naming the step and the last good checkpoint.
+    """
+    from rl.recorder import Recorder
+
+    run_dir = Path(run_dir)
+    resolved = config.model_dump(mode="json")
+    _check_input_files(config)  # before any work (and the slow imports): a typo must not cost a pretraining
+    _prepare_run_dir(run_dir, resolved, resume, overwrite)
+    recorder = Recorder(run_dir)  # an unwritable --out fails here, before the pretraining
+    recorder.write_config(resolved)
+
     import torch
 
     from analysis.report import write_report
     from analysis.summary import analyze
     from rl.engines import make_engine
-    from rl.recorder import Recorder
     from rl.rollouts import PromptSet, Rewards, load_prompt_problems
     from rl.train import train
+    from rl.training import NonFiniteError
     from specialists.formats import FORMAT_SETS
     from specialists.pretrain import build_corpus
     from specialists.model import load_model
     from specialists.sandbox import Sandbox
     from specialists.tokenizer import load_tokenizer
 
-    run_dir = Path(run_dir)
-    resolved = config.model_dump(mode="json")
-    _check_input_files(config)  # before any work: a typo must not cost a pretraining
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not resume:
-            raise UserError(f"{run_dir} is not empty: pass --resume to continue it, or choose another --out")
-        recorded = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else None
-        if recorded != resolved:
-            raise UserError(f"{run_dir} was started with a different config; resume it with the same one")
-    elif resume:
-        raise UserError(f"nothing to resume in {run_dir}")
-
     base = base_model_dir(config.specialists(), progress)
-    recorder = Recorder(run_dir)
-    recorder.write_config(resolved)
     start_step, weights = 0, base
     last = recorder.last_checkpoint() if resume else None
     if last is not None:  # the trainers read the optimiser and RNG state from the checkpoint themselves
@@ -98,6 +121,11 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, resume: bool =
                   recorder=recorder, seed=seed, base_model_dir=base, start_step=start_step, progress=progress,
                   replay_texts=[e.text for e in build_corpus(config.specialists())]
                   if config.rl.mitigations.pretrain_replay_coef > 0 else None)
+    except NonFiniteError as error:
+        last = recorder.last_checkpoint()
+        kept = f"the last good checkpoint is {last[1]}" if last else "no checkpoint was written"
+        raise UserError(f"{error}; the run stopped and {kept} (resuming would diverge again: change the config, "
+                        "e.g. a lower learning rate)") from None
     finally:
         engine.close()
     analyze(run_dir, formats=config.analysis.formats, collapse_threshold=config.analysis.collapse_threshold, progress=progress)

@@ -14,6 +14,8 @@ Sweep file (TOML):
     num_cpus = 1                           # per run
     num_gpus = 0                           # per run
 
+The sweep file, its base config, every grid and variant key and every run's config are validated before
+anything is written or started; an error names the file and the key (or the run).
 Every run is a separate `echolab run` process (a crash or an out-of-memory kill loses that run only)
 with its own config file `OUT/<run name>/../configs/<run name>.toml`. Distinct pretrained bases
 are trained once, before the runs start, so parallel runs never race on the pretraining cache.
@@ -31,7 +33,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from experiments.config import ExperimentConfig, read_toml, validate
+from experiments.config import ExperimentConfig, check_keys, read_toml, validate
 from specialists.config import Strict
 from specialists.errors import UserError
 
@@ -57,12 +59,19 @@ class PlannedRun:
     run_dir: Path
 
 
-def _set_dotted(document: dict, dotted: str, value) -> None:
+def _nested(dotted: str, value) -> dict:
+    """A dotted key as nested tables: ("rl.sampling.temperature", 1.0) -> {"rl": {"sampling": {"temperature": 1.0}}}."""
+    for key in reversed(dotted.split(".")):
+        value = {key: value}
+    return value
+
+
+def _set_dotted(document: dict, dotted: str, value, source: str) -> None:
     *parents, leaf = dotted.split(".")
     for key in parents:
         document = document.setdefault(key, {})
         if not isinstance(document, dict):
-            raise UserError(f"grid key {dotted!r}: {key!r} is not a section")
+            raise UserError(f"{source}: key {dotted!r}: {key!r} is not a section")
     document[leaf] = value
 
 
@@ -87,34 +96,48 @@ def to_toml(document: dict, prefix: str = "") -> str:
 
 
 def plan(sweep_path: str | Path, out_dir: str | Path) -> tuple[SweepFile, list[PlannedRun]]:
-    """Validate the sweep and every run's config (before anything starts); write the run configs."""
+    """Validate the sweep and every run's config, then write the run configs: a bad key or value fails
+    before anything is written, naming the sweep file and the key (or the run)."""
     sweep_path, out_dir = Path(sweep_path), Path(out_dir).resolve()  # Ray workers run elsewhere
     sweep = validate(read_toml(sweep_path), SweepFile, str(sweep_path))
+    if not sweep.variants:
+        raise UserError(f"{sweep_path}: [variants] needs at least one variant")
+    for key, values in sweep.grid.items():
+        if not values:
+            raise UserError(f"{sweep_path}: grid key {key!r} needs at least one value")
+        check_keys(_nested(key, None), ExperimentConfig, f"{sweep_path}: grid")
+    for variant, overrides in sweep.variants.items():
+        for key in overrides:
+            check_keys(_nested(key, None), ExperimentConfig, f"{sweep_path}: variants.{variant}")
     base_path = (sweep_path.parent / sweep.base).resolve()
+    if not base_path.is_file():
+        raise UserError(f"{sweep_path}: base {sweep.base!r}: no config file at {base_path} "
+                        "(a relative base starts from the sweep file's folder)")
     base = read_toml(base_path)
+    validate(base, ExperimentConfig, str(base_path))  # so that the base's own errors name the base file
     keys = list(sweep.grid)
-    if any(not values for values in sweep.grid.values()):
-        raise UserError(f"{sweep_path}: every grid entry needs at least one value")
-    runs = []
+    runs, texts = [], []
     for variant, values in itertools.product(sweep.variants, itertools.product(*(sweep.grid[k] for k in keys))):
         document = json.loads(json.dumps(base))
         for key, value in [*sweep.variants[variant].items(), *zip(keys, values)]:
-            _set_dotted(document, key, value)
+            _set_dotted(document, key, value, str(sweep_path))
         parts = [variant] if variant else []
         name = "-".join(parts + [f"{key.split('.')[-1]}={value}" for key, value in zip(keys, values)]) or "base"
         document["name"] = f"{sweep.name}/{name}"
         validate(document, ExperimentConfig, f"{sweep_path} run {name}")
-        config_path = out_dir / "configs" / f"{name}.toml"
-        config_path.parent.mkdir(parents=True, exist_ok=True)
-        config_path.write_text(to_toml(document))
-        runs.append(PlannedRun(name, config_path, out_dir / "runs" / name))
+        runs.append(PlannedRun(name, out_dir / "configs" / f"{name}.toml", out_dir / "runs" / name))
+        texts.append(to_toml(document))
+    for run, text in zip(runs, texts):
+        run.config_path.parent.mkdir(parents=True, exist_ok=True)
+        run.config_path.write_text(text)
     return sweep, runs
 
 
 def run_one(config_path: str, run_dir: str, resume: bool) -> dict:
-    """One run in its own process; returns its status (never raises, so one failure loses one run)."""
+    """One run in its own process; returns its status (never raises, so one failure loses one run).
+    With `resume`, a run that has started is resumed and one that has not is started."""
     command = [sys.executable, "-m", "experiments.cli", "run", config_path, "--out", run_dir, "--quiet"]
-    if resume:
+    if resume and Path(run_dir).is_dir() and any(Path(run_dir).iterdir()):
         command.append("--resume")
     result = subprocess.run(command, capture_output=True, text=True)
     status = "ok" if result.returncode == 0 else "failed"

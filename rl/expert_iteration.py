@@ -43,6 +43,7 @@ from rl.training import (
     aux_loss_coefficient,
     check_mitigations,
     frozen_router,
+    require_finite,
     restore_rng_state,
     rng_state,
     start_or_resume,
@@ -83,9 +84,10 @@ def expert_load_of(model, input_ids, attention_mask, completion_mask, chunk: int
 
 
 def supervised_finetune(model, tokenizer, samples: list[tuple[Problem, Completion]], settings: RLSettings,
-                        seed: int) -> dict:
-    """Step 4: fine-tune `model` in place on prompt + completion, loss on completion tokens only.
-    Returns {"sft_loss": mean batch loss (None without data), "sft_updates": optimiser steps}."""
+                        seed: int, step: int) -> dict:
+    """Step 4 of round `step`: fine-tune `model` in place on prompt + completion, loss on completion tokens
+    only, minibatches drawn with `seed`. Returns {"sft_loss": mean batch loss (None without data),
+    "sft_updates": optimiser steps}."""
     if not samples:
         return {"sft_loss": None, "sft_updates": 0}
     device = next(model.parameters()).device
@@ -106,9 +108,11 @@ def supervised_finetune(model, tokenizer, samples: list[tuple[Problem, Completio
             # Negative log-likelihood per completion token, mean over the minibatch's completion tokens.
             nll = -masked_mean(token_logprobs(output.logits, input_ids[rows]), completion_mask[rows, 1:])
             loss = nll + aux_coef * output.aux_loss if aux_coef > 0 else nll
+            require_finite("loss", loss, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], MAX_GRAD_NORM)
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], MAX_GRAD_NORM)
+            require_finite("gradient norm", grad_norm, step)
             optimizer.step()
             losses.append(float(nll.detach()))
     return {"sft_loss": sum(losses) / len(losses), "sft_updates": len(losses)}
@@ -172,6 +176,7 @@ def _rounds(model, tokenizer, engine, prompt_set, rewards, settings, recorder, s
 
         # 1-2. Sample, grade; routing under the model that sampled.
         batch = collect(engine, prompt_set.batch(step), settings, rewards, sampling_seed(seed, step))
+        require_finite("reward", batch.rewards, step)
         rollout_s = time.perf_counter() - started
         rollout_tokens = sum(len(c.token_ids) for c in batch.flat_completions)
         input_ids, attention_mask, completion_mask = (t.to(device) for t in pack_batch(batch, tokenizer))
@@ -183,7 +188,7 @@ def _rounds(model, tokenizer, engine, prompt_set, rewards, settings, recorder, s
         # 4. Fine-tune from the base (reset in place, so the engine's handle stays valid) or the latest model.
         if base_weights is not None:
             model.load_state_dict(base_weights)
-        sft = supervised_finetune(model, tokenizer, samples, settings, step_seed(seed, step, "sft"))
+        sft = supervised_finetune(model, tokenizer, samples, settings, step_seed(seed, step, "sft"), step)
 
         # 5. The engine serves the fine-tuned weights from now on.
         engine.sync_weights(model)

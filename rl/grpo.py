@@ -64,6 +64,7 @@ from rl.training import (
     frozen,
     frozen_router,
     kl_reference,
+    require_finite,
     restore_rng_state,
     rng_state,
     start_or_resume,
@@ -328,6 +329,7 @@ def _make_trainer_class():
         def _reward(self, prompts, completions, completion_ids, completion_text, answer, **kwargs) -> list[float]:
             started = time.perf_counter()
             rewards, grades = self.rewards(list(completion_text), list(answer), self.settings.sampling.samples_per_prompt)
+            require_finite("reward", rewards, self._generation.step)
             self._generation.grades, self._generation.rewards = grades, rewards
             self._generation.grading_s = time.perf_counter() - started
             return rewards.tolist()
@@ -386,7 +388,9 @@ def _make_trainer_class():
             finally:
                 self._loss_inputs = None
             replay = self.replay_loss(model)  # its own forward, after the routing capture has ended
-            return loss if replay is None else loss + replay
+            loss = loss if replay is None else loss + replay
+            require_finite("loss", loss, self.start_step + self.state.global_step)
+            return loss
 
         def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
             logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(

@@ -75,6 +75,7 @@ from rl.training import (
     check_mitigations,
     frozen_router,
     kl_reference,
+    require_finite,
     restore_rng_state,
     rng_state,
     start_or_resume,
@@ -226,6 +227,7 @@ def _ppo_steps(model, tokenizer, engine, prompt_set, rewards, settings, recorder
 
         # 1. Rollouts from the current policy.
         batch = collect(engine, prompt_set.batch(step), settings, rewards, sampling_seed(seed, step))
+        require_finite("reward", batch.rewards, step)
         rollout_s = time.perf_counter() - started
         rollout_tokens = sum(len(c.token_ids) for c in batch.flat_completions)
 
@@ -283,11 +285,13 @@ def _ppo_steps(model, tokenizer, engine, prompt_set, rewards, settings, recorder
                 if replay_loss is not None:
                     loss = loss + mitigations.pretrain_replay_coef * replay_loss
 
+                require_finite("loss", loss, step)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 # Policy and value head are clipped separately, as two networks would be.
                 grad_norm = torch.nn.utils.clip_grad_norm_(policy_parameters, MAX_GRAD_NORM)
-                torch.nn.utils.clip_grad_norm_(value_head.parameters(), MAX_GRAD_NORM)
+                value_grad_norm = torch.nn.utils.clip_grad_norm_(value_head.parameters(), MAX_GRAD_NORM)
+                require_finite("gradient norm", torch.stack([grad_norm, value_grad_norm]), step)
                 optimizer.step()
 
                 for key, value in zip(UPDATE_METRICS, (loss, policy_loss, value_loss, approx_kl, clip_fraction,

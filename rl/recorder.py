@@ -12,6 +12,7 @@ Step 0 is the model before any update.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -66,18 +67,25 @@ class Recorder:
             (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
 
     def write_config(self, resolved: dict) -> None:
-        (self.run_dir / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
+        _write_text_atomically(self.run_dir / "config.json", json.dumps(resolved, indent=2, sort_keys=True) + "\n")
 
     def write_rollouts(self, step: int, rollouts: list[Rollout]) -> None:
         table = pa.Table.from_pylist([asdict(r) for r in rollouts], schema=ROLLOUT_SCHEMA)
-        final = self.run_dir / "rollouts" / f"{_step_name(step)}.parquet"
-        partial = final.with_suffix(".parquet.tmp")
-        pq.write_table(table, partial)
-        partial.replace(final)  # atomic: a killed run never leaves half a step behind
+        # atomic: a killed run never leaves half a step behind
+        _write_atomically(self.run_dir / "rollouts" / f"{_step_name(step)}.parquet", lambda path: pq.write_table(table, path))
 
     def write_metrics(self, step: int, metrics: dict) -> None:
+        # One write of one whole line: a kill or a full disk can at worst leave a cut last line, which
+        # `metrics_lines` (and so a resume) drops.
         with (self.run_dir / "metrics.jsonl").open("a") as handle:
             handle.write(json.dumps({"step": step, **metrics}, sort_keys=True) + "\n")
+
+    def metrics_lines(self) -> list[dict]:
+        """The complete lines of metrics.jsonl (a cut last line, left by a kill mid-write, is skipped)."""
+        path = self.run_dir / "metrics.jsonl"
+        text = path.read_text() if path.exists() else ""
+        complete = text.split("\n")[:-1]  # every line ends with "\n"; what follows the last one was cut
+        return [json.loads(line) for line in complete]
 
     def write_router(self, step: int, rollouts: list[Rollout]) -> None:
         """Routed-token counts of the step, in total and per format (sums of the rollouts' expert_load)."""
@@ -90,7 +98,7 @@ class Recorder:
         for name in sorted({name for name, _ in loads}):
             by_format[name] = total([load for fmt, load in loads if fmt == name])
         record = {"step": step, "expert_load": total([load for _, load in loads]), "expert_load_by_format": by_format}
-        (self.run_dir / "router" / f"{_step_name(step)}.json").write_text(json.dumps(record) + "\n")
+        _write_text_atomically(self.run_dir / "router" / f"{_step_name(step)}.json", json.dumps(record) + "\n")
 
     def checkpoint_dir(self, step: int) -> Path:
         return self.run_dir / "checkpoints" / _step_name(step)
@@ -99,14 +107,15 @@ class Recorder:
         """HF checkpoint plus `trainer_state.pt` (optimiser etc.), written to a temp dir and renamed."""
         import torch
 
+        def write(partial: Path) -> None:
+            shutil.rmtree(partial, ignore_errors=True)
+            model.save_pretrained(partial)
+            tokenizer.save_pretrained(partial)
+            torch.save(trainer_state, partial / "trainer_state.pt")
+
         final = self.checkpoint_dir(step)
-        partial = final.with_name(final.name + ".tmp")
-        shutil.rmtree(partial, ignore_errors=True)
-        model.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-        torch.save(trainer_state, partial / "trainer_state.pt")
         shutil.rmtree(final, ignore_errors=True)
-        partial.replace(final)
+        _write_atomically(final, write)
         return final
 
     def last_checkpoint(self) -> tuple[int, Path] | None:
@@ -122,7 +131,28 @@ class Recorder:
             for path in (self.run_dir / sub).glob("step_*"):
                 if int(path.name.split("_")[1].split(".")[0]) >= step:
                     path.unlink()
-        metrics = self.run_dir / "metrics.jsonl"
-        if metrics.exists():
-            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] < step]
-            metrics.write_text("".join(line + "\n" for line in kept))
+        path = self.run_dir / "metrics.jsonl"
+        if path.exists():
+            kept = [line for line in self.metrics_lines() if line["step"] < step]
+            _write_text_atomically(path, "".join(json.dumps(line, sort_keys=True) + "\n" for line in kept))
+
+
+def _write_atomically(path: Path, write) -> None:
+    """`write(partial)` a temporary file (or directory) next to `path`, then rename it to `path`: a kill or a
+    full disk leaves the old `path` or the new one, never half of one. A failed write removes the partial
+    file and raises an OSError that names `path`."""
+    partial = path.with_name(path.name + ".tmp")
+    try:
+        write(partial)
+        partial.replace(path)
+    except OSError as error:
+        if partial.is_dir() and not partial.is_symlink():
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            partial.unlink(missing_ok=True)
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        raise OSError(error.errno, reason, str(path)) from error
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    _write_atomically(path, lambda partial: partial.write_text(text))

@@ -10,7 +10,8 @@ refused, how a run resumes, which model is the KL reference) is written once:
 - `rng_state` / `restore_rng_state`: the RNG state a checkpoint carries;
 - `frozen_router`: mitigations.freeze_router for the duration of a run;
 - `aux_loss_coefficient`, `MAX_GRAD_NORM`: the router load-balancing weight and the gradient clip of
-  our own loops (PPO, EI; GRPO gets the same values through TRL's config).
+  our own loops (PPO, EI; GRPO gets the same values through TRL's config);
+- `require_finite`: stop the run when a reward, loss or gradient norm turns NaN or infinite.
 
 The per-step rollout work (prompts, sampling, rewards, recording) is in rl.rollouts; the loss math in
 rl.losses.
@@ -70,16 +71,16 @@ def kl_reference(model, ref_model, settings: RLSettings, start_step: int, algori
 
 def start_or_resume(algorithm: str, settings: RLSettings, recorder: Recorder, start_step: int,
                     trainer_state: dict | None) -> dict | None:
-    """Checks shared by the entry points; on a resume (start_step > 0) forgets what was recorded at
-    start_step or later and returns the checkpoint's trainer state (read from its trainer_state.pt
-    unless given)."""
+    """Checks shared by the entry points. Forgets what was recorded at start_step or later (a run killed
+    before its first checkpoint restarts at 0 and may have left step 0 behind); on a resume (start_step > 0)
+    returns the checkpoint's trainer state (read from its trainer_state.pt unless given)."""
     if settings.algorithm != algorithm:
         raise ValueError(f"this trainer runs {algorithm!r}, but settings.algorithm is {settings.algorithm!r}")
     if not 0 <= start_step <= settings.steps:
         raise ValueError(f"start_step must be in [0, {settings.steps}], got {start_step}")
+    recorder.forget_from(start_step)
     if start_step == 0:
         return trainer_state
-    recorder.forget_from(start_step)
     if trainer_state is None:
         path = recorder.checkpoint_dir(start_step) / "trainer_state.pt"
         if not path.exists():
@@ -124,3 +125,18 @@ def aux_loss_coefficient(model, settings: RLSettings) -> float:
     if settings.router_aux_loss_coef is not None:
         return settings.router_aux_loss_coef
     return float(model.config.router_aux_loss_coef)
+
+
+class NonFiniteError(UserError):
+    """A reward, loss or gradient norm turned NaN or infinite. Raised before the value reaches the weights, so
+    the last checkpoint on disk is the last good model; the pipeline names it."""
+
+
+def require_finite(name: str, value: torch.Tensor, step: int) -> None:
+    """Raise NonFiniteError unless every entry of `value` is finite. Called on the step's rewards before the
+    update and on each loss before backward (and on PPO/EI gradient norms before the optimiser step)."""
+    value = value.detach()
+    bad = ~torch.isfinite(value)
+    if bad.any():
+        example = value[bad].flatten()[0].item()
+        raise NonFiniteError(f"step {step}: the {name} is {example} ({int(bad.sum())} of {value.numel()} values)")

@@ -152,7 +152,9 @@ def _render_natural_language(problem: Problem, difficulty: Difficulty) -> str:
 PYTHON_FUNCTION = Format(
     name="python_function",
     description="TinyGSM style: def simple_math_problem(): ... return <answer>; answer from calling it in the sandbox",
-    detect=re.compile(r"(?:```python\n)?def simple_math_problem\(\)(?:\s*->\s*\w+)?:\n(?:[ \t]+[^\n]*\n|\n)*?[ \t]+return\b[^\n]*(?:\n```)?"),
+    # A body line is `[ \t][^\n]*`, not `[ \t]+[^\n]*`, whose two parts could share a line's indentation
+    # in many ways: without a return (a truncated function) the engine tried them all, exponential time.
+    detect=re.compile(r"(?:```python\n)?def simple_math_problem\(\)(?:\s*->\s*\w+)?:\n(?:[ \t][^\n]*\n|\n)*?[ \t]+return\b[^\n]*(?:\n```)?"),
     code=re.compile(r"(?:```python\n)?(?P<code>def simple_math_problem\(\).*?[ \t]+return\b[^\n]*)", re.DOTALL),
     call="simple_math_problem",
     render=_render_python_function,
@@ -213,20 +215,17 @@ def load_formats(name_or_path: str | Path) -> tuple[Format, ...]:
     path = Path(key)
     if not path.is_file():
         raise UserError(f"unknown format set {key!r}: not a file, and not one of {sorted(FORMAT_SETS)}")
-    if path.suffix == ".toml":
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
-    elif path.suffix in (".yaml", ".yml"):
-        import yaml  # only needed for YAML format files
-
-        document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    else:
+    if path.suffix not in (".toml", ".yaml", ".yml"):
         raise UserError(f"{path}: format files must end in .toml, .yaml or .yml")
+    document = _read_format_file(path)
     entries = document.get("format") if isinstance(document, dict) else None
     if not isinstance(entries, list) or not entries:
         raise UserError(f"{path}: expected a non-empty list of [[format]] entries")
     allowed = {"name", "detect", "answer", "code", "call", "description"}
     formats = []
     for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise UserError(f"{path}: format #{index + 1} is not a table of keys")
         unknown = set(entry) - allowed
         if unknown:
             raise UserError(f"{path}: format #{index + 1} has unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
@@ -243,9 +242,30 @@ def load_formats(name_or_path: str | Path) -> tuple[Format, ...]:
             ))
         except re.error as error:
             raise UserError(f"{path}: format {entry['name']!r}: bad pattern ({error})") from None
-        except ValueError as error:
-            raise UserError(f"{path}: {error}") from None
+        except (ValueError, TypeError) as error:  # e.g. detect = 5
+            raise UserError(f"{path}: format {entry['name']!r}: {error}") from None
     names = [f.name for f in formats]
     if len(set(names)) != len(names):
         raise UserError(f"{path}: format names repeat: {names}")
     return tuple(formats)
+
+
+def _read_format_file(path: Path):
+    """The parsed TOML or YAML document; parse errors become one UserError naming the file (and line)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    if path.suffix == ".toml":
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            raise UserError(f"{path}: not valid TOML ({error})") from None
+    import yaml  # only needed for YAML format files
+
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.MarkedYAMLError as error:
+        raise UserError(f"{path} line {error.problem_mark.line + 1}: not valid YAML ({error.problem})") from None
+    except yaml.YAMLError as error:
+        raise UserError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None

@@ -15,7 +15,10 @@ Layers of defence, each covering what the previous one cannot:
 2. In the worker: a CPU-time timer interrupts Python-level loops (status "timeout"); rlimits bound
    address space (memory bombs raise MemoryError), file size, open files, child processes, and
    CPU time per program: the kernel ends a worker stuck in C code that never returns to the
-   interpreter to see the timer (`sum(range(10**12))`).
+   interpreter to see the timer (`sum(range(10**12))`). The worker gets none of the caller's
+   environment variables and prints nothing to stderr on a program's behalf; a program's
+   generators are cleaned up before the next program starts, so one program cannot make another
+   slow or fail.
 3. In the parent: when a worker dies, the program it was running is reported ("timeout" or
    "error"), the rest of its chunk is rerun in a fresh worker, so no result is lost. A wall-clock
    watchdog kills a worker that stalls without using CPU.
@@ -83,17 +86,18 @@ _PROGRESS_BYTES = 16  # two doubles: 1 + position of the running program, its st
 # Names and attributes a program may not mention (rather than meeting a NameError at run time), so
 # that attempts to escape show up as "forbidden". Besides dangerous builtins: attributes without
 # underscores that still reach frames and code objects (a frame's f_globals would hand over the
-# worker's own modules). Every name starting with "__" is forbidden too, except the worker's own.
+# worker's own modules). Every name starting with "__" is forbidden too, except `__annotations__`.
 _FORBIDDEN_NAMES = frozenset(
     "open exec eval compile globals locals vars getattr setattr delattr hasattr dir id input "
     "breakpoint help exit quit memoryview type object super classmethod staticmethod property "
     "copyright credits license mro gi_frame gi_code gi_yieldfrom cr_frame cr_code cr_await cr_origin "
     "ag_frame ag_code ag_await tb_frame tb_next f_back f_globals f_locals f_builtins f_code".split()
 )
-_EXPONENT_CHECK = "__exponent"  # added to globals: the run-time guard for computed exponents
-_LAST_VALUE = "__last"  # where the last expression statement's value goes when `call` is None
-# Dunders a program may use: the worker's own, and the one module-level annotations (`x: int = 1`) fill.
-_OWN_DUNDERS = frozenset({_EXPONENT_CHECK, _LAST_VALUE, "__annotations__"})
+# Names the worker's rewrite of a program uses. Neither is an identifier, so no program can bind or
+# shadow them (a program that rebinds the guard's name to `abs` would switch the guard off).
+_EXPONENT_CHECK = "exponent check"  # added to globals: the run-time guard for computed exponents
+_LAST_VALUE = "last value"  # where the last expression statement's value goes when `call` is None
+_ALLOWED_DUNDER = "__annotations__"  # module-level annotations (`x: int = 1`) fill it
 _FORBIDDEN_OPCODES = {
     dis.opmap[name]: reason
     for names, reason in [
@@ -245,8 +249,11 @@ class _Worker:
 
     def __init__(self, timeout_s: float, memory_mb: int):
         self.connection, child_end = Pipe(duplex=True)
-        environment = {name: value for name, value in os.environ.items() if not name.startswith("PYTHON")}
-        environment["PYTHONHASHSEED"] = "0"  # the order of a printed set of strings must not vary
+        # No variables of the caller's: a format string reads what a builtin reaches without calling
+        # anything ('{0.__globals__[os].environ}'.format(print)), so the worker holds no secrets.
+        environment = {"PYTHONHASHSEED": "0"}  # the order of a printed set of strings must not vary
+        if "LD_LIBRARY_PATH" in os.environ:  # some interpreters find libpython only through it
+            environment["LD_LIBRARY_PATH"] = os.environ["LD_LIBRARY_PATH"]
         with tempfile.TemporaryFile() as progress_file:
             progress_file.truncate(_PROGRESS_BYTES)
             self._progress = memoryview(mmap.mmap(progress_file.fileno(), _PROGRESS_BYTES)).cast("d")
@@ -381,7 +388,7 @@ def _check_tree(tree: ast.Module) -> None:
     """Forbid `global` and `nonlocal`, and guard powers.
 
     `x ** n` is fine for a constant n with |n| <= 64 and forbidden for a larger one; a computed n
-    is wrapped in `__exponent(n)` and checked at run time, since compound interest
+    is wrapped in a call of `_exponent` and checked at run time, since compound interest
     (`(1 + rate) ** years`) is common and legitimate in model code.
     """
     for node in ast.walk(tree):  # children are queued before a node is yielded: rewrites are not walked
@@ -409,7 +416,7 @@ def _guarded(exponent: ast.expr) -> ast.expr:
 
 
 def _capture_last_expression(tree: ast.Module) -> None:
-    """Turn the last top-level expression statement `e` into `__last = e`."""
+    """Turn the last top-level expression statement `e` into an assignment of `e` to _LAST_VALUE."""
     for position in range(len(tree.body) - 1, -1, -1):
         statement = tree.body[position]
         if type(statement) is ast.Expr:
@@ -436,7 +443,7 @@ def _check(code: CodeType) -> str | None:
         if forbidden:
             return _FORBIDDEN_OPCODES[min(forbidden)]
         for name in (*code.co_names, *code.co_varnames, *code.co_cellvars, *code.co_freevars):
-            if name in _FORBIDDEN_NAMES or (name.startswith("__") and name not in _OWN_DUNDERS):
+            if name in _FORBIDDEN_NAMES or (name.startswith("__") and name != _ALLOWED_DUNDER):
                 return f"{name!r} not allowed"
         todo.extend(constant for constant in code.co_consts if type(constant) is CodeType)
     return None
@@ -461,6 +468,11 @@ def _run_one(source: str, call: str | None, timeout_s: float) -> tuple[str, str 
         # not depend on which programs ran before, so retry once from a clean heap.
         gc.collect()
         outcome = _timed(code, call, timeout_s)
+    if "yield" in source:
+        # A generator left suspended in a reference cycle runs its cleanup (`finally`) whenever the
+        # collector next finds it: during a later program, which would pay for it or be blamed for
+        # its hang. Collect now, while this program is the one running (the kernel's CPU limit holds).
+        gc.collect()
     return outcome
 
 
@@ -528,7 +540,10 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, SyntaxError):
         message = f"{type(exc).__name__}: {exc.msg} (line {exc.lineno})"
     else:
-        text = _without_addresses(str(exc))
+        try:
+            text = _without_addresses(str(exc))
+        except Exception:  # the message of a program's exception may not build (a deeply nested list)
+            text = ""
         message = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return message[:_MAX_DETAIL_CHARS]
 
@@ -556,6 +571,13 @@ def _serve(connection_fd: int, progress_fd: int, timeout_s: float, memory_mb: in
     warnings.simplefilter("ignore")  # compile warnings would go to stderr, maybe a file (see FSIZE)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past RLIMIT_FSIZE fails instead of killing
     signal.signal(signal.SIGPROF, _on_timer)
+    # Errors in a generator's cleanup would each be reported on stderr, the caller's, without limit
+    # (RLIMIT_FSIZE does not cover a terminal or a pipe). The hook drops them; it is a builtin, so
+    # the timer's signal is never handled inside it (its exception would be reported instead).
+    sys.unraisablehook = id
+    # The compiler imports unicodedata to normalise non-ASCII names (`ｏｐｅｎ` is `open`); once the
+    # open-files limit holds, that import would fail.
+    import unicodedata  # noqa: F401
     _limit_resources(memory_mb)
     _, cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)
     connection.send_bytes(b"ready")

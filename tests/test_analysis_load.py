@@ -60,5 +60,5 @@ def test_unreadable_config_is_a_user_error(tmp_path):
 def test_null_in_a_required_column(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text('{"step": 0, "prompt_id": 1, "completion": "x"}\n{"step": 0, "prompt_id": null, "completion": "y"}\n')
-    with pytest.raises(UserError, match="column 'prompt_id' is empty in record 2"):
+    with pytest.raises(UserError, match=r"r\.jsonl line 2: required column 'prompt_id' is missing or null"):
         read_rollouts(path)

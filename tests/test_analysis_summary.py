@@ -160,9 +160,9 @@ def test_user_format_file(tmp_path):
 
 @pytest.mark.parametrize(("content", "message"), [
     ("", "no rollout rows"),
-    ('{"step": 0, "prompt_id": 1, "completion": "x"}\n{"step": 0, "prompt_id": 1,\n', r"r\.jsonl:2: malformed JSON"),
-    ('{"step": 0, "prompt_id": 1}\n', r"missing required column\(s\) \['completion'\]"),
-    ('[1, 2]\n', r"r\.jsonl:1: expected a JSON object"),
+    ('{"step": 0, "prompt_id": 1, "completion": "x"}\n{"step": 0, "prompt_id": 1,\n', r"r\.jsonl line 2: not valid JSON"),
+    ('{"step": 0, "prompt_id": 1}\n', "missing required column 'completion'"),
+    ('[1, 2]\n', r"r\.jsonl line 1: expected a JSON object"),
     ('{"step": "first", "prompt_id": 1, "completion": "x"}\n', "column 'step' must hold integers"),
     ('{"step": 0, "prompt_id": 1, "completion": 5}\n', "column 'completion' must hold strings"),
     ('{"step": 0, "prompt_id": 1, "completion": "x", "correct": "yes"}\n', "column 'correct' must hold true/false"),

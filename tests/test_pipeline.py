@@ -1,14 +1,25 @@
 """`echolab run` end to end on the smoke config: the run directory, determinism, and resume after a kill."""
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+import torch
 
 from experiments.config import load_experiment_config
 from experiments.pipeline import run_experiment
 from rl.recorder import Recorder
+from specialists.errors import UserError
+from specialists.model import load_model
 
 SMOKE = "experiments/configs/smoke.toml"
+SMOKE_TEXT = Path(SMOKE).read_text()
 SPEC_SUMMARY_KEYS = {"formats", "format_share", "dominant_format", "collapse_step", "format_entropy", "accuracy",
                      "format_accuracy", "collapse_epoch", "expert_share", "expert_entropy", "dominant_expert"}
 TIMING = ("step_time_s", "rollout_tokens_per_s", "time")
@@ -26,6 +37,14 @@ def smoke_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("smoke") / "run"
     run_experiment(load_experiment_config(SMOKE), run_dir, progress=False)
     return run_dir
+
+
+def smoke_variant(tmp_path, engine="vllm", algorithm="grpo"):
+    """The smoke config with another rollout engine or algorithm (same base model)."""
+    path = tmp_path / f"smoke-{engine}-{algorithm}.toml"
+    path.write_text(SMOKE_TEXT.replace('kind = "vllm"', f'kind = "{engine}"')
+                    .replace('algorithm = "grpo"', f'algorithm = "{algorithm}"'))
+    return load_experiment_config(path)
 
 
 def metrics_without_timing(run_dir):
@@ -58,33 +77,125 @@ def test_same_config_and_seed_give_the_same_metrics(smoke_run, tmp_path):
     assert json.loads((again / "summary.json").read_text()) == json.loads((smoke_run / "summary.json").read_text())
 
 
-def test_resume_after_a_kill_loses_no_step(smoke_run, tmp_path, monkeypatch):
+def start_run(run_dir, *flags, config=SMOKE):
+    """`echolab run` in its own process group (its vLLM and sandbox workers included), as a user starts it."""
+    return subprocess.Popen([sys.executable, "-m", "experiments.cli", "run", str(config), "--out", str(run_dir),
+                             "--quiet", *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def kill_when_written(process, path, timeout=600):
+    """SIGKILL the whole run the moment `path` exists."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, f"the run ended before {path} appeared: {process.stderr.read()}"
+        assert time.monotonic() < deadline, f"{path} did not appear within {timeout} s"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def test_a_run_killed_twice_and_resumed_equals_the_uninterrupted_one(smoke_run, tmp_path):
+    """Real SIGKILLs of a real run: once mid-run before any checkpoint (resume restarts at step 0 over the
+    records already written), once right after the checkpoint of step 2 (resume starts there)."""
     killed = tmp_path / "killed"
-    save = Recorder.save_checkpoint
+    kill_when_written(start_run(killed), killed / "rollouts" / "step_000001.parquet")
+    assert not (killed / "checkpoints" / "step_000002").exists()
+    kill_when_written(start_run(killed, "--resume"), killed / "checkpoints" / "step_000002")
+    finished = start_run(killed, "--resume")
+    assert finished.wait(timeout=600) == 0, finished.stderr.read()
 
-    def save_then_die(self, step, *args, **kwargs):
-        path = save(self, step, *args, **kwargs)
-        if step == 2:
-            raise KeyboardInterrupt  # killed right after the first checkpoint
-        return path
-
-    monkeypatch.setattr(Recorder, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(load_experiment_config(SMOKE), killed, progress=False)
-    monkeypatch.setattr(Recorder, "save_checkpoint", save)
-    run_experiment(load_experiment_config(SMOKE), killed, resume=True, progress=False)
-    # The same completions at every step; losses equal up to float32 rounding (a model reloaded from disk
-    # can sum in another order than the one kept in memory).
+    # Every step exactly once, with the same completions; losses equal up to float32 rounding (a model
+    # reloaded from disk can sum in another order than the one kept in memory).
     assert rollouts(killed).equals(rollouts(smoke_run))
-    for resumed, uninterrupted in zip(metrics_without_timing(killed), metrics_without_timing(smoke_run), strict=True):
+    resumed_metrics = metrics_without_timing(killed)
+    assert [line["step"] for line in resumed_metrics] == [0, 1, 2]
+    for resumed, uninterrupted in zip(resumed_metrics, metrics_without_timing(smoke_run), strict=True):
         assert resumed == pytest.approx(uninterrupted, rel=1e-5, abs=1e-7)
+    assert json.loads((killed / "summary.json").read_text()) == json.loads((smoke_run / "summary.json").read_text())
+    assert not list(killed.rglob("*.tmp"))
 
 
-def test_an_existing_run_is_not_overwritten_without_resume(smoke_run):
-    from specialists.errors import UserError
-
-    with pytest.raises(UserError, match="--resume"):
+def test_an_existing_run_is_kept_unless_resumed_or_overwritten(smoke_run, tmp_path):
+    with pytest.raises(UserError, match="--resume .* --overwrite"):
         run_experiment(load_experiment_config(SMOKE), smoke_run, progress=False)
+    other = tmp_path / "other.toml"
+    other.write_text(SMOKE_TEXT.replace("steps = 3", "steps = 4"))
+    with pytest.raises(UserError, match="different config"):
+        run_experiment(load_experiment_config(other), smoke_run, resume=True, progress=False)
+    assert len(metrics_without_timing(smoke_run)) == 3  # untouched
+
+    overwritten = tmp_path / "overwritten"
+    shutil.copytree(smoke_run, overwritten)
+    (overwritten / "stray.txt").write_text("from an earlier run")
+    run_experiment(load_experiment_config(SMOKE), overwritten, overwrite=True, progress=False)
+    assert not (overwritten / "stray.txt").exists()
+    assert metrics_without_timing(overwritten) == metrics_without_timing(smoke_run)
+
+
+def test_the_hf_engine_gives_the_same_metrics_for_the_same_config_and_seed(tmp_path):
+    config = smoke_variant(tmp_path, engine="hf")
+    run_experiment(config, tmp_path / "first", progress=False)
+    run_experiment(config, tmp_path / "second", progress=False)
+    assert metrics_without_timing(tmp_path / "first") == metrics_without_timing(tmp_path / "second")
+    assert (json.loads((tmp_path / "first" / "summary.json").read_text())
+            == json.loads((tmp_path / "second" / "summary.json").read_text()))
+
+
+def nan_from_the_third_call(original):
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        rewards, grades = original(*args, **kwargs)
+        calls.append(1)
+        return (rewards * float("nan") if len(calls) >= 3 else rewards), grades
+
+    return poisoned
+
+
+def test_a_nan_reward_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from rl.rollouts import Rewards
+
+    monkeypatch.setattr(Rewards, "__call__", nan_from_the_third_call(Rewards.__call__))
+    run_dir = tmp_path / "run"
+    with pytest.raises(UserError, match=r"step 2: the reward is nan .*last good checkpoint is .*step_000002") as raised:
+        run_experiment(smoke_variant(tmp_path, engine="hf"), run_dir, progress=False)
+    assert "\n" not in str(raised.value)
+    assert [line["step"] for line in metrics_without_timing(run_dir)] == [0, 1]
+    assert Recorder(run_dir).last_checkpoint() == (2, run_dir / "checkpoints" / "step_000002")
+    assert torch.isfinite(torch.stack([p.sum() for p in load_model(run_dir / "checkpoints" / "step_000002").parameters()])).all()
+    assert not (run_dir / "summary.json").exists()
+
+
+def poison_grpo_loss(monkeypatch):
+    from rl.grpo import trainer_class
+
+    monkeypatch.setattr(trainer_class(), "extra_loss", lambda self, logps, *args: logps.sum() * float("inf"))
+
+
+def poison_ppo_loss(monkeypatch):
+    import rl.ppo
+
+    monkeypatch.setattr(rl.ppo, "clipped_value_loss", lambda values, *args: values.sum() * float("nan"))
+
+
+@pytest.mark.parametrize("algorithm, poison", [("grpo", poison_grpo_loss), ("ppo", poison_ppo_loss)])
+def test_a_non_finite_loss_stops_the_run_before_the_update(tmp_path, monkeypatch, algorithm, poison):
+    poison(monkeypatch)
+    run_dir = tmp_path / "run"
+    with pytest.raises(UserError, match=r"step 0: the loss is (nan|inf|-inf) .*no checkpoint was written"):
+        run_experiment(smoke_variant(tmp_path, engine="hf", algorithm=algorithm), run_dir, progress=False)
+    assert not list((run_dir / "checkpoints").iterdir())
+
+
+def test_an_unwritable_run_directory_is_named_before_any_work(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = subprocess.run([sys.executable, "-m", "experiments.cli", "run", SMOKE, "--out", str(blocker / "run")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"echolab run: error: Not a directory: {blocker / 'run'}")
 
 
 def test_analyze_gives_the_same_summary_for_the_recorder_files_and_an_external_jsonl(smoke_run, tmp_path):
