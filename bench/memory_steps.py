@@ -7,7 +7,8 @@ in this process, while a thread samples the process's resident set size (VmRSS, 
 - rss_mb_first_step / rss_mb_last_step: the last sample taken while step 0 / the last step was under way;
 - rss_mb_peak: the kernel's high-water mark (VmHWM) at the end, analysis and report included;
 - growth_mb_per_step: least-squares slope of the per-step RSS over the second half of the steps (the first
-  half holds the allocator's warm-up: optimiser state, caches, the engine's first batches).
+  half holds the allocator's warm-up: optimiser state, caches, the engine's first batches);
+- rss_mb_by_step: the per-step RSS every tenth step.
 
     python bench/memory_steps.py [--steps 50] [--algorithm grpo|ppo|ei] [--engine vllm|hf] [--interval 0.2]
 
@@ -21,8 +22,11 @@ import argparse
 import json
 import sys
 import tempfile
+import os
 import threading
 from pathlib import Path
+
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -85,6 +89,7 @@ def main() -> None:
         "rss_mb_first_step": round(per_step[0], 1), "rss_mb_last_step": round(per_step[args.steps - 1], 1),
         "rss_mb_peak": round(memory_mb("VmHWM"), 1),
         "growth_mb_per_step": round(slope(later, [per_step[s] for s in later]), 3),
+        "rss_mb_by_step": {step: round(rss, 1) for step, rss in sorted(per_step.items()) if step % 10 == 0},
         "steps_without_sample": missing,
     }))
 

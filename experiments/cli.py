@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--backend", choices=("local", "ray"), default="local")
     sweep.add_argument("--out", help="sweep directory (default: runs/<sweep file stem>)")
     sweep.add_argument("--resume", action="store_true",
-                       help="resume the runs that were killed and start those that had not begun")
+                       help="keep finished runs, resume killed ones, start those that had not begun")
     sweep.add_argument("--quiet", action="store_true", help="no progress bars")
     sweep.set_defaults(handler=_sweep)
     return parser

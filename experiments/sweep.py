@@ -135,8 +135,11 @@ def plan(sweep_path: str | Path, out_dir: str | Path) -> tuple[SweepFile, list[P
 
 def run_one(config_path: str, run_dir: str, resume: bool) -> dict:
     """One run in its own process; returns its status (never raises, so one failure loses one run).
-    With `resume`, a run that has started is resumed and one that has not is started."""
+    With `resume`, a finished run (its report.html, written last, exists) is kept as it is, one that has
+    started is resumed and one that has not is started."""
     command = [sys.executable, "-m", "experiments.cli", "run", config_path, "--out", run_dir, "--quiet"]
+    if resume and (Path(run_dir) / "report.html").is_file():
+        return {"run_dir": run_dir, "status": "ok", "error": ""}
     if resume and Path(run_dir).is_dir() and any(Path(run_dir).iterdir()):
         command.append("--resume")
     result = subprocess.run(command, capture_output=True, text=True)

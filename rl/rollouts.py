@@ -163,8 +163,9 @@ def _json_safe(value):
 def record_step(recorder: Recorder, step: int, epoch: float, batch: StepBatch, expert_load: torch.Tensor | None,
                 metrics: dict) -> list[Rollout]:
     """Write one step: its rollouts, its router statistics and one metrics line. The metrics line gets
-    `epoch`, `reward_mean`, `reward_std` (population) and `accuracy` (mean correctness) of the batch
-    added to the algorithm's own `metrics`. Returns the rollout rows."""
+    `epoch`, `reward_mean`, `reward_std` (population) and `accuracy` (mean correctness) of the batch and
+    `truncated_fraction` (completions cut at max_new_tokens) added to the algorithm's own `metrics`. Returns the
+    rollout rows."""
     rows = to_rollouts(step, epoch, batch, expert_load)
     recorder.write_rollouts(step, rows)
     recorder.write_router(step, rows)
@@ -174,6 +175,7 @@ def record_step(recorder: Recorder, step: int, epoch: float, batch: StepBatch, e
         "reward_mean": rewards.mean().item(),
         "reward_std": rewards.std(unbiased=False).item(),
         "accuracy": sum(g.correct for g in batch.flat_grades) / max(len(batch.flat_grades), 1),
+        "truncated_fraction": sum(not c.finished for c in batch.flat_completions) / max(len(batch.flat_completions), 1),
         **metrics,
     }
     recorder.write_metrics(step, {key: _json_safe(value) for key, value in line.items()})

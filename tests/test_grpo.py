@@ -33,7 +33,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 PROMPTS, SAMPLES = 2, 4
 STEP_KEYS = {"loss", "grad_norm", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
-             "reward_mean", "reward_std", "accuracy", "epoch", "step_time_s", "rollout_tokens_per_s"}
+             "reward_mean", "reward_std", "accuracy", "truncated_fraction", "epoch", "step_time_s",
+             "rollout_tokens_per_s"}
 
 
 class DigitRewards(Rewards):
@@ -109,6 +110,9 @@ def test_three_steps_write_a_complete_run_directory(three_steps, problems):
         for r in rows:
             assert r["reward"] == float(r["correct"])  # reward_scale 1, no bonus
             assert r["format"] and r["reason"]
+        # a completion shorter than max_new_tokens ended with end-of-text; one of full length may have too
+        full_length = sum(r["num_tokens"] == 24 for r in rows) / len(rows)
+        assert 0 <= metrics[step]["truncated_fraction"] <= full_length
 
     for line in metrics:
         assert STEP_KEYS | {"aux_loss"} <= set(line), STEP_KEYS | {"aux_loss"} - set(line)

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.integration
 FORMATS = FORMAT_SETS["synthetic"]
 DIAGNOSTICS = {"loss", "policy_loss", "value_loss", "approx_kl", "clip_fraction", "explained_variance", "entropy",
                "kl_to_reference", "aux_loss", "reward_mean", "reward_std", "accuracy", "step_time_s",
-               "rollout_tokens_per_s"}
+               "rollout_tokens_per_s", "truncated_fraction"}
 
 
 @pytest.fixture(scope="module")

@@ -73,3 +73,16 @@ def test_variants_cross_the_grid_and_every_shipped_sweep_validates(tmp_path):
     assert [r.name for r in runs] == ["baseline-seed=0", "baseline-seed=1", "kl-seed=0", "kl-seed=1"]
     for shipped in Path("experiments/sweeps").glob("*.toml"):
         assert plan(shipped, tmp_path / shipped.stem)[1]
+
+
+def test_resume_keeps_finished_runs_and_starts_the_others(tmp_path):
+    from experiments.sweep import run_one
+
+    finished, fresh = tmp_path / "finished", tmp_path / "fresh"
+    finished.mkdir()
+    (finished / "report.html").write_text("<!doctype html>")
+    missing_config = str(tmp_path / "no-such-config.toml")  # any run actually started fails on it
+    assert run_one(missing_config, str(finished), resume=True)["status"] == "ok"
+    started = run_one(missing_config, str(fresh), resume=True)  # not begun: started without --resume
+    assert started["status"] == "failed" and "config file not found" in started["error"]
+    assert run_one(missing_config, str(finished), resume=False)["status"] == "failed"

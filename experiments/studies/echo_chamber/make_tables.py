@@ -1,7 +1,7 @@
 """The study's tables from a finished sweep directory: one row per variant, means over seeds with
 bootstrap 95% intervals (analysis.statistics), differences to the first variant with Welch's p-value.
 
-    python experiments/studies/echo_chamber/tabulate.py runs/study-core [BASELINE_VARIANT] > table.md
+    python experiments/studies/echo_chamber/make_tables.py runs/study-core [BASELINE_VARIANT] > table.md
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ def run_measures(summary: dict) -> dict[str, float]:
         "accuracy_end": mean_over(summary["accuracy"]),
         f"pass{budgets[-1]}_start": summary["pass_at_k"][first][budgets[-1]],
         f"pass{budgets[-1]}_end": float(np.mean([summary["pass_at_k"][s][budgets[-1]] for s in window])),
+        # specialist diversity: the least balanced layer's normalised expert entropy (NaN for dense models)
+        "expert_entropy_end": min((mean_over(by_step) for by_step in summary.get("expert_entropy", {}).values()),
+                                  default=np.nan),
     }
 
 
