@@ -4,6 +4,7 @@ import copy
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 from specialists.model import load_model
@@ -39,3 +40,20 @@ def test_position_kl_is_zero_against_itself_and_the_exact_kl_otherwise(tiny_moe_
         log_q = torch.log_softmax(other(ids).logits[0, -1], -1)
     expected = torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="sum")
     assert torch.allclose(kl[0], expected, rtol=1e-4)
+
+
+def test_heldout_pass_at_k_scores_the_graded_samples(tiny_moe_dir, vllm_moe):
+    from rl.config import SamplingSettings
+    from specialists.sandbox import Sandbox
+    from specialists.tasks import generate_problems
+
+    heldout = study_module("heldout_pass_at_k")
+    problems = generate_problems(6, 0, "eval")
+    sampling = SamplingSettings(temperature=1.0, max_new_tokens=48, samples_per_prompt=8)
+    with Sandbox() as sandbox:
+        result = heldout.evaluate_model(vllm_moe, load_model(tiny_moe_dir), problems, sampling, sandbox, seed=0)
+        again = heldout.evaluate_model(vllm_moe, load_model(tiny_moe_dir), problems, sampling, sandbox, seed=0)
+    assert result == again  # seeded sampling
+    assert set(result) == {"pass@1", "pass@8", "format_share"}
+    assert 0 <= result["pass@1"] <= result["pass@8"] <= 1
+    assert sum(result["format_share"].values()) == pytest.approx(1, abs=1e-2)

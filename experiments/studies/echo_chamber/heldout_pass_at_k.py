@@ -1,0 +1,87 @@
+"""pass@1 / pass@8 / pass@64 on held-out problems, for the pretrained base and each run's final checkpoint.
+
+The RL batches hold 8 samples of 8 prompts per step, too few to see pass@k for large k. Here each model
+samples `--samples` completions (temperature 1, the run's max_new_tokens) for each of `--problems`
+held-out problems (the task generator's eval split, never an RL prompt); every completion is graded as
+in RL (format detection, sandboxed code), and pass@k is the unbiased estimator of Chen et al. 2021
+(analysis.sampling.pass_at_k) averaged over problems. One vLLM engine serves every model in turn (weights
+pushed in place). Prints one JSON line per model: pass@k and the held-out format shares.
+
+    python experiments/studies/echo_chamber/heldout_pass_at_k.py RUN_DIR [RUN_DIR ...] [--problems 64]
+                                                                  [--samples 64] [--seed 0]
+
+All runs must share one pretrained base (as the runs of one sweep cell do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+
+
+def evaluate_model(engine, model, problems, sampling, sandbox, seed: int) -> dict:
+    """Sample, grade and score one model on the held-out problems."""
+    from analysis.sampling import pass_at_k
+    from rl.rollouts import prompt_text
+    from specialists.formats import FORMAT_SETS
+    from specialists.grading import grade_completions
+
+    engine.sync_weights(model)
+    groups = engine.generate([prompt_text(p) for p in problems], sampling, seed)
+    texts = [c.text for group in groups for c in group]
+    golds = [p.answer for p, group in zip(problems, groups) for _ in group]
+    grades = grade_completions(texts, golds, FORMAT_SETS["synthetic"], sandbox)
+    n = sampling.samples_per_prompt
+    correct = [sum(g.correct for g in grades[i * n:(i + 1) * n]) for i in range(len(problems))]
+    budgets = [k for k in (1, 8, 64) if k <= n]
+    formats = Counter(g.format for g in grades)
+    return {
+        **{f"pass@{k}": round(sum(pass_at_k(n, c, k) for c in correct) / len(problems), 4) for k in budgets},
+        "format_share": {name: round(count / len(grades), 3) for name, count in sorted(formats.items())},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dirs", nargs="+", type=Path)
+    parser.add_argument("--problems", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0, help="problem draw and sampling seed")
+    args = parser.parse_args()
+
+    from experiments.config import ExperimentConfig
+    from experiments.pipeline import base_model_dir
+    from rl.config import SamplingSettings
+    from rl.vllm_engine import VLLMEngine
+    from specialists.model import load_model
+    from specialists.sandbox import Sandbox
+    from specialists.tasks import generate_problems
+    from specialists.tokenizer import load_tokenizer
+
+    configs = [ExperimentConfig.model_validate(json.loads((run / "config.json").read_text())) for run in args.run_dirs]
+    bases = {base_model_dir(config.specialists(), progress=False) for config in configs}
+    if len(bases) != 1:
+        raise SystemExit(f"the runs have {len(bases)} different pretrained bases; give runs of one base")
+    base, config = bases.pop(), configs[0]
+    problems = generate_problems(args.problems, args.seed, "eval", config.task.task_config())
+    sampling = SamplingSettings(temperature=1.0, max_new_tokens=config.rl.sampling.max_new_tokens,
+                                samples_per_prompt=args.samples)
+    tokenizer = load_tokenizer(base)
+    engine = VLLMEngine(base, tokenizer, config.model.max_length, args.seed)
+    models = [("base", base)] + [(run.name, sorted((run / "checkpoints").glob("step_*"))[-1]) for run in args.run_dirs]
+    try:
+        with Sandbox() as sandbox:
+            for name, weights in models:
+                result = evaluate_model(engine, load_model(weights), problems, sampling, sandbox, args.seed)
+                print(json.dumps({"model": name, "checkpoint": weights.name, **result}), flush=True)
+    finally:
+        engine.close()
+
+
+if __name__ == "__main__":
+    main()
