@@ -1,15 +1,10 @@
-"""Writing what `analyze` and `report` produce without losing what is already there.
-
-An output path that cannot work is named before any analysis runs, and files are replaced atomically:
-each is written to a temporary file next to it and renamed over it, so a failed or killed command
-leaves the previous file whole.
+"""Checking where `analyze` and `report` will write before they start: an output path that cannot work is
+named before any analysis runs. (The files themselves are replaced atomically: specialists.files.)
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 from specialists.errors import UserError
@@ -33,17 +28,3 @@ def check_output_file(path: Path) -> None:
     if path.is_dir():
         raise UserError(f"{path} is a directory; give the path of a file to write")
     check_output_dir(path.parent)
-
-
-def replace_atomically(writers: dict[Path, Callable[[Path], None]]) -> None:
-    """Write each file with `writers[path](temporary_path)`, then rename every temporary file over its target.
-    Nothing is replaced unless every file was written; the temporary files are removed on failure."""
-    partials = {path: path.with_name(f".{path.name}.{os.getpid()}.tmp") for path in writers}
-    try:
-        for path, write in writers.items():
-            write(partials[path])
-        for path, partial in partials.items():
-            os.replace(partial, path)
-    finally:
-        for partial in partials.values():
-            partial.unlink(missing_ok=True)

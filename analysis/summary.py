@@ -25,9 +25,10 @@ from analysis.classify import format_names, label_formats
 from analysis.correctness import grade_reason_share, grade_rollouts
 from analysis.information import total_variation
 from analysis.load import is_run_dir, read_rollouts, read_run_config
-from analysis.output import check_output_dir, replace_atomically
+from analysis.output import check_output_dir
 from analysis.statistics import entropy_accuracy_fit, format_change_test
 from specialists.errors import UserError
+from specialists.files import replace_atomically
 from specialists.formats import Format, load_formats
 
 SUMMARY_FILE = "summary.json"

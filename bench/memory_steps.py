@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
-import os
 import threading
 from pathlib import Path
 

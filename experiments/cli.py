@@ -184,10 +184,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.handler(args)
-    except (UserError, FileNotFoundError) as error:
+    except UserError as error:
         print(f"echolab {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except OSError as error:  # disk full, unwritable output, ...: the system's words and the path
+    except OSError as error:  # a missing file, a full disk, an unwritable output: the system's words and the path
         where = f": {error.filename}" if error.filename else ""
         print(f"echolab {args.command}: error: {error.strerror or error}{where}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -138,9 +138,10 @@ def run_one(config_path: str, run_dir: str, resume: bool) -> dict:
     With `resume`, a finished run (its report.html, written last, exists) is kept as it is, one that has
     started is resumed and one that has not is started."""
     command = [sys.executable, "-m", "experiments.cli", "run", config_path, "--out", run_dir, "--quiet"]
-    if resume and (Path(run_dir) / "report.html").is_file():
+    directory = Path(run_dir)
+    if resume and (directory / "report.html").is_file():
         return {"run_dir": run_dir, "status": "ok", "error": ""}
-    if resume and Path(run_dir).is_dir() and any(Path(run_dir).iterdir()):
+    if resume and directory.is_dir() and any(directory.iterdir()):
         command.append("--resume")
     result = subprocess.run(command, capture_output=True, text=True)
     status = "ok" if result.returncode == 0 else "failed"

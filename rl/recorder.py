@@ -12,13 +12,14 @@ Step 0 is the model before any update.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from specialists.files import replace_atomically
 
 ROLLOUT_SCHEMA = pa.schema([
     ("step", pa.int64()),
@@ -72,7 +73,8 @@ class Recorder:
     def write_rollouts(self, step: int, rollouts: list[Rollout]) -> None:
         table = pa.Table.from_pylist([asdict(r) for r in rollouts], schema=ROLLOUT_SCHEMA)
         # atomic: a killed run never leaves half a step behind
-        _write_atomically(self.run_dir / "rollouts" / f"{_step_name(step)}.parquet", lambda path: pq.write_table(table, path))
+        replace_atomically({self.run_dir / "rollouts" / f"{_step_name(step)}.parquet":
+                            lambda path: pq.write_table(table, path)})
 
     def write_metrics(self, step: int, metrics: dict) -> None:
         # One write of one whole line: a kill or a full disk can at worst leave a cut last line, which
@@ -115,7 +117,7 @@ class Recorder:
 
         final = self.checkpoint_dir(step)
         shutil.rmtree(final, ignore_errors=True)
-        _write_atomically(final, write)
+        replace_atomically({final: write})
         return final
 
     def last_checkpoint(self) -> tuple[int, Path] | None:
@@ -137,22 +139,5 @@ class Recorder:
             _write_text_atomically(path, "".join(json.dumps(line, sort_keys=True) + "\n" for line in kept))
 
 
-def _write_atomically(path: Path, write) -> None:
-    """`write(partial)` a temporary file (or directory) next to `path`, then rename it to `path`: a kill or a
-    full disk leaves the old `path` or the new one, never half of one. A failed write removes the partial
-    file and raises an OSError that names `path`."""
-    partial = path.with_name(path.name + ".tmp")
-    try:
-        write(partial)
-        partial.replace(path)
-    except OSError as error:
-        if partial.is_dir() and not partial.is_symlink():
-            shutil.rmtree(partial, ignore_errors=True)
-        else:
-            partial.unlink(missing_ok=True)
-        reason = os.strerror(error.errno) if error.errno else str(error)
-        raise OSError(error.errno, reason, str(path)) from error
-
-
 def _write_text_atomically(path: Path, text: str) -> None:
-    _write_atomically(path, lambda partial: partial.write_text(text))
+    replace_atomically({path: lambda partial: partial.write_text(text)})

@@ -324,7 +324,7 @@ def test_impossible_output_paths_are_named(tmp_path, out, message):
 # ---------------------------------------------------------------- writers are atomic
 
 def test_replace_atomically_keeps_the_old_files_when_a_write_fails(tmp_path):
-    from analysis.output import replace_atomically
+    from specialists.files import replace_atomically
 
     summary, metrics = tmp_path / "summary.json", tmp_path / "metrics.parquet"
     summary.write_text("old summary")

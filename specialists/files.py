@@ -1,0 +1,42 @@
+"""Files written whole or not at all, for every writer of the project (the pretraining cache aside):
+the run directory's recorder (rl.recorder) and the outputs of `analyze` and `report` (analysis)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def replace_atomically(writers: dict[Path, Callable[[Path], None]]) -> None:
+    """Write each target with `writers[target](partial)`, `partial` being the target's name + ".tmp" (a file or
+    a directory), then rename every partial over its target: a kill or a full disk leaves each target old or
+    new, never half written. Nothing is replaced unless every write succeeded; partials are removed on
+    failure, and an OSError names the target it failed on. A directory target must not exist yet (a rename
+    does not replace a non-empty directory)."""
+    partials = {path: path.with_name(path.name + ".tmp") for path in writers}
+    try:
+        for path, write in writers.items():
+            with _naming(path):
+                write(partials[path])
+        for path, partial in partials.items():
+            with _naming(path):
+                os.replace(partial, path)
+    finally:
+        for partial in partials.values():
+            if partial.is_dir() and not partial.is_symlink():
+                shutil.rmtree(partial, ignore_errors=True)
+            else:
+                partial.unlink(missing_ok=True)
+
+
+@contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Re-raise an OSError (pyarrow's name no file) as one that names `path`."""
+    try:
+        yield
+    except OSError as error:
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        raise OSError(error.errno, reason, str(path)) from error
