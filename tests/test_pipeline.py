@@ -106,7 +106,8 @@ def test_a_run_killed_twice_and_resumed_equals_the_uninterrupted_one(smoke_run, 
     """Real SIGKILLs of a real run: once mid-run before any checkpoint (resume restarts at step 0 over the
     records already written), once right after the checkpoint of step 2 (resume starts there)."""
     killed = tmp_path / "killed"
-    kill_when_written(start_run(killed), killed / "rollouts" / "step_000001.parquet")
+    # step 0's records appear a whole step before the first checkpoint (after step 1): the kill lands between
+    kill_when_written(start_run(killed), killed / "rollouts" / "step_000000.parquet")
     assert not (killed / "checkpoints" / "step_000002").exists()
     kill_when_written(start_run(killed, "--resume"), killed / "checkpoints" / "step_000002")
     finished = start_run(killed, "--resume")
