@@ -31,24 +31,14 @@ import pyarrow.parquet as pq
 
 from specialists.errors import UserError
 from specialists.formats import parse_answer
+from specialists.run_directory import CONFIG_FILE, REQUIRED_COLUMNS, rollout_files
 
-REQUIRED_COLUMNS = ("step", "prompt_id", "completion")
 NUMERIC_COLUMNS = ("epoch", "reward", "logprob", "num_tokens", "sample_index")
 ROLLOUT_SUFFIXES = (".jsonl", ".parquet")
-CONFIG_FILES = ("config.json", "config.toml")
+CONFIG_FILES = (CONFIG_FILE, "config.toml")  # echolab's, or a TOML config a user put beside their rollouts
 EXPERT_LOAD_TYPE = pa.list_(pa.list_(pa.float64()))
 
 RowName = Callable[[int], str]  # 0-based row of the table read -> where it came from, for messages
-
-
-def rollout_files(run_dir: Path) -> list[Path]:
-    """The run directory's per-step Parquet files, in name order (step_000000.parquet, ...)."""
-    return sorted((Path(run_dir) / "rollouts").glob("*.parquet"))
-
-
-def is_run_dir(path: Path) -> bool:
-    """A run directory is a directory with at least one `rollouts/*.parquet` file."""
-    return Path(path).is_dir() and bool(rollout_files(path))
 
 
 def read_run_config(run_dir: Path) -> dict:

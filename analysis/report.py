@@ -18,12 +18,13 @@ import numpy as np
 import pandas as pd
 
 from analysis import figures
-from analysis.load import CONFIG_FILES, is_run_dir, read_run_config, rollout_files
+from analysis.load import CONFIG_FILES, read_run_config
 from analysis.output import check_output_file
 from analysis.statistics import bootstrap_band, combined_format_change_test, compare_groups, entropy_accuracy_fit
-from analysis.summary import SUMMARY_FILE, analyze
+from analysis.summary import analyze
 from specialists.errors import UserError
 from specialists.files import replace_atomically
+from specialists.run_directory import SUMMARY_FILE, is_run_dir, rollout_files
 
 SEED_KEY = "seed"
 NAME_KEY = "name"

@@ -24,15 +24,14 @@ from analysis import specialists_metrics as sm
 from analysis.classify import format_names, label_formats
 from analysis.correctness import grade_reason_share, grade_rollouts
 from analysis.information import total_variation
-from analysis.load import is_run_dir, read_rollouts, read_run_config
+from analysis.load import read_rollouts, read_run_config
 from analysis.output import check_output_dir
 from analysis.statistics import entropy_accuracy_fit, format_change_test
 from specialists.errors import UserError
 from specialists.files import replace_atomically
 from specialists.formats import Format, load_formats
+from specialists.run_directory import METRICS_TABLE_FILE, SUMMARY_FILE, is_run_dir
 
-SUMMARY_FILE = "summary.json"
-METRICS_FILE = "metrics.parquet"
 DEFAULT_FORMATS = "synthetic"
 METRIC_KEYS = ["metric", "step", "layer", "format", "expert", "k", "value"]
 
@@ -62,7 +61,7 @@ def analyze(input_path: str | Path, formats: str | None = None, out_dir: str | P
     text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
     replace_atomically({
         out / SUMMARY_FILE: lambda path: path.write_text(text, encoding="utf-8"),
-        out / METRICS_FILE: lambda path: pq.write_table(pa.Table.from_pandas(metrics, preserve_index=False), path),
+        out / METRICS_TABLE_FILE: lambda path: pq.write_table(pa.Table.from_pandas(metrics, preserve_index=False), path),
     })
     return summary
 

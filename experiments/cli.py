@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="the whole experiment: pretrain (cached) -> RL -> analysis -> report",
         description="Run one experiment config: pretrain the base model (cached by the hash of its config), "
                     "post-train it with the configured RL algorithm, analyse every recorded rollout, and write "
-                    "the run directory (config.json, rollouts/, metrics.jsonl, router/, checkpoints/, "
+                    "the run directory (config.json, rollouts/, metrics.jsonl, checkpoints/, "
                     "summary.json, report.html).")
     run.add_argument("config", help="experiment TOML (see experiments/configs/)")
     run.add_argument("--out", help="run directory (default: runs/<config name>)")

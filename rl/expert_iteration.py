@@ -14,7 +14,7 @@ Each round (one recorded step) does, with k = sampling.samples_per_prompt:
                plus aux_coef * L_aux (router load balancing) for an MoE, for expert_iteration.sft_epochs
                epochs in minibatches of SFT_BATCH_SIZE, with a fresh AdamW (constant lr, no decay);
  5. sync       engine.sync_weights(model), so the next round samples from the fine-tuned model;
- 6. record     rollouts, router statistics, metrics; a checkpoint every `checkpoint_every` rounds and
+ 6. record     rollouts, rollouts and metrics; a checkpoint every `checkpoint_every` rounds and
                after the last.
 
 A round with no correct sample fine-tunes on nothing: the model is the base model again ("base") or
@@ -134,7 +134,7 @@ def train_expert_iteration(
     trainer_state: dict | None = None,
 ):
     """Run EI rounds start_step .. settings.steps - 1 on `model`; returns the model (changed in place).
-    Every round writes rollouts/step_*.parquet, router/step_*.json and a metrics.jsonl line; checkpoints
+    Every round writes rollouts/step_*.parquet and a metrics.jsonl line; checkpoints
     (model after s rounds, RNG state in trainer_state.pt) every `checkpoint_every` rounds and after the
     last. The caller owns `engine`.
 

@@ -22,7 +22,7 @@ is recorded:
 - pretraining replay: `replay_loss` adds pretrain_replay_coef x the NLL of a replay batch (rl.replay) to
   every optimiser step's loss;
 - recording: the loss forward runs inside `rl.routing.capture_routing`, so each completion's expert
-  load comes from the training forward; each optimiser step writes its rollouts, router statistics
+  load comes from the training forward; each optimiser step writes its rollouts
   and one metrics line (TRL's logged metrics plus ours), and checkpoints go through the Recorder.
 
 Step numbering (SPEC.md): the rollouts of step s come from the model after s updates; step 0 is the
@@ -467,7 +467,7 @@ def _make_trainer_class():
                 self.record_step(self.start_step + self.state.global_step - 1, dict(logs))
 
         def record_step(self, step: int, logs: dict) -> None:
-            """After the update made with the rollouts of `step`: write its rollouts and router statistics (when
+            """After the update made with the rollouts of `step`: write its rollouts (when
             they were taken at this step), its metrics line, and the checkpoint when due.
 
             The metrics line holds TRL's logged metrics of the update (loss, grad_norm, entropy, kl with beta > 0,
@@ -559,7 +559,7 @@ def train_grpo(model, tokenizer, engine: RolloutEngine, prompt_set: PromptSet, r
     """Post-train `model` with GRPO for steps start_step .. settings.steps - 1; returns the model.
 
     Every step writes rollouts/step_*.parquet (SPEC columns, expert_load from the training forward),
-    router/step_*.json and a metrics.jsonl line; checkpoints (model after s updates, with optimiser,
+    and a metrics.jsonl line; checkpoints (model after s updates, with optimiser,
     schedule and RNG state in trainer_state.pt) every `checkpoint_every` steps and after the last.
 
     Resuming (as rl.ppo.train_ppo): pass the model loaded from the checkpoint of `start_step`; the optimiser,

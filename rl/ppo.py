@@ -26,7 +26,7 @@ optimiser updates):
                  when switched on; gradient norms clipped to MAX_GRAD_NORM (policy and value head apart).
  7. sync         engine.sync_weights(model) once the step's updates are done (the engine is idle between
                  them): the next step samples from the updated policy.
- 8. record       rollouts, router statistics, metrics; a checkpoint every `checkpoint_every` steps and
+ 8. record       rollouts and metrics; a checkpoint every `checkpoint_every` steps and
                  after the last.
 
 Design choices, stated once:
@@ -176,7 +176,7 @@ def train_ppo(
     replay: PretrainReplay | None = None,
 ):
     """Post-train `model` with PPO for steps start_step .. settings.steps - 1; returns the model (trained
-    in place). Every step writes rollouts/step_*.parquet, router/step_*.json and a metrics.jsonl line;
+    in place). Every step writes rollouts/step_*.parquet and a metrics.jsonl line;
     checkpoints (model after s updates; optimiser, value head and RNG state in trainer_state.pt) every
     `checkpoint_every` steps and after the last. The caller owns `engine` (and closes it).
 

@@ -5,7 +5,7 @@ completions per prompt from the engine, grades them (format, answer, reason) and
 rewards; `to_rollouts` makes the recorder's rows. The reward is a list of weighted terms: the
 correctness term always, plus the mitigations' format-level terms when switched on. Shared by the
 algorithms' step loops: `sampling_seed` and `step_seed` (per-step seeds), `pack_batch`
-(teacher-forcing tensors) and `record_step` (rollouts, router statistics and metrics of one step).
+(teacher-forcing tensors) and `record_step` (rollouts and metrics of one step).
 """
 
 from __future__ import annotations
@@ -162,13 +162,12 @@ def _json_safe(value):
 
 def record_step(recorder: Recorder, step: int, epoch: float, batch: StepBatch, expert_load: torch.Tensor | None,
                 metrics: dict) -> list[Rollout]:
-    """Write one step: its rollouts, its router statistics and one metrics line. The metrics line gets
+    """Write one step: its rollouts and one metrics line. The metrics line gets
     `epoch`, `reward_mean`, `reward_std` (population) and `accuracy` (mean correctness) of the batch and
     `truncated_fraction` (completions cut at max_new_tokens) added to the algorithm's own `metrics`. Returns the
     rollout rows."""
     rows = to_rollouts(step, epoch, batch, expert_load)
     recorder.write_rollouts(step, rows)
-    recorder.write_router(step, rows)
     rewards = batch.rewards.double().flatten()
     line = {
         "epoch": epoch,

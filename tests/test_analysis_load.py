@@ -10,7 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from analysis.load import is_run_dir, read_rollouts, read_run_config
+from analysis.load import read_rollouts, read_run_config
+from specialists.run_directory import is_run_dir
 from specialists.errors import UserError
 
 RECORDS = [

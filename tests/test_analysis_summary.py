@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from analysis.load import read_rollouts
-from analysis.summary import METRICS_FILE, SUMMARY_FILE, analyze
+from analysis.summary import analyze
+from specialists.run_directory import METRICS_TABLE_FILE, SUMMARY_FILE
 from specialists.errors import UserError
 from specialists.formats import FORMAT_SETS
 from specialists.tasks import generate_problems
@@ -58,17 +59,12 @@ def synthetic_rollouts(seed: int = 0, steps: int = 5, prompts: int = 6, samples:
 
 
 def write_run_dir(table: pd.DataFrame, path: Path, config: dict) -> Path:
-    """A run directory as the RL recorder writes it: config.json, rollouts/step_NNNNNN.parquet, metrics.jsonl,
-    router/ (per-step expert token totals, when the rows carry expert loads)."""
+    """A run directory as the RL recorder writes it: config.json, rollouts/step_NNNNNN.parquet, metrics.jsonl."""
     (path / "rollouts").mkdir(parents=True)
-    (path / "router").mkdir()
     (path / "config.json").write_text(json.dumps(config))
     lines = []
     for step, part in table.groupby("step"):
         pq.write_table(pa.Table.from_pandas(part, preserve_index=False), path / "rollouts" / f"step_{step:06d}.parquet")
-        if "expert_load" in part.columns:
-            totals = np.sum(np.asarray(part["expert_load"].tolist()), axis=0).tolist()
-            (path / "router" / f"step_{step:06d}.json").write_text(json.dumps({"step": int(step), "expert_tokens": totals}))
         lines.append(json.dumps({"step": int(step), "reward": float(len(part))}))
     (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     return path
@@ -91,8 +87,8 @@ def test_run_directory_and_jsonl_give_identical_summaries(rollouts, tmp_path):
     from_file = analyze(jsonl, formats="synthetic", progress=False)
     assert from_run == from_file
     assert (run / SUMMARY_FILE).read_bytes() == (tmp_path / "external_analysis" / SUMMARY_FILE).read_bytes()
-    metrics_run = pd.read_parquet(run / METRICS_FILE)
-    pd.testing.assert_frame_equal(metrics_run, pd.read_parquet(tmp_path / "external_analysis" / METRICS_FILE))
+    metrics_run = pd.read_parquet(run / METRICS_TABLE_FILE)
+    pd.testing.assert_frame_equal(metrics_run, pd.read_parquet(tmp_path / "external_analysis" / METRICS_TABLE_FILE))
     assert set(from_run) >= SPEC_KEYS
     assert set(metrics_run["metric"]) >= {"format_share", "pass_at_k", "expert_share", "format_expert_mi"}
 
@@ -120,7 +116,7 @@ def test_analysis_is_deterministic(rollouts, tmp_path):
     path = write_jsonl(rollouts, tmp_path / "r.jsonl")
     analyze(path, out_dir=tmp_path / "a", progress=False)
     analyze(path, out_dir=tmp_path / "b", progress=False)
-    for name in (SUMMARY_FILE, METRICS_FILE):
+    for name in (SUMMARY_FILE, METRICS_TABLE_FILE):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 

@@ -97,7 +97,7 @@ def test_two_rounds_from_base(moe_dir, tmp_path, monkeypatch):
     assert len(at_start) == 2 and all(weights_equal(start, base) for start in at_start)
     assert not weights_equal(at_end[0], base) and not weights_equal(at_end[1], at_end[0])
     assert weights_equal(model.state_dict(), at_end[1])
-    # rollouts with expert loads of the sampling model, router statistics; a checkpoint per round
+    # rollouts with expert loads of the sampling model; a checkpoint per round
     check_run_directory(tmp_path, load_model(moe_dir).config, steps=2, rows_per_step=12, checkpoints=[1, 2],
                         algorithm="ei")
     assert weights_equal(load_model(tmp_path / "checkpoints" / "step_000001").state_dict(), at_end[0])

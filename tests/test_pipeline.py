@@ -68,7 +68,7 @@ def rollouts(run_dir):
 
 def test_run_directory_follows_the_spec(smoke_run):
     names = {p.name for p in smoke_run.iterdir()}
-    assert {"config.json", "rollouts", "metrics.jsonl", "router", "checkpoints", "summary.json", "report.html"} <= names
+    assert {"config.json", "rollouts", "metrics.jsonl", "checkpoints", "summary.json", "report.html"} <= names
     assert sorted(p.name for p in (smoke_run / "rollouts").iterdir()) == [f"step_00000{i}.parquet" for i in range(3)]
     assert len(metrics_without_timing(smoke_run)) == 3
     summary = json.loads((smoke_run / "summary.json").read_text())

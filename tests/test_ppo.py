@@ -75,7 +75,7 @@ def moe_run(moe_dir, tmp_path_factory):
 def test_run_directory_is_complete(moe_dir, moe_run):
     run_dir, model = moe_run
     config = load_model(moe_dir).config
-    # rollouts with routed-token counts, router statistics, three metrics lines; checkpoint "step s" = the
+    # rollouts with routed-token counts, three metrics lines; checkpoint "step s" = the
     # model after s updates: after 2 (checkpoint_every) and after the last
     metrics = check_run_directory(run_dir, config, steps=3, rows_per_step=2 * 4, checkpoints=[2, 3], algorithm="ppo")
     for line in metrics:
@@ -161,4 +161,3 @@ def test_dense_model_with_real_grading(dense_dir, tmp_path):
     assert all(r["reason"] in {"correct", "wrong", "no_answer", "timeout", "forbidden", "error"} for r in rows)
     metrics = _metrics(tmp_path)
     assert len(metrics) == 2 and all(m["aux_loss"] is None for m in metrics)
-    assert not list((tmp_path / "router").iterdir())

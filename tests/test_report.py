@@ -16,7 +16,7 @@ import pytest
 from analysis import report
 from analysis.load import read_run_config
 from analysis.report import group_runs, load_run, write_report
-from analysis.summary import SUMMARY_FILE
+from specialists.run_directory import SUMMARY_FILE
 from specialists.errors import UserError
 from test_analysis_summary import synthetic_rollouts, write_run_dir
 
