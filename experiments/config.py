@@ -57,7 +57,7 @@ def validate(document: dict, model: type[BaseModel], source: str):
         message = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for our validators' messages
         if isinstance(first["input"], (str, int, float)):  # a section's input is the whole table: not worth quoting
             message += f" (got {first['input']!r})"
-        raise UserError(f"{source}: {location}: {message}") from None
+        raise UserError(f"{source}: {location + ': ' if location else ''}{message}") from None  # no location: the whole config
 
 
 class AnalysisSettings(Strict):
