@@ -123,3 +123,26 @@ def affinity_heatmaps(affinity_by_layer: dict[str, pd.DataFrame], title: str) ->
         axes.set_xlabel("expert", fontsize=8)
     figure.suptitle(title, fontsize=10, y=1.04)
     return _png(figure)
+
+
+def specialist_dominance(specialist_share: pd.DataFrame, format_share: pd.DataFrame, alignment: pd.DataFrame,
+                         chance: float, title: str) -> str:
+    """Two panels over RL steps (each table: rows steps, columns the formats that have a specialist). Left: each
+    specialist's share of the routed tokens (solid) beside its format's share of the completions (dashed, same
+    colour). Right: each format's alignment with its own specialist, with `chance` (a specialist's share of the
+    experts) dotted."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(WIDTH, 3.0), sharex=True)
+    for color, name in zip(PALETTE * 4, specialist_share.columns):
+        left.plot(specialist_share.index, specialist_share[name], color=color, marker="o", markersize=3, label=name)
+        if name in format_share.columns:
+            left.plot(format_share.index, format_share[name], color=color, linestyle="--", linewidth=1)
+        if name in alignment.columns:
+            right.plot(alignment.index, alignment[name], color=color, marker="o", markersize=3, label=name)
+    right.axhline(chance, color="grey", linestyle=":", linewidth=1)
+    left.set(xlabel="RL step", ylabel="share", ylim=(0, 1), title="specialist share of routing (dashed: format share)")
+    right.set(xlabel="RL step", ylabel="P(own specialist | format)", ylim=(0, 1), title="format-specialist alignment")
+    for axes in (left, right):
+        axes.title.set_fontsize(9)
+    right.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    figure.suptitle(title, fontsize=10, y=1.03)
+    return _png(figure)

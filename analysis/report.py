@@ -214,6 +214,8 @@ def findings(group: Group) -> list[str]:
                          f"p = {test['p_value']:.2g}" + (f" (summed over {test['runs']} runs)." if len(runs) > 1 else "."))
     if _has_experts(group):
         sentences += _expert_findings(group)
+    if _has_specialists(group):
+        sentences.append(_specialist_finding(group))
     return sentences
 
 
@@ -275,7 +277,53 @@ def group_figures(group: Group) -> list[tuple[str, str]]:
             if affinity:
                 result.append((f"Format × expert affinity at the {which} step: P(expert | format), mean over runs",
                                figures.affinity_heatmaps(affinity, f"{group.label}, {which} step")))
+    if _has_specialists(group):
+        result.append(_specialist_figure(group))
     return result
+
+
+# ---------------------------------------------------------------- specialist dominance (experts trained apart)
+
+def _has_specialists(group: Group) -> bool:
+    return all("specialist_dominance" in run.summary for run in group.runs)
+
+
+def _layer_mean(per_layer: dict) -> dict:
+    """{layer: {step: {column: value}}} -> {step: {column: mean over layers}}."""
+    frames = [pd.DataFrame(steps).T.astype(np.float64) for steps in per_layer.values()]
+    mean = pd.concat(frames).groupby(level=0).mean()
+    return {step: row.to_dict() for step, row in mean.iterrows()}
+
+
+def _specialist_tables(group: Group) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Specialist share, format share and alignment (rows steps, columns the specialists' formats), means over
+    layers and runs."""
+    share = _mean_over_runs(group, lambda s: _layer_mean(s["specialist_dominance"]["specialist_share"]))
+    alignment = _mean_over_runs(group, lambda s: _layer_mean(s["specialist_dominance"]["specialist_alignment"]))
+    formats = _mean_over_runs(group, lambda s: s["format_share"])
+    return share, formats[[name for name in share.columns if name in formats.columns]], alignment
+
+
+def _specialist_finding(group: Group) -> str:
+    share, formats, alignment = _specialist_tables(group)
+    first, last = share.index[0], share.index[-1]
+    leader = formats.loc[last].idxmax() if formats.shape[1] else share.loc[last].idxmax()
+    return (f"Specialists trained apart (means over layers): at step {last} the {leader} specialist carries "
+            f"{_pct(share.loc[last, leader])} of the routed tokens (step {first}: {_pct(share.loc[first, leader])})"
+            + (f", and {leader} has {_pct(formats.loc[last, leader])} of the completions" if formats.shape[1] else "")
+            + "; alignment of each format with its own specialist: "
+            + ", ".join(f"{name} {_num(alignment.loc[first, name])} → {_num(alignment.loc[last, name])}"
+                        for name in alignment.columns) + ".")
+
+
+def _specialist_figure(group: Group) -> tuple[str, str]:
+    share, formats, alignment = _specialist_tables(group)
+    specialists = group.runs[0].summary["specialist_dominance"]["expert_specialists"]
+    chance = specialists.count(specialists[0]) / len(specialists)
+    return ("Specialist dominance (experts trained apart): each specialist's share of the routed tokens beside its "
+            "format's share of the completions, and how much of each format's routing goes to its own specialist "
+            "(dotted: chance); means over layers" + (" and runs" if len(group.runs) > 1 else ""),
+            figures.specialist_dominance(share, formats, alignment, chance, group.label))
 
 
 def _mean_affinity(group: Group, layer: str, step_of) -> pd.DataFrame | None:

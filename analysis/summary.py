@@ -24,7 +24,7 @@ from analysis import specialists_metrics as sm
 from analysis.classify import format_names, label_formats
 from analysis.correctness import grade_reason_share, grade_rollouts
 from analysis.information import total_variation
-from analysis.load import read_rollouts, read_run_config
+from analysis.load import read_expert_specialists, read_rollouts, read_run_config
 from analysis.output import check_output_dir
 from analysis.statistics import entropy_accuracy_fit, format_change_test
 from specialists.errors import UserError
@@ -56,7 +56,9 @@ def analyze(input_path: str | Path, formats: str | None = None, out_dir: str | P
     table = read_rollouts(input_path)
     table["format"] = label_formats(table, format_set, progress)
     table[["final_answer", "correct", "grade_reason"]] = grade_rollouts(table, format_set, progress)
-    summary, metrics = summarise(table, format_names(format_set, table["format"]), collapse_threshold, progress)
+    specialists = read_expert_specialists(read_run_config(run_dir)) if run_dir is not None else None
+    summary, metrics = summarise(table, format_names(format_set, table["format"]), collapse_threshold, progress,
+                                 specialists)
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
     replace_atomically({
@@ -79,9 +81,10 @@ def resolve_formats(formats: str | None, run_dir: Path | None) -> tuple[Format, 
 
 
 def summarise(table: pd.DataFrame, names: list[str], collapse_threshold: float = 0.9,
-              progress: bool = False) -> tuple[dict, pd.DataFrame]:
+              progress: bool = False, expert_specialists: list[str] | None = None) -> tuple[dict, pd.DataFrame]:
     """Every metric of a labelled, judged table (columns of `read_rollouts` plus `format`, `final_answer`,
-    `correct`): the summary dict and the long per-step metrics table."""
+    `correct`): the summary dict and the long per-step metrics table. `expert_specialists` (the format of each
+    expert's specialist, `analysis.load.read_expert_specialists`) adds the specialist dominance measures."""
     bar = tqdm(total=3, desc="metrics", unit="group", disable=not progress)
     summary, metrics = _format_metrics(table, names, collapse_threshold)
     bar.update()
@@ -95,6 +98,10 @@ def summarise(table: pd.DataFrame, names: list[str], collapse_threshold: float =
         specialists_summary, specialists_metrics = _specialists_metrics(tokens, names)
         summary.update(specialists_summary)
         metrics += specialists_metrics
+        if expert_specialists is not None:
+            dominance_summary, dominance_metrics = _specialist_dominance(tokens, table, names, expert_specialists)
+            summary["specialist_dominance"] = dominance_summary
+            metrics += dominance_metrics
     bar.update()
     bar.close()
     long = pd.concat([_long(name, values) for name, values in metrics], ignore_index=True)
@@ -207,6 +214,25 @@ def _specialists_metrics(tokens: pd.DataFrame, names: list[str]) -> tuple[dict, 
     return summary, metrics
 
 
+def _specialist_dominance(tokens: pd.DataFrame, table: pd.DataFrame, names: list[str],
+                          expert_specialists: list[str]) -> tuple[dict, list]:
+    shares = sm.expert_share(tokens)
+    specialist_share = sm.specialist_share(shares, expert_specialists)
+    alignment = sm.specialist_alignment(tokens, expert_specialists)
+    winner = sm.dominant_expert_is_winner_specialist(shares, fm.dominant_format(fm.format_share(table, names)),
+                                                     expert_specialists)
+    summary = {
+        "expert_specialists": list(expert_specialists),
+        "specialist_share": _by_layer_nested(specialist_share),
+        "specialist_alignment": _by_layer_nested(alignment),
+        "dominant_expert_is_winner_specialist": {layer: {step: bool(value) for step, value in steps.items()}
+                                                 for layer, steps in _by_layer(winner).items()},
+    }
+    metrics = [("specialist_share", specialist_share), ("specialist_alignment", alignment),
+               ("dominant_expert_is_winner_specialist", winner)]
+    return summary, metrics
+
+
 def _routing_shift(tokens: pd.DataFrame, first: int, last: int) -> dict:
     decomposition = sm.routing_shift_decomposition(tokens, first, last)
     within = sm.within_format_routing_drift(tokens, first, last)
@@ -250,6 +276,11 @@ def _nested(frame: pd.DataFrame) -> dict:
 def _by_layer(series: pd.Series) -> dict:
     """(layer, step)-indexed series -> {layer: {step: value}}."""
     return {str(layer): _flat(block.droplevel("layer")) for layer, block in series.groupby(level="layer")}
+
+
+def _by_layer_nested(frame: pd.DataFrame) -> dict:
+    """(layer, step)-indexed frame -> {layer: {step: {column: value}}}."""
+    return {str(layer): _nested(block.droplevel("layer")) for layer, block in frame.groupby(level="layer")}
 
 
 def _long(metric: str, values: pd.Series | pd.DataFrame) -> pd.DataFrame:

@@ -137,3 +137,21 @@ def test_sweep_runs_pool_across_rl_seeds_despite_their_names(tmp_path):
     configs.append({"name": "core/kl-seed=0", "seed": 0, "rl": {"seed": 0, "beta": 0.01}})
     loaded = [report.Run(tmp_path / str(index), config, {}) for index, config in enumerate(configs)]
     assert [group.label for group in group_runs(loaded)] == ["rl.beta=0.0 (3 seeds)", "rl.beta=0.01"]
+
+
+def test_btx_runs_get_the_specialist_dominance_finding_and_figure(tmp_path):
+    """Two seeds of a BTX run (expert i = format i's specialist, 85% of each format routed there) collapsing onto
+    python_function: its specialist takes over the routing, and the report says so and draws it."""
+    config = {"model": {"kind": "btx", "num_experts": 3},
+              "mixture": {"formats": {"python_function": {}, "llm_code": {}, "natural_language": {}}}}
+    runs = [write_run_dir(synthetic_rollouts(seed=seed, steps=4, experts=3), tmp_path / f"btx-{seed}",
+                          {**config, "seed": seed}) for seed in range(2)]
+    text = write_report(runs, tmp_path / "r.html", progress=False).read_text(encoding="utf-8")
+    finding = re.search(r"Specialists trained apart \(means over layers\): at step 3 the python_function specialist "
+                        r"carries (\d+)% of the routed tokens \(step 0: (\d+)%\)", text)
+    assert finding and int(finding.group(1)) > int(finding.group(2)) + 30
+    assert "alignment of each format with its own specialist: python_function 0." in text
+    assert "Specialist dominance (experts trained apart)" in text
+    without = write_report([write_run_dir(synthetic_rollouts(steps=4, experts=3), tmp_path / "moe", {"seed": 0})],
+                           tmp_path / "moe.html", progress=False).read_text(encoding="utf-8")
+    assert "Specialist" not in without
