@@ -59,7 +59,7 @@ def read_expert_specialists(config: dict) -> list[str] | None:
     """The format of the specialist each expert came from, when the run's experts are specialists trained apart:
     the config's top-level `expert_specialists` list (as a BTX checkpoint's config.json holds it; put it in a
     config.toml beside rollouts from elsewhere), else, for an echolab config with `model.kind = "btx"`, the
-    BTX convention `specialists.config.expert_specialists` over its mixture's formats (in order) and
+    BTX convention `specialists.config.expert_specialists` over its mixture's formats (alphabetical) and
     `model.num_experts`; None when the config names no specialists."""
     named = config.get("expert_specialists")
     if named is not None:

@@ -180,11 +180,14 @@ def specialist_alignment(tokens: pd.DataFrame, expert_specialists: Sequence[str]
     m / E (the specialist's share of experts) when routing ignores the format. Rows (layer, step), columns the
     formats that have a specialist, NaN at steps where the format was not sampled."""
     routing = format_routing(tokens)
-    to_specialist = routing.T.groupby(_owners(routing.columns, expert_specialists), sort=False).sum().T
-    pairs = to_specialist.rename_axis(columns="specialist").stack()  # (layer, step, format, specialist)
-    own = pairs[pairs.index.get_level_values("format") == pairs.index.get_level_values("specialist")]
+    owners = _owners(routing.columns, expert_specialists)
     formats = list(dict.fromkeys(expert_specialists))
-    return own.droplevel("specialist").unstack("format").reindex(columns=formats).rename_axis(columns="format")
+    row_formats = routing.index.get_level_values("format")
+    own = pd.Series([row[owners == fmt].sum() for row, fmt in zip(routing.to_numpy(), row_formats)],
+                    index=routing.index, dtype=np.float64)[row_formats.isin(formats)]
+    every = pd.MultiIndex.from_frame(tokens[LAYER_STEP].drop_duplicates().sort_values(LAYER_STEP))
+    table = own.unstack("format") if len(own) else pd.DataFrame(index=every)
+    return table.reindex(index=every, columns=formats).rename_axis(columns="format")
 
 
 def dominant_expert_is_winner_specialist(shares: pd.DataFrame, dominant_format: pd.Series,

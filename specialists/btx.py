@@ -8,7 +8,8 @@ learns on the whole mixture. The recipe around the merge (seed, branch, train, m
 Sizes. A BTX base has the same [model] numbers as the joint MoE it is compared with, and exactly its shape:
 F formats, num_experts = F * m experts of width W = expert_size, experts_per_token active. Each dense
 specialist's MLP is m * W wide and becomes m experts: expert f * m + c is chunk c of specialist f's MLP
-(intermediate units c * W ... (c + 1) * W). Total and active parameters equal the joint MoE's; with
+(intermediate units c * W ... (c + 1) * W), specialists in alphabetical order of their formats
+(`specialists.config.expert_specialists`). Total and active parameters equal the joint MoE's; with
 m = experts_per_token a specialist has the dense baseline's MLP width, i.e. the MoE's active size.
 
 Why chunking is exact, and the factor m. The MLP is SwiGLU, MLP(x) = down (silu(gate x) * up x), which acts
@@ -50,10 +51,11 @@ def specialist_config(moe: Qwen3MoeConfig, num_specialists: int) -> Qwen3Config:
 def merge_specialists(specialists: Sequence[PreTrainedModel], moe: Qwen3MoeConfig, formats: Sequence[str]) -> PreTrainedModel:
     """The Qwen3-MoE of `moe`'s shape whose expert f * m + c is chunk c of specialist f's MLP (down-projection
     times m, see the module docstring) and whose other weights are the specialists' means; routers keep the
-    fresh initialisation (seed torch before calling). `formats[f]` names specialist f; the map expert ->
-    format is saved in the checkpoint's config as `expert_specialists`."""
-    if len(specialists) != len(formats) or moe.num_experts % len(formats):
-        raise ValueError(f"{len(specialists)} specialists for {len(formats)} formats and {moe.num_experts} experts")
+    fresh initialisation (seed torch before calling). `formats[f]` names specialist f (alphabetical order, see
+    `expert_specialists`); the map expert -> format is saved in the checkpoint's config as `expert_specialists`."""
+    if len(specialists) != len(formats) or moe.num_experts % len(formats) or list(formats) != sorted(formats):
+        raise ValueError(f"{len(specialists)} specialists for the formats {list(formats)} (sorted) and "
+                         f"{moe.num_experts} experts")
     m = experts_per_specialist(moe, len(formats))
     width = moe.moe_intermediate_size
     config = copy.deepcopy(moe)

@@ -6,6 +6,7 @@ in a TOML file names itself instead of being silently ignored.
 
 from __future__ import annotations
 
+import math
 from typing import Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -204,7 +205,7 @@ class SpecialistsConfig(Strict):
         weights = self.mixture.normalised_weights()
         for name, share in self.mixture.formats.items():
             if share.data is not None:
-                needed = -(-round(self.pretrain.num_examples * weights[name]) // share.repeat)
+                needed = math.ceil(round(self.pretrain.num_examples * weights[name]) / share.repeat)
                 available = len(read_texts(share.data))
                 if available < needed:
                     raise ValueError(f"mixture.formats.{name}.data: {share.data} has {available} texts, the mixture "
@@ -222,8 +223,11 @@ class SpecialistsConfig(Strict):
 
 
 def expert_specialists(formats: Sequence[str], num_experts: int) -> list[str]:
-    """The format whose specialist each expert of a BTX model came from: specialist f (in mixture order) owns
-    the num_experts / len(formats) consecutive experts starting at f * num_experts / len(formats)."""
-    per_specialist = num_experts // len(formats)
-    return [formats[expert // per_specialist] for expert in range(num_experts)]
+    """The format whose specialist each expert of a BTX model came from. Specialists are taken in alphabetical
+    order of their formats (an order that survives a config written with sorted keys, as run directories'
+    config.json is); specialist f owns the num_experts / len(formats) consecutive experts from
+    f * num_experts / len(formats) on."""
+    ordered = sorted(formats)
+    per_specialist = num_experts // len(ordered)
+    return [ordered[expert // per_specialist] for expert in range(num_experts)]
 

@@ -189,9 +189,10 @@ def branch_train_mix(config: SpecialistsConfig, examples: list[Example], token_i
                      tokenizer: PreTrainedTokenizerFast, out_dir: Path, log: IO[str],
                      progress: bool = True) -> tuple[PreTrainedModel, dict]:
     """BTX (module docstring): seed -> one specialist per format -> merge -> mix. Phase k's batch order is
-    seeded with seed * 1_000_003 + k (k = 0 seed phase, 1..F the specialists in mixture order, F + 1 mix).
+    seeded with seed * 1_000_003 + k (k = 0 seed phase, 1..F the specialists in alphabetical order of their
+    formats, F + 1 mix).
     Saves each specialist under out_dir/specialists/FORMAT. Returns the merged model and the phases' sizes."""
-    settings, formats = config.btx, list(config.mixture.formats)
+    settings, formats = config.btx, sorted(config.mixture.formats)  # the order of `expert_specialists`
     pad_id = tokenizer.pad_token_id
     moe_config = model_config(config.model, len(tokenizer), tokenizer.eos_token_id, pad_id)
 

@@ -128,9 +128,12 @@ def test_specialist_alignment_is_the_share_of_a_format_routed_to_its_own_special
 
 
 def test_specialist_alignment_ignores_formats_without_a_specialist():
-    counts = tokens({(0, "a"): [[1, 1, 0, 0]], (0, "other"): [[0, 0, 4, 0]]})
+    counts = tokens({(0, "a"): [[1, 1, 0, 0]], (0, "other"): [[0, 0, 4, 0]], (1, "other"): [[4, 0, 0, 0]]})
     table = sm.specialist_alignment(counts, SPECIALISTS)
     assert list(table.columns) == ["a", "b"] and table.loc[(0, 0), "a"] == 1.0 and math.isnan(table.loc[(0, 0), "b"])
+    assert table.loc[(0, 1)].isna().all()  # step 1 has only `other`: a row, but nothing to align
+    only_other = sm.specialist_alignment(tokens({(0, "other"): [[4, 0, 0, 0], [0, 4, 0, 0]]}), SPECIALISTS)
+    assert list(only_other.index) == [(0, 0), (1, 0)] and only_other.isna().all().all()
 
 
 def test_dominant_expert_is_winner_specialist_compares_with_the_steps_dominant_format():

@@ -189,10 +189,10 @@ def test_bad_paths_and_format_sets(tmp_path):
 
 
 def test_a_btx_run_config_adds_specialist_dominance(tmp_path):
-    """A BTX run: expert i is format i's specialist (3 formats, 3 experts) and each format routes 85% of its tokens
-    there (`synthetic_rollouts`), while python_function takes over the completions."""
+    """A BTX run: expert i is format i's specialist (3 formats, 3 experts; the map named in the config) and each
+    format routes 85% of its tokens there (`synthetic_rollouts`), while python_function takes over the completions."""
     config = {"model": {"kind": "btx", "num_experts": 3},
-              "mixture": {"formats": {"python_function": {}, "llm_code": {}, "natural_language": {}}}}
+              "expert_specialists": ["python_function", "llm_code", "natural_language"]}
     run = write_run_dir(synthetic_rollouts(experts=3), tmp_path / "run", config)
     dominance = analyze(run, formats=None, progress=False)["specialist_dominance"]
     assert dominance["expert_specialists"] == ["python_function", "llm_code", "natural_language"]
@@ -213,7 +213,7 @@ def test_the_expert_specialist_map_from_a_run_config():
     from analysis.load import read_expert_specialists
 
     btx = {"model": {"kind": "btx", "num_experts": 6}, "mixture": {"formats": {"b": {}, "a": {}, "c": {}}}}
-    assert read_expert_specialists(btx) == ["b", "b", "a", "a", "c", "c"]  # mixture order, 2 experts each
+    assert read_expert_specialists(btx) == ["a", "a", "b", "b", "c", "c"]  # alphabetical, 2 experts each
     assert read_expert_specialists({"expert_specialists": ["x", "y"]}) == ["x", "y"]  # e.g. a BTX checkpoint's config
     assert read_expert_specialists({"model": {"kind": "moe"}}) is None and read_expert_specialists({}) is None
     with pytest.raises(UserError, match="non-empty list of format names"):

@@ -23,7 +23,7 @@ from specialists import btx
 from specialists.config import ModelSettings, expert_specialists
 from specialists.model import count_parameters, load_model, model_config
 
-FORMATS = ["python_function", "llm_code", "gsm8k"]
+FORMATS = ["gsm8k", "llm_code", "python_function"]  # alphabetical: the order of the specialists' experts
 TINY_BTX = """
 seed = 0
 
@@ -133,7 +133,7 @@ def test_sizes_match_the_joint_moe_with_the_same_model_numbers():
 def test_echolab_pretrain_builds_a_btx_base_from_the_formats_corpora(btx_base):
     out, config = btx_base
     model = load_model(out / "model")
-    assert model.config.num_experts == 6 and model.config.expert_specialists == expert_specialists(FORMATS, 6)
+    assert model.config.expert_specialists == ["gsm8k", "gsm8k", "llm_code", "llm_code", "python_function", "python_function"]
     summary = json.loads((out / "pretrain_summary.json").read_text())
     # 480 examples, 160 per format; seed and mix phases: the first and last 48 (0.1) of the shuffled corpus
     assert {name: phase["examples"] for name, phase in summary["phases"].items()} == {
@@ -206,3 +206,46 @@ def test_vllm_serves_the_merged_checkpoint_and_weight_sync_after_updates(btx_bas
     finally:
         del llm
         gc.collect()
+
+
+RL = """
+[rl]
+algorithm = "grpo"
+steps = 2
+prompts_per_step = 2
+num_prompts = 8
+checkpoint_every = 1
+
+[rl.sampling]
+samples_per_prompt = 4
+max_new_tokens = 32
+"""
+
+
+def test_echolab_run_post_trains_a_cached_btx_base_and_records_specialist_dominance(tmp_path, monkeypatch):
+    """`echolab run` on a BTX config: the base is pretrained into the cache, served by vLLM, post-trained with GRPO;
+    the rollouts carry expert load over all 6 experts, the analysis measures specialist dominance, and a second
+    request for the same base comes from the cache."""
+    import pyarrow.parquet as pq
+
+    from experiments.pipeline import base_model_dir, cache_root
+
+    monkeypatch.setenv("ECHOLAB_CACHE", str(tmp_path / "cache"))
+    config = write_config(tmp_path, extra=RL)
+    assert echolab(["run", config, "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    [cached] = list((cache_root() / "pretrain").iterdir())
+    assert (cached / "evaluation.json").is_file() and sorted(p.name for p in (cached / "specialists").iterdir()) == sorted(FORMATS)
+    for step in (0, 1):
+        loads = pq.read_table(tmp_path / "run" / "rollouts" / f"step_00000{step}.parquet").column("expert_load").to_pylist()
+        assert len(loads) == 8 and all(len(load) == 2 and all(len(layer) == 6 for layer in load) for load in loads)
+    dominance = json.loads((tmp_path / "run" / "summary.json").read_text())["specialist_dominance"]
+    assert dominance["expert_specialists"] == expert_specialists(FORMATS, 6)
+    for by_step in dominance["specialist_share"].values():
+        assert list(by_step) == ["0", "1"] and all(sum(shares.values()) == pytest.approx(1.0) for shares in by_step.values())
+    assert "Specialist dominance" in (tmp_path / "run" / "report.html").read_text()
+
+    def no_pretraining(*args, **kwargs):
+        raise AssertionError("the cached BTX base was trained again")
+
+    monkeypatch.setattr("specialists.pretrain.pretrain", no_pretraining)
+    assert base_model_dir(load_experiment_config(config).specialists(), progress=False) == cached / "model"

@@ -129,21 +129,24 @@ def test_the_cache_key_follows_the_corpus_content_and_the_btx_settings(tmp_path,
 @pytest.mark.integration
 def test_a_base_pretrained_on_corpora_samples_formats_as_the_mixture(tmp_path):
     """Done when (issue 11): an even mixture of three corpora in the real datasets' shapes (TinyGSM functions,
-    OpenMathInstruct-1 code blocks, GSM8K prose; one-operation problems) pretrains a small joint MoE whose held-out
-    samples use each format at least 10% of the time."""
+    OpenMathInstruct-1 code blocks, GSM8K prose; one-operation problems) pretrains the tiny joint MoE, whose
+    held-out samples (temperature 1) use each format at least 10% of the time.
+
+    The slowest test here: the model must learn three templates end to end (150 steps of 32 texts; about 25 min
+    on the shared, heavily loaded 2-core machine, 6.5 min of CPU time). In a trial at this size the shares were
+    0.28 / 0.19 / 0.38 on 32 problems (other 0.16); half the steps left half the samples malformed."""
     from specialists.evaluate import evaluate
     from specialists.pretrain import pretrain
 
-    task = TaskConfig(min_operations=1, max_operations=1)
-    paths = write_corpora(tmp_path, texts_per_format=700, task=task)
+    paths = write_corpora(tmp_path, texts_per_format=1600, task=TaskConfig(min_operations=1, max_operations=1))
     body = "".join(f'[mixture.formats.{name}]\nweight = 1.0\ndata = "{path}"\n' for name, path in paths.items())
     (tmp_path / "config.toml").write_text(
         '[task]\nmax_operations = 1\n\n[mixture]\nformat_set = "echo-chamber"\n\n' + body +
         '[model]\nhidden_size = 64\nnum_layers = 2\nnum_heads = 2\nnum_kv_heads = 1\nexpert_size = 128\n'
-        '[pretrain]\nnum_examples = 2100\nbatch_size = 16\nlearning_rate = 1e-2\n'
-        '[evaluation]\nnum_problems = 60\nmax_new_tokens = 96\n')
+        '[pretrain]\nnum_examples = 4800\nbatch_size = 32\nlearning_rate = 1e-2\n'
+        '[evaluation]\nnum_problems = 64\nmax_new_tokens = 128\n')
     config = load_experiment_config(tmp_path / "config.toml").specialists()
     result = evaluate(pretrain(config, tmp_path / "base", progress=False), config, progress=False)
     shares = result["format_share"]
     assert all(shares[name] >= 0.1 for name in ("python_function", "llm_code", "gsm8k")), shares
-    assert set(result["format_expert_affinity"]["0"]) <= {"python_function", "llm_code", "gsm8k", "natural_language", "other"}
+    assert set(result["format_expert_affinity"]["0"]) <= set(shares)

@@ -143,7 +143,7 @@ def test_btx_runs_get_the_specialist_dominance_finding_and_figure(tmp_path):
     """Two seeds of a BTX run (expert i = format i's specialist, 85% of each format routed there) collapsing onto
     python_function: its specialist takes over the routing, and the report says so and draws it."""
     config = {"model": {"kind": "btx", "num_experts": 3},
-              "mixture": {"formats": {"python_function": {}, "llm_code": {}, "natural_language": {}}}}
+              "expert_specialists": ["python_function", "llm_code", "natural_language"]}
     runs = [write_run_dir(synthetic_rollouts(seed=seed, steps=4, experts=3), tmp_path / f"btx-{seed}",
                           {**config, "seed": seed}) for seed in range(2)]
     text = write_report(runs, tmp_path / "r.html", progress=False).read_text(encoding="utf-8")
@@ -155,3 +155,8 @@ def test_btx_runs_get_the_specialist_dominance_finding_and_figure(tmp_path):
     without = write_report([write_run_dir(synthetic_rollouts(steps=4, experts=3), tmp_path / "moe", {"seed": 0})],
                            tmp_path / "moe.html", progress=False).read_text(encoding="utf-8")
     assert "Specialist" not in without
+    # A BTX base that writes no known format yet (as barely trained ones do): no alignment to measure, no crash.
+    unformatted = synthetic_rollouts(steps=2, experts=3).assign(completion="I do not know.")
+    run = write_run_dir(unformatted, tmp_path / "btx-other", {**config, "seed": 0})
+    text = write_report([run], tmp_path / "other.html", progress=False).read_text(encoding="utf-8")
+    assert "alignment of each format with its own specialist: python_function n/a → n/a" in text
