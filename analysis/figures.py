@@ -144,5 +144,6 @@ def specialist_dominance(specialist_share: pd.DataFrame, format_share: pd.DataFr
     for axes in (left, right):
         axes.title.set_fontsize(9)
     right.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    figure.subplots_adjust(wspace=0.35)  # room for the right panel's axis label
     figure.suptitle(title, fontsize=10, y=1.03)
     return _png(figure)
