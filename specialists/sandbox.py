@@ -27,16 +27,21 @@ The OS layer (what the worker process may do), entered by each worker before it 
 - an empty private working directory, stdin/stdout/stderr on /dev/null, and no descriptor besides
   the pipe to the parent;
 - the unprivileged user 65534 ("nobody") when started as root, with no supplementary groups;
-- rlimits: open files 0 (no file, socket or pipe can be opened at all), file size 0, processes 0
-  (enforced now that the worker is not root), core dumps 0, address space (the start-up footprint
-  plus `memory_mb`), CPU time per program;
-- `PR_SET_NO_NEW_PRIVS` and a seccomp-bpf allowlist (libseccomp, through `pyseccomp`) of the system
-  calls a computing interpreter makes: reading and writing descriptors it holds, memory, signals and
-  timers, clocks and limits, futexes. Everything else fails with EPERM: no open, socket or connect,
-  no execve, fork or clone, no kill of any process, no ptrace, mount, chroot, unshare, setuid.
+- `PR_SET_NO_NEW_PRIVS`, and a Landlock view of the file system: files and directories beneath
+  Python's library directories may be read (sympy loads submodules inside its functions), nothing
+  else may be read, nothing written, created, removed or executed anywhere;
+- rlimits: open files 32 (0 without Landlock: then nothing can be opened at all), file size 0,
+  processes 0 (enforced now that the worker is not root), core dumps 0, address space (the start-up
+  footprint plus `memory_mb`), CPU time per program;
+- a seccomp-bpf allowlist (libseccomp, through `pyseccomp`) of the system calls a computing
+  interpreter makes: reading and writing descriptors it holds, memory, signals and timers, clocks and
+  limits, futexes, and with Landlock opening files read-only. Everything else fails with EPERM: no
+  socket or connect, no execve, fork or clone, no kill of any process, no ptrace, mount, chroot,
+  unshare, setuid.
 A part that cannot be entered is named at start-up, once per process (`SandboxIsolationWarning`),
 and recorded in `Sandbox.isolation`; imports stay forbidden unless every part but the network
-namespace (whose job the filter and the open-files limit already do) is in force.
+namespace and the file-system view is in force (the filter and the open-files limit do the
+namespace's job; without the view no file opens at all).
 
 The parent. A CPU-time timer in the worker interrupts Python-level loops (status "timeout"); the
 kernel's CPU limit ends a worker stuck in C code. When a worker dies, the program it was running is
