@@ -1,0 +1,194 @@
+"""Every supported family (specialists.model.FAMILIES) as an RL base: loading, vLLM rollouts, weight sync into
+the live engine after optimiser updates, and expert load per layer for the mixtures of experts.
+
+Each family gets a tiny random-initialised checkpoint built here (tests/model_families.py) and one in-process
+vLLM engine (rl.weight_sync.make_llm) for the module. Parity: vLLM's float32 token log-probabilities against
+the trained transformers model's own, max |diff| <= 1e-3 (they agree to ~1e-6); every check first confirms
+that the engine serves stale weights before a push (difference > 1e-2), so these tests can fail.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+
+import pytest
+import torch
+
+from specialists.errors import UserError
+from specialists.model import FAMILIES, checkpoint_family, is_moe, load_model
+from specialists.prompting import Prompter
+from specialists.tasks import generate_problems
+from specialists.tokenizer import load_tokenizer
+
+from model_families import EXPERTS, EXPERTS_PER_TOKEN, LAYERS, build_checkpoint
+from rl_helpers import completion_logprob, hf_token_logprobs, vllm_token_logprobs
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+TOLERANCE = 1e-3  # max |logprob difference| vLLM vs transformers (float32 both)
+STALE = 1e-2  # a difference this large means the engine is not serving the model's weights
+MOE_FAMILIES = [name for name, family in FAMILIES.items() if family.mixture_of_experts]
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def checkpoint(request, tmp_path_factory):
+    return build_checkpoint(request.param, tmp_path_factory.mktemp(f"family-{request.param}"))
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint):
+    """(transformers model, vLLM engine serving the same weights) for the module's family."""
+    pytest.importorskip("vllm")
+    from rl.weight_sync import make_llm
+
+    model = load_model(checkpoint).eval()
+    llm = make_llm(checkpoint, seed=0, max_model_len=256, kv_cache_gib=0.25)
+    yield model, llm
+    del llm
+    gc.collect()
+
+
+def sequences(vocab_size: int, seed: int) -> list[list[int]]:
+    """4 random token sequences of 24 tokens (the special tokens' ids 0 and 1 left out)."""
+    return torch.randint(2, vocab_size, (4, 24), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def max_difference(llm, model) -> float:
+    tokens = sequences(model.config.vocab_size, seed=1)
+    return (vllm_token_logprobs(llm, tokens) - hf_token_logprobs(model, tokens)).abs().max().item()
+
+
+def train(model, steps: int, seed: int) -> None:
+    """AdamW lr 1e-2 on random tokens (router load-balancing loss on for the MoE): every weight moves."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    extra = {"output_router_logits": True} if is_moe(model) else {}
+    for batch in range(steps):
+        ids = torch.tensor(sequences(model.config.vocab_size, seed=100 * seed + batch))
+        model(input_ids=ids, labels=ids, **extra).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+def test_checkpoint_loads_as_its_family(checkpoint):
+    family, config = checkpoint_family(checkpoint)
+    assert family is FAMILIES[config["model_type"]]
+    model = load_model(checkpoint)
+    assert is_moe(model) == family.mixture_of_experts
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert load_tokenizer(checkpoint).padding_side == "left"
+
+
+def test_push_after_updates_serves_trained_weights(engine):
+    model, llm = engine
+    assert max_difference(llm, model) <= TOLERANCE  # the checkpoint the engine loaded
+    from rl.weight_sync import push_weights
+
+    for round_ in range(2):
+        train(model, steps=2, seed=round_)
+        assert max_difference(llm, model) > STALE  # not pushed yet: the engine still serves the old weights
+        push_weights(llm, model)
+        assert max_difference(llm, model) <= TOLERANCE
+
+
+def test_every_parameter_reaches_the_engine(engine):
+    """Perturb one tensor at a time (catches a single stale tensor: a router, one expert tensor, a norm)."""
+    from rl.weight_sync import push_weights
+
+    model, llm = engine
+    push_weights(llm, model)
+    for name, param in model.named_parameters():
+        noise = 0.2 * torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name)))
+        with torch.no_grad():
+            param.add_(noise)
+        assert max_difference(llm, model) > STALE, name
+        push_weights(llm, model)
+        assert max_difference(llm, model) <= TOLERANCE, name
+        with torch.no_grad():
+            param.sub_(noise)
+    push_weights(llm, model)
+
+
+def test_seeded_rollouts_carry_the_served_logprobs(engine, checkpoint):
+    """Sampled completions of Prompter prompts: repeatable per seed, and vLLM's log-probability of each one
+    equals the transformers model's teacher-forced one (after a push, as in every RL step)."""
+    from vllm import SamplingParams, TokensPrompt
+
+    from rl.weight_sync import push_weights
+
+    model, llm = engine
+    train(model, steps=1, seed=5)
+    push_weights(llm, model)
+    tokenizer = load_tokenizer(checkpoint)
+    prompter = Prompter(tokenizer, chat=tokenizer.chat_template is not None)
+    prompts = [prompter.token_ids(p) for p in generate_problems(3, seed=2, split="eval")]
+    params = SamplingParams(n=2, temperature=1.0, top_k=0, max_tokens=12, logprobs=0, seed=7)
+
+    def sample():
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=False)
+        return [(ids, s) for ids, out in zip(prompts, outputs) for s in out.outputs]
+
+    samples = sample()
+    assert [list(s.token_ids) for _, s in sample()] == [list(s.token_ids) for _, s in samples]
+    for prompt_ids, sample_ in samples:
+        served = sum(step[token].logprob for step, token in zip(sample_.logprobs, sample_.token_ids))
+        assert abs(completion_logprob(model, prompt_ids, list(sample_.token_ids)) - served) <= TOLERANCE
+
+
+@pytest.mark.parametrize("model_type", MOE_FAMILIES)
+def test_expert_load_per_layer(model_type, tmp_path):
+    """capture_routing counts, per sequence, layer and expert, the routed tokens of the masked positions: the
+    same counts as the top-k of the router logits transformers returns itself (output_router_logits)."""
+    from rl.routing import capture_routing
+
+    model = load_model(build_checkpoint(model_type, tmp_path)).eval()
+    ids = torch.tensor(sequences(model.config.vocab_size, seed=3))  # (4, 24)
+    mask = torch.ones_like(ids)
+    mask[:, :5] = 0  # a prompt of 5 tokens is not counted
+    with torch.no_grad(), capture_routing(model, mask) as loads:
+        router_logits = model(input_ids=ids, output_router_logits=True).router_logits  # per layer (4 * 24, E)
+    (load,) = loads
+    assert load.shape == (4, LAYERS, EXPERTS)
+    assert load.sum(dim=2).tolist() == [[19 * EXPERTS_PER_TOKEN] * LAYERS] * 4  # 19 counted tokens x k experts
+    for layer, logits in enumerate(router_logits):
+        top_k = logits.topk(EXPERTS_PER_TOKEN, dim=-1).indices.reshape(4, 24, EXPERTS_PER_TOKEN)[:, 5:]
+        expected = torch.nn.functional.one_hot(top_k, EXPERTS).sum(dim=(1, 2))  # (4, E)
+        assert torch.equal(load[:, layer], expected.to(load.dtype)), layer
+
+
+def test_unsupported_architecture_is_named_with_the_supported_ones(tmp_path):
+    from transformers import GPT2Config
+
+    from model_families import family_tokenizer
+
+    GPT2Config(n_embd=64, n_layer=1, n_head=2).save_pretrained(tmp_path)
+    family_tokenizer("llama").save_pretrained(tmp_path)
+    with pytest.raises(UserError) as error:
+        checkpoint_family(tmp_path)
+    message = str(error.value)
+    assert "'gpt2'" in message and "\n" not in message
+    assert all(family.name in message for family in FAMILIES.values())
+
+
+def test_incomplete_checkpoints_are_refused(tmp_path):
+    with pytest.raises(UserError, match="no config.json"):
+        checkpoint_family(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(UserError, match="no tokenizer"):
+        checkpoint_family(tmp_path)
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"head_dim": 48}, "head_dim 48 is not one of"),
+    ({"hidden_size": 80, "head_dim": 32}, "hidden_size 80 is not a multiple of 32"),
+    ({"norm_topk_prob": True}, "norm_topk_prob = true"),
+])
+def test_checkpoints_vllm_cannot_serve_exactly_are_refused(change, problem, tmp_path):
+    build_checkpoint("olmoe", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(UserError, match=problem):
+        checkpoint_family(tmp_path)
