@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from specialists.errors import UserError
-from specialists.model import FAMILIES, checkpoint_family, is_moe, load_model
+from specialists.families import FAMILIES, checkpoint_family, has_chat_template
+from specialists.model import is_moe, load_model
 from specialists.prompting import Prompter
 from specialists.tasks import generate_problems
 from specialists.tokenizer import load_tokenizer
