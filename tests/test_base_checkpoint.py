@@ -97,3 +97,10 @@ def test_the_chat_template_wraps_the_prompt_as_the_user_turn(tmp_path):
     im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
     assert ids[0] == im_start and ids.count(im_start) == 2  # the special tokens are single ids, not spelled out
     assert tokenizer.decode(ids) == text
+
+
+def test_echolab_pretrain_refuses_a_path_config(tmp_path):
+    (tmp_path / "config.toml").write_text('[model]\npath = "base"\n')
+    result = run_cli("pretrain", str(tmp_path / "config.toml"), "--out", str(tmp_path / "out"))
+    assert_one_line_error(result, "model.path names a base that is not pretrained here")
+    assert not (tmp_path / "out").exists()
