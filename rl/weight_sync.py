@@ -18,7 +18,7 @@
   fused `experts.gate_up_proj` [E, 2I, H] and `experts.down_proj` [E, H, I]. vLLM uses the same layout.
 - Rebuilding the engine from a saved checkpoint is also correct, but costs seconds per step.
 
-Per family (specialists.model.FAMILIES; transformers 5.19 and vLLM 0.32 checked for each):
+Per family (specialists.families.FAMILIES; transformers 5.19 and vLLM 0.32 checked for each):
 
 - Llama, Qwen2, Qwen3, Qwen3-MoE, OLMoE: vLLM's module names are transformers'; nothing else needed.
 - Mixtral: transformers renames the checkpoint's `block_sparse_moe` to `mlp` when it loads; vLLM keeps
@@ -29,6 +29,8 @@ Per family (specialists.model.FAMILIES; transformers 5.19 and vLLM 0.32 checked 
 - Expert tensors: all three MoE families keep transformers' fused [E, 2I, H] (gate rows, then up rows)
   and [E, H, I]; vLLM's CPU kernel wants [gate | up] too, zero-padded to its alignment (`_write_experts`).
 - A bfloat16 engine (`dtype="bfloat16"`) gets the float32 weights cast on the way in.
+- Several engines in one process (tests): an MoE engine after a dense one needs the process groups
+  rebuilt (`_make_room_for_experts`).
 
 Requirements: the engine must run in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, which
 `make_llm` sets), and `push_weights` resets vLLM's prefix cache, because cached KV blocks were
@@ -46,6 +48,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from specialists.families import FAMILIES
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -78,6 +82,7 @@ def make_llm(model_dir: str | Path, *, seed: int = 0, max_model_len: int = 256, 
                   enable_chunked_prefill=False)
     kwargs.update(llm_kwargs)
     model_type = json.loads((Path(model_dir) / "config.json").read_text())["model_type"]
+    _make_room_for_experts(model_type)
     supports_onednn = ops._supports_onednn
     ops._supports_onednn = False  # read while the engine loads: keep plain F.linear + weight Parameters
     try:
@@ -186,6 +191,22 @@ def _experts_supported(model: torch.nn.Module) -> bool:
         if not isinstance(fused, CPUUnquantizedExperts) or fused._use_zentorch or layer.w13_weight.dim() != 3:
             return False
     return True
+
+
+def _make_room_for_experts(model_type: str) -> None:
+    """vLLM creates its process groups once per process, with the first engine, and the expert-parallel group only
+    when that engine serves a mixture of experts: a later MoE engine in the same process (a test session, a
+    study script) then fails with "expert parallel group is not initialized". Dropping the groups lets the new
+    engine create them all; an engine built earlier uses the new ones (one process: every group has size 1)."""
+    from vllm.distributed import destroy_model_parallel, get_ep_group, model_parallel_is_initialized
+
+    family = FAMILIES.get(model_type)
+    if family is None or not family.mixture_of_experts or not model_parallel_is_initialized():
+        return
+    try:
+        get_ep_group()
+    except AssertionError:  # vLLM's way of saying the group does not exist
+        destroy_model_parallel()
 
 
 @contextmanager

@@ -87,7 +87,7 @@ class MixtureSettings(Strict):
 
 class ModelSettings(Strict):
     """A Qwen3-MoE causal LM whose experts are the specialists, or a dense Qwen3 with matched active size,
-    pretrained here; or, with `path`, a local checkpoint of a supported family (specialists.model.FAMILIES)."""
+    pretrained here; or, with `path`, a local checkpoint of a supported family (specialists.families.FAMILIES)."""
 
     path: str | None = Field(None, description=(
         "a local Hugging Face causal-LM checkpoint directory with its tokenizer, used as the RL base instead of "

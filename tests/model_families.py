@@ -1,4 +1,4 @@
-"""Tiny random-initialised checkpoints of every supported family (specialists.model.FAMILIES), built here:
+"""Tiny random-initialised checkpoints of every supported family (specialists.families.FAMILIES), built here:
 a config of the family's own transformers class and a byte-level BPE tokenizer trained on word problems,
 both saved with save_pretrained (no hub). Sizes are the smallest vLLM's CPU kernels take (head_dim 32,
 hidden 64, a multiple of 32 for the MoE kernel); the MoE families have 4 experts, 2 per token.

@@ -1,4 +1,4 @@
-"""Every supported family (specialists.model.FAMILIES) as an RL base: loading, vLLM rollouts, weight sync into
+"""Every supported family (specialists.families.FAMILIES) as an RL base: loading, vLLM rollouts, weight sync into
 the live engine after optimiser updates, and expert load per layer for the mixtures of experts.
 
 Each family gets a tiny random-initialised checkpoint built here (tests/model_families.py) and one in-process
@@ -80,7 +80,9 @@ def test_checkpoint_loads_as_its_family(checkpoint):
     model = load_model(checkpoint)
     assert is_moe(model) == family.mixture_of_experts
     assert {p.dtype for p in model.parameters()} == {torch.float32}
-    assert load_tokenizer(checkpoint).padding_side == "left"
+    tokenizer = load_tokenizer(checkpoint)
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token_id is not None
+    assert has_chat_template(checkpoint) == (tokenizer.chat_template is not None) == ("qwen" in config["model_type"])
 
 
 def test_push_after_updates_serves_trained_weights(engine):
@@ -96,13 +98,15 @@ def test_push_after_updates_serves_trained_weights(engine):
 
 
 def test_every_parameter_reaches_the_engine(engine):
-    """Perturb one tensor at a time (catches a single stale tensor: a router, one expert tensor, a norm)."""
+    """Perturb one tensor at a time (catches a single stale tensor: a router, one expert tensor, a norm). The noise
+    is large beside the tensor's own entries (norm weights are ~1, the others ~0.02), so every perturbation shows."""
     from rl.weight_sync import push_weights
 
     model, llm = engine
     push_weights(llm, model)
     for name, param in model.named_parameters():
-        noise = 0.2 * torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name)))
+        scale = 0.2 + param.detach().abs().mean()
+        noise = scale * torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name)))
         with torch.no_grad():
             param.add_(noise)
         assert max_difference(llm, model) > STALE, name
