@@ -39,16 +39,26 @@ def checkpoint(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def engine(checkpoint):
-    """(transformers model, vLLM engine serving the same weights) for the module's family."""
+def rollout_engine(checkpoint):
+    """(transformers model, the RL's vLLM rollout engine serving the same weights) for the module's family: the
+    only engine of the family in the session, also lent to the end-to-end run."""
     pytest.importorskip("vllm")
-    from rl.weight_sync import make_llm
+    from rl.config import EngineSettings
+    from rl.engines import make_engine
 
     model = load_model(checkpoint).eval()
-    llm = make_llm(checkpoint, seed=0, max_model_len=256, kv_cache_gib=0.25)
-    yield model, llm
-    del llm
+    engine = make_engine(EngineSettings(kv_cache_gib=0.25), checkpoint, model, load_tokenizer(checkpoint),
+                         max_length=256, seed=0)
+    yield model, engine
+    engine.close()
     gc.collect()
+
+
+@pytest.fixture
+def engine(rollout_engine):
+    """(transformers model, vllm.LLM) of the family's rollout engine."""
+    model, rollout = rollout_engine
+    return model, rollout.llm
 
 
 def sequences(vocab_size: int, seed: int) -> list[list[int]]:
@@ -197,3 +207,62 @@ def test_checkpoints_vllm_cannot_serve_exactly_are_refused(change, problem, tmp_
     (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
     with pytest.raises(UserError, match=problem):
         checkpoint_family(tmp_path)
+
+
+class LentEngine:
+    """The family's session engine lent to one run: the run may sync it, not close it."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def generate(self, *args, **kwargs):
+        return self.engine.generate(*args, **kwargs)
+
+    def sync_weights(self, model) -> None:
+        self.engine.sync_weights(model)
+
+    def close(self) -> None:
+        pass
+
+
+def test_echolab_run_on_the_family(rollout_engine, checkpoint, tmp_path, monkeypatch):
+    """The pipeline with `[model] path` = the family's checkpoint: no pretraining, a short GRPO run with vLLM
+    rollouts (the family's engine, lent), the run directory with expert load per layer for the MoE, the analysis
+    and the report. Last in the module: it leaves the engine serving the checkpoint's weights again."""
+    import pyarrow.parquet as pq
+
+    import rl.engines
+    from experiments.config import ExperimentConfig
+    from experiments.pipeline import run_experiment
+
+    model, engine = rollout_engine
+    config = ExperimentConfig.model_validate({
+        "model": {"path": str(checkpoint)},
+        "rl": {"steps": 2, "prompts_per_step": 2, "num_prompts": 4, "checkpoint_every": 1, "learning_rate": 1e-3,
+               "sampling": {"samples_per_prompt": 4, "max_new_tokens": 16}, "engine": {"kv_cache_gib": 0.25}}})
+    monkeypatch.setattr(rl.engines, "make_engine", lambda *args, **kwargs: LentEngine(engine))
+    monkeypatch.setenv("ECHOLAB_CACHE", str(tmp_path / "cache"))
+    run_dir = tmp_path / "run"
+    try:
+        report = run_experiment(config, run_dir, progress=False)
+    finally:
+        engine.sync_weights(load_model(checkpoint))  # the checkpoint's weights, for the next user of the engine
+    assert report.is_file() and not (tmp_path / "cache").exists()  # nothing was pretrained
+    steps = sorted(run_dir.glob("rollouts/step_*.parquet"))
+    assert len(steps) >= 2
+    family_model = load_model(checkpoint)
+    moe = is_moe(family_model)
+    for path in steps:
+        rows = pq.read_table(path).to_pylist()
+        assert len(rows) == 2 * 4
+        for row in rows:
+            if not moe:
+                assert row["expert_load"] is None
+                continue
+            load = torch.tensor(row["expert_load"])
+            assert load.shape == (LAYERS, EXPERTS)  # every MoE layer, every expert
+            assert load.sum(dim=1).tolist() == [row["num_tokens"] * EXPERTS_PER_TOKEN] * LAYERS
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert ("expert_share" in summary and len(summary["expert_share"]) == LAYERS) == moe
+    trained = load_model(sorted(run_dir.glob("checkpoints/step_*"))[-1])
+    assert trained.config.model_type == family_model.config.model_type
