@@ -110,6 +110,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, resume: bool =
     from specialists.formats import FORMAT_SETS
     from specialists.pretrain import build_corpus
     from specialists.model import load_model
+    from specialists.prompting import Prompter
     from specialists.sandbox import Sandbox
     from specialists.tokenizer import load_tokenizer
 
@@ -123,7 +124,8 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, resume: bool =
     torch.manual_seed(seed)
     model, tokenizer = load_model(weights), load_tokenizer(weights)
     problems = load_prompt_problems(config.rl, seed, config.task.task_config())
-    prompt_set = PromptSet(problems, config.rl.prompts_per_step, seed)
+    prompter = Prompter(tokenizer, config.rl.prompt_template, config.rl.chat_template)
+    prompt_set = PromptSet(problems, config.rl.prompts_per_step, seed, prompter)
     engine = make_engine(config.rl.engine, weights, model, tokenizer, config.model.max_length, seed)
     try:
         with Sandbox() as sandbox:

@@ -236,9 +236,11 @@ def test_echolab_run_on_the_family(rollout_engine, checkpoint, tmp_path, monkeyp
     from experiments.pipeline import run_experiment
 
     model, engine = rollout_engine
+    tokenizer = load_tokenizer(checkpoint)
+    chat = tokenizer.chat_template is not None  # the prompt as the chat template's user turn where there is one
     config = ExperimentConfig.model_validate({
         "model": {"path": str(checkpoint)},
-        "rl": {"steps": 2, "prompts_per_step": 2, "num_prompts": 4, "checkpoint_every": 1, "learning_rate": 1e-3,
+        "rl": {"chat_template": chat, "prompt_template": "Solve: {question}\n", "steps": 2, "prompts_per_step": 2, "num_prompts": 4, "checkpoint_every": 1, "learning_rate": 1e-3,
                "sampling": {"samples_per_prompt": 4, "max_new_tokens": 16}, "engine": {"kv_cache_gib": 0.25}}})
     monkeypatch.setattr(rl.engines, "make_engine", lambda *args, **kwargs: LentEngine(engine))
     monkeypatch.setenv("ECHOLAB_CACHE", str(tmp_path / "cache"))
@@ -256,6 +258,12 @@ def test_echolab_run_on_the_family(rollout_engine, checkpoint, tmp_path, monkeyp
         rows = pq.read_table(path).to_pylist()
         assert len(rows) == 2 * 4
         for row in rows:
+            problem_text = "Solve: " + row["prompt"].split("Solve: ", 1)[1]
+            if chat:
+                assert row["prompt"] == f"<|im_start|>user\n{problem_text}<|im_end|>\n<|im_start|>assistant\n"
+            else:  # Llama's beginning-of-text token written out, once; no special token for the others
+                bos = tokenizer.bos_token if model.config.model_type == "llama" else ""
+                assert row["prompt"] == bos + problem_text and problem_text.endswith("?\n")
             if not moe:
                 assert row["expert_load"] is None
                 continue
