@@ -149,11 +149,17 @@ BF16_STALE = 0.5
 
 @pytest.fixture(scope="module")
 def bfloat16_engine(tmp_path_factory):
+    """The RL's rollout engine as `[rl.engine] dtype = "bfloat16"` builds it, on the tiny Qwen3-MoE."""
+    from rl.config import EngineSettings
+    from rl.engines import make_engine
+    from specialists.tokenizer import load_tokenizer
+
     directory = tmp_path_factory.mktemp("weight-sync-bf16")
     model = build_model("moe", directory)
-    llm = make_llm(directory, seed=0, max_model_len=256, kv_cache_gib=0.25, dtype="bfloat16")
-    yield model, llm
-    del llm
+    engine = make_engine(EngineSettings(kv_cache_gib=0.25, dtype="bfloat16"), directory, model,
+                         load_tokenizer(directory), max_length=256, seed=0)
+    yield model, engine.llm
+    engine.close()
     gc.collect()
 
 
