@@ -31,7 +31,9 @@ def base_model_dir(config: SpecialistsConfig, progress: bool = True) -> Path:
     from specialists.evaluate import evaluate
     from specialists.pretrain import pretrain
 
-    key = hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+    # model.path (always None for a pretrained base) stays out of the key, so caches made before it existed still hit
+    settings = config.model_dump(mode="json", exclude={"model": {"path"}})
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     directory = cache_root() / "pretrain" / key
     if (directory / "evaluation.json").is_file():
         return directory / "model"
