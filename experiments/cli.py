@@ -17,8 +17,12 @@ EXIT_USER_ERROR = 1
 
 def _pretrain(args: argparse.Namespace) -> None:
     from experiments.config import load_experiment_config
+    from specialists.errors import UserError
 
     config = load_experiment_config(args.config).specialists()  # validate before the slow imports
+    if config.model.path:
+        raise UserError(f"{args.config}: model.path names a base that is not pretrained here; "
+                        "`echolab pretrain` needs a config without it")
     from specialists.evaluate import evaluate
     from specialists.pretrain import pretrain
 

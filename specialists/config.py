@@ -112,8 +112,12 @@ class MixtureSettings(Strict):
 
 class ModelSettings(Strict):
     """A Qwen3-MoE causal LM whose experts are the specialists (`moe`: trained jointly; `btx`: trained apart and
-    merged, see `BTXSettings`), or a dense Qwen3 with matched active size."""
+    merged, see `BTXSettings`), or a dense Qwen3 with matched active size, pretrained here; or, with `path`, a
+    local checkpoint of a supported family (specialists.families.FAMILIES)."""
 
+    path: str | None = Field(None, description=(
+        "a local Hugging Face causal-LM checkpoint directory with its tokenizer, used as the RL base instead of "
+        "pretraining one: Llama, Qwen2, Qwen3, OLMo2, Qwen3-MoE, OLMoE or Mixtral. Only max_length applies then"))
     kind: Literal["moe", "dense", "btx"] = "moe"
     hidden_size: int = Field(128, ge=32)
     num_layers: int = Field(3, ge=1)
@@ -212,10 +216,28 @@ class SpecialistsConfig(Strict):
                                      f"needs {needed} distinct ones (pretrain.num_examples x share / repeat)")
         return self
 
+    @model_validator(mode="after")
+    def _no_pretraining_settings_with_a_path(self) -> "SpecialistsConfig":
+        """A base brought with model.path is not pretrained here: a pretraining setting beside it would be
+        silently ignored, so it is refused (the keys as written, whatever their values)."""
+        if self.model.path is None:
+            return self
+        written = [f"model.{key}" for key in sorted(self.model.model_fields_set - {"path", "max_length"})]
+        written += [f"{section}.{key}" for section in ("mixture", "pretrain", "evaluation")
+                    for key in sorted(getattr(self, section).model_fields_set)]
+        if written:
+            raise ValueError(f"model.path brings its own base, so these pretraining settings do not apply: "
+                             f"{', '.join(written)}; remove them")
+        return self
+
     def base_identity(self) -> dict:
-        """What determines the pretrained base, for its cache key: the config (without the [btx] section, unless
-        the model is a BTX one) and the SHA-256 of each data file (an edited corpus is a new base)."""
-        identity = self.model_dump(mode="json", exclude={"btx"} if self.model.kind != "btx" else None)
+        """What determines the pretrained base, for its cache key: the config and the SHA-256 of each data file
+        (an edited corpus is a new base). Settings that do not apply stay out, so that bases cached before they
+        existed keep their key: unset optional keys (None: model.path, a format's data), the default format
+        set, and the [btx] section unless the model is a BTX one."""
+        identity = self.model_dump(mode="json", exclude_none=True, exclude={"btx"} if self.model.kind != "btx" else None)
+        if identity["mixture"]["format_set"] == MixtureSettings.model_fields["format_set"].default:
+            del identity["mixture"]["format_set"]
         digests = {name: file_digest(share.data) for name, share in self.mixture.formats.items() if share.data is not None}
         if digests:
             identity["corpus_sha256"] = digests
@@ -230,4 +252,3 @@ def expert_specialists(formats: Sequence[str], num_experts: int) -> list[str]:
     ordered = sorted(formats)
     per_specialist = num_experts // len(ordered)
     return [ordered[expert // per_specialist] for expert in range(num_experts)]
-

@@ -31,7 +31,8 @@ from specialists.formats import OTHER, load_formats
 from specialists.grading import grade_completions
 from specialists.model import is_moe, load_model
 from specialists.sandbox import Sandbox
-from specialists.tasks import generate_problems, prompt_text
+from specialists.prompting import Prompter
+from specialists.tasks import generate_problems
 from specialists.tokenizer import load_tokenizer
 
 BATCH_SIZE = 64
@@ -40,7 +41,8 @@ BATCH_SIZE = 64
 @torch.no_grad()
 def sample_completions(model, tokenizer, prompts: list[str], temperature: float, max_new_tokens: int,
                        seed: int, progress: bool = True) -> list[list[int]]:
-    """The sampled completion of each prompt as token ids, up to and including its end-of-text token."""
+    """The sampled completion of each prompt text (a `Prompter`'s: special tokens written out, so none are added
+    here) as token ids, up to and including its end-of-text token."""
     torch.manual_seed(seed)
     completions = []
     for begin in tqdm(range(0, len(prompts), BATCH_SIZE), desc="sample", disable=not progress):
@@ -110,7 +112,8 @@ def evaluate(model_dir: str | Path, config: SpecialistsConfig, out_file: str | P
     model.eval()
     settings = config.evaluation
     problems = generate_problems(settings.num_problems, config.seed, "eval", config.task.task_config())
-    prompts = [prompt_text(p) for p in problems]
+    prompter = Prompter(tokenizer)  # the built-in template the base was pretrained on
+    prompts = [prompter.text(p) for p in problems]
     completion_ids = sample_completions(model, tokenizer, prompts, settings.temperature, settings.max_new_tokens,
                                         config.seed, progress)
     completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
