@@ -1,6 +1,7 @@
 """Sampling-quality metrics per RL step over a judged rollout table.
 
-Columns used: `step`, `prompt_id`, `completion`, `final_answer` (float, NaN when none), `correct`
+Columns used: `step`, `prompt_id`, `completion`, `final_answer` (the answer's canonical text, `answer_key`
+in specialists.grading: numbers rounded to 6 decimals; None when none), `correct`
 (1.0 / 0.0, NaN when unknown), `sample_index` when present (else the samples of a prompt are in table
 order). Metrics that need correctness use judged rows only, and a prompt enters a
 metric at budget k only when it has at least k judged samples (pass@k is not estimable from n < k
@@ -16,7 +17,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-ANSWER_DECIMALS = 6  # final answers equal after rounding to this many decimals count as the same answer
 PROMPT_KEYS = ["step", "prompt_id"]
 
 
@@ -72,7 +72,7 @@ def maj_at_k_by_step(table: pd.DataFrame, budgets: list[int]) -> pd.DataFrame:
     if "sample_index" in table.columns:
         judged = judged.assign(order=table["sample_index"]).sort_values("order", kind="stable")
     judged = judged.assign(prompt=judged.groupby(PROMPT_KEYS, sort=False).ngroup())
-    judged = judged.assign(rank=judged.groupby("prompt").cumcount(), vote=judged["final_answer"].round(ANSWER_DECIMALS))
+    judged = judged.assign(rank=judged.groupby("prompt").cumcount(), vote=judged["final_answer"])
     prompts = judged.groupby("prompt").agg(step=("step", "first"), n=("rank", "size"))
     voters = judged[judged["vote"].notna()]
     steps = pd.Index(sorted(table["step"].unique()), name="step")
@@ -96,10 +96,9 @@ def coverage(table: pd.DataFrame) -> pd.Series:
 
 
 def distinct_answers_per_prompt(table: pd.DataFrame) -> pd.Series:
-    """Mean over step t's prompts of the number of distinct final answers (rounded to ANSWER_DECIMALS;
-    samples without an answer do not count)."""
-    votes = table["final_answer"].round(ANSWER_DECIMALS)
-    per_prompt = votes.groupby([table["step"], table["prompt_id"]]).nunique()
+    """Mean over step t's prompts of the number of distinct final answers (by their canonical text; samples
+    without an answer do not count)."""
+    per_prompt = table["final_answer"].groupby([table["step"], table["prompt_id"]]).nunique()
     return per_prompt.groupby(level="step").mean().rename("distinct_answers")
 
 

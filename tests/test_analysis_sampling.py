@@ -14,7 +14,7 @@ from analysis import sampling
 
 def samples(step: int, prompt: str, answers: list[float | None], gold: float = 1.0) -> list[dict]:
     return [{"step": step, "prompt_id": prompt, "sample_index": i, "completion": f"answer {a}",
-             "final_answer": np.nan if a is None else a, "correct": float(a == gold)} for i, a in enumerate(answers)]
+             "final_answer": None if a is None else str(a), "correct": float(a == gold)} for i, a in enumerate(answers)]
 
 
 def test_pass_at_k_estimator():
