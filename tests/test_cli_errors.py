@@ -294,7 +294,7 @@ def test_report_names_bad_runs_and_keeps_an_existing_report(tmp_path):
     old = tmp_path / "report.html"
     old.write_text("the old report")
     assert_one_line_error(run_cli("report", str(run), "--out", str(old), "--quiet"),
-                          "run: no up-to-date summary.json, and analysing the run failed", "no-such-formats.toml")
+                          "run: no up-to-date summary.json, and analysing it failed", "no-such-formats.toml")
     assert old.read_text() == "the old report"
 
 
