@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -52,6 +53,7 @@ def format_share_panels(shares_by_group: dict[str, pd.DataFrame], collapse_steps
             shares = pd.concat([shares, shares])
         axes.stackplot(steps, shares.to_numpy().T, colors=[colours[name] for name in shares.columns], alpha=0.85)
         axes.set(ylim=(0, 1), xlim=(steps.min(), steps.max()), xlabel="RL step")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_title(label, fontsize=9)
         _mark_collapse(axes, collapse_steps.get(label, []))
     for axes in grid[:, 0]:

@@ -333,31 +333,32 @@ def steps(tables: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame]:
             step = int(values[start])
             if step != current:
                 if pending:
-                    yield _joined(pending)
+                    yield joined(pending)
                     finished.add(current)
                 if step in finished:
                     raise StepsOutOfOrder(step)
                 current, pending = step, []
             pending.append(table.iloc[start:stop])
     if pending:
-        yield _joined(pending)
+        yield joined(pending)
 
 
 def sorted_steps(tables: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame]:
     """All chunks in memory, stably sorted by step, one table per step: for inputs whose steps interleave."""
-    whole = _joined(list(tables))
+    whole = joined(list(tables))
     whole = whole.iloc[np.argsort(whole["step"].to_numpy(), kind="stable")]
     for _, table in whole.groupby("step", sort=True):
         yield table.reset_index(drop=True)
 
 
-def _joined(tables: list[pd.DataFrame]) -> pd.DataFrame:
+def joined(tables: list[pd.DataFrame]) -> pd.DataFrame:
+    """Normalised tables as one (`expert_load` stays Arrow-backed)."""
     if len(tables) == 1:
         return tables[0].reset_index(drop=True)
     if any("expert_load" in table.columns for table in tables):  # Arrow-backed: concatenate as Arrow
         loads = pa.chunked_array([pa.array(table["expert_load"]) if "expert_load" in table.columns
                                   else pa.nulls(len(table), EXPERT_LOAD_TYPE) for table in tables], EXPERT_LOAD_TYPE)
-        joined = pd.concat([table.drop(columns=["expert_load"], errors="ignore") for table in tables], ignore_index=True)
-        joined["expert_load"] = pd.arrays.ArrowExtensionArray(loads.combine_chunks())
-        return joined
+        whole = pd.concat([table.drop(columns=["expert_load"], errors="ignore") for table in tables], ignore_index=True)
+        whole["expert_load"] = pd.arrays.ArrowExtensionArray(loads.combine_chunks())
+        return whole
     return pd.concat(tables, ignore_index=True)

@@ -1,8 +1,9 @@
 """`echolab analyze`: read any input step by step, label and grade each step's rollouts, keep the step's metrics,
 then write `summary.json` (headline values) and `metrics.parquet` (every per-step metric).
 
-Streaming: one step's rows are in memory at a time (analysis.sources reads them; a step's metrics are small), so
-peak memory is bounded by the largest step, not the run. `summary.json` holds SPEC.md's keys and the rest of the
+Streaming: analysis.sources reads the input one step at a time; consecutive steps are analysed together in batches
+of up to BATCH_ROWS rows and BATCH_CHARS characters of completions (a whole step, however large, is one batch),
+and only their metrics are kept, so peak memory is bounded by a batch or the largest step, not by the run. `summary.json` holds SPEC.md's keys and the rest of the
 analysis as nested dicts whose keys are strings (steps and layers as decimal integers, budgets k likewise), and
 under `analysis` how the input was read (source, formats, columns, correct_from). `metrics.parquet` holds the
 per-step tables in one long table: columns metric, step, layer, format, expert, k, value (null where a key does
@@ -30,7 +31,7 @@ from analysis import specialists_metrics as sm
 from analysis.classify import format_names, label_formats
 from analysis.correctness import SANDBOX_WORKERS, grade_reason_share, grade_rollouts
 from analysis.information import total_variation
-from analysis.load import InputWarning, StepsOutOfOrder, read_run_config
+from analysis.load import InputWarning, StepsOutOfOrder, joined, read_run_config
 from analysis.output import check_output_dir
 from analysis.sources import ReadOptions, open_input, read_steps
 from analysis.statistics import entropy_accuracy_fit, format_change_test
@@ -41,6 +42,8 @@ from specialists.run_directory import METRICS_TABLE_FILE, SUMMARY_FILE
 from specialists.sandbox import Sandbox
 
 DEFAULT_FORMATS = "synthetic"
+BATCH_ROWS = 32768  # steps analysed together: per-call costs (sandbox round trips, groupbys) are paid per batch
+BATCH_CHARS = 32 * 2**20
 METRIC_KEYS = ["metric", "step", "layer", "format", "expert", "k", "value"]
 
 
@@ -61,11 +64,11 @@ def analyze(input_path: str | Path, formats: str | None = None, out_dir: str | P
     formats_name = format_set_name(formats, opened.run_dir)
     format_set = load_formats(formats_name)
     try:
-        pieces = _per_step(read_steps(opened), format_set, progress)
+        pieces = _per_batch(read_steps(opened), format_set, progress)
     except StepsOutOfOrder as late:
         warnings.warn(f"{opened.path}: the rows of step {late.args[0]} are not together; reading the whole input "
                       f"into memory to sort it by step", InputWarning)
-        pieces = _per_step(read_steps(opened, in_memory=True), format_set, progress)
+        pieces = _per_batch(read_steps(opened, in_memory=True), format_set, progress)
     summary, metrics = combine(pieces, format_set, collapse_threshold)
     summary["analysis"] = analysis_settings(opened.source, formats_name, opened.options)
     out.mkdir(parents=True, exist_ok=True)
@@ -102,19 +105,18 @@ def resolve_formats(formats: str | None, run_dir: Path | None) -> tuple[Format, 
 
 @dataclass(frozen=True)
 class StepMetrics:
-    """One step's metrics (frames indexed by the one step) and what the run-level summary needs of it."""
+    """The metrics of a batch of steps (frames indexed by step) and what the run-level summary needs of them."""
 
-    step: int
     rows: int
     prompts: frozenset
-    samples_per_prompt: int
-    format_counts: pd.DataFrame  # columns: the formats seen at this step
+    samples_per_prompt: int  # the most samples any prompt has at one of the steps
+    format_counts: pd.DataFrame  # columns: the formats seen in the batch
     format_accuracy: pd.DataFrame
     accuracy: pd.Series
     grade_reasons: pd.DataFrame
     correctness: dict[str, int]  # rows per source of correctness (trainer, gold, column, unknown)
-    epoch: float | None
-    pass_at_k: pd.DataFrame  # columns: this step's budgets
+    epochs: pd.Series  # the smallest epoch recorded at each step (NaN: unknown)
+    pass_at_k: pd.DataFrame  # columns: the batch's budgets
     maj_at_k: pd.DataFrame
     coverage: pd.Series
     distinct_answers: pd.Series
@@ -123,28 +125,41 @@ class StepMetrics:
     expert_tokens: pd.DataFrame
 
 
-def _per_step(tables, format_set: tuple[Format, ...], progress: bool) -> list[StepMetrics]:
-    pieces = []
+def _per_batch(tables, format_set: tuple[Format, ...], progress: bool) -> list[StepMetrics]:
+    """Label, grade and measure the steps in batches (see the module doc)."""
+    pieces, batch = [], []
     # disable=None: bars on a terminal only, so that an error met mid-stream stays the one line a script reads
     with Sandbox(workers=SANDBOX_WORKERS) as sandbox, tqdm(desc="analyse", unit=" rows", unit_scale=True,
                                                            disable=None if progress else True, mininterval=1.0) as bar:
-        for table in tables:
+        def analyse(batch: list[pd.DataFrame]) -> None:
+            table = joined(batch)
             table["format"] = label_formats(table, format_set)
             table[["final_answer", "correct", "grade_reason", "correct_source"]] = grade_rollouts(table, format_set, sandbox)
             pieces.append(step_metrics(table))
             bar.update(len(table))
-            bar.set_postfix(step=pieces[-1].step, refresh=False)
+            bar.set_postfix(step=int(table["step"].iloc[-1]), refresh=False)
+
+        rows = chars = 0
+        for table in tables:
+            size = int(table["completion"].str.len().sum())
+            if batch and (rows + len(table) > BATCH_ROWS or chars + size > BATCH_CHARS):
+                analyse(batch)
+                batch, rows, chars = [], 0, 0
+            batch.append(table)
+            rows, chars = rows + len(table), chars + size
+        if batch:
+            analyse(batch)
     return pieces
 
 
 def step_metrics(table: pd.DataFrame) -> StepMetrics:
-    """The metrics of one step's labelled, judged rows (columns of `analysis.load.normalise` plus `format`,
+    """The metrics of some steps' labelled, judged rows (columns of `analysis.load.normalise` plus `format`,
     `final_answer`, `correct`, `grade_reason`, `correct_source`)."""
     names = sorted(table["format"].unique())
     budgets = sampling.sample_budgets(sampling.samples_per_prompt(table))
-    epochs = table["epoch"].dropna() if "epoch" in table.columns else pd.Series(dtype=np.float64)
+    epochs = (table.groupby("step")["epoch"].min() if "epoch" in table.columns
+              else pd.Series(np.nan, index=pd.Index(table["step"].unique(), name="step")))
     return StepMetrics(
-        step=int(table["step"].iloc[0]),
         rows=len(table),
         prompts=frozenset(table["prompt_id"].unique()),
         samples_per_prompt=sampling.samples_per_prompt(table),
@@ -153,7 +168,7 @@ def step_metrics(table: pd.DataFrame) -> StepMetrics:
         accuracy=fm.accuracy(table),
         grade_reasons=grade_reason_share(table),
         correctness=table["correct_source"].value_counts().to_dict(),
-        epoch=float(epochs.min()) if len(epochs) else None,
+        epochs=epochs,
         pass_at_k=sampling.pass_at_k_by_step(table, budgets),
         maj_at_k=sampling.maj_at_k_by_step(table, budgets),
         coverage=sampling.coverage(table),
@@ -175,8 +190,7 @@ def combine(pieces: list[StepMetrics], format_set: tuple[Format, ...],
     accuracy = pd.concat([piece.accuracy for piece in pieces]).sort_index().rename("accuracy")
     format_accuracy = (pd.concat([piece.format_accuracy for piece in pieces]).sort_index()
                        .reindex(columns=names).rename_axis(index="step", columns="format"))
-    epochs = pd.DataFrame({"step": [piece.step for piece in pieces],
-                           "epoch": [np.nan if piece.epoch is None else piece.epoch for piece in pieces]})
+    epochs = pd.concat([piece.epochs for piece in pieces]).rename("epoch").rename_axis("step").reset_index()
     reasons = pd.concat([piece.grade_reasons for piece in pieces]).fillna(0.0).sort_index()
     reasons = reasons.reindex(columns=sorted(reasons.columns)).rename_axis(index="step", columns="reason")
     summary, metrics = _format_metrics(counts, accuracy, format_accuracy, epochs, collapse_threshold)

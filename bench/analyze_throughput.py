@@ -9,7 +9,9 @@ all rows is code the sandbox runs), two thirds natural language, 70% of them cor
 of its own (a sample number written into it): the worst case for the grader, which grades each distinct
 completion once. Then analyses the run in a fresh process and reports that process's peak resident memory
 (`ru_maxrss`): streaming keeps it bounded by one step's rows, whatever N. Prints one JSON line with `rows`,
-`seconds` (the analysis alone), `rows_per_s` and `peak_rss_mb`.
+`seconds` (the analysis alone, wall clock), `rows_per_s`, `peak_rss_mb`, and `cpu_seconds` (CPU time of the
+analysis process and its sandbox workers, imports included: what a loaded machine does not inflate) with the
+load average at the end.
 
     python bench/analyze_throughput.py --rows 1000000 --layout verl
 """
@@ -128,8 +130,10 @@ def analyse_in_this_process(directory: Path) -> None:
     started = time.perf_counter()
     summary = analyze(directory, formats="synthetic", out_dir=directory.parent / "analysis", progress=False)
     seconds = time.perf_counter() - started
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
-    print(json.dumps({"rows": summary["rows"], "seconds": seconds, "peak_rss_mb": peak_mb}))
+    own, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = sum(usage.ru_utime + usage.ru_stime for usage in (own, workers))  # this process and its sandbox workers
+    print(json.dumps({"rows": summary["rows"], "seconds": seconds, "cpu_seconds": cpu,
+                      "peak_rss_mb": own.ru_maxrss / 1024}))  # Linux: kilobytes
 
 
 def main() -> None:
@@ -152,7 +156,8 @@ def main() -> None:
         result = json.loads(child.stdout.strip().splitlines()[-1])
     print(json.dumps({"rows": result["rows"], "layout": args.layout, "rows_per_step": args.rows_per_step,
                       "seconds": round(result["seconds"], 2), "rows_per_s": round(result["rows"] / result["seconds"]),
-                      "peak_rss_mb": round(result["peak_rss_mb"], 1), "cpus": os.cpu_count()}))
+                      "peak_rss_mb": round(result["peak_rss_mb"], 1), "cpu_seconds": round(result["cpu_seconds"], 1),
+                      "cpus": os.cpu_count(), "load_average": round(os.getloadavg()[0], 1)}))
 
 
 if __name__ == "__main__":

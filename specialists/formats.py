@@ -101,14 +101,22 @@ class Format:
         return Program("\n".join(cells), call=self.call)
 
 
+_NOT_AN_EXPRESSION = re.compile(  # a last line that cannot end in a bare top-level expression: no parse needed
+    r"(?!.*;)(?:\s|print\(|(?:for|if|elif|else|while|def|return|import|from|with|try|except|finally|class|del|pass|break"
+    r"|continue|raise|assert)\b|[A-Za-z_][\w.]*(?:\[[^\]]*\])?\s*(?:[-+*/%&|^@]|//|\*\*|<<|>>)?=(?!=))")
+
+
 def _show_last_expression(cell: str) -> str:
     """The cell with its bare last expression printed: a notebook shows that value as the cell's output,
     after anything the cell printed, and the sandbox (whose answer is the last printed line, else the last
     expression) then answers with it. The cell is parsed, never run, here; a cell that does not parse is left
     for the sandbox to report."""
+    last_line = cell.rstrip().rsplit("\n", 1)[-1]
+    if not last_line or _NOT_AN_EXPRESSION.match(last_line):
+        return cell
     try:
-        last = ast.parse(cell).body[-1] if cell.strip() else None
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        last = ast.parse(cell).body[-1]
+    except (SyntaxError, ValueError, RecursionError, MemoryError, IndexError):
         return cell
     if not isinstance(last, ast.Expr) or (isinstance(last.value, ast.Call) and isinstance(last.value.func, ast.Name)
                                           and last.value.func.id == "print"):

@@ -46,6 +46,8 @@ def answer_text(value: float | str | None) -> str | None:
     text = value.strip()
     if "####" in text:  # a whole GSM8K reference solution given as the gold
         text = text.rsplit("####", 1)[1].strip()
+    if not text.endswith((".", "}", "$", ")")):  # nothing to unwrap (most answers: plain numbers)
+        return text or None
     changed = True
     while changed:
         text, changed = text.strip().rstrip("."), False
@@ -59,11 +61,15 @@ def answer_text(value: float | str | None) -> str | None:
 def answer_key(value: float | str | None) -> str | None:
     """A canonical text for counting answers (majority votes, distinct answers): numbers as their rounded
     value ('1,234.0' -> '1234', '0.50' -> '0.5'), other answers with LaTeX spacing and sizing removed and
-    \\\\dfrac / \\\\tfrac as \\\\frac (equivalent forms such as '\\\\frac{1}{2}' and '0.5' stay distinct keys)."""
-    text = answer_text(value)
+    \\dfrac / \\tfrac as \\frac (equivalent forms such as '\\frac{1}{2}' and '0.5' stay distinct keys)."""
+    return _key(answer_text(value))
+
+
+def _key(text: str | None, number: float | None = None) -> str | None:
+    """`answer_key` of an unwrapped answer whose number (parse_answer) may be known already."""
     if text is None:
         return None
-    number = parse_answer(text)
+    number = parse_answer(text) if number is None else number
     if number is not None:
         return _number_text(number)
     return _LATEX_NOISE.sub("", text).replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
@@ -77,12 +83,16 @@ def _number_text(value: float) -> str:
 def answers_equal(predicted: float | str | None, gold: float | str | None) -> bool:
     """A number gold: a predicted number within 1e-6 (isclose); any other gold: math-verify's equivalence."""
     predicted, gold = answer_text(predicted), answer_text(gold)
+    return _equal(predicted, None if predicted is None else parse_answer(predicted), gold,
+                  None if gold is None else parse_answer(gold))
+
+
+def _equal(predicted: str | None, predicted_number: float | None, gold: str | None, gold_number: float | None) -> bool:
+    """`answers_equal` of unwrapped answers whose numbers are known."""
     if predicted is None or gold is None:
         return False
-    gold_number = parse_answer(gold)
     if gold_number is not None:
-        number = parse_answer(predicted)
-        return number is not None and math.isclose(number, gold_number, rel_tol=1e-6, abs_tol=1e-6)
+        return predicted_number is not None and math.isclose(predicted_number, gold_number, rel_tol=1e-6, abs_tol=1e-6)
     return _latex_equal(predicted, gold)
 
 
@@ -135,12 +145,18 @@ def grade_completions(
             reasons[index] = result.status
         else:
             reasons[index] = "no_answer"
+    golds: dict[object, tuple[str | None, float | None]] = {}  # a batch shares few gold answers: read each once
     grades = []
     for name, answer, reason, gold in zip(format_names, answers, reasons, gold_answers):
-        key = answer_key(answer) if reason is None else None
+        text = answer_text(answer) if reason is None else None
+        number = parse_answer(text) if text is not None else None
+        key = _key(text, number)
         if reason is None and key is None:
             reason = "no_answer"
-        correct = reason is None and answers_equal(answer, gold)
+        if gold not in golds:
+            gold_text = answer_text(gold)
+            golds[gold] = (gold_text, None if gold_text is None else parse_answer(gold_text))
+        correct = reason is None and _equal(text, number, *golds[gold])
         if reason is None:
             reason = "correct" if correct else "wrong"
         grades.append(Grade(name if name in by_name else OTHER, key, correct, reason))

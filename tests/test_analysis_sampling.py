@@ -93,3 +93,8 @@ def test_token_entropy():
     result = sampling.token_entropy(table)
     assert result.loc[0] == 1.0  # 6 nats over 6 tokens
     assert np.isnan(result.loc[1])
+
+
+def test_maj_at_k_without_judged_samples_is_nan():
+    table = pd.DataFrame(samples(0, "a", [1, 2])).assign(correct=np.nan)
+    assert sampling.maj_at_k_by_step(table, [1, 2]).isna().all().all()
