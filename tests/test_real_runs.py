@@ -246,3 +246,14 @@ def test_bad_reading_options_are_named_before_any_work(tmp_path, reading, messag
 def test_bad_read_options(options, message):
     with pytest.raises(UserError, match=message):
         ReadOptions(**options)
+
+
+def test_the_cli_prints_a_skipped_cut_line_as_one_warning_line(tmp_path):
+    dump = write_verl_dump(tmp_path / "dump")
+    newest = dump / "4.jsonl"
+    newest.write_text(newest.read_text()[:-40])
+    result = subprocess.run([sys.executable, "-m", "experiments.cli", "analyze", str(dump), "--formats", ECHO],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("echolab analyze: warning: ") and "4.jsonl line 32: skipped a cut last line" in line

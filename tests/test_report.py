@@ -135,6 +135,13 @@ def test_bad_report_input(tmp_path):
         write_report([], tmp_path / "r.html", progress=False)
 
 
+def test_an_unknown_baseline_is_named_before_any_analysis(runs, tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "analyze", lambda *args, **kwargs: pytest.fail("analysed before checking --baseline"))
+    with pytest.raises(UserError, match=r"--baseline 'nope': no such group or input \(names: rl\.kl_coef=0\.0 \(3 seeds\), "
+                                        r"rl\.kl_coef=0\.1 \(2 seeds\), baseline-0"):
+        write_report(runs, tmp_path / "r.html", baseline="nope", progress=False)
+
+
 def test_sweep_runs_pool_across_rl_seeds_despite_their_names(tmp_path):
     configs = [{"name": f"core/grpo-seed={seed}", "seed": 0, "rl": {"seed": seed, "beta": 0.0}} for seed in range(3)]
     configs.append({"name": "core/kl-seed=0", "seed": 0, "rl": {"seed": 0, "beta": 0.01}})
