@@ -193,14 +193,15 @@ def combine(pieces: list[StepMetrics], format_set: tuple[Format, ...],
     epochs = pd.concat([piece.epochs for piece in pieces]).rename("epoch").rename_axis("step").reset_index()
     reasons = pd.concat([piece.grade_reasons for piece in pieces]).fillna(0.0).sort_index()
     reasons = reasons.reindex(columns=sorted(reasons.columns)).rename_axis(index="step", columns="reason")
-    summary, metrics = _format_metrics(counts, accuracy, format_accuracy, epochs, collapse_threshold)
-    summary.update({
+    format_summary, metrics = _format_metrics(counts, accuracy, format_accuracy, epochs, collapse_threshold)
+    summary = {
+        "formats": format_summary.pop("formats"),
         "rows": sum(piece.rows for piece in pieces),
         "prompts": len(frozenset().union(*(piece.prompts for piece in pieces))),
+        **format_summary,
         "grade_reasons": _nested(reasons),
         "correctness": _correctness(pieces),
-    })
-    summary = {key: summary[key] for key in ("formats", "rows", "prompts", *summary) if key in summary}  # stable order
+    }
     sampling_summary, sampling_metrics = _sampling_metrics(pieces)
     summary.update(sampling_summary)
     token_entropy = _concat_steps([piece.token_entropy for piece in pieces if piece.token_entropy is not None])
