@@ -25,7 +25,6 @@ Users add formats from a TOML or YAML file (`load_formats`).
 
 from __future__ import annotations
 
-import ast
 import math
 import re
 import tomllib
@@ -96,37 +95,9 @@ class Format:
         cells = [found.group("code") for found in self.code.finditer(completion.strip())]
         if not cells:
             return None
-        if self.call is None:
-            cells[-1] = _show_last_expression(cells[-1])
+        if self.call is None:  # notebook cells: shared globals, the answer is what the last cell shows
+            return Program.notebook(cells)
         return Program("\n".join(cells), call=self.call)
-
-
-_NOT_AN_EXPRESSION = re.compile(  # a last line that cannot end in a bare top-level expression: no parse needed
-    r"(?!.*;)(?:\s|print\(|(?:for|if|elif|else|while|def|return|import|from|with|try|except|finally|class|del|pass|break"
-    r"|continue|raise|assert)\b|[A-Za-z_][\w.]*(?:\[[^\]]*\])?\s*(?:[-+*/%&|^@]|//|\*\*|<<|>>)?=(?!=))")
-
-
-def _show_last_expression(cell: str) -> str:
-    """The cell with its bare last expression printed: a notebook shows that value as the cell's output,
-    after anything the cell printed, and the sandbox (whose answer is the last printed line, else the last
-    expression) then answers with it. The cell is parsed, never run, here; a cell that does not parse is left
-    for the sandbox to report."""
-    last_line = cell.rstrip().rsplit("\n", 1)[-1]
-    if not last_line or _NOT_AN_EXPRESSION.match(last_line):
-        return cell
-    try:
-        last = ast.parse(cell).body[-1]
-    except (SyntaxError, ValueError, RecursionError, MemoryError, IndexError):
-        return cell
-    if not isinstance(last, ast.Expr) or (isinstance(last.value, ast.Call) and isinstance(last.value.func, ast.Name)
-                                          and last.value.func.id == "print"):
-        return cell
-    lines = cell.split("\n")
-    # ast offsets are UTF-8 byte columns on 1-based lines
-    start = len("\n".join(lines[:last.lineno - 1]).encode()) + (last.lineno > 1) + last.col_offset
-    end = len("\n".join(lines[:last.end_lineno - 1]).encode()) + (last.end_lineno > 1) + last.end_col_offset
-    data = cell.encode()
-    return (data[:start] + b"print(" + data[start:end] + b")" + data[end:]).decode()
 
 
 def parse_answer(text: str) -> float | None:

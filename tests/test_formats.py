@@ -169,13 +169,17 @@ def test_real_shapes_are_recognised_and_graded(sandbox):
 def test_openmath_cells_run_as_one_notebook(sandbox):
     # Shared state across cells; the last cell's bare expression (9) is the output, not its earlier print.
     program = LLM_CODE.program(OPENMATH_CELLS)
-    assert program.source == 'rolls_sold = 3 * 5\nprint(rolls_sold)\nprint("left:")\nprint(24 - rolls_sold)'
+    assert program.preceding == ("rolls_sold = 3 * 5\nprint(rolls_sold)",)
+    assert program.source == 'print("left:")\n24 - rolls_sold'
     [result] = sandbox.run([program])
     assert result.value == "9"
-    # Without a bare expression the last printed line counts; a print is never wrapped twice.
-    assert LLM_CODE.program("<llm-code>\nprint(4)\n</llm-code>").source == "print(4)"
-    assert LLM_CODE.program("<llm-code>\nx = 2; x * 3\n</llm-code>").source == "x = 2; print(x * 3)"
-    assert LLM_CODE.program("<llm-code>\nnot valid (\n</llm-code>").source == "not valid ("
+    # Without a bare expression the last printed line counts; what an earlier cell printed never does.
+    one_cell, printed_earlier, statement_last = sandbox.run([
+        LLM_CODE.program("<llm-code>\nx = 2; x * 3\n</llm-code>"),
+        LLM_CODE.program("<llm-code>\nprint(4)\n</llm-code>\n<llm-code>\nprint(5)\n</llm-code>"),
+        LLM_CODE.program("<llm-code>\nprint(4)\n</llm-code>\n<llm-code>\ny = 5\n</llm-code>")])
+    assert (one_cell.value, printed_earlier.value) == ("6", "5")
+    assert statement_last.value is None
 
 
 def test_openmath_is_graded_by_its_boxed_answer_as_the_dataset_is(sandbox):
