@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from specialists.errors import UserError
 from specialists.formats import parse_answer
-from specialists.run_directory import CONFIG_FILE, REQUIRED_COLUMNS, rollout_files
+from specialists.run_directory import CONFIG_FILE, REQUIRED_COLUMNS, ROLLOUT_SCHEMA, rollout_files
 
 NUMERIC_COLUMNS = ("epoch", "reward", "logprob", "num_tokens", "sample_index")
 ROLLOUT_SUFFIXES = (".jsonl", ".parquet")
@@ -81,6 +81,13 @@ def read_rollouts(path: str | Path) -> pd.DataFrame:
     if not len(raw):
         raise UserError(f"{source}: empty (no rollout rows)")
     return _normalise(raw, source, row_name)
+
+
+def rollout_frame(records: list[dict]) -> pd.DataFrame:
+    """Rollout records held in memory (dicts with ROLLOUT_SCHEMA's keys, e.g. one step's rows before or after a
+    trainer writes them) as the table `read_rollouts` returns for the same rows on disk."""
+    table = pa.Table.from_pylist(records, schema=ROLLOUT_SCHEMA)
+    return _normalise(_arrow_to_frame(table), "rollouts", lambda row: f"rollout {row + 1}")
 
 
 def _parquet_rows(files: list[Path], tables: list[pa.Table]) -> RowName:
