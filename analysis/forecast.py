@@ -45,6 +45,7 @@ from scipy.optimize import minimize
 
 BOOTSTRAP_RESAMPLES = 200
 CONFIDENCE = 0.95
+FORECAST_STEPS = 10  # `echolab analyze` forecasts from a run's first 10 steps and checks against the rest
 
 
 @dataclass(frozen=True)

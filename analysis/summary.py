@@ -23,6 +23,7 @@ from analysis import sampling
 from analysis import specialists_metrics as sm
 from analysis.classify import format_names, label_formats
 from analysis.correctness import grade_reason_share, grade_rollouts
+from analysis.forecast import FORECAST_STEPS, forecast_collapse
 from analysis.information import total_variation
 from analysis.load import read_rollouts, read_run_config
 from analysis.output import check_output_dir
@@ -88,6 +89,7 @@ def summarise(table: pd.DataFrame, names: list[str], collapse_threshold: float =
     sampling_summary, sampling_metrics = _sampling_metrics(table)
     summary.update(sampling_summary)
     summary["entropy_accuracy_fit"] = _entropy_accuracy_fits(table, names)
+    summary["collapse_forecast"] = _collapse_forecast(table, names, collapse_threshold)
     metrics += sampling_metrics
     bar.update()
     tokens = sm.expert_token_counts(table)
@@ -171,6 +173,20 @@ def _entropy_accuracy_fits(table: pd.DataFrame, names: list[str]) -> dict:
         entropies["token_entropy"] = sampling.token_entropy(table)
     return {key: entropy_accuracy_fit(values.tolist(), accuracy.reindex(values.index).tolist())
             for key, values in entropies.items()}
+
+
+def _collapse_forecast(table: pd.DataFrame, names: list[str], threshold: float) -> dict | None:
+    """The collapse forecast made from the run's first FORECAST_STEPS steps up to its last step
+    (analysis.forecast), with the fitted model's shares at every step; None for a run with no step after
+    those (nothing to check the forecast against) or nothing to fit."""
+    steps = sorted(table["step"].unique())
+    if len(steps) <= FORECAST_STEPS:
+        return None
+    forecast = forecast_collapse(table[table["step"].isin(steps[:FORECAST_STEPS])], names, threshold,
+                                 horizon=int(steps[-1]))
+    if forecast is None:
+        return None
+    return {**forecast.as_dict(), "shares": _nested(forecast.shares(np.arange(steps[0], steps[-1] + 1)))}
 
 
 def _specialists_metrics(tokens: pd.DataFrame, names: list[str]) -> tuple[dict, list]:

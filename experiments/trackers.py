@@ -68,7 +68,7 @@ class WandbTracker:
                               mode=os.environ.get("WANDB_MODE", "offline"))
 
     def log(self, values: dict[str, float], step: int) -> None:
-        self.run.log(values, step=step)
+        self.run.log(values, step=step, commit=True)  # shown now, not when the next step arrives
 
     def close(self) -> None:
         self.run.finish()
