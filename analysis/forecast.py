@@ -214,7 +214,8 @@ def _fit_batch(steps: np.ndarray, n: np.ndarray, c: np.ndarray) -> tuple[np.ndar
     def objective(z, eta):
         x = np.where(present[:, None, :], z[:, None, :] + eta[:, None, None] * design, -np.inf)
         log_shares = x - np.logaddexp.reduce(x, axis=2, keepdims=True)
-        return (n * np.where(present[:, None, :], log_shares, 0.0)).sum(axis=(1, 2)) - RIDGE / 2 * (np.where(present, z, 0.0) ** 2).sum(axis=1)
+        log_likelihood = (n * np.where(present[:, None, :], log_shares, 0.0)).sum(axis=(1, 2))
+        return log_likelihood - RIDGE / 2 * (np.where(present, z, 0.0) ** 2).sum(axis=1)
 
     z = np.where(present, np.log(n.sum(axis=1) + 0.5), 0.0)
     z = np.where(present, z - z.mean(axis=1, keepdims=True), 0.0)

@@ -11,11 +11,11 @@ each step is recorded). Per step it logs
   else numeric as train/NAME (train/loss, train/kl_to_reference, train/reward_mean, ...).
 
 Every tracker writes locally unless told otherwise by its library's own environment variables:
-TensorBoard to RUN/tensorboard/, wandb in offline mode to RUN/wandb/ (WANDB_MODE=online sends it to the
-server; `wandb sync RUN/wandb/offline-run-*` uploads later), MLflow to the SQLite store RUN/mlflow.db
-(MLFLOW_TRACKING_URI points it elsewhere). A resumed run continues the TensorBoard curves from its first
-redone step (`purge_step`: TensorBoard drops the earlier events of those steps); wandb and MLflow get a
-new run.
+TensorBoard to RUN/tensorboard/; wandb in offline mode to RUN/wandb/ (WANDB_MODE=online sends it to the
+server; `wandb sync RUN/wandb/offline-run-*` uploads later); MLflow to the SQLite store RUN/mlflow.db with
+artifacts in RUN/mlflow-artifacts/ (MLFLOW_TRACKING_URI points it elsewhere). A resumed run continues the
+TensorBoard curves from its first redone step (`purge_step`: TensorBoard drops the earlier events of those
+steps); wandb and MLflow get a new run.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from analysis.load import rollout_frame
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # name -> module that provides it
 TENSORBOARD_DIR = "tensorboard"
 MLFLOW_STORE = "mlflow.db"
+MLFLOW_ARTIFACTS = "mlflow-artifacts"
 TIME_SUFFIXES = ("_time_s", "tokens_per_s")
 
 
@@ -80,10 +81,13 @@ class MLflowTracker:
     def __init__(self, run_dir: Path, project: str, config: dict):
         import mlflow
 
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(run_dir).resolve() / MLFLOW_STORE}"
-        self.client = mlflow.MlflowClient(uri)
+        run_dir = Path(run_dir).resolve()
+        given = os.environ.get("MLFLOW_TRACKING_URI")
+        self.client = mlflow.MlflowClient(given or f"sqlite:///{run_dir / MLFLOW_STORE}")
         experiment = self.client.get_experiment_by_name(project)
-        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(project)
+        # The local store keeps its artifacts (config.json) in the run directory too, not in ./mlruns.
+        artifacts = None if given else (run_dir / MLFLOW_ARTIFACTS).as_uri()
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(project, artifacts)
         self.run_id = self.client.create_run(experiment_id, run_name=Path(run_dir).name).info.run_id
         self.client.log_dict(self.run_id, config, "config.json")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -157,3 +158,4 @@ def test_mlflow_run_in_a_local_store(tmp_path, monkeypatch):
     assert [(m.step, round(m.value, 6)) for m in history] == [(0, 0.5), (1, 0.4)]
     assert len(client.get_metric_history(tracker.run_id, "format_share/python_function")) == 2
     assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    assert (tmp_path / "mlflow-artifacts").is_dir() and not (Path.cwd() / "mlruns").exists()
