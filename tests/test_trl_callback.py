@@ -39,8 +39,14 @@ class DigitReward:
         return [sum(ch.isdigit() for ch in text) / max(len(text), 1) for text in completions]
 
 
-def train(model_dir, run_dir, tmp_path, steps=STEPS, **callback_options):
-    """`steps` updates of stock GRPOTrainer with the callback; returns (trainer, callback, the user's reward)."""
+CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}\n{% endfor %}"  # the tiny tokenizer has none
+
+
+def train(model_dir, run_dir, tmp_path, steps=STEPS, *, conversational=False, save_every=None, resume=None,
+          **callback_options):
+    """`steps` updates of stock GRPOTrainer with the callback; returns (trainer, callback, the user's reward).
+    conversational: prompts as chat messages (rendered by a chat template); save_every: TRL checkpoints every
+    that many steps; resume: a TRL checkpoint to resume from."""
     from datasets import Dataset
 
     with warnings.catch_warnings():
@@ -50,19 +56,34 @@ def train(model_dir, run_dir, tmp_path, steps=STEPS, **callback_options):
     from echolab import CollapseCallback
 
     problems = generate_problems(8, seed=3, split="train")
-    dataset = Dataset.from_dict({"prompt": [prompt_text(p) for p in problems], "answer": [p.answer for p in problems],
-                                 "prompt_id": [p.id for p in problems]})
+    prompts = [prompt_text(p) for p in problems]
+    dataset = Dataset.from_dict({
+        "prompt": [[{"role": "user", "content": text}] for text in prompts] if conversational else prompts,
+        "answer": [p.answer for p in problems], "prompt_id": [p.id for p in problems]})
+    # bf16=False: TRL's default bf16 autocasts the model's forward, and the test recomputes log-probs in float32.
     args = GRPOConfig(output_dir=str(tmp_path / "trl"), use_cpu=True, max_steps=steps, learning_rate=1e-3,
                       per_device_train_batch_size=PROMPTS * GENERATIONS, num_generations=GENERATIONS,
-                      max_completion_length=24, logging_steps=1, save_strategy="no", report_to=["tensorboard"],
-                      bf16=False, disable_tqdm=True, seed=0)  # TensorBoard writes under output_dir/runs/
+                      max_completion_length=24, logging_steps=1, report_to=["tensorboard"], bf16=False,
+                      disable_tqdm=True, seed=0,  # TensorBoard writes under output_dir/runs/
+                      save_strategy="steps" if save_every else "no", save_steps=save_every or 500)
     torch.manual_seed(0)
+    tokenizer = load_tokenizer(model_dir)
+    if conversational:
+        tokenizer.chat_template = CHAT_TEMPLATE
     collapse = CollapseCallback(run_dir, **callback_options)
     reward = DigitReward()
-    trainer = GRPOTrainer(model=load_model(model_dir), processing_class=load_tokenizer(model_dir), args=args,
+    trainer = GRPOTrainer(model=load_model(model_dir), processing_class=tokenizer, args=args,
                           train_dataset=dataset, reward_funcs=[reward, collapse.reward_func], callbacks=[collapse])
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     return trainer, collapse, reward
+
+
+def recomputed_logprob(model, prompt_ids: list[int], completion_ids: list[int]) -> float:
+    """Sum of log p(completion token | everything before), one sequence, no batching."""
+    ids = torch.tensor([prompt_ids + list(completion_ids)])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1], dim=-1)
+    return logprobs[len(prompt_ids) - 1:].gather(-1, ids[0, len(prompt_ids):, None]).sum().item()
 
 
 @pytest.fixture(scope="module")
@@ -104,12 +125,8 @@ def test_records_every_step_in_the_rollout_schema(trained, tiny_moe_dir):
     seen = reward.calls[0]
     assert [r["completion"] for r in rows] == seen["completions"]
     for row, prompt, completion in zip(rows[:3], seen["prompts"], seen["completion_ids"]):
-        prompt_ids = tokenizer(text=[prompt])["input_ids"][0]
-        ids = torch.tensor([prompt_ids + list(completion)])
-        with torch.no_grad():
-            logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1], dim=-1)
-        expected = logprobs[len(prompt_ids) - 1:].gather(-1, ids[0, len(prompt_ids):, None]).sum().item()
         assert row["num_tokens"] == len(completion)
+        expected = recomputed_logprob(model, tokenizer(text=[prompt])["input_ids"][0], completion)
         assert row["logprob"] == pytest.approx(expected, abs=1e-3)
     assert all(math.isfinite(r["logprob"]) and r["logprob"] < 0 for r in rows)
 
@@ -160,3 +177,26 @@ def test_a_second_fresh_training_into_the_same_run_directory_is_refused(trained,
     with pytest.raises(UserError, match="already holds a run"):
         train(tiny_moe_dir, first / "run", tmp_path, steps=1)
 
+
+
+def test_conversational_prompts_are_rendered_with_the_chat_template(tiny_moe_dir, tmp_path):
+    _, collapse, reward = train(tiny_moe_dir, tmp_path / "run", tmp_path, steps=1, conversational=True)
+    rows = pq.read_table(rollout_files(tmp_path / "run")[0]).to_pylist()
+    seen = reward.calls[0]
+    assert [r["completion"] for r in rows] == [messages[-1]["content"] for messages in seen["completions"]]
+    assert rows[0]["prompt"] == seen["prompts"][0][0]["content"]
+    model, tokenizer = load_model(tiny_moe_dir), load_tokenizer(tiny_moe_dir)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    prompt_ids = tokenizer.apply_chat_template(conversation=[seen["prompts"][0]], add_generation_prompt=True,
+                                               tokenize=True, return_dict=True)["input_ids"][0]
+    assert rows[0]["logprob"] == pytest.approx(recomputed_logprob(model, prompt_ids, seen["completion_ids"][0]), abs=1e-3)
+
+
+def test_resuming_from_a_checkpoint_redoes_its_steps_once(tiny_moe_dir, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_moe_dir, run, tmp_path, steps=2, save_every=1)  # TRL checkpoints after steps 1 and 2
+    _, collapse, _ = train(tiny_moe_dir, run, tmp_path, steps=2, save_every=1, resume=tmp_path / "trl" / "checkpoint-1")
+    assert [f.name for f in rollout_files(run)] == ["step_000000.parquet", "step_000001.parquet"]
+    lines = [json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines()]
+    assert [line["step"] for line in lines] == [0, 1]  # step 1's first record was dropped, its redo kept
+    assert sorted(collapse.watch.history["step"].unique()) == [0, 1]  # step 0 restored from disk, step 1 observed
