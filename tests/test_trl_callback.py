@@ -36,7 +36,8 @@ class DigitReward:
     def __call__(self, prompts, completions, completion_ids, trainer_state, **kwargs) -> list[float]:
         self.calls[trainer_state.global_step] = {"prompts": prompts, "completions": completions,
                                                  "completion_ids": completion_ids}
-        return [sum(ch.isdigit() for ch in text) / max(len(text), 1) for text in completions]
+        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]  # plain text or chat messages
+        return [sum(ch.isdigit() for ch in text) / max(len(text), 1) for text in texts]
 
 
 CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}\n{% endfor %}"  # the tiny tokenizer has none
