@@ -20,7 +20,7 @@ from specialists.tasks import generate_problems, prompt_text
 FORMATS = FORMAT_SETS["synthetic"]
 NAMES = [f.name for f in FORMATS] + [OTHER]
 STEPS, PROMPTS, SAMPLES = 30, 8, 8
-SCRIPT = Path(__file__).parents[1] / "experiments" / "studies" / "echo_chamber" / "forecast_validation.py"
+STUDY = Path(__file__).parents[1] / "experiments" / "studies" / "echo_chamber"
 
 
 def write_run(run_dir: Path, eta: float, accuracy: list[float], seed: int) -> None:
@@ -54,8 +54,8 @@ def runs(tmp_path_factory) -> list[Path]:
     return [root / "grpo-seed=0", root / "grpo-seed=1", root / "flat-seed=0"]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("forecast_validation", SCRIPT)
+def load_script(name: str = "forecast_validation"):
+    spec = importlib.util.spec_from_file_location(name, STUDY / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -93,3 +93,9 @@ def test_validation_script_tabulates_forecast_against_outcome(runs, capsys):
         assert cells[5] == str(summary["collapse_step"]).replace("None", "none")
     totals = next(line for line in lines if line.startswith("| 10 |"))
     assert totals.split("|")[3].strip() == "2/2"  # the two runs that collapsed, both onto python_function
+
+
+def test_simulation_script_prints_its_table(capsys):
+    load_script("forecast_simulation").main(["--runs", "3"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| 0.16 | 26 | 3/3 |") and lines[3].startswith("| 0.25 | 17 | 3/3 |")
