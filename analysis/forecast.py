@@ -18,8 +18,9 @@ a softmax over formats whose logits move linearly in t at rates eta a_f. Hence: 
 present wins whenever eta > 0, a format absent at t0 never returns, and equal accuracies mean no change.
 
 Fit (`fit_replicator`), on the steps given (e.g. a run's first 10):
-- a_f = (c_f + 1) / (n_f + 2), the format's pooled accuracy over those steps with Laplace's rule of
-  succession (a format seen twice is not taken as certainly right or wrong);
+- a_f = (c_f + 1) / (j_f + 2), the format's pooled accuracy over those steps (c_f correct of j_f judged
+  completions) with Laplace's rule of succession (a format seen twice is not taken as certainly right or
+  wrong);
 - the initial logits z_f = log s_f(t0) and eta by maximum likelihood of the per-step format counts,
   n(t) ~ Multinomial(N(t), s(t)); the log-likelihood is concave in (z, eta) (a multinomial logit whose
   logits z_f + eta a_f (t - t0) are linear in the parameters), so the optimum found is the optimum.
@@ -99,49 +100,61 @@ class CollapseForecast:
                 "accuracy": dict(zip(self.fit.formats, self.fit.accuracy.tolist()))}
 
 
-def outcome_counts(table: pd.DataFrame, names: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """A labelled, judged table (columns step, prompt_id, format, correct) per (step, prompt): the sorted steps,
-    each (step, prompt) row's position in them, and per format its completions n and correct ones c, both
-    (rows, formats). Completions of unknown correctness count in n, not in c."""
-    codes = pd.Categorical(table["format"], categories=names).codes
+def format_outcomes(table: pd.DataFrame) -> pd.DataFrame:
+    """The forecast's input, from a labelled, judged rollout table (columns step, prompt_id, format, correct with
+    NaN where unknown): per (step, prompt_id, format) the completions, the judged ones and the correct ones."""
+    correct = table["correct"].astype(np.float64)
+    frame = pd.DataFrame({"step": table["step"].to_numpy(), "prompt_id": table["prompt_id"].astype(str).to_numpy(),
+                          "format": table["format"].to_numpy(dtype=object),
+                          "judged": correct.notna().to_numpy(dtype=np.float64), "correct": correct.fillna(0.0).to_numpy()})
+    grouped = frame.groupby(["step", "prompt_id", "format"], sort=True)
+    return grouped.agg(completions=("judged", "size"), judged=("judged", "sum"), correct=("correct", "sum")).reset_index()
+
+
+OUTCOMES = ("completions", "judged", "correct")
+
+
+def outcome_arrays(outcomes: pd.DataFrame, names: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`format_outcomes` as arrays: the sorted steps, each (step, prompt) row's position among them, and the
+    counts (rows, OUTCOMES, formats in `names` order)."""
+    codes = pd.Categorical(outcomes["format"], categories=names).codes
     if (codes < 0).any():
-        raise ValueError(f"formats outside {names}: {sorted(set(table['format'][codes < 0]))}")
-    keys = pd.DataFrame({"step": table["step"].to_numpy(), "prompt_id": table["prompt_id"].astype(str).to_numpy()})
-    groups = keys.groupby(["step", "prompt_id"], sort=True).ngroup().to_numpy()
-    rows = keys.drop_duplicates().sort_values(["step", "prompt_id"])["step"].to_numpy()
-    n, c = np.zeros((len(rows), len(names))), np.zeros((len(rows), len(names)))
-    np.add.at(n, (groups, codes), 1.0)
-    np.add.at(c, (groups, codes), np.nan_to_num(table["correct"].to_numpy(dtype=np.float64), nan=0.0))
-    steps = np.unique(rows)
-    return steps, np.searchsorted(steps, rows), n, c
+        raise ValueError(f"formats outside {names}: {sorted(set(outcomes['format'][codes < 0]))}")
+    keys = outcomes[["step", "prompt_id"]]
+    rows = keys.groupby(["step", "prompt_id"], sort=True).ngroup().to_numpy()
+    row_steps = keys.drop_duplicates().sort_values(["step", "prompt_id"])["step"].to_numpy()
+    arrays = np.zeros((len(row_steps), len(OUTCOMES), len(names)))
+    for index, column in enumerate(OUTCOMES):
+        np.add.at(arrays, (rows, index, codes), outcomes[column].to_numpy(dtype=np.float64))
+    steps = np.unique(row_steps)
+    return steps, np.searchsorted(steps, row_steps), arrays
 
 
-def fit_replicator(steps: np.ndarray, counts: np.ndarray, correct: np.ndarray, names: list[str]) -> ReplicatorFit | None:
-    """The maximum-likelihood replicator fit (module doc) to per-step format counts `counts` and correct
-    counts `correct`, both (steps, formats in `names` order); None when fewer than two steps have
-    completions (eta is then not identifiable)."""
-    steps, counts, correct = np.asarray(steps), np.asarray(counts, np.float64), np.asarray(correct, np.float64)
-    observed = counts.sum(axis=1) > 0
+def fit_replicator(steps: np.ndarray, counts: np.ndarray, names: list[str]) -> ReplicatorFit | None:
+    """The maximum-likelihood replicator fit (module doc) to per-step counts (steps, OUTCOMES, formats in `names`
+    order): completions, judged and correct ones. None when fewer than two steps have completions (eta is then
+    not identifiable)."""
+    steps, counts = np.asarray(steps), np.asarray(counts, dtype=np.float64)
+    observed = counts[:, 0].sum(axis=1) > 0
     if observed.sum() < 2:
         return None
-    present = counts[observed].sum(axis=0) > 0
-    logits, eta, accuracy = _fit_batch(steps[observed], counts[observed][None][..., present],
-                                       correct[observed][None][..., present])
+    present = counts[observed, 0].sum(axis=0) > 0
+    logits, eta, accuracy = _fit_batch(steps[observed], counts[observed][None][..., present])
     return ReplicatorFit(tuple(np.asarray(names, dtype=object)[present].tolist()), accuracy[0], logits[0],
                          float(eta[0]), int(steps[observed][0]))
 
 
-def forecast_collapse(table: pd.DataFrame, names: list[str], threshold: float = 0.9, horizon: int | None = None,
+def forecast_collapse(outcomes: pd.DataFrame, names: list[str], threshold: float = 0.9, horizon: int | None = None,
                       resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> CollapseForecast | None:
-    """Forecast from every step of `table` (a labelled, judged rollout table: step, prompt_id, format, correct;
-    pass a run's first K steps to forecast from them) up to step `horizon` (default: the last step plus four
-    times the steps spanned). None when the table has fewer than two steps or no judged completion.
-    Seeded: the same table and seed give the same forecast."""
-    if not table["correct"].notna().any():
+    """Forecast from every step in `outcomes` (`format_outcomes` of a run's rows; pass its first K steps to
+    forecast from them) up to step `horizon` (default: the last step plus four times the steps spanned). None
+    when there are fewer than two steps or no judged completion. Seeded: the same input and seed give the same
+    forecast."""
+    if not len(outcomes) or outcomes["judged"].sum() == 0:
         return None
-    steps, position, n, c = outcome_counts(table, names)
-    counts, correct = _per_step(position, len(steps), n, c)
-    fit = fit_replicator(steps, counts, correct, names)
+    steps, position, rows = outcome_arrays(outcomes, names)
+    counts = _per_step(position, len(steps), rows)
+    fit = fit_replicator(steps, counts, names)
     if fit is None:
         return None
     first, last = int(steps[0]), int(steps[-1])
@@ -149,35 +162,32 @@ def forecast_collapse(table: pd.DataFrame, names: list[str], threshold: float = 
     if horizon <= last:
         raise ValueError(f"horizon {horizon} must come after the last fitted step {last}")
     fitted = tuple(int(step) for step in steps)
-    observed_max = counts.max(axis=1) / counts.sum(axis=1)
+    observed_max = counts[:, 0].max(axis=1) / counts[:, 0].sum(axis=1)
     if (observed_max >= threshold).any():  # already collapsed: the step is known, not forecast
         at = int(np.argmax(observed_max >= threshold))
-        return CollapseForecast(fit, fitted, threshold, horizon, names[int(counts[at].argmax())], 1.0,
+        return CollapseForecast(fit, fitted, threshold, horizon, names[int(counts[at, 0].argmax())], 1.0,
                                 int(steps[at]), int(steps[at]), int(steps[at]))
     future = np.arange(last + 1, horizon + 1)
     winner, crossing = _outcomes(fit.logits[None], np.array([fit.eta]), fit.accuracy[None], future - first, threshold)
     present = np.isin(names, fit.formats)
     rng = np.random.default_rng(seed)
-    resampled_n = np.zeros((resamples, len(steps), present.sum()))
-    resampled_c = np.zeros_like(resampled_n)
+    resampled = np.zeros((resamples, len(steps), len(OUTCOMES), present.sum()))
     for index in range(len(steps)):  # prompts of each step drawn with replacement, their samples kept together
-        rows = np.flatnonzero(position == index)
-        drawn = rows[rng.integers(0, len(rows), size=(resamples, len(rows)))]
-        resampled_n[:, index] = n[drawn][..., present].sum(axis=1)
-        resampled_c[:, index] = c[drawn][..., present].sum(axis=1)
-    winners, crossings = _outcomes(*_fit_batch(steps, resampled_n, resampled_c), future - first, threshold)
+        members = np.flatnonzero(position == index)
+        drawn = members[rng.integers(0, len(members), size=(resamples, len(members)))]
+        resampled[:, index] = rows[drawn][..., present].sum(axis=1)
+    winners, crossings = _outcomes(*_fit_batch(steps, resampled), future - first, threshold)
     low, high = np.quantile(crossings, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2], method="inverted_cdf")
     return CollapseForecast(fit, fitted, threshold, horizon, fit.formats[winner[0]], float(np.mean(winners == winner[0])),
                             None if np.isinf(crossing[0]) else int(first + crossing[0]),
                             None if np.isinf(low) else int(low + first), None if np.isinf(high) else int(high + first))
 
 
-def _per_step(position: np.ndarray, steps: int, n: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(step, prompt) rows summed into per-step (steps, formats) counts."""
-    counts, correct = np.zeros((steps, n.shape[1])), np.zeros((steps, n.shape[1]))
-    np.add.at(counts, position, n)
-    np.add.at(correct, position, c)
-    return counts, correct
+def _per_step(position: np.ndarray, steps: int, rows: np.ndarray) -> np.ndarray:
+    """(step, prompt) rows summed into per-step counts (steps, OUTCOMES, formats)."""
+    counts = np.zeros((steps, *rows.shape[1:]))
+    np.add.at(counts, position, rows)
+    return counts
 
 
 def _outcomes(logits: np.ndarray, eta: np.ndarray, accuracy: np.ndarray, offsets: np.ndarray,
@@ -195,19 +205,20 @@ NEWTON_ITERATIONS = 50
 TOLERANCE = 1e-6  # on the parameters; Newton reaches it in a handful of steps, below it is rounding noise
 
 
-def _fit_batch(steps: np.ndarray, n: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _fit_batch(steps: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Maximum likelihood for a batch of independent data sets (bootstrap replicates) at once.
 
-    n, c: (batch, steps, formats) counts and correct counts. Returns logits (batch, formats; -inf for a format
-    absent from that data set), eta (batch,) and the smoothed accuracies (batch, formats). Newton's method
-    with step halving on the concave log-likelihood
+    counts: (batch, steps, OUTCOMES, formats). Returns logits (batch, formats; -inf for a format absent from
+    that data set), eta (batch,) and the smoothed accuracies (batch, formats). Newton's method with step
+    halving on the concave log-likelihood
         L(z, eta) = sum_t sum_f n_f(t) log softmax(z + eta a u_t)_f - RIDGE/2 |z|^2,   u_t = t - t0,
     gradient and Hessian of the multinomial logit (McCullagh & Nelder, Generalized Linear Models, 2nd ed., 6.4).
     """
+    n, judged, c = counts[:, :, 0], counts[:, :, 1], counts[:, :, 2]  # (batch, steps, formats) each
     batch, _, formats = n.shape
     offsets = (np.asarray(steps) - steps[0]).astype(np.float64)
     present = n.sum(axis=1) > 0  # (batch, formats)
-    accuracy = (c.sum(axis=1) + 1) / (n.sum(axis=1) + 2)
+    accuracy = (c.sum(axis=1) + 1) / (judged.sum(axis=1) + 2)
     totals = n.sum(axis=2)  # (batch, steps)
     design = accuracy[:, None, :] * offsets[None, :, None]  # d logits / d eta: (batch, steps, formats)
 

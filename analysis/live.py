@@ -34,7 +34,7 @@ import math
 import pandas as pd
 
 from analysis import formats_metrics as fm
-from analysis.forecast import CollapseForecast, forecast_collapse
+from analysis.forecast import CollapseForecast, forecast_collapse, format_outcomes
 from analysis import sampling
 from analysis import specialists_metrics as sm
 
@@ -69,9 +69,6 @@ def step_metrics(table: pd.DataFrame, names: list[str]) -> dict[str, float]:
     return {name: float(value) for name, value in values.items() if value is not None and math.isfinite(float(value))}
 
 
-FORECAST_COLUMNS = ["step", "prompt_id", "format", "correct"]
-
-
 class CollapseWatch:
     """Follows one run step by step: `observe(rows)` returns the step's metrics (`step_metrics`) plus the
     collapse step so far or, before it, the collapse forecast from all steps seen (after `forecast_after`
@@ -82,10 +79,14 @@ class CollapseWatch:
                  forecast_after: int = 3, seed: int = 0):
         self.names, self.last_step, self.threshold = names, last_step, threshold
         self.warn_within, self.forecast_after, self.seed = warn_within, forecast_after, seed
-        self.history = pd.DataFrame(columns=FORECAST_COLUMNS)
+        self.outcomes: list[pd.DataFrame] = []  # format_outcomes of each step seen
         self.collapse_step: int | None = None
         self.forecast: CollapseForecast | None = None
         self.latest_step: int | None = None
+
+    @property
+    def steps_seen(self) -> list[int]:
+        return [int(outcomes["step"].iloc[0]) for outcomes in self.outcomes]
 
     def restore(self, table: pd.DataFrame) -> None:
         """Take earlier steps' labelled rows as seen (a resumed run), without computing their metrics."""
@@ -99,10 +100,10 @@ class CollapseWatch:
         if self.collapse_step is not None:
             values["collapse/step"] = float(self.collapse_step)
             return values
-        steps_seen = self.history["step"].nunique()
         self.forecast = None
-        if steps_seen >= self.forecast_after and self.latest_step < self.last_step:
-            self.forecast = forecast_collapse(self.history, self.names, self.threshold, self.last_step, seed=self.seed)
+        if len(self.outcomes) >= self.forecast_after and self.latest_step < self.last_step:
+            self.forecast = forecast_collapse(pd.concat(self.outcomes, ignore_index=True), self.names, self.threshold,
+                                              self.last_step, seed=self.seed)
         if self.forecast is not None and self.forecast.collapse_step is not None:
             values["collapse/forecast_step"] = float(self.forecast.collapse_step)
             values["collapse/forecast_winner_probability"] = self.forecast.winner_probability
@@ -119,8 +120,7 @@ class CollapseWatch:
                 and forecast.collapse_step - self.latest_step <= self.warn_within)
 
     def _remember(self, rows: pd.DataFrame) -> None:
-        kept = rows[FORECAST_COLUMNS]
-        self.history = kept if not len(self.history) else pd.concat([self.history, kept], ignore_index=True)
-        self.latest_step = int(self.history["step"].max())
+        self.outcomes.append(format_outcomes(rows))
+        self.latest_step = int(rows["step"].max())
         if self.collapse_step is None:
-            self.collapse_step = fm.collapse_step(fm.format_share(self.history, self.names), self.threshold)
+            self.collapse_step = fm.collapse_step(fm.format_share(rows, self.names), self.threshold)

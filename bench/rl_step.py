@@ -71,6 +71,7 @@ def run_ours(model_dir: Path, settings, problems, rewards, engine_kind: str, see
     from rl.recorder import Recorder
     from rl.rollouts import PromptSet
     from specialists.model import load_model
+    from specialists.prompting import Prompter
     from specialists.tokenizer import load_tokenizer
 
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
@@ -78,7 +79,7 @@ def run_ours(model_dir: Path, settings, problems, rewards, engine_kind: str, see
     timer = _step_timer()
     try:
         with tempfile.TemporaryDirectory(prefix="rl-step-bench-") as run_dir:
-            train_grpo(model, tokenizer, engine, PromptSet(problems, len(problems), seed), rewards,
+            train_grpo(model, tokenizer, engine, PromptSet(problems, len(problems), seed, Prompter(tokenizer)), rewards,
                        settings.model_copy(update={"steps": steps}), Recorder(run_dir), seed, progress=False,
                        callbacks=[timer])
             metrics = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -6,7 +6,7 @@ import tomllib
 import typing
 from pathlib import Path
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from rl.config import RLSettings
 from specialists.config import SpecialistsConfig, Strict
@@ -57,7 +57,7 @@ def validate(document: dict, model: type[BaseModel], source: str):
         message = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for our validators' messages
         if isinstance(first["input"], (str, int, float)):  # a section's input is the whole table: not worth quoting
             message += f" (got {first['input']!r})"
-        raise UserError(f"{source}: {location}: {message}") from None
+        raise UserError(f"{source}: {location + ': ' if location else ''}{message}") from None
 
 
 class AnalysisSettings(Strict):
@@ -71,6 +71,16 @@ class ExperimentConfig(SpecialistsConfig):
     name: str = "experiment"
     rl: RLSettings = RLSettings()
     analysis: AnalysisSettings = AnalysisSettings()
+
+    @model_validator(mode="after")
+    def _base_model_and_rl_agree(self) -> "ExperimentConfig":
+        if self.model.path is not None and self.rl.mitigations.pretrain_replay_coef > 0:
+            raise ValueError("rl.mitigations.pretrain_replay_coef replays the pretraining corpus, which a "
+                             "model.path base does not have here")
+        if self.model.path is None and self.rl.chat_template:
+            raise ValueError("rl.chat_template needs a model.path base with a chat template; "
+                             "the pretrained built-in models have none")
+        return self
 
     def specialists(self) -> SpecialistsConfig:
         """The part that determines the pretrained base model (its cache key)."""

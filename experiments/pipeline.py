@@ -1,6 +1,7 @@
 """One experiment end to end: pretrain (cached) -> RL post-training -> analysis -> report.
 
-The pretrained base is cached under `$ECHOLAB_CACHE` (default `~/.cache/echolab`) by the hash of the
+The RL base is the checkpoint at `[model] path` when the config names one (pretraining is skipped), else
+the pretrained built-in model. The pretrained base is cached under `$ECHOLAB_CACHE` (default `~/.cache/echolab`) by the hash of the
 config's pretraining part, so runs that share a base (seeds of RL aside) reuse it. A killed run
 continues with `resume=True` from its last checkpoint; the steps after it are redone and recorded
 again (their partial records are dropped first), so no step is lost or doubled. Every file of the run
@@ -30,7 +31,9 @@ def base_model_dir(config: SpecialistsConfig, progress: bool = True) -> Path:
     from specialists.evaluate import evaluate
     from specialists.pretrain import pretrain
 
-    key = hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+    # model.path (always None for a pretrained base) stays out of the key, so caches made before it existed still hit
+    settings = config.model_dump(mode="json", exclude={"model": {"path"}})
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     directory = cache_root() / "pretrain" / key
     if (directory / "evaluation.json").is_file():
         return directory / "model"
@@ -43,11 +46,21 @@ def base_model_dir(config: SpecialistsConfig, progress: bool = True) -> Path:
     return directory / "model"
 
 
+def base_model(config: ExperimentConfig, progress: bool = True) -> Path:
+    """The RL base: the checkpoint at model.path, or the pretrained built-in model (trained on first use)."""
+    return Path(config.model.path) if config.model.path else base_model_dir(config.specialists(), progress)
+
+
 def _check_input_files(config: ExperimentConfig) -> None:
+    from specialists.families import checkpoint_family, has_chat_template
     from specialists.formats import load_formats
 
     if config.rl.prompts != "synthetic" and not Path(config.rl.prompts).is_file():
         raise UserError(f"rl.prompts: file not found: {config.rl.prompts}")
+    if config.model.path:
+        checkpoint_family(config.model.path)
+        if config.rl.chat_template and not has_chat_template(config.model.path):
+            raise UserError(f"rl.chat_template: the tokenizer in {config.model.path} has no chat template")
     load_formats(config.analysis.formats)  # a built-in set name or a readable format file
 
 
@@ -99,10 +112,11 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, resume: bool =
     from specialists.formats import FORMAT_SETS
     from specialists.pretrain import build_corpus
     from specialists.model import load_model
+    from specialists.prompting import Prompter
     from specialists.sandbox import Sandbox
     from specialists.tokenizer import load_tokenizer
 
-    base = base_model_dir(config.specialists(), progress)
+    base = base_model(config, progress)
     start_step, weights = 0, base
     last = recorder.last_checkpoint() if resume else None
     if last is not None:  # the trainers read the optimiser and RNG state from the checkpoint themselves
@@ -112,7 +126,8 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, resume: bool =
     torch.manual_seed(seed)
     model, tokenizer = load_model(weights), load_tokenizer(weights)
     problems = load_prompt_problems(config.rl, seed, config.task.task_config())
-    prompt_set = PromptSet(problems, config.rl.prompts_per_step, seed)
+    prompter = Prompter(tokenizer, config.rl.prompt_template, config.rl.chat_template)
+    prompt_set = PromptSet(problems, config.rl.prompts_per_step, seed, prompter)
     engine = make_engine(config.rl.engine, weights, model, tokenizer, config.model.max_length, seed)
     try:
         with Sandbox() as sandbox:

@@ -14,10 +14,10 @@ How the data reaches it, through TRL's public interfaces only:
   returns 0.0 for every completion, so the user's rewards, and their advantages, are unchanged; in TRL's
   logs it appears as `rewards/echolab/mean = 0`. If `args.reward_weights` is set, give it a weight too.
 - It grades each completion with echolab's grader (format, final answer, correctness against the
-  `answer_column`; code formats through the sandbox), and, with `score_completions`, runs one no-grad
+  `answer_column`, a number or text such as LaTeX; code formats through the sandbox), and, with `score_completions`, runs one no-grad
   forward of prompt + completion through the policy (the model the trainer hands to callbacks): the
-  completion's log-probability (before temperature) and, for Qwen3-MoE-style models, the routed-token
-  counts per layer and expert (`rl.routing.capture_routing`). That forward costs about a third of a
+  completion's log-probability (before temperature) and, for the MoE families `rl.routing` reads
+  (Qwen3-MoE, OLMoE, Mixtral), the routed-token counts per layer and expert (`capture_routing`). That forward costs about a third of a
   training step's forward and backward; `score_completions=False` skips it (logprob and expert_load null).
 - The step's metrics (`analysis.live`: format shares and accuracy, diversity, accuracy, pass@k, expert
   shares, entropy and MaxVio per layer, the collapse step and forecast) go to `log_metric`; TRL logs them
@@ -39,7 +39,6 @@ part of a step (refused when training begins).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections import Counter
@@ -53,13 +52,14 @@ from transformers.utils import logging
 
 from analysis.classify import format_names
 from analysis.live import CollapseWatch
-from analysis.load import read_rollouts, rollout_frame
+from analysis.load import rollout_frame
+from analysis.sources import prompt_id, read_rollouts
 from rl.recorder import Recorder, Rollout
 from rl.routing import capture_routing
 from rl.sequences import pack, token_logprobs
 from specialists.errors import UserError
 from specialists.formats import load_formats, parse_answer
-from specialists.grading import grade_completions
+from specialists.grading import answer_text, grade_completions
 from specialists.model import is_moe
 from specialists.run_directory import is_run_dir
 from specialists.sandbox import Sandbox
@@ -159,19 +159,20 @@ class CollapseCallback(TrainerCallback):
         texts = [_text(completion) for completion in completions]
         gold = [_gold(value) for value in columns.get(self.answer_column, [None] * len(texts))]
         given_ids = columns.get(self.prompt_id_column)
-        prompt_ids = [str(value) for value in given_ids] if given_ids is not None else [_prompt_hash(p) for p in prompts]
+        prompt_ids = [str(value) for value in given_ids] if given_ids is not None else [prompt_id(_text(p)) for p in prompts]
         grades = grade_completions(texts, gold, self.formats, self._sandbox)
         logprobs, expert_load = self._score(prompts, completion_ids) if self.score_completions else (None, None)
         seen = Counter(row.prompt_id for row in self._pending)
         rows = []
-        for index, (prompt, text, ids, prompt_id, answer, grade) in enumerate(
+        for index, (prompt, text, ids, key, answer, grade) in enumerate(
                 zip(prompts, texts, completion_ids, prompt_ids, gold, grades, strict=True)):
-            rows.append(Rollout(step=step, epoch=float(trainer_state.epoch or 0.0), prompt_id=prompt_id,
-                                sample_index=seen[prompt_id], prompt=_text(prompt), completion=text, answer=answer,
+            rows.append(Rollout(step=step, epoch=float(trainer_state.epoch or 0.0), prompt_id=key,
+                                sample_index=seen[key], prompt=_text(prompt), completion=text,
+                                answer=_number(answer),
                                 reward=None, correct=grade.correct, format=grade.format, reason=grade.reason,
                                 num_tokens=len(ids), logprob=None if logprobs is None else logprobs[index],
                                 expert_load=None if expert_load is None else expert_load[index].tolist()))
-            seen[prompt_id] += 1
+            seen[key] += 1
         self._pending += rows
         for name, value in self.watch.observe(rollout_frame([asdict(row) for row in rows])).items():
             log_metric(name, value)
@@ -236,15 +237,13 @@ def _text(value) -> str:
     return "".join(message["content"] for message in value if isinstance(message.get("content"), str))
 
 
-def _gold(value) -> float | None:
-    """A gold answer as a number: 72 -> 72.0, "1,234" -> 1234.0; None when absent or unreadable."""
-    if isinstance(value, bool) or value is None:
+def _gold(value) -> float | str | None:
+    """A gold answer as the grader takes it: a number, or text ("1,234", "\\frac{1}{2}", "... #### 72")."""
+    if isinstance(value, bool) or value is None or (isinstance(value, float) and not math.isfinite(value)):
         return None
-    if isinstance(value, (int, float)):
-        return float(value) if math.isfinite(value) else None
-    return parse_answer(str(value))
+    return float(value) if isinstance(value, (int, float)) else str(value)
 
 
-def _prompt_hash(prompt) -> str:
-    return hashlib.sha256(_text(prompt).encode()).hexdigest()[:16]
-
+def _number(gold: float | str | None) -> float | None:
+    """The gold answer for the record's numeric `answer` column; None for one that is not a number (LaTeX)."""
+    return gold if isinstance(gold, float) or gold is None else parse_answer(answer_text(gold) or "")

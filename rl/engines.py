@@ -85,4 +85,5 @@ def make_engine(settings: EngineSettings, model_dir, model, tokenizer, max_lengt
         return HFEngine(model, tokenizer)
     from rl.vllm_engine import VLLMEngine  # vLLM is imported only when asked for
 
-    return VLLMEngine(model_dir, tokenizer, max_length=max_length, seed=seed, kv_cache_gib=settings.kv_cache_gib)
+    return VLLMEngine(model_dir, tokenizer, max_length=max_length, seed=seed, kv_cache_gib=settings.kv_cache_gib,
+                      dtype=settings.dtype)

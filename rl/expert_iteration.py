@@ -49,20 +49,20 @@ from rl.training import (
     start_or_resume,
 )
 from specialists.errors import UserError
-from specialists.tasks import Problem, prompt_text
 
 SFT_BATCH_SIZE = 16
 EI_MITIGATIONS = {"freeze_router", "format_diversity_coef"}
 
 
-def select_for_sft(batch: StepBatch) -> tuple[int, list[tuple[Problem, Completion]]]:
-    """(number of correct samples, the correct samples deduplicated by completion text per prompt).
+def select_for_sft(batch: StepBatch) -> tuple[int, list[tuple[str, Completion]]]:
+    """(number of correct samples, the correct (prompt text, completion) pairs deduplicated by completion text
+    per prompt).
 
     Order is kept (prompt by prompt, sample by sample) and the first of equal texts survives.
     Two prompts with the same id count as one prompt (a prompt set smaller than a step's batch).
     """
     correct, seen, unique = 0, set(), []
-    for problem, group, grades in zip(batch.problems, batch.completions, batch.grades):
+    for problem, prompt, group, grades in zip(batch.problems, batch.prompts, batch.completions, batch.grades):
         for completion, grade in zip(group, grades):
             if not grade.correct:
                 continue
@@ -70,7 +70,7 @@ def select_for_sft(batch: StepBatch) -> tuple[int, list[tuple[Problem, Completio
             key = (problem.id, completion.text)
             if key not in seen:
                 seen.add(key)
-                unique.append((problem, completion))
+                unique.append((prompt, completion))
     return correct, unique
 
 
@@ -83,7 +83,7 @@ def expert_load_of(model, input_ids, attention_mask, completion_mask, chunk: int
     return routing[0] if routing else None
 
 
-def supervised_finetune(model, tokenizer, samples: list[tuple[Problem, Completion]], settings: RLSettings,
+def supervised_finetune(model, tokenizer, samples: list[tuple[str, Completion]], settings: RLSettings,
                         seed: int, step: int) -> dict:
     """Step 4 of round `step`: fine-tune `model` in place on prompt + completion, loss on completion tokens
     only, minibatches drawn with `seed`. Returns {"sft_loss": mean batch loss (None without data),
@@ -91,7 +91,7 @@ def supervised_finetune(model, tokenizer, samples: list[tuple[Problem, Completio
     if not samples:
         return {"sft_loss": None, "sft_updates": 0}
     device = next(model.parameters()).device
-    prompt_ids = [tokenizer(prompt_text(problem), add_special_tokens=False)["input_ids"] for problem, _ in samples]
+    prompt_ids = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt, _ in samples]  # as pack_batch
     input_ids, attention_mask, completion_mask = (
         t.to(device) for t in pack(prompt_ids, [list(c.token_ids) for _, c in samples], tokenizer.pad_token_id))
     aux_coef = aux_loss_coefficient(model, settings)
@@ -175,7 +175,7 @@ def _rounds(model, tokenizer, engine, prompt_set, rewards, settings, recorder, s
         epoch = prompt_set.epoch(step)
 
         # 1-2. Sample, grade; routing under the model that sampled.
-        batch = collect(engine, prompt_set.batch(step), settings, rewards, sampling_seed(seed, step))
+        batch = collect(engine, prompt_set.prompter, prompt_set.batch(step), settings, rewards, sampling_seed(seed, step))
         require_finite("reward", batch.rewards, step)
         rollout_s = time.perf_counter() - started
         rollout_tokens = sum(len(c.token_ids) for c in batch.flat_completions)

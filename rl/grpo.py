@@ -71,7 +71,6 @@ from rl.training import (
 )
 from specialists.grading import Grade
 from specialists.model import is_moe
-from specialists.tasks import prompt_text
 
 REWARD_NAME = "echolab_reward"  # TRL logs rewards/<name>/mean and /std
 GRPO_MITIGATIONS = {"entropy_coef", "clip_cov", "kl_cov", "format_diversity_coef", "unlikeliness_beta", "pass_at_k",
@@ -92,7 +91,7 @@ def prompt_dataset(prompt_set: PromptSet):
 
     problems = prompt_set.problems
     return Dataset.from_dict({
-        "prompt": [prompt_text(p) for p in problems],
+        "prompt": [prompt_set.prompter.text(p) for p in problems],
         "prompt_id": [str(p.id) for p in problems],
         "answer": [float(p.answer) for p in problems],
         "problem_index": list(range(len(problems))),
@@ -201,6 +200,7 @@ class _Generation:
     step: int
     generation: int
     problems: list
+    prompts: list[str]
     completions: list[list[Completion]]
     generation_s: float
     grading_s: float = 0.0
@@ -298,7 +298,8 @@ def _make_trainer_class():
             generation = self.start_step // self.settings.grpo.num_iterations + self._generations_done
             step = self.start_step + self.state.global_step
             problems = self.prompt_set.batch(generation)
-            expected = [prompt_text(p) for p in problems for _ in range(samples)]
+            texts = [self.prompt_set.prompter.text(p) for p in problems]
+            expected = [text for text in texts for _ in range(samples)]
             if list(prompts) != expected:
                 raise RuntimeError("TRL's batch is not the PromptSet batch of generation "
                                    f"{generation}; got {len(prompts)} prompts")
@@ -306,16 +307,16 @@ def _make_trainer_class():
                 self.engine.sync_weights(self.accelerator.unwrap_model(self.model))
                 self._synced_step = self.state.global_step
             started = time.perf_counter()
-            groups = self.engine.generate([prompt_text(p) for p in problems], self.settings.sampling,
+            groups = self.engine.generate(texts, self.settings.sampling,
                                           sampling_seed(self.seed, step))
             generation_s = time.perf_counter() - started
             if len(groups) != len(problems) or any(len(g) != samples for g in groups):
                 raise RuntimeError(f"the engine returned {[len(g) for g in groups]} completions per prompt, "
                                    f"expected {samples} for each of {len(problems)} prompts")
-            self._generation = _Generation(step, generation, problems, groups, generation_s)
+            self._generation = _Generation(step, generation, problems, texts, groups, generation_s)
             self._generations_done += 1
             self._capture_routing = True
-            prompt_ids = [self.processing_class(prompt_text(p), add_special_tokens=False)["input_ids"] for p in problems]
+            prompt_ids = [self.processing_class(text, add_special_tokens=False)["input_ids"] for text in texts]
             flat = [c for group in groups for c in group]
             return {
                 "prompt_ids": [ids for ids in prompt_ids for _ in range(samples)],
@@ -493,7 +494,7 @@ def _make_trainer_class():
                 if fresh:
                     size = self.settings.sampling.samples_per_prompt
                     grades = generation.grades
-                    batch = StepBatch(generation.problems, generation.completions,
+                    batch = StepBatch(generation.problems, generation.prompts, generation.completions,
                                       [grades[i:i + size] for i in range(0, len(grades), size)],
                                       generation.rewards.view(len(generation.problems), size))
                     record_step(self.recorder, step, self.prompt_set.epoch(generation.generation), batch,

@@ -226,7 +226,7 @@ def _ppo_steps(model, tokenizer, engine, prompt_set, rewards, settings, recorder
         epoch = prompt_set.epoch(step)
 
         # 1. Rollouts from the current policy.
-        batch = collect(engine, prompt_set.batch(step), settings, rewards, sampling_seed(seed, step))
+        batch = collect(engine, prompt_set.prompter, prompt_set.batch(step), settings, rewards, sampling_seed(seed, step))
         require_finite("reward", batch.rewards, step)
         rollout_s = time.perf_counter() - started
         rollout_tokens = sum(len(c.token_ids) for c in batch.flat_completions)

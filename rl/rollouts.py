@@ -27,7 +27,8 @@ from rl.sequences import pack
 from specialists.formats import Format
 from specialists.grading import Grade, grade_completions
 from specialists.sandbox import Sandbox
-from specialists.tasks import Problem, TaskConfig, generate_problems, load_gsm8k, prompt_text
+from specialists.prompting import Prompter
+from specialists.tasks import Problem, TaskConfig, generate_problems, load_gsm8k
 
 RL_PROMPT_SEED_OFFSET = 10_000  # RL prompts come from a different draw than the pretraining corpus
 
@@ -39,10 +40,11 @@ def load_prompt_problems(settings: RLSettings, seed: int, task: TaskConfig) -> l
 
 
 class PromptSet:
-    """Prompts in a seeded order, reshuffled every epoch; `batch(step)` is a pure function of the step."""
+    """Prompts in a seeded order, reshuffled every epoch; `batch(step)` is a pure function of the step.
+    `prompter` turns each problem into the prompt the model sees (specialists.prompting)."""
 
-    def __init__(self, problems: list[Problem], prompts_per_step: int, seed: int):
-        self.problems, self.prompts_per_step, self.seed = problems, prompts_per_step, seed
+    def __init__(self, problems: list[Problem], prompts_per_step: int, seed: int, prompter: Prompter):
+        self.problems, self.prompts_per_step, self.seed, self.prompter = problems, prompts_per_step, seed, prompter
 
     def epoch(self, step: int) -> float:
         """Passes over the prompt set completed before this step's batch."""
@@ -67,6 +69,7 @@ class StepBatch:
     """One step's rollouts, grouped by prompt: completions[p][g] for prompt p, sample g."""
 
     problems: list[Problem]
+    prompts: list[str]  # each problem's prompt text (PromptSet.prompter)
     completions: list[list[Completion]]
     grades: list[list[Grade]]
     rewards: torch.Tensor  # (prompts, samples)
@@ -96,24 +99,27 @@ class Rewards:
         return rewards, grades
 
 
-def collect(engine: RolloutEngine, problems: list[Problem], settings: RLSettings, rewards: Rewards, seed: int) -> StepBatch:
+def collect(engine: RolloutEngine, prompter: Prompter, problems: list[Problem], settings: RLSettings, rewards: Rewards,
+            seed: int) -> StepBatch:
     sampling = settings.sampling
-    groups = engine.generate([prompt_text(p) for p in problems], sampling, seed)
+    prompts = [prompter.text(p) for p in problems]
+    groups = engine.generate(prompts, sampling, seed)
     texts = [c.text for group in groups for c in group]
     gold = [p.answer for p in problems for _ in range(sampling.samples_per_prompt)]
     flat_rewards, flat_grades = rewards(texts, gold, sampling.samples_per_prompt)
     size = sampling.samples_per_prompt
     grades = [flat_grades[i:i + size] for i in range(0, len(flat_grades), size)]
-    return StepBatch(problems, groups, grades, flat_rewards.view(len(problems), size))
+    return StepBatch(problems, prompts, groups, grades, flat_rewards.view(len(problems), size))
 
 
 def to_rollouts(step: int, epoch: float, batch: StepBatch, expert_load: torch.Tensor | None) -> list[Rollout]:
     """Recorder rows; `expert_load` is (completions, layers, experts) in flat completion order, or None."""
     rows, flat = [], 0
-    for problem, group, grades, rewards in zip(batch.problems, batch.completions, batch.grades, batch.rewards):
+    for problem, prompt, group, grades, rewards in zip(batch.problems, batch.prompts, batch.completions, batch.grades,
+                                                       batch.rewards):
         for index, (completion, grade, reward) in enumerate(zip(group, grades, rewards.tolist())):
             rows.append(Rollout(
-                step=step, epoch=epoch, prompt_id=problem.id, sample_index=index, prompt=prompt_text(problem),
+                step=step, epoch=epoch, prompt_id=problem.id, sample_index=index, prompt=prompt,
                 completion=completion.text, answer=problem.answer, reward=reward, correct=grade.correct,
                 format=grade.format, reason=grade.reason, num_tokens=len(completion.token_ids),
                 logprob=completion.logprob,
@@ -142,11 +148,12 @@ def step_seed(seed: int, step: int, stream: str) -> int:
 
 def pack_batch(batch: StepBatch, tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Teacher-forcing tensors of every (prompt, completion) of the batch, in flat completion order:
-    (input_ids, attention_mask, completion_mask) as `rl.sequences.pack` makes them. The prompt is
-    tokenised as the engines tokenise it (no special tokens); completions keep the engine's token ids."""
+    (input_ids, attention_mask, completion_mask) as `rl.sequences.pack` makes them. The prompt text is
+    tokenised as the Prompter and the engines tokenise it (special tokens are in the text, none are added);
+    completions keep the engine's token ids."""
     prompt_ids, completion_ids = [], []
-    for problem, group in zip(batch.problems, batch.completions):
-        ids = tokenizer(prompt_text(problem), add_special_tokens=False)["input_ids"]
+    for prompt, group in zip(batch.prompts, batch.completions):
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         for completion in group:
             prompt_ids.append(ids)
             completion_ids.append(list(completion.token_ids))

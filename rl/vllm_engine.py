@@ -15,9 +15,10 @@ from rl.weight_sync import make_llm, push_weights
 
 
 class VLLMEngine:
-    def __init__(self, model_dir: str | Path, tokenizer, max_length: int, seed: int, kv_cache_gib: float = 1.0):
+    def __init__(self, model_dir: str | Path, tokenizer, max_length: int, seed: int, kv_cache_gib: float = 1.0,
+                 dtype: str = "float32"):
         self.tokenizer = tokenizer
-        self.llm = make_llm(model_dir, seed=seed, max_model_len=max_length, kv_cache_gib=kv_cache_gib,
+        self.llm = make_llm(model_dir, seed=seed, max_model_len=max_length, kv_cache_gib=kv_cache_gib, dtype=dtype,
                             logprobs_mode="raw_logprobs")
 
     def generate(self, prompts: list[str], sampling: SamplingSettings, seed: int) -> list[list[Completion]]:

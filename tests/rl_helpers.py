@@ -15,6 +15,7 @@ from specialists.run_directory import ROLLOUT_SCHEMA
 from rl.rollouts import PromptSet, load_prompt_problems
 from specialists.config import SpecialistsConfig
 from specialists.formats import FORMAT_SETS, classify
+from specialists.prompting import Prompter
 from specialists.grading import Grade
 
 # Wall-clock measurements: they differ between otherwise identical runs.
@@ -36,10 +37,11 @@ class ChecksumRewards:
         return torch.tensor(correct, dtype=torch.float32), grades
 
 
-def prompt_set_for(settings, seed: int = 0) -> PromptSet:
+def prompt_set_for(settings, tokenizer, seed: int = 0) -> PromptSet:
     """The RL prompt set the pipeline would build for `settings` (synthetic problems of the default task)."""
     problems = load_prompt_problems(settings, seed, SpecialistsConfig().task.task_config())
-    return PromptSet(problems, settings.prompts_per_step, seed)
+    return PromptSet(problems, settings.prompts_per_step, seed, Prompter(tokenizer, settings.prompt_template,
+                                                                         settings.chat_template))
 
 
 def read_metrics(run_dir: Path, drop=frozenset()) -> list[dict]:

@@ -25,6 +25,7 @@ from specialists.model import build_model, load_model
 from specialists.pretrain import pretrain
 from specialists.sandbox import Sandbox
 from specialists.tasks import TaskConfig, generate_problems
+from specialists.prompting import Prompter
 from specialists.tokenizer import load_tokenizer
 
 from rl_helpers import TIMING_KEYS, check_run_directory, read_metrics, rollout_rows
@@ -77,7 +78,7 @@ def run(models, sandbox, problems, run_dir, rl_settings, kind="moe", reward_clas
     model = load_model(models[kind]) if model is None else model
     tokenizer = load_tokenizer(models[kind])
     rewards = reward_class(FORMAT_SETS["synthetic"], sandbox, rl_settings.reward_scale, 0.0)
-    trained = train_grpo(model, tokenizer, HFEngine(model, tokenizer), PromptSet(problems, PROMPTS, seed=0), rewards,
+    trained = train_grpo(model, tokenizer, HFEngine(model, tokenizer), PromptSet(problems, PROMPTS, 0, Prompter(tokenizer)), rewards,
                          rl_settings, Recorder(run_dir), seed=0, start_step=start_step, progress=False)
     return trained, read_metrics(run_dir)
 
@@ -100,7 +101,7 @@ def test_three_steps_write_a_complete_run_directory(three_steps, problems):
     # (checkpoint_every) and after the last, each resumable
     assert check_run_directory(run_dir, trained.config, steps=3, rows_per_step=PROMPTS * SAMPLES, checkpoints=[2, 3],
                                algorithm="grpo") == metrics
-    prompt_set = PromptSet(problems, PROMPTS, seed=0)
+    prompt_set = PromptSet(problems, PROMPTS, 0, None)  # only epochs are read
     for step in range(3):
         rows = rollout_rows(run_dir, step)
         assert {r["epoch"] for r in rows} == {prompt_set.epoch(step)}
@@ -216,7 +217,7 @@ def test_advantage_mitigations_replace_trl_advantages(mitigations, models, sandb
 
 
 def test_prompt_sampler_walks_the_prompt_set(problems):
-    prompt_set = PromptSet(problems, 5, seed=3)
+    prompt_set = PromptSet(problems, 5, 3, None)  # only the order is read
     sampler = PromptSetSampler(prompt_set, first_generation=2, generations=3, samples=2, iterations=2)
     indices = list(sampler)
     assert len(indices) == len(sampler) == 3 * 2 * 5 * 2

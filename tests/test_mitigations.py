@@ -70,7 +70,7 @@ def run(model_dir, run_dir, settings, replay_texts=None):
     """rl.train.train as the pipeline calls it, with the transformers engine; returns the trained model."""
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
     return train(settings, model=model, tokenizer=tokenizer, engine=HFEngine(model, tokenizer),
-                 prompt_set=prompt_set_for(settings), rewards=ChecksumRewards(2), recorder=Recorder(run_dir), seed=0,
+                 prompt_set=prompt_set_for(settings, tokenizer), rewards=ChecksumRewards(2), recorder=Recorder(run_dir), seed=0,
                  base_model_dir=model_dir, progress=False, replay_texts=replay_texts)
 
 
@@ -130,7 +130,8 @@ def ppo_runs(tiny_moe_dir, replay_texts, tmp_path_factory):
 def test_entropy_bonus_changes_the_ppo_loss_by_minus_coef_times_entropy(ppo_runs, tiny_moe_dir):
     # The first update's minibatch is the whole step-0 batch: rebuild it and compute its mean token entropy.
     settings, model, tokenizer = rl_settings("ppo"), load_model(tiny_moe_dir), load_tokenizer(tiny_moe_dir)
-    batch = collect(HFEngine(model, tokenizer), prompt_set_for(settings).batch(0), settings, ChecksumRewards(2),
+    prompt_set = prompt_set_for(settings, tokenizer)
+    batch = collect(HFEngine(model, tokenizer), prompt_set.prompter, prompt_set.batch(0), settings, ChecksumRewards(2),
                     sampling_seed(0, 0))
     input_ids, attention_mask, completion_mask = pack_batch(batch, tokenizer)
     with torch.no_grad():

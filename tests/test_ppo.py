@@ -51,7 +51,7 @@ def _settings(**overrides) -> RLSettings:
 
 def _run(model_dir, run_dir, settings, rewards=None, seed=0, **kwargs):
     model, tokenizer = kwargs.pop("model", None) or load_model(model_dir), load_tokenizer(model_dir)
-    trained = train_ppo(model, tokenizer, HFEngine(model, tokenizer), prompt_set_for(settings, seed),
+    trained = train_ppo(model, tokenizer, HFEngine(model, tokenizer), prompt_set_for(settings, tokenizer, seed),
                         rewards or ChecksumRewards(3), settings, Recorder(run_dir), seed, progress=False, **kwargs)
     return trained
 

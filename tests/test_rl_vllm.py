@@ -67,7 +67,7 @@ def test_three_steps_with_vllm(algorithm, engine, tiny_moe_dir, tmp_path):
     settings = RLSettings(algorithm=algorithm, steps=STEPS, prompts_per_step=PROMPTS, num_prompts=8, learning_rate=1e-3,
                           checkpoint_every=1, sampling=SamplingSettings(samples_per_prompt=SAMPLES, max_new_tokens=32))
     model, tokenizer = load_model(tiny_moe_dir), load_tokenizer(tiny_moe_dir)
-    trained = train(settings, model=model, tokenizer=tokenizer, engine=engine, prompt_set=prompt_set_for(settings),
+    trained = train(settings, model=model, tokenizer=tokenizer, engine=engine, prompt_set=prompt_set_for(settings, tokenizer),
                     rewards=ChecksumRewards(2), recorder=Recorder(tmp_path), seed=0, base_model_dir=tiny_moe_dir,
                     progress=False)
 
@@ -90,7 +90,7 @@ def test_three_steps_with_vllm(algorithm, engine, tiny_moe_dir, tmp_path):
         assert step == 0 or max(stale) > 10 * TOLERANCE, (step, max(stale))  # the weights did move
 
     # After training the engine serves the trained model: one fixed prompt + completion, token by token.
-    problem = prompt_set_for(settings).problems[0]
+    problem = prompt_set_for(settings, tokenizer).problems[0]
     fixed = [tokenizer(prompt_text(problem) + "The answer is 42.", add_special_tokens=False)["input_ids"]]
     assert max_difference(engine, trained, fixed) <= TOLERANCE
     assert max_difference(engine, models[0], fixed) > 10 * TOLERANCE

@@ -128,7 +128,7 @@ def test_algorithm_metrics_are_grouped():
 
 @pytest.mark.integration
 def test_wandb_offline_run_in_the_run_directory(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
     observer = TrackerObserver(open_trackers(["wandb"], tmp_path, "echolab", {"seed": 0}),
@@ -137,6 +137,7 @@ def test_wandb_offline_run_in_the_run_directory(tmp_path, monkeypatch):
     run = observer.trackers[0].run
     summary = dict(run.summary)
     observer.close()
+    wandb.teardown()  # the run's log is written by wandb's service process: stopping it flushes the file
     assert summary["train/loss"] == pytest.approx(0.4)  # the last logged step, 1
     assert set(summary) >= {f"format_share/{name}" for name in NAMES} | {"expert_entropy/layer_1", "pass_at_k/4"}
     logs = [os.path.join(root, name) for root, _, names in os.walk(tmp_path / "wandb") for name in names

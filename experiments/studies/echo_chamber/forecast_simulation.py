@@ -13,7 +13,7 @@ import argparse
 import numpy as np
 import pandas as pd
 
-from analysis.forecast import ReplicatorFit, forecast_collapse
+from analysis.forecast import ReplicatorFit, forecast_collapse, format_outcomes
 
 NAMES = ["python_function", "llm_code", "natural_language", "other"]
 START = np.array([0.33, 0.33, 0.32, 0.02])  # the quick base's held-out shares (README, Setup)
@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> None:
         errors = []
         for seed in range(args.runs):
             table = simulate(shares, np.random.default_rng(seed))
-            forecast = forecast_collapse(table[table["step"] < FITTED], NAMES, horizon=STEPS - 1, seed=seed)
+            first_steps = format_outcomes(table[table["step"] < FITTED])
+            forecast = forecast_collapse(first_steps, NAMES, horizon=STEPS - 1, seed=seed)
             right += forecast.winner == NAMES[0]
             held += forecast.low <= truth and (forecast.high is None or truth <= forecast.high)
             open_ended += forecast.high is None

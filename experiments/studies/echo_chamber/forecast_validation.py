@@ -4,8 +4,8 @@ winner was right, how far off the collapse step was and how often the interval h
 
     python experiments/studies/echo_chamber/forecast_validation.py runs/study-core/runs/* [--steps 5 10 15]
 
-Rollouts are labelled and judged by the analysis' own functions (`read_rollouts`, `label_formats`,
-`grade_rollouts`), with the format set of each run's config, exactly as `echolab analyze` does. A run counts
+Rollouts are read, labelled and judged step by step by the analysis' own functions (`read_steps`,
+`label_formats`, `grade_rollouts`), with the format set of each run's config, as `echolab analyze` does. A run counts
 as collapsed when its largest format share reaches the threshold at some step (analysis.formats_metrics).
 Runs shorter than K + 1 steps are skipped.
 """
@@ -20,29 +20,36 @@ import pandas as pd
 
 from analysis import formats_metrics as fm
 from analysis.classify import format_names, label_formats
-from analysis.correctness import grade_rollouts
-from analysis.forecast import forecast_collapse
-from analysis.load import read_rollouts
+from analysis.correctness import SANDBOX_WORKERS, grade_rollouts
+from analysis.forecast import forecast_collapse, format_outcomes
+from analysis.sources import open_input, read_steps
 from analysis.summary import resolve_formats
+from specialists.sandbox import Sandbox
 
 
-def judged_table(run_dir: Path) -> tuple[pd.DataFrame, list[str]]:
-    """The run's rollouts, labelled and judged as `echolab analyze` does, and the format categories."""
+def run_outcomes(run_dir: Path) -> tuple[pd.DataFrame, list[str]]:
+    """The run's `format_outcomes`, its rows labelled and judged as `echolab analyze` does, and the format names."""
     formats = resolve_formats(None, run_dir)
-    table = read_rollouts(run_dir)
-    table["format"] = label_formats(table, formats, progress=False)
-    table[["final_answer", "correct", "grade_reason"]] = grade_rollouts(table, formats, progress=False)
-    return table, format_names(formats, table["format"])
+    parts = []
+    with Sandbox(workers=SANDBOX_WORKERS) as sandbox:
+        for table in read_steps(open_input(run_dir)):
+            table["format"] = label_formats(table, formats)
+            table[["final_answer", "correct", "grade_reason", "correct_source"]] = grade_rollouts(table, formats, sandbox)
+            parts.append(format_outcomes(table))
+    outcomes = pd.concat(parts, ignore_index=True)
+    return outcomes, format_names(formats, pd.Series(outcomes["format"].unique(), dtype=object))
 
 
-def validate_run(table: pd.DataFrame, names: list[str], steps: int, threshold: float) -> dict | None:
+def validate_run(outcomes: pd.DataFrame, names: list[str], steps: int, threshold: float) -> dict | None:
     """Forecast from the first `steps` steps to the run's last; the outcome beside it. None for a short run."""
-    run_steps = sorted(table["step"].unique())
+    run_steps = sorted(outcomes["step"].unique())
     if len(run_steps) <= steps:
         return None
-    shares = fm.format_share(table, names)
+    counts = outcomes.groupby(["step", "format"])["completions"].sum().unstack("format", fill_value=0)
+    shares = fm.shares_of(counts.reindex(columns=names, fill_value=0))
     actual_step = fm.collapse_step(shares, threshold)
-    forecast = forecast_collapse(table[table["step"].isin(run_steps[:steps])], names, threshold, horizon=int(run_steps[-1]))
+    forecast = forecast_collapse(outcomes[outcomes["step"].isin(run_steps[:steps])], names, threshold,
+                                 horizon=int(run_steps[-1]))
     if forecast is None:
         return None
     actual_winner = fm.dominant_format(shares).loc[actual_step] if actual_step is not None else shares.iloc[-1].idxmax()
@@ -94,9 +101,9 @@ def main(argv: list[str] | None = None) -> list[str]:
     args = parser.parse_args(argv)
     results = []
     for run_dir in args.run_dirs:
-        table, names = judged_table(run_dir)
+        outcomes, names = run_outcomes(run_dir)
         for steps in args.steps:
-            result = validate_run(table, names, steps, args.threshold)
+            result = validate_run(outcomes, names, steps, args.threshold)
             if result is not None:
                 results.append((run_dir.name, steps, result))
     lines = table_rows(results) + [""] + summary_rows(results)
