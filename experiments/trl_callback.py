@@ -14,11 +14,12 @@ How the data reaches it, through TRL's public interfaces only:
   returns 0.0 for every completion, so the user's rewards, and their advantages, are unchanged; in TRL's
   logs it appears as `rewards/echolab/mean = 0`. If `args.reward_weights` is set, give it a weight too.
 - It grades each completion with echolab's grader (format, final answer, correctness against the
-  `answer_column`, a number or text such as LaTeX; code formats through the sandbox), and, with `score_completions`, runs one no-grad
-  forward of prompt + completion through the policy (the model the trainer hands to callbacks): the
-  completion's log-probability (before temperature) and, for the MoE families `rl.routing` reads
-  (Qwen3-MoE, OLMoE, Mixtral), the routed-token counts per layer and expert (`capture_routing`). That forward costs about a third of a
-  training step's forward and backward; `score_completions=False` skips it (logprob and expert_load null).
+  `answer_column`, a number or text such as LaTeX; code formats through the sandbox), and, with
+  `score_completions`, runs one no-grad forward of prompt + completion through the policy (the model the
+  trainer hands to callbacks): the completion's log-probability (before temperature) and, for the MoE
+  families `rl.routing` reads (Qwen3-MoE, OLMoE, Mixtral), the routed-token counts per layer and expert
+  (`capture_routing`). That forward costs about a third of a training step's forward and backward;
+  `score_completions=False` skips it (logprob and expert_load null).
 - The step's metrics (`analysis.live`: format shares and accuracy, diversity, accuracy, pass@k, expert
   shares, entropy and MaxVio per layer, the collapse step and forecast) go to `log_metric`; TRL logs them
   with the update they led to, at global_step = step + 1, like its own `rewards/*`.
