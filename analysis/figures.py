@@ -141,3 +141,26 @@ def affinity_heatmaps(affinity_by_layer: dict[str, pd.DataFrame], title: str) ->
         axes.set_xlabel("expert", fontsize=8)
     figure.suptitle(title, fontsize=10, y=1.04)
     return _png(figure)
+
+
+def collapse_forecast(observed: pd.DataFrame, forecast: pd.DataFrame, fitted_until: int, threshold: float,
+                      predicted: tuple[int | None, int | None, int | None], collapse_step: int | None, title: str) -> str:
+    """Observed format shares (solid, rows steps, columns formats) against the replicator forecast fitted on the
+    steps up to `fitted_until` (dashed); the forecast collapse step with its interval (shaded; open to the right
+    when the interval's top is None) and the observed collapse step (dotted)."""
+    figure, axes = plt.subplots(figsize=(WIDTH, 3.2))
+    for color, name in zip(PALETTE * 4, observed.columns):
+        axes.plot(observed.index, observed[name], color=color, label=name)
+        if name in forecast.columns:
+            axes.plot(forecast.index, forecast[name], color=color, linestyle="--", linewidth=1)
+    axes.axvspan(observed.index.min(), fitted_until, color="grey", alpha=0.08, linewidth=0)
+    axes.axhline(threshold, color="black", linewidth=0.6)
+    step, low, high = predicted
+    if step is not None:
+        axes.axvspan(low, high if high is not None else observed.index.max(), color="tab:red", alpha=0.12, linewidth=0)
+        axes.axvline(step, color="tab:red", linestyle="--", linewidth=1)
+    if collapse_step is not None:
+        axes.axvline(collapse_step, color="black", linestyle=":", linewidth=1)
+    axes.set(xlabel="RL step", ylabel="share of completions", ylim=(0, 1), title=title)
+    axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    return _png(figure)

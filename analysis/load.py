@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 from specialists.errors import UserError
 from specialists.grading import answer_text
-from specialists.run_directory import CONFIG_FILE, REQUIRED_COLUMNS
+from specialists.run_directory import CONFIG_FILE, REQUIRED_COLUMNS, ROLLOUT_SCHEMA
 
 NUMERIC_COLUMNS = ("epoch", "reward", "logprob", "num_tokens", "sample_index")
 CONFIG_FILES = (CONFIG_FILE, "config.toml")  # echolab's, or a TOML config a user put beside their rollouts
@@ -204,6 +204,13 @@ def normalise(chunk: Chunk, correct_from: str | None = None) -> pd.DataFrame:
     if "expert_load" in raw.columns:
         table["expert_load"] = pd.Series(pd.arrays.ArrowExtensionArray(expert_loads(raw["expert_load"], row_name)))
     return table
+
+
+def rollout_frame(records: list[dict]) -> pd.DataFrame:
+    """Rollout records held in memory (dicts with ROLLOUT_SCHEMA's keys, e.g. one step's rows as a trainer holds
+    them) as the analysis table `normalise` makes of the same rows read from a run directory."""
+    table = pa.Table.from_pylist(records, schema=ROLLOUT_SCHEMA)
+    return normalise(Chunk(_arrow_to_frame(table), lambda row: f"rollout {row + 1}", Path("rollouts")))
 
 
 def _shown(value: object) -> str:

@@ -424,6 +424,33 @@ def entropy_accuracy_figure(groups: list[Group]) -> str:
     return figures.entropy_accuracy_scatter(points, fits)
 
 
+# ---------------------------------------------------------------- collapse forecast
+
+def forecast_section(runs: list[Run]) -> str:
+    """Per run with a forecast in its summary (analysis.forecast, made by `analyze` from the first steps): the
+    forecast against what happened. Empty when no run has one."""
+    figures_ = []
+    for run in runs:
+        forecast = run.summary.get("collapse_forecast")
+        if not forecast:
+            continue
+        fitted = forecast["fitted_steps"]
+        predicted = (f"collapse onto {forecast['winner']} at step {forecast['collapse_step']} "
+                     f"[{forecast['low']}, {forecast['high'] if forecast['high'] is not None else 'later'}]"
+                     if forecast["collapse_step"] is not None else f"no collapse by step {forecast['horizon']}")
+        happened = (f"collapsed onto {run.summary['dominant_format_by_step'][str(run.summary['collapse_step'])]} at step "
+                    f"{run.summary['collapse_step']}" if run.summary["collapse_step"] is not None else "no collapse")
+        caption = (f"{run.name}: replicator forecast from steps {fitted[0]}–{fitted[-1]} (dashed; winner in "
+                   f"{forecast['winner_probability']:.0%} of bootstrap fits): {predicted}; observed (solid): {happened}")
+        observed = pd.DataFrame(run.summary["format_share"]).T.rename(index=int).astype(np.float64).sort_index()
+        model = pd.DataFrame(forecast["shares"]).T.rename(index=int).astype(np.float64).sort_index()
+        png = figures.collapse_forecast(observed, model, fitted[-1], forecast["threshold"],
+                                        (forecast["collapse_step"], forecast["low"], forecast["high"]),
+                                        run.summary["collapse_step"], run.name)
+        figures_.append(_figure(caption, png))
+    return "<h2>Collapse forecast</h2>" + "".join(figures_) if figures_ else ""
+
+
 # ---------------------------------------------------------------- HTML
 
 STYLE = """
@@ -467,6 +494,7 @@ def render_html(groups: list[Group]) -> str:
         parts.append("<h2>Comparison</h2>" + table + "".join(_figure(caption, png) for caption, png in plots))
     for group in groups:
         parts.append(f"<h2>{html.escape(group.label)}</h2>" + "".join(_figure(c, p) for c, p in group_figures(group)))
+    parts.append(forecast_section(runs))
     parts.append("<h2>Entropy and accuracy</h2>" + _figure(
         "Format entropy against accuracy, every run and step; lines: least-squares fit R = -a·exp(H) + b per group",
         entropy_accuracy_figure(groups)))

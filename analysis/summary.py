@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ from analysis import sampling
 from analysis import specialists_metrics as sm
 from analysis.classify import format_names, label_formats
 from analysis.correctness import SANDBOX_WORKERS, grade_reason_share, grade_rollouts
+from analysis.forecast import FORECAST_STEPS, forecast_collapse, format_outcomes
 from analysis.information import total_variation
 from analysis.load import InputWarning, StepsOutOfOrder, joined, read_run_config
 from analysis.output import check_output_dir
@@ -123,6 +124,7 @@ class StepMetrics:
     distinct_n: pd.DataFrame
     token_entropy: pd.Series | None
     expert_tokens: pd.DataFrame
+    format_outcomes: pd.DataFrame  # per (step, prompt, format): the collapse forecast's input (first steps only)
 
 
 def _per_batch(tables, format_set: tuple[Format, ...], progress: bool) -> list[StepMetrics]:
@@ -135,7 +137,10 @@ def _per_batch(tables, format_set: tuple[Format, ...], progress: bool) -> list[S
             table = joined(batch)
             table["format"] = label_formats(table, format_set)
             table[["final_answer", "correct", "grade_reason", "correct_source"]] = grade_rollouts(table, format_set, sandbox)
-            pieces.append(step_metrics(table))
+            piece = step_metrics(table)
+            if sum(len(earlier.epochs) for earlier in pieces) >= FORECAST_STEPS:  # the forecast reads the first steps
+                piece = replace(piece, format_outcomes=piece.format_outcomes.iloc[:0])
+            pieces.append(piece)
             bar.update(len(table))
             bar.set_postfix(step=int(table["step"].iloc[-1]), refresh=False)
 
@@ -176,6 +181,7 @@ def step_metrics(table: pd.DataFrame) -> StepMetrics:
         distinct_n=sampling.distinct_n(table, (1, 2)),
         token_entropy=sampling.token_entropy(table) if _has_token_entropy(table) else None,
         expert_tokens=sm.expert_token_counts(table),
+        format_outcomes=format_outcomes(table),
     )
 
 
@@ -206,6 +212,7 @@ def combine(pieces: list[StepMetrics], format_set: tuple[Format, ...],
     summary.update(sampling_summary)
     token_entropy = _concat_steps([piece.token_entropy for piece in pieces if piece.token_entropy is not None])
     summary["entropy_accuracy_fit"] = _entropy_accuracy_fits(counts, accuracy, token_entropy)
+    summary["collapse_forecast"] = _collapse_forecast(pieces, names, list(counts.index), collapse_threshold)
     metrics += sampling_metrics + ([("token_entropy", token_entropy)] if token_entropy is not None else [])
     if token_entropy is not None:
         summary["token_entropy"] = _flat(token_entropy)
@@ -217,6 +224,20 @@ def combine(pieces: list[StepMetrics], format_set: tuple[Format, ...],
         metrics += specialists_metrics
     long = pd.concat([_long(name, values) for name, values in metrics], ignore_index=True)
     return summary, long.sort_values(METRIC_KEYS[:-1], kind="stable", na_position="first").reset_index(drop=True)
+
+
+def _collapse_forecast(pieces: list[StepMetrics], names: list[str], steps: list[int], threshold: float) -> dict | None:
+    """The collapse forecast made from the run's first FORECAST_STEPS steps up to its last step
+    (analysis.forecast), with the fitted model's shares at every step; None for a run with no step after
+    those (nothing to check the forecast against) or nothing to fit."""
+    if len(steps) <= FORECAST_STEPS:
+        return None
+    outcomes = pd.concat([piece.format_outcomes for piece in pieces], ignore_index=True)
+    forecast = forecast_collapse(outcomes[outcomes["step"].isin(steps[:FORECAST_STEPS])], names, threshold,
+                                 horizon=int(steps[-1]))
+    if forecast is None:
+        return None
+    return {**forecast.as_dict(), "shares": _nested(forecast.shares(np.arange(steps[0], steps[-1] + 1)))}
 
 
 def _correctness(pieces: list[StepMetrics]) -> dict[str, int]:
