@@ -197,6 +197,7 @@ def test_a_btx_run_config_adds_specialist_dominance(tmp_path):
     dominance = analyze(run, formats=None, progress=False)["specialist_dominance"]
     assert dominance["expert_specialists"] == ["python_function", "llm_code", "natural_language"]
     share = dominance["specialist_share"]["0"]
+    assert set(share) == {"0", "4"}  # the headline keeps the first and last step; every step is in metrics.parquet
     assert share["4"]["python_function"] > share["0"]["python_function"] + 0.3  # the winner's specialist takes over
     for layer in ("0", "1"):
         assert dominance["dominant_expert_is_winner_specialist"][layer]["4"] is True
