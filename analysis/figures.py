@@ -79,6 +79,34 @@ def lines_over_steps(series: dict[str, pd.DataFrame], ylabel: str, title: str, y
     return _png(figure)
 
 
+def metric_panels(panels: dict[str, dict[str, pd.DataFrame]]) -> str:
+    """One small panel per metric (key: its axis label), in each a line per group (band tables: columns mean, low,
+    high; rows steps), shaded where there is a band; a group keeps its colour across panels, one legend on top."""
+    groups = list(dict.fromkeys(label for bands in panels.values() for label in bands))
+    colours = dict(zip(groups, PALETTE * 4))
+    columns = min(len(panels), 2)
+    rows = -(-len(panels) // columns)
+    # one step axis for all panels, though a metric may be missing at some steps (no update at the last)
+    figure, grid = plt.subplots(rows, columns, figsize=(WIDTH, 2.1 * rows + 0.4), squeeze=False, sharex=True)
+    for axes in grid.ravel()[len(panels):]:
+        axes.set_visible(False)
+    for axes, (metric, bands) in zip(grid.ravel(), panels.items()):
+        for label, band in bands.items():
+            axes.plot(band.index, band["mean"], marker="o", markersize=2.5, linewidth=1.2, color=colours[label])
+            if band[["low", "high"]].notna().any().all():
+                axes.fill_between(band.index, band["low"].astype(float), band["high"].astype(float),
+                                  color=colours[label], alpha=0.2, linewidth=0)
+        axes.set_title(metric, fontsize=9)
+        axes.set_xlabel("RL step", fontsize=8)
+        axes.tick_params(labelsize=7, labelbottom=True)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    handles = [plt.Line2D([], [], color=colours[label]) for label in groups]
+    figure.legend(handles, groups, loc="upper center", ncol=min(len(groups), 3), fontsize=8,
+                  bbox_to_anchor=(0.5, 1.0 + 0.12 / rows))
+    figure.tight_layout()
+    return _png(figure)
+
+
 def entropy_accuracy_scatter(points: dict[str, pd.DataFrame], fits: dict[str, dict]) -> str:
     """Format entropy (nats) against accuracy, one colour per group (points: columns entropy, accuracy), with
     each group's fit R = -a exp(H) + b drawn over its entropy range."""
