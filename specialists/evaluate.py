@@ -19,7 +19,7 @@ from specialists.grading import grade_completions
 from specialists.model import load_model
 from specialists.sandbox import Sandbox
 from specialists.prompting import Prompter
-from specialists.tasks import generate_problems
+from specialists.tasks import Problem, generate_problems
 from specialists.tokenizer import load_tokenizer
 
 BATCH_SIZE = 64
@@ -42,12 +42,17 @@ def sample_completions(model, tokenizer, prompts: list[str], temperature: float,
 
 
 def evaluate(model_dir: str | Path, config: SpecialistsConfig, out_file: str | Path | None = None,
-             progress: bool = True) -> dict:
-    """Per-format share of sampled generations and per-format accuracy on held-out problems."""
+             progress: bool = True, heldout: list[Problem] | None = None) -> dict:
+    """Per-format share of sampled generations and per-format accuracy on held-out problems: the first
+    `evaluation.num_problems` of `heldout` (a prompt file's held-out split, specialists.prompt_data), or
+    without it the synthetic task's evaluation split."""
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
     model.eval()
     settings = config.evaluation
-    problems = generate_problems(settings.num_problems, config.seed, "eval", config.task.task_config())
+    if heldout is None:
+        problems = generate_problems(settings.num_problems, config.seed, "eval", config.task.task_config())
+    else:
+        problems = heldout[:settings.num_problems]
     prompter = Prompter(tokenizer)  # the built-in template the base was pretrained on
     completions = sample_completions(model, tokenizer, [prompter.text(p) for p in problems], settings.temperature,
                                      settings.max_new_tokens, config.seed, progress)
