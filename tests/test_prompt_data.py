@@ -245,3 +245,11 @@ def test_echolab_run_samples_the_prompt_file_and_evaluates_its_heldout_split(tmp
 
     result = evaluate(config.model.path, config.specialists(), progress=False, heldout=split.heldout)
     assert result["num_samples"] == 3
+
+
+def test_echolab_evaluate_refuses_a_prompt_file_without_a_heldout_split(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "config.toml").write_text(f'[rl]\nprompts = "{BUNDLED_GSM8K_EXCERPT}"\n')
+    result = run_cli("evaluate", str(tmp_path / "config.toml"), str(tmp_path / "model"))
+    assert_one_line_error(result, "without a held-out split: set rl.heldout_prompts or rl.heldout_fraction")
