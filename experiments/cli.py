@@ -41,7 +41,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     from experiments.config import load_experiment_config
     from specialists.errors import UserError
 
-    config = load_experiment_config(args.config).specialists()
+    experiment = load_experiment_config(args.config)
+    config = experiment.specialists()
     model_dir = Path(args.model)
     if not model_dir.is_dir():
         raise UserError(f"{model_dir}: no such model directory")
@@ -50,9 +51,15 @@ def _evaluate(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else model_dir.parent / "evaluation.json"
     if not out.parent.is_dir():  # found now, not after the sampling
         raise UserError(f"--out {out}: no such directory {out.parent}")
+    heldout = None
+    if experiment.rl.prompts != "synthetic":  # a prompt file: its held-out split, never an RL prompt
+        heldout = experiment.rl.prompt_split().heldout
+        if not heldout:
+            raise UserError(f"rl.prompts is a file ({experiment.rl.prompts}) without a held-out split: set "
+                            "rl.heldout_prompts or rl.heldout_fraction")
     from specialists.evaluate import evaluate
 
-    result = evaluate(model_dir, config, out, progress=not args.quiet)
+    result = evaluate(model_dir, config, out, progress=not args.quiet, heldout=heldout)
     print(json.dumps({k: result[k] for k in ("accuracy", "format_share", "format_accuracy")}, indent=2))
 
 
@@ -153,8 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "evaluate", help="sample a checkpoint on held-out problems: format shares and per-format accuracy",
-        description="Sample one completion per held-out problem (the config's [evaluation] settings) and report "
-                    "which formats the model uses and how accurate each is.")
+        description="Sample one completion per held-out problem (the config's [evaluation] settings; with a prompt "
+                    "file as rl.prompts, its held-out split) and report which formats the model uses and how "
+                    "accurate each is.")
     evaluate.add_argument("config", help="TOML config the model was pretrained with")
     evaluate.add_argument("model", help="HF checkpoint directory")
     evaluate.add_argument("--out", help="JSON file to write (default: next to the checkpoint)")

@@ -54,8 +54,8 @@ def _check_input_files(config: ExperimentConfig) -> None:
     from specialists.families import checkpoint_family, has_chat_template
     from specialists.formats import load_formats
 
-    if config.rl.prompts != "synthetic" and not Path(config.rl.prompts).is_file():
-        raise UserError(f"rl.prompts: file not found: {config.rl.prompts}")
+    if config.rl.prompts != "synthetic":  # every row read now: a bad answer cell must not cost a pretraining
+        config.rl.prompt_split()
     if config.model.path:
         checkpoint_family(config.model.path)
         if config.rl.chat_template and not has_chat_template(config.model.path):

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from specialists.config import Strict
+from specialists.prompt_data import PromptColumns, PromptSplit, check_columns, prompt_split
 from specialists.prompting import TEMPLATE_FIELDS, template_problem
 from specialists.tasks import PROMPT_TEMPLATE
 
@@ -107,7 +108,16 @@ class RLSettings(Strict):
     reward_scale: float = Field(1.0, gt=0, description="multiplies the correctness reward")
     router_aux_loss_coef: float | None = Field(None, ge=0, description="None: the model's own coefficient")
     num_prompts: int = Field(256, ge=1, description="size of the RL prompt set (epochs are counted over it)")
-    prompts: str = Field("synthetic", description="'synthetic' (held-out train problems) or a GSM8K-style JSONL path")
+    prompt_columns: PromptColumns = Field(PromptColumns(), description="the question and answer columns of the prompt files")
+    prompts: str = Field("synthetic", description=(
+        "'synthetic' (generated train problems) or a prompt file: .jsonl, .parquet or a datasets.save_to_disk "
+        "directory with GSM8K- or MATH-style answers (specialists.prompt_data)"))
+    heldout_prompts: str | None = Field(None, description=(
+        "a second prompt file (same columns) as the held-out problems; RL prompts also in it are dropped with a warning"))
+    heldout_fraction: float = Field(0.0, ge=0, lt=1, description=(
+        "hold out this fraction of the prompt file's distinct questions instead (drawn with heldout_seed); 0 = none"))
+    heldout_seed: int = Field(0, description=(
+        "seed of the held-out draw: its own, so runs that vary the seeds of RL share one split"))
     prompt_template: str = Field(PROMPT_TEMPLATE, description=(
         "the prompt, a format string over the problem's fields: " + ", ".join(f"{{{name}}}" for name in TEMPLATE_FIELDS)
         + " (specialists.prompting)"))
@@ -129,6 +139,24 @@ class RLSettings(Strict):
             raise ValueError(problem)
         return value
 
+    @field_validator("prompts", "heldout_prompts")
+    @classmethod
+    def _readable_prompt_file(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """A supported file with the configured columns (a UserError, a ValueError, names the file, the missing
+        column and the columns it has). `prompt_columns` is declared first, so it is in `info.data`."""
+        if value is not None and value != "synthetic" and "prompt_columns" in info.data:
+            check_columns(value, info.data["prompt_columns"])
+        return value
+
+    @model_validator(mode="after")
+    def _one_heldout_split(self) -> "RLSettings":
+        if self.prompts == "synthetic" and (self.heldout_prompts is not None or self.heldout_fraction > 0):
+            raise ValueError("heldout_prompts and heldout_fraction split a prompt file; synthetic prompts have "
+                             "their own held-out split")
+        if self.heldout_prompts is not None and self.heldout_fraction > 0:
+            raise ValueError("give heldout_prompts or heldout_fraction, not both")
+        return self
+
     @model_validator(mode="after")
     def _consistent(self) -> "RLSettings":
         if self.kl_estimator == "k1" and self.algorithm != "ppo" and self.beta > 0:
@@ -136,6 +164,11 @@ class RLSettings(Strict):
         if self.mitigations.pass_at_k > self.sampling.samples_per_prompt:
             raise ValueError("mitigations.pass_at_k must be <= sampling.samples_per_prompt")
         return self
+
+    def prompt_split(self) -> PromptSplit:
+        """The RL prompts and held-out problems of the prompt file (`prompts` not 'synthetic')."""
+        return prompt_split(self.prompts, self.prompt_columns, self.heldout_prompts, self.heldout_fraction,
+                            self.heldout_seed)
 
     @property
     def clip_high(self) -> float:

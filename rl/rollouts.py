@@ -15,7 +15,6 @@ import math
 import functools
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -28,7 +27,7 @@ from specialists.formats import Format
 from specialists.grading import Grade, grade_completions
 from specialists.sandbox import Sandbox
 from specialists.prompting import Prompter
-from specialists.tasks import Problem, TaskConfig, generate_problems, load_gsm8k
+from specialists.tasks import Problem, TaskConfig, generate_problems
 
 RL_PROMPT_SEED_OFFSET = 10_000  # RL prompts come from a different draw than the pretraining corpus
 
@@ -36,7 +35,7 @@ RL_PROMPT_SEED_OFFSET = 10_000  # RL prompts come from a different draw than the
 def load_prompt_problems(settings: RLSettings, seed: int, task: TaskConfig) -> list[Problem]:
     if settings.prompts == "synthetic":
         return generate_problems(settings.num_prompts, seed + RL_PROMPT_SEED_OFFSET, "train", task)
-    return load_gsm8k(Path(settings.prompts), limit=settings.num_prompts)
+    return settings.prompt_split().train[:settings.num_prompts]  # a prompt file, its held-out problems set aside
 
 
 class PromptSet:

@@ -37,16 +37,17 @@ class Step:
 
 @dataclass(frozen=True)
 class Problem:
-    """One problem. `answer` is the gold final number; `start`/`steps` exist for synthetic problems."""
+    """One problem. `answer` is the gold final answer: a number, or text for a MATH-style answer that is no
+    plain number ('\\frac{1}{2}', graded by math-verify); `start`/`steps` exist for synthetic problems."""
 
     id: str
     question: str
-    answer: float
+    answer: float | str
     name: str = ""
     item: str = ""
     start: int = 0
     steps: tuple[Step, ...] = ()
-    reference_solution: str = ""  # GSM8K's worked solution, when loaded from a file
+    reference_solution: str = ""  # the worked solution (GSM8K, MATH), when loaded from a file
 
     def intermediate_values(self) -> list[int]:
         """Value after each step: [start, after step 1, ..., final]."""
