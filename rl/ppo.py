@@ -192,13 +192,16 @@ class PPO:
                 stats = {"clip_fraction": clip_fraction.item(),
                          "approx_kl": masked_mean(kl_k3(old_logprobs[rows], logprobs.detach()), m).item()}
                 if mitigations.clip_cov:
-                    per_token = per_token * clip_cov_mask(
-                        logprobs, old_logprobs[rows], advantages[rows], m, clip_ratio=mitigations.cov_ratio,
-                        epsilon_low=settings.epsilon, epsilon_high=settings.clip_high, generator=cov_generator)
+                    keep = clip_cov_mask(logprobs, old_logprobs[rows], advantages[rows], m, clip_ratio=mitigations.cov_ratio,
+                                         epsilon_low=settings.epsilon, epsilon_high=settings.clip_high,
+                                         generator=cov_generator)
+                    per_token = per_token * keep
+                    stats["clip_cov_fraction"] = masked_mean(1 - keep, m).item()
                 if mitigations.kl_cov:
-                    per_token = per_token + kl_cov_penalty(
-                        logprobs, old_logprobs[rows], advantages[rows], m, kl_ratio=mitigations.cov_ratio,
-                        kl_coef=mitigations.kl_cov_coef)
+                    penalty = kl_cov_penalty(logprobs, old_logprobs[rows], advantages[rows], m,
+                                             kl_ratio=mitigations.cov_ratio, kl_coef=mitigations.kl_cov_coef)
+                    per_token = per_token + penalty
+                    stats["kl_cov_penalty"] = aggregate(penalty.detach(), m, "bnpo").item()
                 if tis_weights is not None:
                     per_token = per_token * tis_weights[rows]
                     stats["tis_capped_fraction"] = masked_mean((tis_weights[rows] >= settings.tis_cap).float(), m).item()

@@ -77,6 +77,9 @@ METRICS = {
     "updates": "optimiser steps taken with the step's rollouts",
     "sampler_kl": "mean token k3 KL from the sampler to the trainer on the sampled tokens: the train/inference mismatch",
     "sampler_ratio_max": "largest trainer/sampler probability ratio of a sampled token (before any TIS cap)",
+    "tis_capped_fraction": "share of completion tokens whose TIS weight hit the cap (rl.tis_cap; PPO, GRPO)",
+    "clip_cov_fraction": "share of completion tokens Clip-Cov detached (mitigations.clip_cov; PPO, GRPO)",
+    "kl_cov_penalty": "KL-Cov's penalty term, aggregated like the policy loss (mitigations.kl_cov; PPO, GRPO)",
     "sample_time_s": "seconds the engine took to sample the step",
     "score_time_s": "seconds grading and rewarding took",
     "update_time_s": "seconds of the recipe's work: forwards, backward, optimiser steps",
@@ -88,13 +91,8 @@ ALGORITHM_METRICS = {
     "ppo": {
         "value_loss": "the clipped value loss of the value head",
         "explained_variance": "1 - Var[R - V] / Var[R] of the value head before the updates",
-        "tis_capped_fraction": "share of completion tokens whose TIS weight hit the cap (rl.tis_cap)",
     },
-    "grpo": {
-        "clip_cov_fraction": "share of completion tokens Clip-Cov detached (mitigations.clip_cov)",
-        "kl_cov_penalty": "KL-Cov's penalty term, aggregated like the policy loss (mitigations.kl_cov)",
-        "tis_capped_fraction": "share of completion tokens whose TIS weight hit the cap (rl.tis_cap)",
-    },
+    "grpo": {},
     "ei": {
         "sampled": "completions sampled",
         "kept": "completions graded correct",

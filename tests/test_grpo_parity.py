@@ -42,7 +42,8 @@ def settings_for(loss_type: str, level: str) -> RLSettings:
     return RLSettings(beta=BETA, epsilon=EPSILON, epsilon_high=EPSILON_HIGH,
                       sampling=SamplingSettings(temperature=TEMPERATURE, max_new_tokens=MAX_NEW_TOKENS,
                                                 samples_per_prompt=SAMPLES),
-                      grpo=GRPOSettings(loss_type=loss_type, importance_sampling_level=level),
+                      # two passes per batch, as clip-higher needs; grpo_loss computes one pass on the batch given
+                      grpo=GRPOSettings(loss_type=loss_type, importance_sampling_level=level, num_iterations=2),
                       mitigations=MitigationSettings(entropy_coef=ENTROPY_COEF))
 
 

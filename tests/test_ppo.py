@@ -139,8 +139,9 @@ def test_kl_in_the_reward_k1(moe_dir, tmp_path):
     assert all(np.isfinite(m["policy_loss"]) for m in metrics[:2])
 
 
-def test_mitigations_and_frozen_router(moe_dir, tmp_path):
-    mitigations = MitigationSettings(entropy_coef=0.01, clip_cov=True, kl_cov=True, cov_ratio=0.05, freeze_router=True)
+@pytest.mark.parametrize("covariance", ["clip_cov", "kl_cov"])  # alternatives (Cui et al. 2025)
+def test_mitigations_and_frozen_router(covariance, moe_dir, tmp_path):
+    mitigations = MitigationSettings(entropy_coef=0.01, cov_ratio=0.05, freeze_router=True, **{covariance: True})
     model = _run(moe_dir, tmp_path, _settings(steps=2, beta=0.0, mitigations=mitigations, router_aux_loss_coef=0.0))
     base = load_model(moe_dir)
     for name, parameter in model.named_parameters():
@@ -149,6 +150,9 @@ def test_mitigations_and_frozen_router(moe_dir, tmp_path):
     assert not torch.equal(model.lm_head.weight, base.lm_head.weight)
     metrics = _metrics(tmp_path)
     assert all(m["aux_loss"] is None and m["kl_to_reference"] is None for m in metrics)
+    # the mitigation acted: tokens detached, or a penalty once the second update has moved off pi_old
+    metric = {"clip_cov": "clip_cov_fraction", "kl_cov": "kl_cov_penalty"}[covariance]
+    assert all(m[metric] > 0 for m in metrics[:2])
 
 
 def test_dense_model_with_real_grading(dense_dir, tmp_path):
