@@ -40,11 +40,12 @@ from rl.recipe import (
     frozen_router,
     mean_metrics,
     measure_rollouts,
+    policy_forward,
     require_finite,
 )
 from rl.rollouts import StepBatch
 from rl.seeds import step_seed
-from rl.sequences import pack, token_logprobs
+from rl.sequences import pack_rows
 from specialists.tasks import Problem, prompt_text
 
 SFT_BATCH_SIZE = 16
@@ -77,10 +78,8 @@ def supervised_finetune(model, tokenizer, samples: list[tuple[Problem, Completio
         return []
     device = next(model.parameters()).device
     prompt_ids = [tokenizer(prompt_text(problem), add_special_tokens=False)["input_ids"] for problem, _ in samples]
-    input_ids, attention_mask, completion_mask = (
-        t.to(device) for t in pack(prompt_ids, [list(c.token_ids) for _, c in samples], tokenizer.pad_token_id))
+    completion_ids = [list(completion.token_ids) for _, completion in samples]
     aux_coef = aux_loss_coefficient(model, settings)
-    extra = {"output_router_logits": True} if aux_coef > 0 else {}
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
@@ -88,11 +87,12 @@ def supervised_finetune(model, tokenizer, samples: list[tuple[Problem, Completio
     updates = []
     for _ in range(settings.expert_iteration.sft_epochs):
         for rows in torch.randperm(len(samples), generator=generator).split(SFT_BATCH_SIZE):
-            rows = rows.to(device)
-            output = model(input_ids=input_ids[rows], attention_mask=attention_mask[rows], use_cache=False, **extra)
+            minibatch = pack_rows([prompt_ids[i] for i in rows], [completion_ids[i] for i in rows],
+                                  tokenizer.pad_token_id).to(device)
+            forward = policy_forward(model, minibatch, temperature=1.0, router_loss=aux_coef > 0)
             # Negative log-likelihood per completion token, mean over the minibatch's completion tokens.
-            nll = -masked_mean(token_logprobs(output.logits, input_ids[rows]), completion_mask[rows, 1:])
-            loss = nll + aux_coef * output.aux_loss if aux_coef > 0 else nll
+            nll = -masked_mean(forward.logprobs, minibatch.mask)
+            loss = nll + aux_coef * forward.aux_loss if aux_coef > 0 else nll
             require_finite("loss", loss, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -100,7 +100,7 @@ def supervised_finetune(model, tokenizer, samples: list[tuple[Problem, Completio
             require_finite("gradient norm", grad_norm, step)
             optimizer.step()
             updates.append({"loss": nll.item(), "grad_norm": grad_norm.item(),
-                            "aux_loss": output.aux_loss.item() if aux_coef > 0 else None})
+                            "aux_loss": forward.aux_loss.item() if aux_coef > 0 else None})
     return updates
 
 

@@ -9,7 +9,9 @@ The maths is in rl.losses; this file is the loop around it. One step (rl.trainin
 
  1. rollouts     prompts = prompt_set.batch(step), `samples_per_prompt` (G) completions each from the engine,
                  graded and rewarded (rl.rollouts.collect).
- 2. pack         prompt + completion as right-padded rows (B = prompts x G, L) (rl.rollouts.pack_batch).
+ 2. pack         prompt + completion sequences packed into rows without padding between them, the LM head
+                 run only where a completion token is predicted (rl.sequences.PackedBatch); per-token
+                 tensors (B = prompts x G, C = longest completion), TRL's completion layout.
  3. advantages   A_i = (r_i - b_i) / (std + 1e-4) within each prompt's group (GRPO, Shao et al. 2024,
                  arXiv:2402.03300), b_i the group mean or the leave-one-out mean (RLOO), std of the group or the
                  batch or none (Dr. GRPO); the unlikeliness reward first lowers the reward of likely correct
@@ -72,39 +74,37 @@ from rl.recipe import (
     policy_forward,
     pretrain_replay,
     require_finite,
-    sampler_logprobs,
 )
-from rl.rollouts import StepBatch, pack_batch
+from rl.rollouts import StepBatch, pack_batch, sampler_logprobs
 from rl.routing import capture_routing
 from rl.seeds import step_seed
+from rl.sequences import PackedBatch
 
 
 @dataclass
 class PolicyBatch:
-    """One step's rollouts as the loss sees them, flat completion order (B completions, L tokens)."""
+    """One step's rollouts as the loss sees them: B completions of at most C tokens, flat completion order;
+    per-token tensors in the completion layout (B, C)."""
 
-    input_ids: torch.Tensor  # (B, L) prompt + completion, right-padded
-    attention_mask: torch.Tensor  # (B, L)
-    mask: torch.Tensor  # (B, L-1) completion tokens, aligned with policy_forward's per-token tensors
+    sequences: PackedBatch  # prompt + completion token ids, packed for the forward (rl.sequences)
     advantages: torch.Tensor  # (B,)
-    old_logprobs: torch.Tensor | None = None  # (B, L-1) pi_old; None: the loss's own log-probs, detached
-    ref_logprobs: torch.Tensor | None = None  # (B, L-1) pi_ref, with beta > 0
-    sampler_logprobs: torch.Tensor | None = None  # (B, L-1) the engine's, for truncated importance sampling
+    old_logprobs: torch.Tensor | None = None  # (B, C) pi_old; None: the loss's own log-probs, detached
+    ref_logprobs: torch.Tensor | None = None  # (B, C) pi_ref, with beta > 0
+    sampler_logprobs: torch.Tensor | None = None  # (B, C) the engine's, for truncated importance sampling
 
 
 def grpo_loss(model, batch: PolicyBatch, settings: RLSettings, aux_coef: float,
               clip_cov_generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict, PolicyOutput]:
     """One pass's loss on `batch` (step 5 without the replay term), its statistics and the forward it ran."""
     grpo, mitigations = settings.grpo, settings.mitigations
-    forward = policy_forward(model, batch.input_ids, batch.attention_mask, settings.sampling.temperature,
-                             router_loss=aux_coef > 0)
-    logprobs, mask, advantages = forward.logprobs, batch.mask, batch.advantages
+    forward = policy_forward(model, batch.sequences, settings.sampling.temperature, router_loss=aux_coef > 0)
+    logprobs, mask, advantages = forward.logprobs, batch.sequences.mask, batch.advantages
     old = logprobs.detach() if batch.old_logprobs is None else batch.old_logprobs
 
     # KL-Cov's base loss is the unclipped surrogate (the authors' code, verl `kl_cov`; rl.losses.kl_cov_penalty).
     eps_low, eps_high = (math.inf, math.inf) if mitigations.kl_cov else (settings.epsilon, settings.clip_high)
-    ratio = importance_ratio(logprobs, old, mask, grpo.importance_sampling_level)  # (B, L-1), or (B, 1) for GSPO
-    per_token, clip_fraction = clipped_policy_loss(ratio, advantages, mask, eps_low, eps_high)  # (B, L-1)
+    ratio = importance_ratio(logprobs, old, mask, grpo.importance_sampling_level)  # (B, C), or (B, 1) for GSPO
+    per_token, clip_fraction = clipped_policy_loss(ratio, advantages, mask, eps_low, eps_high)  # (B, C)
     stats = {"clip_fraction": clip_fraction.item(), "approx_kl": masked_mean(kl_k3(old, logprobs.detach()), mask).item()}
     if mitigations.clip_cov:
         keep = clip_cov_mask(logprobs.detach(), old, advantages, mask, clip_ratio=mitigations.cov_ratio,
@@ -181,23 +181,24 @@ class GRPO:
         model.train()
 
         # 2. Pack.
-        input_ids, attention_mask, completion_mask = (t.to(device) for t in pack_batch(batch, run.tokenizer))
-        mask = completion_mask[:, 1:]  # (B, L-1), aligned with the per-token log-probs
-        sampler = sampler_logprobs(batch, mask.shape, completion_mask)
+        sequences = pack_batch(batch, run.tokenizer).to(device)
+        mask = sequences.mask  # (B, C) completion tokens
+        sampler = sampler_logprobs(batch, mask)
 
         # 3-4. Advantages; the reference's log-probs.
         ref_logprobs = None
         if self.reference is not None:
             with torch.no_grad():
-                ref_logprobs = policy_forward(self.reference, input_ids, attention_mask, temperature).logprobs
-        policy = PolicyBatch(input_ids, attention_mask, mask, advantages_of(batch, settings).to(device),
-                             ref_logprobs=ref_logprobs, sampler_logprobs=sampler)
+                ref_logprobs = policy_forward(self.reference, sequences, temperature).logprobs
+        policy = PolicyBatch(sequences, advantages_of(batch, settings).to(device), ref_logprobs=ref_logprobs,
+                             sampler_logprobs=sampler)
 
         # 5. mu passes, one optimiser step each.
         clip_cov_generator = torch.Generator(device=device).manual_seed(step_seed(run.seed, step, "clip_cov"))
         updates = []
         for update in range(settings.grpo.num_iterations):
-            with capture_routing(model, completion_mask) if update == 0 else nullcontext([]) as routing:
+            routing_capture = capture_routing(model, sequences.owner, mask.shape[0]) if update == 0 else nullcontext([])
+            with routing_capture as routing:
                 loss, stats, forward = grpo_loss(model, policy, settings, self.aux_coef, clip_cov_generator)
             if update == 0:  # the weights that sampled: pi_old, and what the step records about the sampling model
                 first, expert_load = forward, (routing[0] if routing else None)

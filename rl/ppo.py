@@ -6,9 +6,9 @@ is the loop around it (rl.training.train runs steps 1, 7 and 8). One step (= one
 
  1. rollouts     prompts = prompt_set.batch(step); sample `samples_per_prompt` completions each from
                  the engine, grade them, reward them (rl.rollouts.collect).
- 2. pi_old       one teacher-forced forward of the policy without gradient: per-token log-probs
-                 log pi_old(y_t), values V_old(s_t), and the routed-token counts of each completion
-                 (rl.routing.capture_routing; the recorder's expert_load).
+ 2. pi_old       one teacher-forced forward of the policy without gradient, the sequences packed into rows
+                 (rl.sequences.PackedBatch): per-token log-probs log pi_old(y_t), values V_old(s_t), and the
+                 routed-token counts of each completion (rl.routing.capture_routing; the recorder's expert_load).
  3. reference    with beta > 0, the same forward of the frozen base model (Run.reference): log pi_ref(y_t).
  4. rewards      r_t = R(x, y) on the last completion token, 0 elsewhere; with kl_estimator "k1"
                  minus beta * k1_t on every token ("KL in the reward": Ziegler et al. 2019,
@@ -78,11 +78,11 @@ from rl.recipe import (
     policy_forward,
     pretrain_replay,
     require_finite,
-    sampler_logprobs,
 )
-from rl.rollouts import StepBatch, pack_batch
+from rl.rollouts import StepBatch, sampler_logprobs, token_ids
 from rl.routing import capture_routing
 from rl.seeds import step_seed
+from rl.sequences import pack_rows
 
 ADVANTAGE_EPSILON = 1e-8
 
@@ -150,17 +150,18 @@ class PPO:
         num_sequences = len(batch.flat_completions)
         model.train()
 
-        # 2-3. pi_old, V_old, routing; pi_ref. One forward without gradient each.
-        input_ids, attention_mask, completion_mask = (t.to(device) for t in pack_batch(batch, run.tokenizer))
-        mask = completion_mask[:, 1:]  # aligned with the per-token log-probs: entry t-1 is token t
+        # 2-3. pi_old, V_old, routing; pi_ref. One forward without gradient each, all sequences packed.
+        prompt_ids, completion_ids = token_ids(batch, run.tokenizer)
+        sequences = pack_rows(prompt_ids, completion_ids, run.tokenizer.pad_token_id).to(device)
+        mask = sequences.mask  # (B, C) completion tokens
         with torch.no_grad():
-            with capture_routing(model, completion_mask) as routing:
-                old = policy_forward(model, input_ids, attention_mask, temperature, hidden=True)
+            with capture_routing(model, sequences.owner, num_sequences) as routing:
+                old = policy_forward(model, sequences, temperature, hidden=True)
             old_logprobs, old_values = old.logprobs, self.value_head(old.hidden)
             ref_logprobs = None
             if self.reference is not None:
-                ref_logprobs = policy_forward(self.reference, input_ids, attention_mask, temperature).logprobs
-        sampler = sampler_logprobs(batch, mask.shape, completion_mask)
+                ref_logprobs = policy_forward(self.reference, sequences, temperature).logprobs
+        sampler = sampler_logprobs(batch, mask)
         tis_weights = None
         if settings.tis_cap is not None:
             tis_weights = truncated_importance_weights(old_logprobs, sampler, settings.tis_cap)
@@ -180,10 +181,11 @@ class PPO:
         updates = []
         for _ in range(ppo.epochs):
             for rows in torch.randperm(num_sequences, generator=order_generator).chunk(ppo.minibatches):
+                minibatch = pack_rows([prompt_ids[i] for i in rows], [completion_ids[i] for i in rows],
+                                      run.tokenizer.pad_token_id, completion_width=mask.shape[1]).to(device)
                 rows = rows.to(device)
                 m = mask[rows]
-                new = policy_forward(model, input_ids[rows], attention_mask[rows], temperature, hidden=True,
-                                     router_loss=self.aux_coef > 0)
+                new = policy_forward(model, minibatch, temperature, hidden=True, router_loss=self.aux_coef > 0)
                 logprobs, values = new.logprobs, self.value_head(new.hidden)
 
                 # PPO clipped surrogate (per token), with the Cui et al. covariance mitigations and TIS.

@@ -27,15 +27,16 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func  # every MoE family's (TRL uses it too)
 
 from rl.config import RLSettings
 from rl.engines import RolloutEngine
 from rl.losses import kl_k3, masked_mean, sampler_mismatch, token_entropy
 from rl.recorder import Recorder, Rollout
 from rl.replay import PretrainReplay
-from rl.rollouts import PromptSet, Rewards, StepBatch, pack_batch
+from rl.rollouts import PromptSet, Rewards, StepBatch, pack_batch, sampler_logprobs
 from rl.routing import capture_routing
-from rl.sequences import token_logprobs
+from rl.sequences import PackedBatch
 from specialists.errors import UserError
 from specialists.model import is_moe
 
@@ -113,41 +114,39 @@ class StepObserver(Protocol):
 
 @dataclass
 class PolicyOutput:
-    """Per-token statistics of one teacher-forced forward; entry t-1 of each (B, L-1) tensor belongs to token t."""
+    """Per completion token statistics of one teacher-forced forward, in the completion layout (B, C)."""
 
     logprobs: torch.Tensor  # log pi(y_t) at the sampling temperature (logits / T), differentiable
-    entropy: torch.Tensor  # entropy of pi(. | y_<t) at the sampling temperature, differentiable
+    entropy: torch.Tensor  # entropy of pi(. | x, y_<t) at the sampling temperature, differentiable
     raw_logprobs: torch.Tensor  # log pi(y_t) of the raw logits (temperature 1), detached: the rollouts' logprob
-    aux_loss: torch.Tensor | None  # the router load-balancing loss (MoE, when asked for)
-    hidden: torch.Tensor | None  # (B, L-1, H) the last hidden state before each token (PPO's value head)
+    aux_loss: torch.Tensor | None  # the router load-balancing loss over every real token (MoE, when asked for)
+    hidden: torch.Tensor | None  # (B, C, H) the last hidden state before each token (PPO's value head)
 
 
-def policy_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float, *,
-                   router_loss: bool = False, hidden: bool = False) -> PolicyOutput:
-    """One forward of prompt + completion sequences (B, L). Log-probs and entropy are those of the sampling
-    distribution, logits / temperature, as TRL's GRPOTrainer computes them."""
+def policy_forward(model, batch: PackedBatch, temperature: float, *, router_loss: bool = False,
+                   hidden: bool = False) -> PolicyOutput:
+    """One forward of packed prompt + completion sequences (rl.sequences.PackedBatch). The LM head runs only
+    where a completion token is predicted; log-probs and entropy are those of the sampling distribution,
+    logits / temperature, as TRL's GRPOTrainer computes them. The router loss is the model family's
+    load-balancing loss (Switch Transformer, arXiv:2101.03961, as transformers computes it) over the real
+    tokens, prompts included, exactly as on a padded batch with its attention mask."""
     extra = {"output_router_logits": True} if router_loss else {}
-    output = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=hidden, use_cache=False,
-                   **extra)
-    logits = output.logits.float()  # (B, L, V): position t-1 predicts token t
+    # No attention mask: packed rows, one causal mask per sequence from the restarting position ids.
+    output = model.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **extra)
+    states = output.last_hidden_state.flatten(0, 1)[batch.targets]  # (N, H): the inputs predicting completion tokens
+    logits = model.get_output_embeddings()(states).float()  # (N, V)
     scaled = logits / temperature
-    logprobs = token_logprobs(scaled, input_ids)  # (B, L-1)
+    logprobs = torch.log_softmax(scaled, dim=-1).gather(-1, batch.tokens[:, None]).squeeze(-1)  # (N,)
     with torch.no_grad():
-        raw = logprobs.detach() if temperature == 1 else token_logprobs(logits, input_ids)
-    return PolicyOutput(logprobs=logprobs, entropy=token_entropy(scaled[:, :-1]), raw_logprobs=raw,
-                        aux_loss=output.aux_loss if router_loss else None,
-                        hidden=output.hidden_states[-1][:, :-1] if hidden else None)
-
-
-def sampler_logprobs(batch: StepBatch, shape: torch.Size, completion_mask: torch.Tensor) -> torch.Tensor:
-    """The engine's per-token sampling log-probs laid out like `policy_forward`'s (B, L-1) tensors (0 elsewhere).
-    completion_mask (B, L) marks the completion tokens of each packed row (rl.sequences.pack)."""
-    values = torch.zeros(shape)
-    starts = completion_mask.argmax(dim=1) - 1  # entry t-1 belongs to token t
-    for row, completion in enumerate(batch.flat_completions):
-        start = int(starts[row])
-        values[row, start:start + len(completion.token_logprobs)] = torch.tensor(completion.token_logprobs)
-    return values.to(completion_mask.device)
+        raw = logprobs if temperature == 1 else torch.log_softmax(logits, -1).gather(-1, batch.tokens[:, None]).squeeze(-1)
+    aux_loss = None
+    if router_loss:
+        config = model.config
+        aux_loss = load_balancing_loss_func(output.router_logits, config.num_experts, config.num_experts_per_tok,
+                                            batch.real)
+    return PolicyOutput(logprobs=batch.scatter(logprobs), entropy=batch.scatter(token_entropy(scaled)),
+                        raw_logprobs=batch.scatter(raw.detach()), aux_loss=aux_loss,
+                        hidden=batch.scatter(states) if hidden else None)
 
 
 @torch.no_grad()
@@ -157,16 +156,16 @@ def measure_rollouts(model, tokenizer, batch: StepBatch, temperature: float, ref
     the sampler mismatch (rl.losses.sampler_mismatch). Expert Iteration's routing pass and the final policy's
     step (no update after it) of every algorithm."""
     device = next(model.parameters()).device
-    input_ids, attention_mask, completion_mask = (t.to(device) for t in pack_batch(batch, tokenizer))
-    mask = completion_mask[:, 1:]
-    with capture_routing(model, completion_mask) as routing:
-        forward = policy_forward(model, input_ids, attention_mask, temperature)
+    packed = pack_batch(batch, tokenizer).to(device)
+    mask = packed.mask
+    with capture_routing(model, packed.owner, mask.shape[0]) as routing:
+        forward = policy_forward(model, packed, temperature)
     metrics = {"entropy": masked_mean(forward.entropy, mask).item()}
     if reference is not None:
-        ref = policy_forward(reference, input_ids, attention_mask, temperature).logprobs
+        ref = policy_forward(reference, packed, temperature).logprobs
         metrics["kl_to_reference"] = masked_mean(kl_k3(forward.logprobs, ref), mask).item()
     metrics["sampler_kl"], metrics["sampler_ratio_max"] = sampler_mismatch(
-        forward.logprobs, sampler_logprobs(batch, mask.shape, completion_mask), mask)
+        forward.logprobs, sampler_logprobs(batch, mask), mask)
     return StepResult((forward.raw_logprobs * mask).sum(-1), routing[0] if routing else None, metrics)
 
 

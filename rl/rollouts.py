@@ -2,7 +2,7 @@
 
 `PromptSet` walks the RL prompts in seeded epochs; `collect` samples `samples_per_prompt`
 completions per prompt from the engine, grades them (format, answer, reason) and turns them into
-rewards; `to_rollouts` makes the recorder's rows; `pack_batch` the teacher-forcing tensors. The reward
+rewards; `to_rollouts` makes the recorder's rows; `pack_batch` the training forward's tensors. The reward
 is a list of weighted terms: the correctness term always, plus the mitigations' format-level terms when
 switched on.
 """
@@ -22,7 +22,7 @@ from rl.engines import Completion, RolloutEngine
 from rl.losses import format_diversity_bonus
 from rl.recorder import Rollout
 from rl.seeds import derive_seed
-from rl.sequences import pack
+from rl.sequences import PackedBatch, pack_rows
 from specialists.formats import Format
 from specialists.grading import Grade, grade_completions
 from specialists.sandbox import Sandbox
@@ -131,9 +131,8 @@ def to_rollouts(step: int, epoch: float, batch: StepBatch, logprobs: torch.Tenso
     return rows
 
 
-def pack_batch(batch: StepBatch, tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Teacher-forcing tensors of every (prompt, completion) of the batch, in flat completion order:
-    (input_ids, attention_mask, completion_mask) as `rl.sequences.pack` makes them. The prompt is
+def token_ids(batch: StepBatch, tokenizer) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, completion ids) of every completion of the batch, flat completion order. The prompt is
     tokenised as the engines tokenise it (no special tokens); completions keep the engine's token ids."""
     prompt_ids, completion_ids = [], []
     for problem, group in zip(batch.problems, batch.completions):
@@ -141,4 +140,17 @@ def pack_batch(batch: StepBatch, tokenizer) -> tuple[torch.Tensor, torch.Tensor,
         for completion in group:
             prompt_ids.append(ids)
             completion_ids.append(list(completion.token_ids))
-    return pack(prompt_ids, completion_ids, tokenizer.pad_token_id)
+    return prompt_ids, completion_ids
+
+
+def pack_batch(batch: StepBatch, tokenizer) -> PackedBatch:
+    """The batch in the training forward's packed layout (rl.sequences.PackedBatch), flat completion order."""
+    return pack_rows(*token_ids(batch, tokenizer), tokenizer.pad_token_id)
+
+
+def sampler_logprobs(batch: StepBatch, mask: torch.Tensor) -> torch.Tensor:
+    """The engine's per-token sampling log-probs in the completion layout of `mask` (B, C); 0 off the mask."""
+    values = torch.zeros(mask.shape)
+    for row, completion in enumerate(batch.flat_completions):
+        values[row, :len(completion.token_logprobs)] = torch.tensor(completion.token_logprobs)
+    return values.to(mask.device)

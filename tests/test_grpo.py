@@ -290,10 +290,9 @@ def first_update_by_hand(model_dir, rl_settings) -> tuple[float, float, torch.Te
             likelihood = torch.tensor([sum(c.token_logprobs) / len(c.token_logprobs) for c in batch.flat_completions])
             rewards = unlikeliness_rewards(rewards, likelihood, correct, SAMPLES, mitigations.unlikeliness_beta)
         advantages = group_advantages(rewards, SAMPLES, grpo.scale_rewards, grpo.baseline)
-    input_ids, attention_mask, completion_mask = pack_batch(batch, tokenizer)
     model.train()
-    loss, _, _ = grpo_loss(model, PolicyBatch(input_ids, attention_mask, completion_mask[:, 1:], advantages),
-                           rl_settings, aux_loss_coefficient(model, rl_settings))
+    loss, _, _ = grpo_loss(model, PolicyBatch(pack_batch(batch, tokenizer), advantages), rl_settings,
+                           aux_loss_coefficient(model, rl_settings))
     loss.backward()
     grad_norm = torch.cat([p.grad.flatten().double() for p in model.parameters() if p.grad is not None]).norm()
     return loss.item(), grad_norm.item(), advantages

@@ -8,7 +8,9 @@ importance-sampling levels (token; GSPO's sequence) the losses and the gradients
 a relative error of 1e-5, with every term TRL and we share switched on at once: temperature, clip-higher,
 the k3 KL with its importance-ratio weighting, the entropy bonus and the router load-balancing loss.
 
-The batch is real: completions sampled from the model (some cut at max_new_tokens, some ended), group
+Our loop's layout differs from TRL's (sequences packed into rows without padding, the LM head only where
+completion tokens are predicted), so the parity also covers it. The batch is real: completions sampled from
+the model (some cut at max_new_tokens, some ended), group
 advantages of uneven rewards, and old / reference log-probs that differ from the current ones by up to
 +-0.5 per token (and the old ones by up to +-0.4 more per sequence), so the clip acts on both sides, at
 either level, and every term is non-zero.
@@ -24,7 +26,7 @@ from rl.engines import HFEngine
 from rl.grpo import PolicyBatch, grpo_loss
 from rl.losses import group_advantages, masked_mean
 from rl.recipe import aux_loss_coefficient, policy_forward
-from rl.sequences import pack
+from rl.sequences import pack_rows
 from specialists.model import load_model
 from specialists.tasks import generate_problems, prompt_text
 from specialists.tokenizer import load_tokenizer
@@ -67,11 +69,10 @@ def make_batch(model_dir) -> dict:
     advantages = group_advantages(rewards, SAMPLES)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # the current log-probs of each completion token, shifted by up to +-0.5
-        input_ids, attention_mask, _ = pack(prompt_ids, completion_ids, tokenizer.pad_token_id)
-        current = policy_forward(model, input_ids, attention_mask, TEMPERATURE).logprobs
+        current = policy_forward(model, pack_rows(prompt_ids, completion_ids, tokenizer.pad_token_id), TEMPERATURE).logprobs
     old, ref = [], []
-    for row, (prompt, completion) in enumerate(zip(prompt_ids, completion_ids)):
-        tokens = current[row, len(prompt) - 1:len(prompt) - 1 + len(completion)]
+    for row, completion in enumerate(completion_ids):
+        tokens = current[row, :len(completion)]
         shift = 0.8 * (torch.rand(1, generator=generator) - 0.5)  # moves GSPO's sequence ratio out of the clip range too
         old.append(tokens + shift + (torch.rand(len(completion), generator=generator) - 0.5))
         ref.append(tokens + (torch.rand(len(completion), generator=generator) - 0.5))
@@ -100,15 +101,12 @@ def trl_inputs(batch) -> dict:
 
 
 def our_batch(batch) -> PolicyBatch:
-    """The batch in our layout: right-padded prompt + completion rows, per-token tensors aligned with policy_forward."""
-    input_ids, attention_mask, completion_mask = pack(batch["prompt_ids"], batch["completion_ids"], batch["pad"])
-    old, ref = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1), torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1)
-    for row, prompt in enumerate(batch["prompt_ids"]):
-        start = len(prompt) - 1  # entry t-1 belongs to token t
-        old[row, start:start + len(batch["old"][row])] = batch["old"][row]
-        ref[row, start:start + len(batch["ref"][row])] = batch["ref"][row]
-    return PolicyBatch(input_ids, attention_mask, completion_mask[:, 1:], batch["advantages"], old_logprobs=old,
-                       ref_logprobs=ref)
+    """The batch in our layout: the sequences packed into rows, per-token tensors in the completion layout."""
+    sequences = pack_rows(batch["prompt_ids"], batch["completion_ids"], batch["pad"])
+    old, ref = torch.zeros(sequences.mask.shape), torch.zeros(sequences.mask.shape)
+    for row, (old_row, ref_row) in enumerate(zip(batch["old"], batch["ref"])):
+        old[row, :len(old_row)], ref[row, :len(ref_row)] = old_row, ref_row
+    return PolicyBatch(sequences, batch["advantages"], old_logprobs=old, ref_logprobs=ref)
 
 
 def gradients(model) -> dict[str, torch.Tensor]:
@@ -156,7 +154,7 @@ def test_loss_and_gradient_equal_trl(loss_type, level, batch, tiny_moe_dir, tmp_
     ours = gradients(model)
     # The loss is a sum of terms of either sign that nearly cancel (GRPO's advantages are centred), so its
     # relative error is taken against the sum of the terms' magnitudes, the scale of its float32 rounding.
-    entropy_bonus = ENTROPY_COEF * masked_mean(forward.entropy, inputs.mask).item()
+    entropy_bonus = ENTROPY_COEF * masked_mean(forward.entropy, inputs.sequences.mask).item()
     aux_term = aux_coef * stats["aux_loss"]
     kl_term = loss.item() - stats["policy_loss"] + entropy_bonus - aux_term
     assert stats["aux_loss"] > 0 and 0 < stats["clip_fraction"] < 1 and kl_term > 0  # every term acts

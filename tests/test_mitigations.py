@@ -33,8 +33,9 @@ import torch
 from rl.config import ExpertIterationSettings, MitigationSettings, PPOSettings, RLSettings, SamplingSettings
 from rl.engines import HFEngine
 from rl.replay import PretrainReplay
-from rl.rollouts import Rewards, collect, pack_batch
+from rl.rollouts import Rewards, collect, token_ids
 from rl.seeds import step_seed
+from rl.sequences import pack
 from rl.training import train
 from specialists.config import PretrainSettings, SpecialistsConfig
 from specialists.formats import FORMAT_SETS
@@ -132,7 +133,8 @@ def step0_entropy(model_dir, settings) -> float:
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
     batch = collect(HFEngine(model, tokenizer), prompt_set_for(settings).batch(0), settings, ChecksumRewards(2),
                     step_seed(0, 0, "sampling"))
-    input_ids, attention_mask, completion_mask = pack_batch(batch, tokenizer)
+    # a plain right-padded forward, not the loop's packed one
+    input_ids, attention_mask, completion_mask = pack(*token_ids(batch, tokenizer), tokenizer.pad_token_id)
     with torch.no_grad():
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
     return mean_entropy_by_hand(logits / settings.sampling.temperature, completion_mask[:, 1:])
