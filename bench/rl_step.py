@@ -9,8 +9,9 @@ observer calls (rl.recipe.StepObserver), TRL's between consecutive `on_step_end`
 `--warmup` steps, then `--steps` measured ones, then one unmeasured step (ours writes its final checkpoint
 and samples the final model there); the median of the measured ones is reported, with ours split into
 sampling, scoring, the update (forwards, backward, optimiser) and the sync, from its metrics lines. The
-machine is shared, so the two sides alternate in `--rounds` rounds (ours, stock, ours, stock, ...) and the
-medians are over all rounds. Prints one JSON line.
+machine is shared and its load moves, so the two sides alternate in `--rounds` rounds (ours, stock, ours,
+stock, ...): `ratio` is the median over rounds of each round's ratio of medians (a paired comparison of
+runs minutes apart), the step times are medians over all rounds. Prints one JSON line.
 
     python bench/rl_step.py [--engine vllm|hf] [--model DIR] [--prompts 8] [--samples 8] [--max-new-tokens 96]
                             [--warmup 2] [--steps 5] [--rounds 1]
@@ -186,16 +187,18 @@ def measure(options) -> dict:
                               sampling=SamplingSettings(samples_per_prompt=options.samples,
                                                         max_new_tokens=options.max_new_tokens))
         problems = generate_problems(options.prompts, derive_seed(options.seed, "rl_prompts"), "train", TaskConfig())
-        ours, stock, our_metrics, stock_lengths = [], [], [], []
+        ours, stock, our_metrics, stock_lengths, ratios = [], [], [], [], []
         with Sandbox(workers=1) as sandbox:
             rewards = Rewards(FORMAT_SETS["synthetic"], sandbox, settings.reward_scale, 0.0)
             for _ in range(options.rounds):
                 times, metrics = run_ours(model_dir, settings, problems, rewards, options.engine, options.seed)
                 ours += times[measured]
                 our_metrics += metrics[measured]
-                times, lengths = run_stock_trl(model_dir, settings, problems, rewards, options.seed, settings.steps + 1)
-                stock += times[measured]
+                stock_times, lengths = run_stock_trl(model_dir, settings, problems, rewards, options.seed,
+                                                     settings.steps + 1)
+                stock += stock_times[measured]
                 stock_lengths += lengths[measured]
+                ratios.append(statistics.median(times[measured]) / statistics.median(stock_times[measured]))
 
     def median(values):
         return round(statistics.median(values), 3)
@@ -205,7 +208,8 @@ def measure(options) -> dict:
     return {
         "echolab_step_s": median(ours),
         "trl_step_s": median(stock),
-        "ratio": round(statistics.median(ours) / statistics.median(stock), 2),
+        "ratio": round(statistics.median(ratios), 2),
+        "ratio_per_round": [round(r, 2) for r in ratios],
         "engine": options.engine,
         **split,
         "echolab_rollout_tokens_per_s": round(statistics.median(m["rollout_tokens_per_s"] for m in our_metrics), 1),
