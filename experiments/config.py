@@ -5,8 +5,9 @@ from __future__ import annotations
 import tomllib
 import typing
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from rl.config import RLSettings
 from specialists.config import SpecialistsConfig, Strict
@@ -57,12 +58,22 @@ def validate(document: dict, model: type[BaseModel], source: str):
         message = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for our validators' messages
         if isinstance(first["input"], (str, int, float)):  # a section's input is the whole table: not worth quoting
             message += f" (got {first['input']!r})"
-        raise UserError(f"{source}: {location}: {message}") from None
+        raise UserError(f"{source}: {location + ': ' if location else ''}{message}") from None
 
 
 class AnalysisSettings(Strict):
     formats: str = Field("synthetic", description="format set name or a TOML/YAML format file")
     collapse_threshold: float = Field(0.9, gt=0, le=1)
+
+
+class LoggingSettings(Strict):
+    """Where each step's metrics go while the run goes (experiments.trackers), besides the run directory."""
+
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=lambda: ["tensorboard"], description=(
+        "trackers fed after every step: tensorboard (event files in RUN/tensorboard/), wandb (offline in RUN/wandb/ "
+        "unless WANDB_MODE says otherwise), mlflow (RUN/mlflow.db unless MLFLOW_TRACKING_URI says otherwise); "
+        "wandb and mlflow need `pip install -e \".[trackers]\"`"))
+    project: str = Field("echolab", min_length=1, description="the wandb project and the MLflow experiment")
 
 
 class ExperimentConfig(SpecialistsConfig):
@@ -71,6 +82,17 @@ class ExperimentConfig(SpecialistsConfig):
     name: str = "experiment"
     rl: RLSettings = RLSettings()
     analysis: AnalysisSettings = AnalysisSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    @model_validator(mode="after")
+    def _base_model_and_rl_agree(self) -> "ExperimentConfig":
+        if self.model.path is not None and self.rl.mitigations.pretrain_replay_coef > 0:
+            raise ValueError("rl.mitigations.pretrain_replay_coef replays the pretraining corpus, which a "
+                             "model.path base does not have here")
+        if self.model.path is None and self.rl.chat_template:
+            raise ValueError("rl.chat_template needs a model.path base with a chat template; "
+                             "the pretrained built-in models have none")
+        return self
 
     def specialists(self) -> SpecialistsConfig:
         """The part that determines the pretrained base model (its cache key)."""

@@ -86,8 +86,12 @@ class MixtureSettings(Strict):
 
 
 class ModelSettings(Strict):
-    """A Qwen3-MoE causal LM whose experts are the specialists, or a dense Qwen3 with matched active size."""
+    """A Qwen3-MoE causal LM whose experts are the specialists, or a dense Qwen3 with matched active size,
+    pretrained here; or, with `path`, a local checkpoint of a supported family (specialists.families.FAMILIES)."""
 
+    path: str | None = Field(None, description=(
+        "a local Hugging Face causal-LM checkpoint directory with its tokenizer, used as the RL base instead of "
+        "pretraining one: Llama, Qwen2, Qwen3, OLMo2, Qwen3-MoE, OLMoE or Mixtral. Only max_length applies then"))
     kind: Literal["moe", "dense"] = "moe"
     hidden_size: int = Field(128, ge=32)
     num_layers: int = Field(3, ge=1)
@@ -137,4 +141,18 @@ class SpecialistsConfig(Strict):
     model: ModelSettings = ModelSettings()
     pretrain: PretrainSettings = PretrainSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
+
+    @model_validator(mode="after")
+    def _no_pretraining_settings_with_a_path(self) -> "SpecialistsConfig":
+        """A base brought with model.path is not pretrained here: a pretraining setting beside it would be
+        silently ignored, so it is refused (the keys as written, whatever their values)."""
+        if self.model.path is None:
+            return self
+        written = [f"model.{key}" for key in sorted(self.model.model_fields_set - {"path", "max_length"})]
+        written += [f"{section}.{key}" for section in ("mixture", "pretrain", "evaluation")
+                    for key in sorted(getattr(self, section).model_fields_set)]
+        if written:
+            raise ValueError(f"model.path brings its own base, so these pretraining settings do not apply: "
+                             f"{', '.join(written)}; remove them")
+        return self
 

@@ -12,6 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from specialists.errors import UserError
+
 COMMANDS = ("pretrain", "evaluate", "run", "analyze", "report", "sweep")
 ROLLOUT = {"step": 0, "prompt_id": 1, "completion": "The answer is 3."}
 
@@ -63,6 +65,8 @@ CONFIG_ERRORS = [  # every command that reads an experiment config gives these
     ('seed = "x"\n', ["config.toml: seed: ", "integer", "got 'x'"]),
     ('[rl]\nsteps = -1\n', ["config.toml: rl.steps: ", "greater than or equal to 1", "got -1"]),
     ('[rl]\nalgorithm = "dpo"\n', ["config.toml: rl.algorithm: ", "'grpo', 'ppo' or 'ei'", "got 'dpo'"]),
+    ('[logging]\nreport_to = ["trackio"]\n', ["config.toml: logging.report_to", "'tensorboard', 'wandb' or 'mlflow'",
+                                             "got 'trackio'"]),
 ]
 SPECIALISTS_CONFIG_ERRORS = [  # the model's own constraints (checked by the same validation, so pretrain only)
     ('[model]\nkind = "transformer"\n', ["model.kind", "'moe' or 'dense'"]),
@@ -168,6 +172,18 @@ def test_run_names_a_missing_data_file_before_any_work(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_run_names_a_tracker_that_is_not_installed_before_any_work(tmp_path, monkeypatch):
+    from experiments import pipeline, trackers
+    from experiments.config import load_experiment_config
+
+    monkeypatch.setitem(trackers.TRACKERS, "wandb", "echolab_no_such_tracker_module")
+    config = tmp_path / "config.toml"
+    config.write_text('[logging]\nreport_to = ["tensorboard", "wandb"]\n')
+    with pytest.raises(UserError, match=r"^logging.report_to: wandb is not installed"):
+        pipeline.run_experiment(load_experiment_config(config), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------- analyze: rollout files (in-process: the loader)
 
 def _jsonl(*lines):
@@ -205,7 +221,7 @@ GOOD = json.dumps(ROLLOUT)
     ("r.parquet", b"PAR1 not really", r"r\.parquet: not a readable Parquet file"),
 ])
 def test_bad_rollout_files_name_file_line_and_column(tmp_path, name, content, message):
-    from analysis.load import read_rollouts
+    from analysis.sources import read_rollouts
     from specialists.errors import UserError
 
     path = tmp_path / name
@@ -216,7 +232,7 @@ def test_bad_rollout_files_name_file_line_and_column(tmp_path, name, content, me
 
 
 def test_bad_parquet_rows_are_named_by_file_and_row(tmp_path):
-    from analysis.load import read_rollouts
+    from analysis.sources import read_rollouts
     from specialists.errors import UserError
 
     run = write_run_dir(tmp_path / "run", [ROLLOUT, {**ROLLOUT, "step": None}])
@@ -294,7 +310,7 @@ def test_report_names_bad_runs_and_keeps_an_existing_report(tmp_path):
     old = tmp_path / "report.html"
     old.write_text("the old report")
     assert_one_line_error(run_cli("report", str(run), "--out", str(old), "--quiet"),
-                          "run: no up-to-date summary.json, and analysing the run failed", "no-such-formats.toml")
+                          "run: no up-to-date summary.json, and analysing it failed", "no-such-formats.toml")
     assert old.read_text() == "the old report"
 
 

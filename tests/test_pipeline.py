@@ -79,6 +79,31 @@ def test_run_directory_follows_the_spec(smoke_run):
     assert (smoke_run / "report.html").read_text().lstrip().lower().startswith("<!doctype html")
 
 
+def tensorboard_scalars(run_dir) -> dict[str, dict[int, float]]:
+    """RUN/tensorboard's scalars as {tag: {step: value}} (the last value of a step, as TensorBoard shows it)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir / "tensorboard"))
+    accumulator.Reload()
+    return {tag: {event.step: event.value for event in accumulator.Scalars(tag)} for tag in accumulator.Tags()["scalars"]}
+
+
+def test_each_step_is_logged_to_tensorboard_as_analyze_computes_it(smoke_run):
+    """[logging] report_to defaults to tensorboard: the driver's tracker observer logs every step live."""
+    logged = tensorboard_scalars(smoke_run)
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    metrics = [json.loads(line) for line in (smoke_run / "metrics.jsonl").read_text().splitlines()]
+    for line in metrics:
+        step = line["step"]
+        for name, share in summary["format_share"][str(step)].items():
+            assert logged[f"format_share/{name}"][step] == pytest.approx(share, abs=1e-6), (step, name)
+        assert logged["accuracy/mean"][step] == pytest.approx(summary["accuracy"][str(step)], abs=1e-6)
+        assert logged["train/reward_mean"][step] == pytest.approx(line["reward_mean"], abs=1e-6)
+        assert logged["time/step_time_s"][step] == pytest.approx(line["step_time_s"], rel=1e-6)
+    assert sorted(logged["train/reward_mean"]) == [0, 1, 2, 3]
+    assert sorted(logged["train/loss"]) == [0, 1, 2]  # the final model's step has no update
+
+
 def test_same_config_and_seed_give_the_same_metrics(smoke_run, tmp_path):
     again = tmp_path / "again"
     run_experiment(load_experiment_config(SMOKE), again, progress=False)
@@ -133,6 +158,8 @@ def test_a_run_killed_twice_and_resumed_equals_the_uninterrupted_one(smoke_run, 
         assert value == (pytest.approx(uninterrupted[key], rel=1e-6) if key.startswith("token_entropy") else
                          uninterrupted[key]), key
     assert not list(killed.rglob("*.tmp"))
+    # TensorBoard: each step once (the resumed run purged the redone steps' earlier events), with its final value
+    assert tensorboard_scalars(killed)["accuracy/mean"] == tensorboard_scalars(smoke_run)["accuracy/mean"]
 
 
 def test_an_existing_run_is_kept_unless_resumed_or_overwritten(smoke_run, tmp_path):
