@@ -5,6 +5,7 @@ from __future__ import annotations
 import tomllib
 import typing
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
@@ -65,12 +66,23 @@ class AnalysisSettings(Strict):
     collapse_threshold: float = Field(0.9, gt=0, le=1)
 
 
+class LoggingSettings(Strict):
+    """Where each step's metrics go while the run goes (experiments.trackers), besides the run directory."""
+
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=lambda: ["tensorboard"], description=(
+        "trackers fed after every step: tensorboard (event files in RUN/tensorboard/), wandb (offline in RUN/wandb/ "
+        "unless WANDB_MODE says otherwise), mlflow (RUN/mlflow.db unless MLFLOW_TRACKING_URI says otherwise); "
+        "wandb and mlflow need `pip install -e \".[trackers]\"`"))
+    project: str = Field("echolab", min_length=1, description="the wandb project and the MLflow experiment")
+
+
 class ExperimentConfig(SpecialistsConfig):
     """A whole experiment: the base model (the SpecialistsConfig fields), RL post-training and analysis."""
 
     name: str = "experiment"
     rl: RLSettings = RLSettings()
     analysis: AnalysisSettings = AnalysisSettings()
+    logging: LoggingSettings = LoggingSettings()
 
     @model_validator(mode="after")
     def _base_model_and_rl_agree(self) -> "ExperimentConfig":

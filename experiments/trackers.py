@@ -48,7 +48,8 @@ class TensorBoardTracker:
     def __init__(self, run_dir: Path, start_step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(Path(run_dir) / TENSORBOARD_DIR), purge_step=start_step or None)
+        # purge_step 0 too: a run killed before its first checkpoint is resumed from step 0
+        self.writer = SummaryWriter(str(Path(run_dir) / TENSORBOARD_DIR), purge_step=start_step)
 
     def log(self, values: dict[str, float], step: int) -> None:
         for name, value in values.items():

@@ -12,6 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from specialists.errors import UserError
+
 COMMANDS = ("pretrain", "evaluate", "run", "analyze", "report", "sweep")
 ROLLOUT = {"step": 0, "prompt_id": 1, "completion": "The answer is 3."}
 
@@ -63,6 +65,8 @@ CONFIG_ERRORS = [  # every command that reads an experiment config gives these
     ('seed = "x"\n', ["config.toml: seed: ", "integer", "got 'x'"]),
     ('[rl]\nsteps = -1\n', ["config.toml: rl.steps: ", "greater than or equal to 1", "got -1"]),
     ('[rl]\nalgorithm = "dpo"\n', ["config.toml: rl.algorithm: ", "'grpo', 'ppo' or 'ei'", "got 'dpo'"]),
+    ('[logging]\nreport_to = ["trackio"]\n', ["config.toml: logging.report_to", "'tensorboard', 'wandb' or 'mlflow'",
+                                             "got 'trackio'"]),
 ]
 SPECIALISTS_CONFIG_ERRORS = [  # the model's own constraints (checked by the same validation, so pretrain only)
     ('[model]\nkind = "transformer"\n', ["model.kind", "'moe', 'dense' or 'btx'"]),
@@ -165,6 +169,18 @@ def test_run_names_a_missing_data_file_before_any_work(tmp_path):
     (tmp_path / "formats.toml").write_text('[[format]\nname = "x"\n')
     config.write_text(f'[analysis]\nformats = "{tmp_path / "formats.toml"}"\n')
     assert_one_line_error(run_cli("run", str(config), "--out", str(tmp_path / "run")), "formats.toml: not valid TOML")
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_names_a_tracker_that_is_not_installed_before_any_work(tmp_path, monkeypatch):
+    from experiments import pipeline, trackers
+    from experiments.config import load_experiment_config
+
+    monkeypatch.setitem(trackers.TRACKERS, "wandb", "echolab_no_such_tracker_module")
+    config = tmp_path / "config.toml"
+    config.write_text('[logging]\nreport_to = ["tensorboard", "wandb"]\n')
+    with pytest.raises(UserError, match=r"^logging.report_to: wandb is not installed"):
+        pipeline.run_experiment(load_experiment_config(config), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
 
 
