@@ -8,6 +8,7 @@ commands so that `--help` and input errors answer at once.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -44,23 +45,53 @@ def _evaluate(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else model_dir.parent / "evaluation.json"
     if not out.parent.is_dir():  # found now, not after the sampling
         raise UserError(f"--out {out}: no such directory {out.parent}")
+    mismatches = _model_mismatches(config.model, model_dir)
+    if mismatches:
+        raise UserError(f"{model_dir} was not built from {args.config}: {'; '.join(mismatches)}")
     from specialists.evaluate import evaluate
 
     result = evaluate(model_dir, config, out, progress=not args.quiet)
     print(json.dumps({k: result[k] for k in ("accuracy", "format_share", "format_accuracy")}, indent=2))
 
 
+# Our [model] keys behind each architecture entry of a checkpoint's config.json (specialists.model.model_config).
+CHECKPOINT_KEYS = {"model_type": "kind", "hidden_size": "hidden_size", "num_hidden_layers": "num_layers",
+                   "num_attention_heads": "num_heads", "num_key_value_heads": "num_kv_heads", "head_dim": "head_dim",
+                   "num_experts": "num_experts", "num_experts_per_tok": "experts_per_token",
+                   "moe_intermediate_size": "expert_size", "intermediate_size": "expert_size x experts_per_token",
+                   "max_position_embeddings": "max_length"}
+
+
+def _model_mismatches(settings, model_dir: Path) -> list[str]:
+    """The architecture entries where `model_dir`'s config.json differs from the one the [model] settings build
+    (a checkpoint evaluated with another config would be sampled with the wrong task or compared wrongly)."""
+    from specialists.errors import UserError
+    from specialists.model import model_config
+
+    try:
+        found = json.loads((model_dir / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{model_dir / 'config.json'}: not valid JSON ({error})") from None
+    expected = model_config(settings, vocab_size=found.get("vocab_size", 1), eos_token_id=0, pad_token_id=0).to_dict()
+    mismatches = []
+    for key, ours in CHECKPOINT_KEYS.items():
+        if key in expected and expected[key] != found.get(key):
+            mismatches.append(f"model.{ours} gives {key} = {expected[key]!r}, the checkpoint has {found.get(key)!r}")
+    return mismatches
+
+
 def _run(args: argparse.Namespace) -> None:
     from experiments.config import load_experiment_config
 
     config = load_experiment_config(args.config)
+    from experiments.console import final_lines
     from experiments.pipeline import run_experiment
 
     out = Path(args.out) if args.out else Path("runs") / config.name
     report = run_experiment(config, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
-    summary = json.loads((out / "summary.json").read_text())
     print(f"run directory: {out}")
-    print(f"dominant format: {summary['dominant_format']}, collapse step: {summary['collapse_step']}")
+    for line in final_lines(out):
+        print(line)
     print(f"report: {report}")
 
 
@@ -75,8 +106,15 @@ def _analyze(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> None:
     from analysis.report import write_report
 
-    out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "report.html"
-    print(f"report: {write_report([Path(d) for d in args.run_dirs], out, progress=not args.quiet)}")
+    runs = [Path(d) for d in args.run_dirs]
+    if args.out:
+        out = Path(args.out)
+    elif len(runs) == 1:
+        out = runs[0] / "report.html"
+    else:  # a comparison is a new file: never a run's own report, nor an earlier comparison
+        out = next(path for number in itertools.count(1)
+                   if not (path := Path("comparison.html" if number == 1 else f"comparison-{number}.html")).exists())
+    print(f"report: {write_report(runs, out, progress=not args.quiet)}")
 
 
 def _sweep(args: argparse.Namespace) -> None:
@@ -136,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="continue a killed run from its last checkpoint (same config only)")
     existing.add_argument("--overwrite", action="store_true",
                           help="delete what the run directory holds and start afresh")
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--quiet", action="store_true",
+                     help="print only the final summary lines and errors (no progress bars, no per-step lines)")
     run.set_defaults(handler=_run)
 
     analyze = commands.add_parser(
@@ -155,9 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser(
         "report", help="one self-contained HTML report for one or several runs",
         description="Render one HTML file (figures embedded, no network) for one run, or several side by side; "
-                    "runs whose configs differ only in seed are pooled with 95%% confidence bands.")
-    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    report.add_argument("--out", help="HTML file (default: RUN_DIR/report.html of the first run)")
+                    "runs whose configs differ only in seed are pooled with 95% confidence bands.")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="run directory (of `echolab run` or `echolab sweep`); give several to compare them")
+    report.add_argument("--out", help="HTML file (default: RUN_DIR/report.html for one run; for several, a new "
+                                      "comparison.html, or comparison-2.html, ..., in the current directory)")
     report.add_argument("--quiet", action="store_true", help="no progress bars (runs without an up-to-date "
                                                              "summary.json are analysed first)")
     report.set_defaults(handler=_report)
@@ -180,8 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from experiments.console import silence_libraries
     from specialists.errors import UserError
 
+    silence_libraries()  # before any handler imports vLLM, torch or transformers
     try:
         args.handler(args)
     except UserError as error:

@@ -43,14 +43,6 @@ def base_model_dir(config: SpecialistsConfig, progress: bool = True) -> Path:
     return directory / "model"
 
 
-def _check_input_files(config: ExperimentConfig) -> None:
-    from specialists.formats import load_formats
-
-    if config.rl.prompts != "synthetic" and not Path(config.rl.prompts).is_file():
-        raise UserError(f"rl.prompts: file not found: {config.rl.prompts}")
-    load_formats(config.analysis.formats)  # a built-in set name or a readable format file
-
-
 def _prepare_run_dir(run_dir: Path, resolved: dict, resume: bool, overwrite: bool) -> None:
     """Refuse to mix runs: a non-empty `run_dir` needs `resume` (and the same config) or `overwrite`."""
     if resume and overwrite:
@@ -83,7 +75,6 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, resume: bool =
 
     run_dir = Path(run_dir)
     resolved = config.model_dump(mode="json")
-    _check_input_files(config)  # before any work (and the slow imports): a typo must not cost a pretraining
     _prepare_run_dir(run_dir, resolved, resume, overwrite)
     recorder = Recorder(run_dir)  # an unwritable --out fails here, before the pretraining
     recorder.write_config(resolved)
@@ -111,7 +102,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, resume: bool =
     seed = config.seed if config.rl.seed is None else config.rl.seed
     torch.manual_seed(seed)
     model, tokenizer = load_model(weights), load_tokenizer(weights)
-    problems = load_prompt_problems(config.rl, seed, config.task.task_config())
+    problems = load_prompt_problems(config.rl, seed, config.task)
     prompt_set = PromptSet(problems, config.rl.prompts_per_step, seed)
     engine = make_engine(config.rl.engine, weights, model, tokenizer, config.model.max_length, seed)
     try:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from specialists.config import Strict
+from specialists.errors import SettingsError
+from specialists.tasks import load_gsm8k
 
 
 class SamplingSettings(Strict):
@@ -82,6 +84,20 @@ class MitigationSettings(Strict):
     pretrain_replay_batch: int = Field(8, ge=1, description="pretraining texts per replay batch")
 
 
+# The algorithms that implement each switch of MitigationSettings (its other fields only tune a switch). A
+# switch away from its default for another algorithm is refused (RLSettings._algorithm_rules), not ignored.
+MITIGATION_ALGORITHMS = {
+    "entropy_coef": {"grpo", "ppo"},
+    "clip_cov": {"grpo", "ppo"},
+    "kl_cov": {"grpo", "ppo"},
+    "format_diversity_coef": {"grpo", "ppo", "ei"},
+    "unlikeliness_beta": {"grpo"},
+    "pass_at_k": {"grpo"},
+    "freeze_router": {"grpo", "ppo", "ei"},
+    "pretrain_replay_coef": {"grpo", "ppo"},
+}
+
+
 class RLSettings(Strict):
     seed: int | None = Field(None, description="seed of RL (prompt order, sampling, updates); None = the top-level seed. "
                              "Setting it varies RL on one shared pretrained base")
@@ -105,12 +121,66 @@ class RLSettings(Strict):
     expert_iteration: ExpertIterationSettings = ExpertIterationSettings()
     mitigations: MitigationSettings = MitigationSettings()
 
+    @field_validator("prompts")
+    @classmethod
+    def _prompt_file_reads(cls, value: str) -> str:
+        if value != "synthetic":
+            load_gsm8k(value)  # a missing file or a bad line is refused now, not after the pretraining
+        return value
+
     @model_validator(mode="after")
-    def _consistent(self) -> "RLSettings":
-        if self.kl_estimator == "k1" and self.algorithm != "ppo" and self.beta > 0:
-            raise ValueError("kl_estimator 'k1' (KL in the reward) is PPO's; GRPO and EI use 'k3'")
-        if self.mitigations.pass_at_k > self.sampling.samples_per_prompt:
-            raise ValueError("mitigations.pass_at_k must be <= sampling.samples_per_prompt")
+    def _algorithm_rules(self) -> "RLSettings":
+        """The rules that combine settings, so that a config that would fail, or silently do nothing, is refused
+        when it is loaded. Each names the settings at fault, the one to change first."""
+        algorithm, sampling, mitigations = self.algorithm, self.sampling, self.mitigations
+        defaults = MitigationSettings()
+        for name, implemented_by in MITIGATION_ALGORITHMS.items():
+            if getattr(mitigations, name) != getattr(defaults, name) and algorithm not in implemented_by:
+                raise SettingsError(f"algorithm {algorithm!r} does not implement mitigations.{name} (only "
+                                    f"{', '.join(sorted(implemented_by))} do)", f"mitigations.{name}", "algorithm")
+        if algorithm == "ei" and self.beta > 0:
+            raise SettingsError("Expert Iteration has no KL term: set beta = 0", "beta", "algorithm")
+        if algorithm == "ei" and self.epsilon_high is not None:
+            raise SettingsError("Expert Iteration has no clipped ratio: epsilon_high does nothing", "epsilon_high",
+                                "algorithm")
+        if self.kl_estimator == "k1" and algorithm != "ppo" and self.beta > 0:
+            raise SettingsError("kl_estimator 'k1' (KL in the reward) is PPO's; GRPO and EI use 'k3'", "kl_estimator",
+                                "algorithm")
+        if algorithm == "grpo" and sampling.samples_per_prompt < 2:
+            raise SettingsError("GRPO needs sampling.samples_per_prompt >= 2: its advantages compare the samples of "
+                                "a prompt", "sampling.samples_per_prompt", "algorithm")
+        if algorithm == "grpo" and sampling.temperature <= 0:
+            raise SettingsError("GRPO needs sampled rollouts: sampling.temperature must be > 0 (greedy samples of a "
+                                "prompt are all equal, so every advantage is 0)", "sampling.temperature", "algorithm")
+        if algorithm == "ppo" and self.ppo.minibatches > self.prompts_per_step * sampling.samples_per_prompt:
+            raise SettingsError(f"ppo.minibatches ({self.ppo.minibatches}) must be <= the completions of a step, "
+                                f"prompts_per_step x sampling.samples_per_prompt "
+                                f"({self.prompts_per_step * sampling.samples_per_prompt})", "ppo.minibatches")
+        if mitigations.pass_at_k > sampling.samples_per_prompt:
+            raise SettingsError(f"mitigations.pass_at_k ({mitigations.pass_at_k}) must be <= sampling.samples_per_prompt "
+                                f"({sampling.samples_per_prompt}): pass@k is estimated within a prompt's samples",
+                                "mitigations.pass_at_k", "sampling.samples_per_prompt")
+        if mitigations.pass_at_k and (mitigations.unlikeliness_beta > 0 or mitigations.format_diversity_coef > 0):
+            other = "unlikeliness_beta" if mitigations.unlikeliness_beta > 0 else "format_diversity_coef"
+            raise SettingsError(f"mitigations.pass_at_k replaces the advantages by pass@k ones computed from correctness "
+                                f"alone; it does not combine with mitigations.{other}", "mitigations.pass_at_k",
+                                f"mitigations.{other}")
+        if mitigations.clip_cov and mitigations.kl_cov:
+            raise SettingsError("mitigations.clip_cov and mitigations.kl_cov are alternatives (Cui et al. 2025); "
+                                "switch on one", "mitigations.kl_cov", "mitigations.clip_cov")
+        # The first optimisation pass over a batch runs on the weights that sampled it, so the ratio
+        # pi / pi_old is exactly 1 there: a setting that acts through the ratio needs a second pass.
+        passes, passes_key = ((self.grpo.num_iterations, "grpo.num_iterations") if algorithm == "grpo" else
+                              (self.ppo.epochs * self.ppo.minibatches, "ppo.epochs"))
+        passes_text = "grpo.num_iterations > 1" if algorithm == "grpo" else "ppo.epochs x ppo.minibatches > 1"
+        if algorithm != "ei" and passes == 1:
+            if mitigations.kl_cov:
+                raise SettingsError(f"mitigations.kl_cov needs {passes_text}: its penalty |log pi - log pi_old| has "
+                                    "zero gradient on the first pass over a batch, so with one pass it does nothing",
+                                    "mitigations.kl_cov", passes_key)
+            if self.epsilon_high is not None:
+                raise SettingsError(f"epsilon_high needs {passes_text}: the ratio pi / pi_old is 1 on the first pass "
+                                    "over a batch, so with one pass no clip range acts", "epsilon_high", passes_key)
         return self
 
     @property

@@ -27,12 +27,12 @@ from rl.sequences import pack
 from specialists.formats import Format
 from specialists.grading import Grade, grade_completions
 from specialists.sandbox import Sandbox
-from specialists.tasks import Problem, TaskConfig, generate_problems, load_gsm8k, prompt_text
+from specialists.tasks import Problem, TaskSettings, generate_problems, load_gsm8k, prompt_text
 
 RL_PROMPT_SEED_OFFSET = 10_000  # RL prompts come from a different draw than the pretraining corpus
 
 
-def load_prompt_problems(settings: RLSettings, seed: int, task: TaskConfig) -> list[Problem]:
+def load_prompt_problems(settings: RLSettings, seed: int, task: TaskSettings) -> list[Problem]:
     if settings.prompts == "synthetic":
         return generate_problems(settings.num_prompts, seed + RL_PROMPT_SEED_OFFSET, "train", task)
     return load_gsm8k(Path(settings.prompts), limit=settings.num_prompts)

@@ -6,12 +6,15 @@ in a TOML file names itself instead of being silently ignored.
 
 from __future__ import annotations
 
+import difflib
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from specialists.errors import SettingsError
 from specialists.formats import FORMAT_SETS, Difficulty
-from specialists.tasks import OPERATIONS, TaskConfig
+from specialists.tasks import SPLIT_SHARE, TaskSettings, count_problems
 
 # vLLM's attention backends accept only these head sizes.
 VLLM_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
@@ -21,31 +24,16 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class TaskSettings(Strict):
-    """The synthetic word problems (see `specialists.tasks`)."""
+def closest(word: str, allowed) -> str | None:
+    """The one of `allowed` a mistyped `word` most likely meant (difflib's ratio >= 0.6), or None."""
+    close = difflib.get_close_matches(word, [str(a) for a in allowed], n=1)
+    return close[0] if close else None
 
-    min_operations: int = Field(1, ge=1)
-    max_operations: int = Field(2, ge=1)
-    max_value: int = Field(20, ge=2)
-    max_multiplier: int = Field(3, ge=2)
-    operations: tuple[str, ...] = ("add", "sub", "mul")
 
-    @field_validator("operations")
-    @classmethod
-    def _known_operations(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = sorted(set(value) - set(OPERATIONS))
-        if unknown:
-            raise ValueError(f"unknown operations {unknown}; allowed: {sorted(OPERATIONS)}")
-        return value
-
-    @model_validator(mode="after")
-    def _ordered(self) -> "TaskSettings":
-        if self.min_operations > self.max_operations:
-            raise ValueError("min_operations must be <= max_operations")
-        return self
-
-    def task_config(self) -> TaskConfig:
-        return TaskConfig(self.min_operations, self.max_operations, self.max_value, self.max_multiplier, self.operations)
+def did_you_mean(word: str, allowed) -> str:
+    """" (did you mean 'x'?)" for the closest of `allowed` to a mistyped `word`, else ""."""
+    suggestion = closest(word, allowed)
+    return f" (did you mean {suggestion!r}?)" if suggestion else ""
 
 
 class FormatShare(Strict):
@@ -73,11 +61,12 @@ class MixtureSettings(Strict):
     @classmethod
     def _renderable_formats(cls, value: dict[str, FormatShare]) -> dict[str, FormatShare]:
         allowed = [f.name for f in FORMAT_SETS["synthetic"]]
-        unknown = sorted(set(value) - set(allowed))
+        unknown = [name for name in value if name not in allowed]
         if unknown:
-            raise ValueError(f"unknown formats {unknown} in the mixture; allowed: {allowed}")
+            raise SettingsError(f"unknown format {unknown[0]!r}{did_you_mean(unknown[0], allowed)}; allowed: "
+                                f"{', '.join(allowed)}", unknown[0])
         if not value:
-            raise ValueError("the mixture needs at least one format")
+            raise SettingsError("the mixture needs at least one format")
         return value
 
     def normalised_weights(self) -> dict[str, float]:
@@ -103,13 +92,17 @@ class ModelSettings(Strict):
     @model_validator(mode="after")
     def _valid_for_vllm(self) -> "ModelSettings":
         if self.hidden_size % 32:
-            raise ValueError(f"hidden_size must be a multiple of 32 (vLLM's CPU MoE kernel), got {self.hidden_size}")
+            raise SettingsError(f"hidden_size must be a multiple of 32 (vLLM's CPU MoE kernel), got {self.hidden_size}",
+                                "hidden_size")
         if self.head_dim not in VLLM_HEAD_DIMS:
-            raise ValueError(f"head_dim must be one of {VLLM_HEAD_DIMS} (vLLM attention), got {self.head_dim}")
+            raise SettingsError(f"head_dim must be one of {VLLM_HEAD_DIMS} (vLLM attention), got {self.head_dim}",
+                                "head_dim")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError("num_heads must be a multiple of num_kv_heads")
+            raise SettingsError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})",
+                                "num_kv_heads", "num_heads")
         if self.experts_per_token > self.num_experts:
-            raise ValueError("experts_per_token must be <= num_experts")
+            raise SettingsError(f"experts_per_token ({self.experts_per_token}) must be <= num_experts "
+                                f"({self.num_experts})", "experts_per_token", "num_experts")
         return self
 
 
@@ -137,4 +130,34 @@ class SpecialistsConfig(Strict):
     model: ModelSettings = ModelSettings()
     pretrain: PretrainSettings = PretrainSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
+
+    def corpus_sizes(self) -> dict[str, tuple[int, int]]:
+        """Per mixture format: (pretraining examples, distinct problems among them); with `repeat = k` a
+        format has 1/k as many distinct problems, each seen k times (specialists.pretrain.build_corpus)."""
+        weights = self.mixture.normalised_weights()
+        sizes = {}
+        for name, weight in weights.items():
+            examples = round(self.pretrain.num_examples * weight)
+            sizes[name] = (examples, math.ceil(examples / self.mixture.formats[name].repeat))
+        return sizes
+
+    @model_validator(mode="after")
+    def _enough_problems(self) -> "SpecialistsConfig":
+        """The task must have the distinct problems pretraining and evaluation draw (tasks.generate_problems would
+        otherwise give up only after drawing 50 times as many)."""
+        needs = [("train", sum(distinct for _, distinct in self.corpus_sizes().values()), "pretrain.num_examples"),
+                 ("eval", self.evaluation.num_problems, "evaluation.num_problems")]
+        for split, count, key in needs:
+            check_problem_space(self.task, split, count, key)
+        return self
+
+
+def check_problem_space(task: TaskSettings, split: str, count: int, key: str) -> None:
+    """Refuse `count` distinct `split` problems from a task that has fewer (about SPLIT_SHARE[split] of all it
+    can write), naming `key` (the setting asking for them) and the task settings that would widen it."""
+    available = int(count_problems(task, math.ceil(count / SPLIT_SHARE[split]) + 1) * SPLIT_SHARE[split])
+    if count > available:
+        raise SettingsError(f"{key} needs {count} distinct {split} problems, but the task has only about {available} "
+                            "(raise task.max_value, task.max_operations or task.max_multiplier, or add operations)",
+                            key, "task")
 

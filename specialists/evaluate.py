@@ -45,7 +45,7 @@ def evaluate(model_dir: str | Path, config: SpecialistsConfig, out_file: str | P
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
     model.eval()
     settings = config.evaluation
-    problems = generate_problems(settings.num_problems, config.seed, "eval", config.task.task_config())
+    problems = generate_problems(settings.num_problems, config.seed, "eval", config.task)
     completions = sample_completions(model, tokenizer, [prompt_text(p) for p in problems], settings.temperature,
                                      settings.max_new_tokens, config.seed, progress)
     formats = FORMAT_SETS["synthetic"]

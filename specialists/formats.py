@@ -242,7 +242,9 @@ def load_formats(name_or_path: str | Path) -> tuple[Format, ...]:
             ))
         except re.error as error:
             raise UserError(f"{path}: format {entry['name']!r}: bad pattern ({error})") from None
-        except (ValueError, TypeError) as error:  # e.g. detect = 5
+        except ValueError as error:  # Format's own checks, which name the format
+            raise UserError(f"{path}: {error}") from None
+        except TypeError as error:  # e.g. detect = 5
             raise UserError(f"{path}: format {entry['name']!r}: {error}") from None
     names = [f.name for f in formats]
     if len(set(names)) != len(names):

@@ -51,16 +51,14 @@ def build_corpus(config: SpecialistsConfig) -> list[Example]:
     Each format gets its own distinct training problems (like separate pretraining datasets);
     with `repeat = k` a format has 1/k as many distinct problems, each seen k times.
     """
-    weights = config.mixture.normalised_weights()
     renderers = {f.name: f for f in FORMAT_SETS["synthetic"]}
-    counts = {name: round(config.pretrain.num_examples * weight) for name, weight in weights.items()}
-    distinct = {name: math.ceil(counts[name] / config.mixture.formats[name].repeat) for name in counts}
-    problems = generate_problems(sum(distinct.values()), config.seed, "train", config.task.task_config())
+    sizes = config.corpus_sizes()
+    problems = generate_problems(sum(distinct for _, distinct in sizes.values()), config.seed, "train", config.task)
     examples, start = [], 0
-    for name, count in counts.items():
+    for name, (count, distinct) in sizes.items():
         share = config.mixture.formats[name]
-        own = problems[start:start + distinct[name]]
-        start += distinct[name]
+        own = problems[start:start + distinct]
+        start += distinct
         rendered = [Example(name, prompt_text(p), renderers[name].render(p, share.difficulty)) for p in own]
         examples += (rendered * share.repeat)[:count]
     random.Random(config.seed).shuffle(examples)

@@ -24,7 +24,7 @@ from specialists.formats import FORMAT_SETS
 from specialists.model import build_model, load_model
 from specialists.pretrain import pretrain
 from specialists.sandbox import Sandbox
-from specialists.tasks import TaskConfig, generate_problems
+from specialists.tasks import TaskSettings, generate_problems
 from specialists.tokenizer import load_tokenizer
 
 from rl_helpers import TIMING_KEYS, check_run_directory, read_metrics, rollout_rows
@@ -65,7 +65,7 @@ def sandbox():
 
 @pytest.fixture(scope="module")
 def problems():
-    return generate_problems(12, 10_000, "train", TaskConfig())
+    return generate_problems(12, 10_000, "train", TaskSettings())
 
 
 def settings(steps=3, **overrides) -> RLSettings:

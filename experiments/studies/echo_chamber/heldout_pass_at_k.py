@@ -68,7 +68,7 @@ def main() -> None:
     if len(bases) != 1:
         raise SystemExit(f"the runs have {len(bases)} different pretrained bases; give runs of one base")
     base, config = bases.pop(), configs[0]
-    problems = generate_problems(args.problems, args.seed, "eval", config.task.task_config())
+    problems = generate_problems(args.problems, args.seed, "eval", config.task)
     sampling = SamplingSettings(temperature=1.0, max_new_tokens=config.rl.sampling.max_new_tokens,
                                 samples_per_prompt=args.samples)
     tokenizer = load_tokenizer(base)
