@@ -153,7 +153,7 @@ def measure(options) -> dict:
     from specialists.formats import FORMAT_SETS
     from specialists.pretrain import pretrain
     from specialists.sandbox import Sandbox
-    from specialists.tasks import TaskConfig, generate_problems
+    from specialists.tasks import TaskSettings, generate_problems
 
     with tempfile.TemporaryDirectory(prefix="rl-step-bench-model-") as scratch:
         model_dir = options.model
@@ -164,7 +164,7 @@ def measure(options) -> dict:
                               checkpoint_every=10**6,
                               sampling=SamplingSettings(samples_per_prompt=options.samples,
                                                         max_new_tokens=options.max_new_tokens))
-        problems = generate_problems(options.prompts, options.seed + 10_000, "train", TaskConfig())
+        problems = generate_problems(options.prompts, options.seed + 10_000, "train", TaskSettings())
         # one trailing step per side is run but not measured: ours saves its final checkpoint there
         total = options.warmup + options.steps + 1
         measured = slice(options.warmup, options.warmup + options.steps)
