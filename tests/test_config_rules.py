@@ -209,3 +209,35 @@ def test_load_experiment_config_raises_one_user_error(tmp_path):
     with pytest.raises(UserError) as error:
         load_experiment_config(config)
     assert str(error.value) == f"{config} line 3: rl: Expert Iteration has no KL term: set beta = 0"
+
+
+# ---------------------------------------------------------------- the README's config tables are complete
+
+def config_sections(model, path=()):
+    """(section path, its keys) for every table of an experiment config; `mixture.formats.NAME` for the formats."""
+    import typing
+
+    from pydantic import BaseModel
+
+    keys = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from config_sections(annotation, path + (name,))
+        elif typing.get_origin(annotation) is dict and issubclass(typing.get_args(annotation)[1], BaseModel):
+            yield from config_sections(typing.get_args(annotation)[1], path + (name, "NAME"))
+        else:
+            keys.append(name)
+    yield path, keys
+
+
+def test_the_readme_config_tables_name_every_section_and_key():
+    from experiments.config import ExperimentConfig
+
+    readme = Path("README.md").read_text()
+    table_lines = "\n".join(line for line in readme.splitlines() if line.startswith("|"))
+    for path, keys in config_sections(ExperimentConfig):
+        if path and keys:  # (`mixture` holds only `mixture.formats.NAME`)
+            assert f"`[{'.'.join(path)}]`" in readme, path
+        for key in keys:
+            assert f"`{key}`" in table_lines, (path, key)

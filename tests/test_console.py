@@ -8,7 +8,7 @@ import pytest
 
 from analysis.summary import analyze
 from experiments.cli import main
-from experiments.console import StepZeroCheck, final_lines, step_zero_problem
+from experiments.console import StepLine, StepZeroCheck, final_lines, step_zero_problem
 from rl.recorder import Recorder, Rollout
 from specialists.formats import FORMAT_SETS, OTHER
 from specialists.tasks import generate_problems, prompt_text
@@ -95,6 +95,14 @@ def test_the_step_zero_check_prints_once_at_step_zero(capsys):
     check.on_step(0, rollouts(0, MIXED, [1.0, 0.0, 0.0, 1.0]), {"step": 0})
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("warning: the base model produces no recognised format")
+
+
+def test_the_step_line_names_reward_accuracy_and_the_format_mix(capsys):
+    StepLine(steps=16).on_step(3, rollouts(3, MIXED, [1.0, 0.0, 0.0, 1.0]),
+                               {"step": 3, "reward_mean": 0.5, "accuracy": 0.5, "step_time_s": 12.34})
+    # 16 samples: python_function 8, llm_code 4, natural_language 4
+    assert capsys.readouterr().err == ("step 3/16: reward 0.500, accuracy 0.500, formats python_function 50% "
+                                       "llm_code 25% natural_language 25% (12.3 s)\n")
 
 
 # ---------------------------------------------------------------- report A B
