@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import warnings
@@ -31,6 +32,9 @@ def silence_libraries() -> None:
     # request ourselves), chunked prefill off (needed for seeded requests on CPU), eager mode, no Triton CPU
     # backend, libtcmalloc/libiomp not preloaded, torch.set_num_threads after thread binding. Read on import.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    # vLLM configures its loggers only when an engine starts; what it logs on import before that ("Triton is
+    # installed, but doesn't include CPU backend") would reach Python's last-resort handler.
+    logging.getLogger("vllm").setLevel(logging.ERROR)
     # torch's C++ warnings, e.g. "NUMA binding: Using MEMBIND policy" when vLLM binds its CPU threads. Read on import.
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     # vLLM's triton_utils touches the deprecated torch.distributed.reduce_op while scanning torch for kernels.
@@ -58,7 +62,7 @@ def step_zero_problem(rows: Iterable) -> str | None:
         return None
     if all(row["format"] == OTHER for row in rows):
         return (f"the base model produces no recognised format: all {len(rows)} step-0 completions fit no format, "
-                "so RL has no signal (pretrain longer: pretrain.num_examples, or fewer model parameters)")
+                "so RL has no signal (pretrain longer: raise pretrain.num_examples)")
     groups: dict[str, set] = {}
     for row in rows:
         groups.setdefault(str(row["prompt_id"]), set()).add(row["reward"])
