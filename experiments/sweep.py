@@ -14,8 +14,9 @@ Sweep file (TOML):
     num_cpus = 1                           # per run
     num_gpus = 0                           # per run
 
-The sweep file, its base config, every grid and variant key and every run's config are validated before
-anything is written or started; an error names the file and the key (or the run).
+The sweep file, its base config, every grid and variant key and every run's config (every rule of
+experiments.config) are validated before anything is written or started; an error names the file and line
+where the key is set (the sweep's grid or variant, else the base config), the key, and the run.
 Every run is a separate `echolab run` process (a crash or an out-of-memory kill loses that run only)
 with its own config file `OUT/<run name>/../configs/<run name>.toml`. Distinct pretrained bases
 are trained once, before the runs start, so parallel runs never race on the pretraining cache.
@@ -28,6 +29,7 @@ import itertools
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,12 +68,12 @@ def _nested(dotted: str, value) -> dict:
     return value
 
 
-def _set_dotted(document: dict, key: str, value, where: str) -> None:
+def _set_dotted(document: dict, key: str, value, where: Callable[[], str]) -> None:
     *parents, leaf = key.split(".")
     for part in parents:
         document = document.setdefault(part, {})
         if not isinstance(document, dict):
-            raise UserError(f"{where}: key {key!r}: {part!r} is not a section")
+            raise UserError(f"{where()}: key {key!r}: {part!r} is not a section")
     document[leaf] = value
 
 
@@ -125,7 +127,7 @@ def plan(sweep_path: str | Path, out_dir: str | Path) -> tuple[SweepFile, list[P
         overrides = {key: ("variants", variant, key) for key in sweep.variants[variant]}
         overrides.update({key: ("grid", key) for key in keys})
         for key, value in [*sweep.variants[variant].items(), *zip(keys, values)]:
-            _set_dotted(document, key, value, file.where([overrides[key]]))
+            _set_dotted(document, key, value, lambda key=key: file.where([overrides[key]]))
         parts = [variant] if variant else []
         name = "-".join(parts + [f"{key.split('.')[-1]}={value}" for key, value in zip(keys, values)]) or "base"
         document["name"] = f"{sweep.name}/{name}"
