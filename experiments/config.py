@@ -105,7 +105,8 @@ def check_keys(document: dict, model: type[BaseModel], where: Where, prefix: Key
         names = []
         for key in unknown:
             suggestion = closest(key, allowed)
-            names.append(dotted(prefix + (key,)) + (f" (did you mean {dotted(prefix + (suggestion,))}?)" if suggestion else ""))
+            hint = f" (did you mean {dotted(prefix + (suggestion,))}?)" if suggestion else ""
+            names.append(dotted(prefix + (key,)) + hint)
         raise UserError(f"{where([prefix + (key,) for key in unknown])}: unknown key{'s' if len(unknown) > 1 else ''} "
                         f"{', '.join(names)}; allowed in {dotted(prefix) or 'the top level'}: {', '.join(sorted(allowed))}")
     for key, value in document.items():

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 SMOKE = "experiments/configs/smoke.toml"
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
