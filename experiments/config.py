@@ -21,8 +21,8 @@ from pathlib import Path
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from rl.config import RLSettings
-from specialists.config import SpecialistsConfig, Strict, check_problem_space, closest
-from specialists.errors import SettingsError, UserError
+from specialists.config import SpecialistsConfig, Strict, check_problem_space
+from specialists.errors import SettingsError, UserError, closest
 
 KeyPath = tuple[str, ...]
 # Where in the user's files the first of some key paths is written: "config.toml line 12", or "config.toml".

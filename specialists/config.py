@@ -6,13 +6,12 @@ in a TOML file names itself instead of being silently ignored.
 
 from __future__ import annotations
 
-import difflib
 import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from specialists.errors import SettingsError
+from specialists.errors import SettingsError, did_you_mean
 from specialists.formats import FORMAT_SETS, Difficulty
 from specialists.tasks import SPLIT_SHARE, TaskSettings, count_problems
 
@@ -22,18 +21,6 @@ VLLM_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def closest(word: str, allowed) -> str | None:
-    """The one of `allowed` a mistyped `word` most likely meant (difflib's ratio >= 0.6), or None."""
-    close = difflib.get_close_matches(word, [str(a) for a in allowed], n=1)
-    return close[0] if close else None
-
-
-def did_you_mean(word: str, allowed) -> str:
-    """" (did you mean 'x'?)" for the closest of `allowed` to a mistyped `word`, else ""."""
-    suggestion = closest(word, allowed)
-    return f" (did you mean {suggestion!r}?)" if suggestion else ""
 
 
 class FormatShare(Strict):

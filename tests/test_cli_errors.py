@@ -266,7 +266,9 @@ def test_analyze_with_bad_formats_keeps_the_old_summary(tmp_path):
 
 
 @pytest.mark.parametrize("formats, message", [
-    ("nonsense", r"unknown format set 'nonsense'.*synthetic"),
+    ("nonsense", r"unknown format set 'nonsense': .*synthetic"),
+    ("echo_chamber", r"unknown format set 'echo_chamber' \(did you mean 'echo-chamber'\?\): not a file"),
+    ("keys.toml", r"keys\.toml: format #1 has unknown keys 'detcet' \(did you mean 'detect'\?\); allowed"),
     ("formats.txt", r"formats\.txt: format files must end in \.toml, \.yaml or \.yml"),
     ("formats.toml", r"formats\.toml: not valid TOML \(.*line 1"),
     ("formats.yaml", r"formats\.yaml line 3: not valid YAML"),
@@ -284,8 +286,9 @@ def test_bad_format_sets_are_named(tmp_path, formats, message):
     (tmp_path / "formats.yaml").write_text("format:\n  - name: x\n   detect: [\n")
     (tmp_path / "entries.toml").write_text("format = [1]\n")
     (tmp_path / "detect.toml").write_text('[[format]]\nname = "x"\ndetect = 5\n')
+    (tmp_path / "keys.toml").write_text('[[format]]\nname = "x"\ndetcet = "x"\n')
     (tmp_path / "group.toml").write_text('[[format]]\nname = "x"\ndetect = "x"\nanswer = "[0-9]+"\n')
-    name = formats if formats == "nonsense" else str(tmp_path / formats)
+    name = formats if formats in ("nonsense", "echo_chamber") else str(tmp_path / formats)
     with pytest.raises(UserError, match=message) as error:
         resolve_formats(name, None)
     assert "\n" not in str(error.value)
