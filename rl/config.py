@@ -52,8 +52,8 @@ class ExpertIterationSettings(Strict):
 
 
 class MitigationSettings(Strict):
-    """Diversity mitigations, each off by default. Every switch names its source and where it acts; an
-    algorithm refuses a switch it does not implement (rl.training.check_mitigations)."""
+    """Diversity mitigations, each off by default. Every switch names its source and the algorithms that
+    implement it; a config that switches one on for another algorithm is refused when it is loaded."""
 
     entropy_coef: float = Field(0.0, ge=0, description=(
         "entropy bonus, loss -= coef * mean token entropy (Mnih et al. 2016, arXiv:1602.01783; TRL's entropy_coef). "
