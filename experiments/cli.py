@@ -84,11 +84,13 @@ def _run(args: argparse.Namespace) -> None:
     from experiments.config import load_experiment_config
 
     config = load_experiment_config(args.config)
-    from experiments.console import final_lines
+    from experiments.console import StepLine, StepZeroCheck, final_lines
     from experiments.pipeline import run_experiment
 
     out = Path(args.out) if args.out else Path("runs") / config.name
-    report = run_experiment(config, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    observers = [] if args.quiet else [StepZeroCheck(), StepLine(config.rl.steps)]
+    report = run_experiment(config, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+                            observers=observers)
     print(f"run directory: {out}")
     for line in final_lines(out):
         print(line)

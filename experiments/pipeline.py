@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from experiments.config import ExperimentConfig
@@ -64,12 +65,13 @@ def _prepare_run_dir(run_dir: Path, resolved: dict, resume: bool, overwrite: boo
 
 
 def run_experiment(config: ExperimentConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
-                   progress: bool = True) -> Path:
+                   progress: bool = True, observers: Sequence = ()) -> Path:
     """Run (or resume) the experiment into `run_dir`; returns the path of the report.
 
     A non-empty `run_dir` is refused unless `resume` (same config; continues from the last checkpoint) or
     `overwrite` (deletes it first). A reward or loss that turns NaN or infinite stops the run with a
-    UserError naming the step and the last good checkpoint.
+    UserError naming the step and the last good checkpoint. `observers` (rl.recipe.StepObserver) see each
+    step once it is recorded (the CLI's step-0 check and per-step line, experiments.console).
     """
     from rl.recorder import Recorder
 
@@ -84,34 +86,41 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, resume: bool =
     from analysis.report import write_report
     from analysis.summary import analyze
     from rl.engines import make_engine
+    from rl.recipe import NonFiniteError, Run, needs_base_model
+    from rl.replay import PretrainReplay
     from rl.rollouts import PromptSet, Rewards, load_prompt_problems
-    from rl.train import train
-    from rl.training import NonFiniteError
+    from rl.training import train
     from specialists.formats import FORMAT_SETS
-    from specialists.pretrain import build_corpus
     from specialists.model import load_model
+    from specialists.pretrain import build_corpus
     from specialists.sandbox import Sandbox
     from specialists.tokenizer import load_tokenizer
 
     base = base_model_dir(config.specialists(), progress)
     start_step, weights = 0, base
     last = recorder.last_checkpoint() if resume else None
-    if last is not None:  # the trainers read the optimiser and RNG state from the checkpoint themselves
+    if last is not None:  # the driver reads the optimiser and RNG state from the checkpoint itself
         start_step, weights = last
 
-    seed = config.seed if config.rl.seed is None else config.rl.seed
+    settings = config.rl
+    seed = config.seed if settings.seed is None else settings.seed
     torch.manual_seed(seed)
     model, tokenizer = load_model(weights), load_tokenizer(weights)
-    problems = load_prompt_problems(config.rl, seed, config.task)
-    prompt_set = PromptSet(problems, config.rl.prompts_per_step, seed)
-    engine = make_engine(config.rl.engine, weights, model, tokenizer, config.model.max_length, seed)
+    problems = load_prompt_problems(settings, seed, config.task)
+    replay = None
+    if settings.mitigations.pretrain_replay_coef > 0:
+        texts = [example.text for example in build_corpus(config.specialists())]
+        replay = PretrainReplay.from_texts(texts, tokenizer, settings.mitigations.pretrain_replay_batch, seed)
+    engine = make_engine(settings.engine, weights, model, tokenizer, config.model.max_length, seed)
     try:
         with Sandbox() as sandbox:
-            rewards = Rewards(FORMAT_SETS["synthetic"], sandbox, config.rl.reward_scale, config.rl.mitigations.format_diversity_coef)
-            train(config.rl, model=model, tokenizer=tokenizer, engine=engine, prompt_set=prompt_set, rewards=rewards,
-                  recorder=recorder, seed=seed, base_model_dir=base, start_step=start_step, progress=progress,
-                  replay_texts=[e.text for e in build_corpus(config.specialists())]
-                  if config.rl.mitigations.pretrain_replay_coef > 0 else None)
+            rewards = Rewards(FORMAT_SETS["synthetic"], sandbox, settings.reward_scale,
+                              settings.mitigations.format_diversity_coef)
+            train(Run(settings=settings, model=model, tokenizer=tokenizer, engine=engine,
+                      prompt_set=PromptSet(problems, settings.prompts_per_step, seed), rewards=rewards,
+                      recorder=recorder, seed=seed, start_step=start_step,
+                      reference=load_model(base) if needs_base_model(settings) else None, replay=replay,
+                      progress=progress), observers)
     except NonFiniteError as error:
         last = recorder.last_checkpoint()
         kept = f"the last good checkpoint is {last[1]}" if last else "no checkpoint was written"

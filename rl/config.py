@@ -30,11 +30,17 @@ class EngineSettings(Strict):
 
 
 class GRPOSettings(Strict):
-    """TRL GRPOTrainer's knobs (names as in GRPOConfig)."""
+    """GRPO's knobs (rl/grpo.py); names and semantics as in TRL's GRPOConfig where TRL has them."""
 
     loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "grpo"
     scale_rewards: Literal["group", "batch", "none"] = "group"
     num_iterations: int = Field(1, ge=1, description="optimisation passes over each batch of rollouts (mu)")
+    importance_sampling_level: Literal["token", "sequence"] = Field("token", description=(
+        "token: PPO's per-token ratio; sequence: GSPO's length-normalised sequence ratio (Zheng et al. 2025, "
+        "arXiv:2507.18071; TRL's importance_sampling_level; rl.losses.importance_ratio)"))
+    baseline: Literal["mean", "leave_one_out"] = Field("mean", description=(
+        "mean: the group mean (GRPO); leave_one_out: the mean of the other samples of the prompt (RLOO, "
+        "Ahmadian et al. 2024, arXiv:2402.14740; rl.losses.group_advantages)"))
 
 
 class PPOSettings(Strict):
@@ -102,7 +108,9 @@ class RLSettings(Strict):
     seed: int | None = Field(None, description="seed of RL (prompt order, sampling, updates); None = the top-level seed. "
                              "Setting it varies RL on one shared pretrained base")
     algorithm: Literal["grpo", "ppo", "ei"] = "grpo"
-    steps: int = Field(30, ge=1, description="optimiser steps (EI: rounds)")
+    steps: int = Field(30, ge=1, description=(
+        "RL steps: each samples a batch of rollouts and updates the model with it (PPO: epochs x minibatches "
+        "updates, GRPO: num_iterations, EI: one round); one more step then samples the final model"))
     prompts_per_step: int = Field(8, ge=1)
     learning_rate: float = Field(1e-4, gt=0)
     beta: float = Field(0.0, ge=0, description="KL coefficient to the reference (initial) model")
@@ -110,6 +118,11 @@ class RLSettings(Strict):
     epsilon: float = Field(0.2, gt=0, description="clip range below 1 (epsilon_low)")
     epsilon_high: float | None = Field(None, gt=0, description="clip range above 1; None = epsilon. DAPO clip-higher: 0.28")
     reward_scale: float = Field(1.0, gt=0, description="multiplies the correctness reward")
+    tis_cap: float | None = Field(None, ge=1, description=(
+        "truncated importance sampling: weight each token's policy loss by min(pi_trainer / pi_sampler, tis_cap) "
+        "against the train/inference mismatch (Yao et al. 2025, 'Your efficient RL framework secretly brings you "
+        "off-policy RL training'; TRL's vllm_importance_sampling_cap; rl.losses.truncated_importance_weights); "
+        "None = off. PPO, GRPO"))
     router_aux_loss_coef: float | None = Field(None, ge=0, description="None: the model's own coefficient")
     num_prompts: int = Field(256, ge=1, description="size of the RL prompt set (epochs are counted over it)")
     prompts: str = Field("synthetic", description="'synthetic' (held-out train problems) or a GSM8K-style JSONL path")
@@ -143,6 +156,9 @@ class RLSettings(Strict):
         if algorithm == "ei" and self.epsilon_high is not None:
             raise SettingsError("Expert Iteration has no clipped ratio: epsilon_high does nothing", "epsilon_high",
                                 "algorithm")
+        if algorithm == "ei" and self.tis_cap is not None:
+            raise SettingsError("Expert Iteration has no policy-gradient loss to reweight: tis_cap does nothing",
+                                "tis_cap", "algorithm")
         if self.kl_estimator == "k1" and algorithm != "ppo" and self.beta > 0:
             raise SettingsError("kl_estimator 'k1' (KL in the reward) is PPO's; GRPO and EI use 'k3'", "kl_estimator",
                                 "algorithm")
@@ -165,6 +181,10 @@ class RLSettings(Strict):
             raise SettingsError(f"mitigations.pass_at_k replaces the advantages by pass@k ones computed from correctness "
                                 f"alone; it does not combine with mitigations.{other}", "mitigations.pass_at_k",
                                 f"mitigations.{other}")
+        if mitigations.pass_at_k and (self.grpo.baseline != "mean" or self.grpo.scale_rewards != "group"):
+            other = "baseline" if self.grpo.baseline != "mean" else "scale_rewards"
+            raise SettingsError(f"mitigations.pass_at_k's advantages are computed in closed form; grpo.{other} does "
+                                "not apply to them", f"grpo.{other}", "mitigations.pass_at_k")
         if mitigations.clip_cov and mitigations.kl_cov:
             raise SettingsError("mitigations.clip_cov and mitigations.kl_cov are alternatives (Cui et al. 2025); "
                                 "switch on one", "mitigations.kl_cov", "mitigations.clip_cov")

@@ -69,11 +69,13 @@ def rollouts(run_dir):
 def test_run_directory_follows_the_spec(smoke_run):
     names = {p.name for p in smoke_run.iterdir()}
     assert {"config.json", "rollouts", "metrics.jsonl", "checkpoints", "summary.json", "report.html"} <= names
-    assert sorted(p.name for p in (smoke_run / "rollouts").iterdir()) == [f"step_00000{i}.parquet" for i in range(3)]
-    assert len(metrics_without_timing(smoke_run)) == 3
+    # 3 update steps, then the final model's step 3 (checkpoint 3 holds that model)
+    assert sorted(p.name for p in (smoke_run / "rollouts").iterdir()) == [f"step_00000{i}.parquet" for i in range(4)]
+    assert [line["update"] for line in metrics_without_timing(smoke_run)] == [True, True, True, False]
+    assert sorted(p.name for p in (smoke_run / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
     summary = json.loads((smoke_run / "summary.json").read_text())
     assert SPEC_SUMMARY_KEYS <= set(summary)
-    assert list(summary["format_share"]) == ["0", "1", "2"]
+    assert list(summary["format_share"]) == ["0", "1", "2", "3"]
     assert (smoke_run / "report.html").read_text().lstrip().lower().startswith("<!doctype html")
 
 
@@ -117,9 +119,12 @@ def test_a_run_killed_twice_and_resumed_equals_the_uninterrupted_one(smoke_run, 
     # reloaded from disk can sum in another order than the one kept in memory).
     assert rollouts(killed).equals(rollouts(smoke_run))
     resumed_metrics = metrics_without_timing(killed)
-    assert [line["step"] for line in resumed_metrics] == [0, 1, 2]
+    assert [line["step"] for line in resumed_metrics] == [0, 1, 2, 3]
     for resumed, uninterrupted in zip(resumed_metrics, metrics_without_timing(smoke_run), strict=True):
-        assert resumed == pytest.approx(uninterrupted, rel=1e-5, abs=1e-7)
+        assert resumed.keys() == uninterrupted.keys()
+        for key, value in uninterrupted.items():  # null where a metric does not apply, in both
+            expected = pytest.approx(value, rel=1e-5, abs=1e-7) if isinstance(value, float) else value
+            assert resumed[key] == expected, (resumed["step"], key)
     # Counted from the completions: exact. Token entropy sums vLLM's sampling log-probs, which can differ in the
     # last digits between processes with other thread counts (the tests set OMP_NUM_THREADS for subprocesses).
     resumed, uninterrupted = (flat(json.loads((run / "summary.json").read_text())) for run in (killed, smoke_run))
@@ -137,7 +142,7 @@ def test_an_existing_run_is_kept_unless_resumed_or_overwritten(smoke_run, tmp_pa
     other.write_text(SMOKE_TEXT.replace("steps = 3", "steps = 4"))
     with pytest.raises(UserError, match="different config"):
         run_experiment(load_experiment_config(other), smoke_run, resume=True, progress=False)
-    assert len(metrics_without_timing(smoke_run)) == 3  # untouched
+    assert len(metrics_without_timing(smoke_run)) == 4  # untouched
 
     overwritten = tmp_path / "overwritten"
     shutil.copytree(smoke_run, overwritten)
@@ -182,9 +187,15 @@ def test_a_nan_reward_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path,
 
 
 def poison_grpo_loss(monkeypatch):
-    from rl.grpo import trainer_class
+    import rl.grpo
 
-    monkeypatch.setattr(trainer_class(), "extra_loss", lambda self, logps, *args: logps.sum() * float("inf"))
+    clipped = rl.grpo.clipped_policy_loss
+
+    def infinite(*args):
+        loss, clip_fraction = clipped(*args)
+        return loss * float("inf"), clip_fraction
+
+    monkeypatch.setattr(rl.grpo, "clipped_policy_loss", infinite)
 
 
 def poison_ppo_loss(monkeypatch):

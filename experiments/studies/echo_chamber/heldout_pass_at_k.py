@@ -57,7 +57,7 @@ def main() -> None:
     from experiments.config import ExperimentConfig
     from experiments.pipeline import base_model_dir
     from rl.config import SamplingSettings
-    from rl.vllm_engine import VLLMEngine
+    from rl.engines import VLLMEngine
     from specialists.model import load_model
     from specialists.sandbox import Sandbox
     from specialists.tasks import generate_problems
