@@ -124,11 +124,13 @@ def final_lines(run_dir: Path) -> list[str]:
     if step is not None and winner != OTHER and max(shares[step], key=shares[step].get) == winner:
         epoch = f" (epoch {summary['collapse_epoch']:g})" if summary.get("collapse_epoch") is not None else ""
         lines.append(f"collapse: onto {winner} at step {step}{epoch}, its share >= {threshold:g}")
-    elif winner == OTHER:
+    elif shares[last].get(OTHER, 0.0) >= threshold:
         lines.append(f"no collapse onto a format: {shares[last][OTHER]:.0%} of the last step's completions fit "
                      "no format")
     else:
-        lines.append(f"no collapse: no format reached a share of {threshold:g} ({winner} leads at the last step)")
+        lead = max((name for name in shares[last] if name != OTHER), key=shares[last].get)
+        lines.append(f"no collapse: no format reached a share of {threshold:g} (at the last step {lead} leads with "
+                     f"{shares[last][lead]:.0%})")
     step_zero = rollout_file(run_dir, 0)
     if step_zero.is_file():
         import pyarrow.parquet as pq

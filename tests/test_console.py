@@ -67,7 +67,14 @@ def test_a_collapse_onto_a_format_is_named_with_its_step(tmp_path):
 
 def test_no_collapse_says_which_format_leads(tmp_path):
     run = recorded_run(tmp_path / "run", [(MIXED, [1.0, 0.0, 0.0, 1.0])] * 2)
-    assert final_lines(run)[1] == "no collapse: no format reached a share of 0.9 (python_function leads at the last step)"
+    assert final_lines(run)[1] == "no collapse: no format reached a share of 0.9 (at the last step python_function leads with 50%)"
+
+
+def test_a_mix_led_by_other_names_the_leading_format(tmp_path):
+    run = recorded_run(tmp_path / "run", [([OTHER, OTHER, "llm_code", "python_function"], [0.0, 0.0, 1.0, 0.0])] * 2)
+    # other 50%, llm_code and python_function 25% each: a tie goes to the format listed first in the set
+    assert final_lines(run)[1:] == ["no collapse: no format reached a share of 0.9 (at the last step python_function "
+                                    "leads with 25%)"]
 
 
 @pytest.mark.parametrize("rewards, problem", [
@@ -141,3 +148,24 @@ def test_evaluate_refuses_a_checkpoint_built_from_other_model_settings(tmp_path,
                       'expert_size = 128\n')
     assert main(["evaluate", str(config), str(model), "--quiet"]) == 1
     assert "model.kind gives model_type = 'qwen3', the checkpoint has 'qwen3_moe'" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_the_driver_runs_the_step_zero_check_on_what_it_recorded(tiny_moe_dir, tmp_path, capsys):
+    """The tiny test base (19 pretraining steps) writes no format yet: the check warns once, at step 0."""
+    from rl.config import RLSettings, SamplingSettings
+    from rl.rollouts import Rewards
+    from rl.training import train
+    from specialists.sandbox import Sandbox
+
+    from rl_helpers import make_run, rollout_rows
+
+    settings = RLSettings(steps=1, prompts_per_step=2, num_prompts=4, checkpoint_every=10,
+                          sampling=SamplingSettings(samples_per_prompt=2, max_new_tokens=16))
+    with Sandbox(workers=1) as sandbox:
+        train(make_run(tiny_moe_dir, tmp_path, settings, rewards=Rewards(FORMAT_SETS["synthetic"], sandbox, 1.0, 0.0)),
+              [StepZeroCheck()])
+    assert {row["format"] for step in (0, 1) for row in rollout_rows(tmp_path, step)} == {OTHER}
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: the base model produces no recognised format: all 4 step-0 completions fit no "
+                        "format, so RL has no signal (pretrain longer: raise pretrain.num_examples)"]
