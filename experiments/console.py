@@ -26,7 +26,8 @@ from specialists.run_directory import SUMMARY_FILE, rollout_file
 
 
 def silence_libraries() -> None:
-    """Silence what other libraries print that a user cannot act on. Errors still show."""
+    """Silence what other libraries print that a user cannot act on. Errors still show, and an environment
+    variable the user set (e.g. VLLM_LOGGING_LEVEL=INFO to debug the engine) wins over these defaults."""
     # vLLM logs INFO lines (engine arguments, KV cache size, "Successfully reset prefix cache" at every weight
     # sync) and warnings that are choices of ours or facts of this CPU: the global seed it sets (we seed every
     # request ourselves), chunked prefill off (needed for seeded requests on CPU), eager mode, no Triton CPU
