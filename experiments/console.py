@@ -35,7 +35,7 @@ def silence_libraries() -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     # vLLM configures its loggers only when an engine starts; what it logs on import before that ("Triton is
     # installed, but doesn't include CPU backend") would reach Python's last-resort handler.
-    logging.getLogger("vllm").setLevel(logging.ERROR)
+    logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())
     # torch's C++ warnings, e.g. "NUMA binding: Using MEMBIND policy" when vLLM binds its CPU threads. Read on import.
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     # vLLM's triton_utils touches the deprecated torch.distributed.reduce_op while scanning torch for kernels.
