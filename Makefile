@@ -14,7 +14,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[$(ENGINE),test]"
+	$(BIN)/pip install --quiet -e ".[$(ENGINE),test,trackers]"
 	# vllm pulls torchvision/torchaudio/torchcodec builds that do not load with the CPU torch and
 	# break `import transformers` ("operator torchvision::nms does not exist"); echolab needs none of them.
 	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from specialists.formats import OTHER, Format, classify
 
@@ -22,13 +21,12 @@ def format_names(formats: tuple[Format, ...], labels: pd.Series) -> list[str]:
     return known + extra + [OTHER]
 
 
-def label_formats(table: pd.DataFrame, formats: tuple[Format, ...], progress: bool = True) -> pd.Series:
+def label_formats(table: pd.DataFrame, formats: tuple[Format, ...]) -> pd.Series:
     """Format name per row: the given `format` where present, else the classification of `completion`."""
     missing = table["format"].isna().to_numpy()
     labels = table["format"].to_numpy(dtype=object).copy()
     if missing.any():
         codes, completions = pd.factorize(table["completion"].to_numpy(dtype=object)[missing])
-        names = [classify(text, formats) for text in tqdm(completions, desc="classify formats", unit="text",
-                                                          disable=not progress, mininterval=1.0)]
+        names = [classify(text, formats) for text in completions]
         labels[missing] = np.asarray(names, dtype=object)[codes]
     return pd.Series(labels, index=table.index, name="format", dtype=object)

@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -35,14 +36,31 @@ def _mark_collapse(axes: plt.Axes, collapse_steps: list[int]) -> None:
         axes.text(min(collapse_steps), 1.01, " collapse", transform=axes.get_xaxis_transform(), fontsize=8)
 
 
-def format_share_areas(shares: pd.DataFrame, collapse_steps: list[int], title: str) -> str:
-    """Stacked areas of the format shares over steps (rows steps, columns formats, rows summing to 1)."""
-    figure, axes = plt.subplots(figsize=(WIDTH, 3.2))
-    axes.stackplot(shares.index, shares.to_numpy().T, labels=list(shares.columns), colors=PALETTE[: shares.shape[1]], alpha=0.85)
-    axes.set(xlabel="RL step", ylabel="share of completions", ylim=(0, 1), xlim=(shares.index.min(), shares.index.max()),
-             title=title)
-    _mark_collapse(axes, collapse_steps)
-    axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+def format_share_panels(shares_by_group: dict[str, pd.DataFrame], collapse_steps: dict[str, list[int]]) -> str:
+    """One stacked-area panel per group (rows steps, columns formats), formats in one colour each across panels,
+    two panels a row, one legend."""
+    names = list(dict.fromkeys(name for shares in shares_by_group.values() for name in shares.columns))
+    colours = dict(zip(names, PALETTE * 4))
+    columns = min(len(shares_by_group), 2)
+    rows = -(-len(shares_by_group) // columns)
+    figure, grid = plt.subplots(rows, columns, figsize=(WIDTH, 2.6 * rows + 0.3), squeeze=False, sharey=True)
+    for axes in grid.ravel()[len(shares_by_group):]:
+        axes.set_visible(False)
+    for axes, (label, shares) in zip(grid.ravel(), shares_by_group.items()):
+        steps = shares.index.to_numpy()
+        if len(steps) == 1:  # one step: a bar, not an invisible area
+            steps = np.array([steps[0] - 0.5, steps[0] + 0.5])
+            shares = pd.concat([shares, shares])
+        axes.stackplot(steps, shares.to_numpy().T, colors=[colours[name] for name in shares.columns], alpha=0.85)
+        axes.set(ylim=(0, 1), xlim=(steps.min(), steps.max()), xlabel="RL step")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.set_title(label, fontsize=9)
+        _mark_collapse(axes, collapse_steps.get(label, []))
+    for axes in grid[:, 0]:
+        axes.set_ylabel("share of completions")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[name], alpha=0.85) for name in names]
+    figure.legend(handles, names, loc="upper center", ncol=min(len(names), 5), fontsize=8, bbox_to_anchor=(0.5, 1.0 + 0.1 / rows))
+    figure.tight_layout()
     return _png(figure)
 
 
@@ -122,4 +140,27 @@ def affinity_heatmaps(affinity_by_layer: dict[str, pd.DataFrame], title: str) ->
         axes.set_title(f"layer {layer}", fontsize=9)
         axes.set_xlabel("expert", fontsize=8)
     figure.suptitle(title, fontsize=10, y=1.04)
+    return _png(figure)
+
+
+def collapse_forecast(observed: pd.DataFrame, forecast: pd.DataFrame, fitted_until: int, threshold: float,
+                      predicted: tuple[int | None, int | None, int | None], collapse_step: int | None, title: str) -> str:
+    """Observed format shares (solid, rows steps, columns formats) against the replicator forecast fitted on the
+    steps up to `fitted_until` (dashed); the forecast collapse step with its interval (shaded; open to the right
+    when the interval's top is None) and the observed collapse step (dotted)."""
+    figure, axes = plt.subplots(figsize=(WIDTH, 3.2))
+    for color, name in zip(PALETTE * 4, observed.columns):
+        axes.plot(observed.index, observed[name], color=color, label=name)
+        if name in forecast.columns:
+            axes.plot(forecast.index, forecast[name], color=color, linestyle="--", linewidth=1)
+    axes.axvspan(observed.index.min(), fitted_until, color="grey", alpha=0.08, linewidth=0)
+    axes.axhline(threshold, color="black", linewidth=0.6)
+    step, low, high = predicted
+    if step is not None:
+        axes.axvspan(low, high if high is not None else observed.index.max(), color="tab:red", alpha=0.12, linewidth=0)
+        axes.axvline(step, color="tab:red", linestyle="--", linewidth=1)
+    if collapse_step is not None:
+        axes.axvline(collapse_step, color="black", linestyle=":", linewidth=1)
+    axes.set(xlabel="RL step", ylabel="share of completions", ylim=(0, 1), title=title)
+    axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     return _png(figure)

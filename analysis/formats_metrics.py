@@ -22,7 +22,11 @@ def format_counts(table: pd.DataFrame, names: list[str]) -> pd.DataFrame:
 
 def format_share(table: pd.DataFrame, names: list[str]) -> pd.DataFrame:
     """share_f(t) = n_f(t) / sum_g n_g(t): the fraction of step t's completions in format f."""
-    counts = format_counts(table, names)
+    return shares_of(format_counts(table, names))
+
+
+def shares_of(counts: pd.DataFrame) -> pd.DataFrame:
+    """Counts per step and format (rows steps) -> shares per step (rows summing to 1)."""
     return counts.div(counts.sum(axis=1), axis=0)
 
 

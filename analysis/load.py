@@ -1,18 +1,22 @@
-"""Reading rollouts: a run directory's `rollouts/*.parquet`, or one JSONL / Parquet file from any trainer.
+"""Reading rollout records: JSONL and Parquet files in chunks, normalised to one table shape, regrouped by step.
 
-The record is SPEC.md's rollout record: `step`, `prompt_id` and `completion` are required; `epoch`,
-`prompt`, `answer` (gold), `reward`, `correct`, `format`, `sample_index`, `num_tokens`, `logprob` and
-`expert_load` are optional. `read_rollouts` returns one normalised table:
+The record is the run directory's rollout record (`specialists.run_directory`, docs/run-directory.md): `step`,
+`prompt_id` and `completion` are required; `epoch`, `prompt`, `answer` (gold), `reward`, `correct`, `format`,
+`sample_index`, `num_tokens`, `logprob` and `expert_load` are optional. `normalise` turns a chunk of raw records
+into one table:
 
 - `step` int64, `prompt_id` str, `completion` str;
-- `answer` float (the gold answer parsed as a number, NaN when absent or unreadable);
+- `answer` str or None (the gold answer as text: a number "1234" or LaTeX "\\frac{1}{2}"; None when absent);
 - `correct` float (1.0 / 0.0, NaN when not given: the analysis judges those rows);
+- `correct_from` float (1.0 where the `--correct-from` column is > 0, 0.0 where not, NaN where missing), only
+  when such a column is named;
 - `format` str or None (None: to be classified);
 - `epoch`, `reward`, `logprob`, `num_tokens`, `sample_index` float when present;
 - `expert_load` Arrow-backed list<list<float64>> (one list over layers of lists over experts per row, the
   same shape in every row; None where absent).
 
-Rows keep the order they were read in (a run directory's files in name order).
+Every error names the file and the line (JSONL) or row (Parquet) and the column at fault. `steps` regroups a
+stream of chunks into one table per step, so that analysis memory is bounded by one step's rows.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from __future__ import annotations
 import json
 import numbers
 import tomllib
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,15 +36,33 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from specialists.errors import UserError
-from specialists.formats import parse_answer
-from specialists.run_directory import CONFIG_FILE, REQUIRED_COLUMNS, rollout_files
+from specialists.grading import answer_text
+from specialists.run_directory import CONFIG_FILE, REQUIRED_COLUMNS, ROLLOUT_SCHEMA
 
 NUMERIC_COLUMNS = ("epoch", "reward", "logprob", "num_tokens", "sample_index")
-ROLLOUT_SUFFIXES = (".jsonl", ".parquet")
 CONFIG_FILES = (CONFIG_FILE, "config.toml")  # echolab's, or a TOML config a user put beside their rollouts
 EXPERT_LOAD_TYPE = pa.list_(pa.list_(pa.float64()))
+JSONL_CHUNK_LINES = 16384  # records per chunk of a big JSONL file
+PARQUET_CHUNK_ROWS = 65536
 
-RowName = Callable[[int], str]  # 0-based row of the table read -> where it came from, for messages
+RowName = Callable[[int], str]  # 0-based row of a chunk -> where it came from, for messages
+
+
+class InputWarning(UserWarning):
+    """Something in the input was skipped (a cut last line) or read another way; the CLI prints it on one line."""
+
+
+class StepsOutOfOrder(Exception):
+    """A step's rows came back after another step's: the input must be read whole and sorted (see `steps`)."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Raw records as read, and where each row came from."""
+
+    records: pd.DataFrame
+    row_name: RowName
+    path: Path
 
 
 def read_run_config(run_dir: Path) -> dict:
@@ -54,55 +78,33 @@ def read_run_config(run_dir: Path) -> dict:
     return {}
 
 
-def read_rollouts(path: str | Path) -> pd.DataFrame:
-    """Read and validate rollouts from a run directory or a .jsonl / .parquet file (see module doc).
-    Errors name the file, and the line (JSONL) or row (Parquet) and column at fault."""
-    path = Path(path)
-    if path.is_dir():
-        files = rollout_files(path)
-        if not files:
-            raise UserError(f"{path}: not a run directory (no rollouts/*.parquet files)")
-        tables = [_read_parquet(file) for file in files]
-        try:
-            table = pa.concat_tables(tables, promote_options="permissive")
-        except pa.ArrowException as error:
-            raise UserError(f"{path}/rollouts: the files' columns do not fit together ({error})") from None
-        raw, source, row_name = _arrow_to_frame(table), f"{path}/rollouts", _parquet_rows(files, tables)
-    elif not path.exists():
-        raise UserError(f"{path}: no such file or directory")
-    elif path.suffix == ".jsonl":
-        raw, line_numbers = _read_jsonl(path)
-        source, row_name = str(path), lambda row: f"{path} line {line_numbers[row]}"
-    elif path.suffix == ".parquet":
-        table = _read_parquet(path)
-        raw, source, row_name = _arrow_to_frame(table), str(path), _parquet_rows([path], [table])
-    else:
-        raise UserError(f"{path}: rollout files must end in {' or '.join(ROLLOUT_SUFFIXES)}")
-    if not len(raw):
-        raise UserError(f"{source}: empty (no rollout rows)")
-    return _normalise(raw, source, row_name)
+# ---------------------------------------------------------------- files in chunks
 
-
-def _parquet_rows(files: list[Path], tables: list[pa.Table]) -> RowName:
-    """Names of the rows of the concatenated `tables`: file and 1-based row within it."""
-    ends = np.cumsum([table.num_rows for table in tables])
-
-    def name(row: int) -> str:
-        index = int(np.searchsorted(ends, row, side="right"))
-        return f"{files[index]} row {row - (ends[index] - tables[index].num_rows) + 1}"
-
-    return name
-
-
-def _read_parquet(path: Path) -> pa.Table:
+def parquet_chunks(path: Path, rows: int = PARQUET_CHUNK_ROWS) -> Iterator[Chunk]:
+    """A Parquet file in chunks of up to `rows` rows (`expert_load` stays Arrow-backed: nested lists are slow as
+    Python objects)."""
     try:
-        return pq.read_table(path)
+        reader = pq.ParquetFile(path)
+        first = 0
+        for batch in reader.iter_batches(batch_size=rows):
+            yield Chunk(_arrow_to_frame(pa.Table.from_batches([batch])), _rows_of(path, first), path)
+            first += batch.num_rows
     except (pa.ArrowException, OSError) as error:
         raise UserError(f"{path}: not a readable Parquet file ({error})") from None
 
 
+def parquet_columns(path: Path) -> list[str]:
+    try:
+        return pq.read_schema(path).names
+    except (pa.ArrowException, OSError) as error:
+        raise UserError(f"{path}: not a readable Parquet file ({error})") from None
+
+
+def _rows_of(path: Path, first: int) -> RowName:
+    return lambda row: f"{path} row {first + row + 1}"
+
+
 def _arrow_to_frame(table: pa.Table) -> pd.DataFrame:
-    """Arrow table -> DataFrame; `expert_load` stays Arrow-backed (nested lists are slow as Python objects)."""
     if "expert_load" not in table.column_names:
         return table.to_pandas()
     frame = table.drop_columns(["expert_load"]).to_pandas()
@@ -110,9 +112,16 @@ def _arrow_to_frame(table: pa.Table) -> pd.DataFrame:
     return frame
 
 
-def _read_jsonl(path: Path) -> tuple[pd.DataFrame, list[int]]:
-    """The records, and the line number of each (blank lines are skipped)."""
-    records, line_numbers = [], []
+def jsonl_chunks(path: Path, lines: int = JSONL_CHUNK_LINES, may_be_cut: bool = False,
+                 same_keys_as: dict | None = None) -> Iterator[Chunk]:
+    """A JSONL file in chunks of up to `lines` records (blank lines skipped).
+
+    may_be_cut: the file may still be being written (the newest step file of a running trainer): a last line
+        without its newline that is not valid JSON is skipped with an InputWarning instead of refused.
+    same_keys_as: {"keys": frozenset, "where": str}: every record must have exactly these keys (a dump whose
+        records all share one schema); filled from the first record when "keys" is None."""
+    records: list[dict] = []
+    line_numbers: list[int] = []
     with path.open("rb") as handle:  # bytes: a line that is not UTF-8 is named like any other bad line
         for line_number, line in enumerate(handle, start=1):
             where = f"{path} line {line_number}"
@@ -125,25 +134,69 @@ def _read_jsonl(path: Path) -> tuple[pd.DataFrame, list[int]]:
             try:
                 record = json.loads(text)
             except json.JSONDecodeError as error:
+                if may_be_cut and not line.endswith(b"\n") and not handle.peek(1):
+                    warnings.warn(f"{where}: skipped a cut last line (the file is still being written?)", InputWarning)
+                    break
                 raise UserError(f"{where}: not valid JSON ({error.msg})") from None
             if not isinstance(record, dict):
                 raise UserError(f"{where}: expected a JSON object (one rollout), got {type(record).__name__}")
+            if same_keys_as is not None:
+                _check_keys(record, where, same_keys_as)
             records.append(record)
             line_numbers.append(line_number)
-    return pd.DataFrame(records), line_numbers  # (not from_records: it drops rows when no record has a key)
+            if len(records) == lines:
+                yield _jsonl_chunk(path, records, line_numbers)
+                records, line_numbers = [], []
+    if records:
+        yield _jsonl_chunk(path, records, line_numbers)
 
 
-def _normalise(raw: pd.DataFrame, source: str, row_name: RowName) -> pd.DataFrame:
+def _jsonl_chunk(path: Path, records: list[dict], line_numbers: list[int]) -> Chunk:
+    # pd.DataFrame, not from_records: from_records drops rows when no record has a key
+    return Chunk(pd.DataFrame(records), lambda row: f"{path} line {line_numbers[row]}", path)
+
+
+def _check_keys(record: dict, where: str, schema: dict) -> None:
+    if schema["keys"] is None:
+        schema["keys"], schema["where"] = frozenset(record), where
+    elif record.keys() != schema["keys"]:
+        missing, extra = sorted(schema["keys"] - record.keys()), sorted(record.keys() - schema["keys"])
+        raise UserError(f"{where}: mixed schemas: its keys differ from {schema['where']}'s"
+                        + (f" (missing {', '.join(missing)})" if missing else "")
+                        + (f" (extra {', '.join(extra)})" if extra else ""))
+
+
+def first_columns(path: Path) -> list[str] | None:
+    """The columns of a JSONL file's first record or of a Parquet file (None for a JSONL file without records), to
+    tell sources apart and check column names before any work."""
+    if path.suffix == ".parquet":
+        return parquet_columns(path)
+    for chunk in jsonl_chunks(path, lines=1, may_be_cut=True):
+        return [str(column) for column in chunk.records.columns]
+    return None
+
+
+# ---------------------------------------------------------------- normalising records
+
+def normalise(chunk: Chunk, correct_from: str | None = None) -> pd.DataFrame:
+    """The chunk's records as the analysis table (see the module doc); UserError naming the first bad row."""
+    raw, row_name = chunk.records, chunk.row_name
     missing = [column for column in REQUIRED_COLUMNS if column not in raw.columns]
     if missing:
-        raise UserError(f"{source}: missing required column{'s' if len(missing) > 1 else ''} "
+        raise UserError(f"{chunk.path}: missing required column{'s' if len(missing) > 1 else ''} "
                         f"{', '.join(map(repr, missing))} (required: {', '.join(REQUIRED_COLUMNS)})")
     table = pd.DataFrame(index=pd.RangeIndex(len(raw)))
     table["step"] = _integers(raw["step"], "step", row_name)
     table["prompt_id"] = _no_nulls(raw["prompt_id"], "prompt_id", row_name).astype(str).astype(object)
     table["completion"] = _strings(raw["completion"], "completion", row_name)
-    table["answer"] = _gold_answers(raw["answer"]) if "answer" in raw.columns else np.nan
+    table["answer"] = _gold_answers(raw["answer"], row_name) if "answer" in raw.columns else None
     table["correct"] = _booleans(raw["correct"], "correct", row_name) if "correct" in raw.columns else np.nan
+    if correct_from is not None:
+        if correct_from not in raw.columns:
+            raise UserError(f"{chunk.path}: no column {correct_from!r} to take correctness from "
+                            f"(columns: {', '.join(map(str, raw.columns))})")
+        scores = _numbers(raw[correct_from].map(lambda v: float(v) if isinstance(v, bool) else v), correct_from, row_name)
+        table["correct_from"] = np.where(scores.isna(), np.nan, (scores > 0).astype(np.float64))
     table["format"] = _optional_strings(raw["format"], "format", row_name) if "format" in raw.columns else None
     for column in NUMERIC_COLUMNS:
         if column in raw.columns:
@@ -151,6 +204,13 @@ def _normalise(raw: pd.DataFrame, source: str, row_name: RowName) -> pd.DataFram
     if "expert_load" in raw.columns:
         table["expert_load"] = pd.Series(pd.arrays.ArrowExtensionArray(expert_loads(raw["expert_load"], row_name)))
     return table
+
+
+def rollout_frame(records: list[dict]) -> pd.DataFrame:
+    """Rollout records held in memory (dicts with ROLLOUT_SCHEMA's keys, e.g. one step's rows as a trainer holds
+    them) as the analysis table `normalise` makes of the same rows read from a run directory."""
+    table = pa.Table.from_pylist(records, schema=ROLLOUT_SCHEMA)
+    return normalise(Chunk(_arrow_to_frame(table), lambda row: f"rollout {row + 1}", Path("rollouts")))
 
 
 def _shown(value: object) -> str:
@@ -208,6 +268,17 @@ def _booleans(values: pd.Series, column: str, row_name: RowName) -> pd.Series:
     return values.map(lambda v: np.nan if pd.isna(v) else float(v)).astype(np.float64)
 
 
+def _gold_answers(values: pd.Series, row_name: RowName) -> pd.Series:
+    """Gold answers as text: 5 -> '5', '1,234' -> '1,234', '\\\\boxed{\\\\frac{1}{2}}' -> '\\\\frac{1}{2}'; missing -> None.
+    UserError naming the first row whose gold is neither a number nor text (a list, an object)."""
+    if pd.api.types.is_numeric_dtype(values.dtype) and not pd.api.types.is_bool_dtype(values.dtype):
+        return pd.Series([answer_text(float(v)) for v in values], index=values.index, dtype=object)
+    valid = values.map(lambda v: v is None or isinstance(v, str)
+                       or (isinstance(v, numbers.Number) and not isinstance(v, (bool, np.bool_))))
+    _reject_first(~valid.astype(bool), values, row_name, "column 'answer' must hold a number or text")
+    return pd.Series([answer_text(v) for v in values], index=values.index, dtype=object)
+
+
 def expert_loads(values: pd.Series, row_name: RowName = lambda row: f"row {row + 1}") -> pa.ListArray:
     """The `expert_load` values (None where absent) as one list<list<float64>> Arrow array, after checking that
     each is a list over layers of lists over experts of non-negative token counts, the same shape in every row.
@@ -255,15 +326,46 @@ def _converts_to_expert_load(values: pd.Series) -> bool:
     return True
 
 
-def _gold_answers(values: pd.Series) -> pd.Series:
-    """Gold answers as numbers: 5 -> 5.0, '1,234' -> 1234.0; missing or unreadable -> NaN."""
-    if pd.api.types.is_numeric_dtype(values.dtype) and not pd.api.types.is_bool_dtype(values.dtype):
-        return values.astype(np.float64)
+# ---------------------------------------------------------------- one table per step
 
-    def convert(value: object) -> float:
-        if isinstance(value, numbers.Number) and not isinstance(value, bool):
-            return float(value)
-        parsed = parse_answer(value) if isinstance(value, str) else None
-        return np.nan if parsed is None else parsed
+def steps(tables: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    """Normalised chunks regrouped into one table per step, in the order steps first appear. A step's rows must
+    be contiguous (trainers write them so); StepsOutOfOrder when a step comes back after another one."""
+    pending: list[pd.DataFrame] = []
+    current, finished = None, set()
+    for table in tables:
+        values = table["step"].to_numpy()
+        starts = np.concatenate([[0], np.flatnonzero(values[1:] != values[:-1]) + 1]) if len(values) else []
+        for start, stop in zip(starts, [*starts[1:], len(values)]):
+            step = int(values[start])
+            if step != current:
+                if pending:
+                    yield joined(pending)
+                    finished.add(current)
+                if step in finished:
+                    raise StepsOutOfOrder(step)
+                current, pending = step, []
+            pending.append(table.iloc[start:stop])
+    if pending:
+        yield joined(pending)
 
-    return values.map(convert).astype(np.float64)
+
+def sorted_steps(tables: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    """All chunks in memory, stably sorted by step, one table per step: for inputs whose steps interleave."""
+    whole = joined(list(tables))
+    whole = whole.iloc[np.argsort(whole["step"].to_numpy(), kind="stable")]
+    for _, table in whole.groupby("step", sort=True):
+        yield table.reset_index(drop=True)
+
+
+def joined(tables: list[pd.DataFrame]) -> pd.DataFrame:
+    """Normalised tables as one (`expert_load` stays Arrow-backed)."""
+    if len(tables) == 1:
+        return tables[0].reset_index(drop=True)
+    if any("expert_load" in table.columns for table in tables):  # Arrow-backed: concatenate as Arrow
+        loads = pa.chunked_array([pa.array(table["expert_load"]) if "expert_load" in table.columns
+                                  else pa.nulls(len(table), EXPERT_LOAD_TYPE) for table in tables], EXPERT_LOAD_TYPE)
+        whole = pd.concat([table.drop(columns=["expert_load"], errors="ignore") for table in tables], ignore_index=True)
+        whole["expert_load"] = pd.arrays.ArrowExtensionArray(loads.combine_chunks())
+        return whole
+    return pd.concat(tables, ignore_index=True)

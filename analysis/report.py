@@ -1,10 +1,15 @@
-"""`echolab report`: one self-contained HTML file (figures as embedded base64 PNG, no network) for one run or
-several side by side.
+"""`echolab report`: one self-contained HTML file (figures as embedded base64 PNG, no network) for one input or
+several side by side: anything `analyze` reads (echolab run directories and rollout files, verl dumps, TRL
+completion logs, tables).
 
 Runs whose configs differ only in seeds (any config key named `seed`, at any depth) form a group; a group's
-curves are means over its runs with seeded bootstrap 95% bands. With several groups, the first given is
-the baseline the others are compared with. Each run's summary.json is (re)computed with `analyze` when
-missing, unreadable or older than the run's rollouts or config. The HTML file is replaced atomically.
+curves are means over its runs with seeded bootstrap 95% bands. Inputs without a config (other trainers' runs)
+are groups of their own. The report opens with the format shares over steps of every group, then the findings in
+plain language, then tables and the other figures; figures are drawn from each run's long-format
+`metrics.parquet`, headline values (collapse step, tests) come from `summary.json`. With several groups the
+baseline (`--baseline NAME`, default the first given) is the one the others are compared with. Each input's
+analysis is (re)computed with `analyze` when missing, unreadable, older than its rollouts or config, or made with
+other settings (formats, source, columns, --correct-from). The HTML file is replaced atomically.
 """
 
 from __future__ import annotations
@@ -16,20 +21,23 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from analysis import figures
 from analysis.load import CONFIG_FILES, read_run_config
 from analysis.output import check_output_file
+from analysis.sources import Input, ReadOptions, open_input
 from analysis.statistics import bootstrap_band, combined_format_change_test, compare_groups, entropy_accuracy_fit
-from analysis.summary import analyze
+from analysis.summary import analysis_settings, analyze, format_set_name
 from specialists.errors import UserError
 from specialists.files import replace_atomically
-from specialists.run_directory import SUMMARY_FILE, is_run_dir, rollout_files
+from specialists.run_directory import METRICS_TABLE_FILE, SUMMARY_FILE
 
 SEED_KEY = "seed"
 NAME_KEY = "name"
-REPORT_KEYS = ("steps", "formats", "format_share", "accuracy", "format_accuracy", "pass_at_k", "budgets",
-               "format_entropy", "format_entropy_nats", "format_change_test", "collapse_step")
+REPORT_KEYS = ("steps", "formats", "collapse_step", "dominant_format_by_step", "format_change_test", "budgets",
+               "analysis", "correctness")
 
 
 @dataclass(frozen=True)
@@ -37,14 +45,34 @@ class Run:
     path: Path
     config: dict
     summary: dict
+    metrics: pd.DataFrame | None = None  # the long table of metrics.parquet
+    label: str = ""  # the input's name (analysis.sources.Input.name); default the path's last part
 
     @property
     def name(self) -> str:
-        return self.path.name
+        return self.label or self.path.name
 
     @property
-    def last_step(self) -> str:
-        return str(self.summary["steps"][-1])
+    def last_step(self) -> int:
+        return int(self.summary["steps"][-1])
+
+    def series(self, metric: str, **keys) -> pd.Series:
+        """One metric over steps (float, indexed by step), its other keys fixed: series("pass_at_k", k=8)."""
+        rows = self.rows(metric, keys)
+        return pd.Series(rows["value"].to_numpy(dtype=np.float64), index=rows["step"].astype(int).to_numpy()).sort_index()
+
+    def table(self, metric: str, column: str, **keys) -> pd.DataFrame:
+        """One metric as rows steps x columns `column` (format, k, expert), its other keys fixed."""
+        rows = self.rows(metric, keys)
+        wide = rows.pivot_table(index="step", columns=column, values="value", aggfunc="first", dropna=False)
+        wide.index = wide.index.astype(int)
+        return wide.astype(np.float64).sort_index()
+
+    def rows(self, metric: str, keys: dict) -> pd.DataFrame:
+        rows = self.metrics[self.metrics["metric"] == metric]
+        for key, value in keys.items():
+            rows = rows[rows[key] == value]
+        return rows
 
 
 @dataclass(frozen=True)
@@ -53,37 +81,68 @@ class Group:
     runs: tuple[Run, ...]
 
 
-def write_report(run_dirs: list[str | Path], out_file: str | Path, progress: bool = True) -> Path:
-    """Write the HTML report of `run_dirs` (analysing runs whose summary is missing or stale) to `out_file`."""
-    if not run_dirs:
-        raise UserError("report needs at least one run directory")
+def write_report(inputs: list[str | Path], out_file: str | Path, formats: str | None = None,
+                 reading: ReadOptions | None = None, baseline: str | None = None, progress: bool = True) -> Path:
+    """Write the HTML report of `inputs` (analysing those whose analysis is missing or stale) to `out_file`.
+    formats, reading: as for `analyze`, the same for every input. baseline: a group label or input name."""
+    if not inputs:
+        raise UserError("report needs at least one input")
     out_file = Path(out_file)
     check_output_file(out_file)  # before the runs are analysed, which can take a while
-    runs = [load_run(Path(path), progress) for path in run_dirs]
-    text = render_html(group_runs(runs))
+    opened = [open_input(path, reading) for path in inputs]
+    shells = [Run(item.path, read_run_config(item.run_dir) if item.run_dir else {}, {}, None, item.name) for item in opened]
+    baseline_index = _baseline_index(group_runs(shells), baseline)  # a bad --baseline is named before any analysis
+    runs = [load_run(item, formats, progress) for item in opened]
+    groups = group_runs(runs)
+    groups.insert(0, groups.pop(baseline_index))
+    text = render_html(groups)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     replace_atomically({out_file: lambda path: path.write_text(text, encoding="utf-8")})
     return out_file
 
 
-def load_run(path: Path, progress: bool = True) -> Run:
-    """The run's config and an up-to-date summary (analysed now when summary.json is missing or stale)."""
-    if not is_run_dir(path):
-        raise UserError(f"{path}: not a run directory (no rollouts/*.parquet files)")
-    summary_path = path / SUMMARY_FILE
-    inputs = rollout_files(path) + [path / name for name in CONFIG_FILES if (path / name).is_file()]
-    summary = None
-    if summary_path.is_file() and summary_path.stat().st_mtime >= max(file.stat().st_mtime for file in inputs):
+def _baseline_index(groups: list[Group], baseline: str | None) -> int:
+    if baseline is None:
+        return 0
+    for index, group in enumerate(groups):
+        if baseline == group.label or baseline in (run.name for run in group.runs):
+            return index
+    names = [group.label for group in groups] + [run.name for group in groups for run in group.runs]
+    raise UserError(f"--baseline {baseline!r}: no such group or input (names: {', '.join(dict.fromkeys(names))})")
+
+
+def load_run(item: Input | str | Path, formats: str | None = None, progress: bool = True) -> Run:
+    """The input's config and up-to-date analysis (analysed now when its summary.json or metrics.parquet is
+    missing, unreadable, stale or made with other settings)."""
+    item = item if isinstance(item, Input) else open_input(item)
+    out = item.default_out_dir()
+    wanted = analysis_settings(item.source, format_set_name(formats, item.run_dir), item.options)
+    summary_path, metrics_path = out / SUMMARY_FILE, out / METRICS_TABLE_FILE
+    inputs = list(item.files) + ([item.run_dir / name for name in CONFIG_FILES if (item.run_dir / name).is_file()]
+                                 if item.run_dir else [])
+    newest = max(path.stat().st_mtime for path in inputs)
+    summary, metrics = None, None
+    if all(path.is_file() and path.stat().st_mtime >= newest for path in (summary_path, metrics_path)):
+        summary, metrics = _read_analysis(summary_path, metrics_path)
+    if not isinstance(summary, dict) or not all(key in summary for key in REPORT_KEYS) or summary["analysis"] != wanted:
         try:
-            summary = json.loads(summary_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):  # a damaged summary is analysed afresh, like a stale one
-            summary = None
-    if not isinstance(summary, dict) or not all(key in summary for key in REPORT_KEYS):
-        try:
-            summary = analyze(path, formats=None, progress=progress)
+            summary = analyze(item.path, formats=formats, out_dir=out, progress=progress, reading=item.options)
         except UserError as error:
-            raise UserError(f"{path}: no up-to-date {SUMMARY_FILE}, and analysing the run failed: {error}") from None
-    return Run(path, read_run_config(path), summary)
+            raise UserError(f"{item.path}: no up-to-date {SUMMARY_FILE}, and analysing it failed: {error}") from None
+        metrics = _read_analysis(summary_path, metrics_path)[1]
+    config = read_run_config(item.run_dir) if item.run_dir else {}
+    return Run(item.path, config, summary, metrics, item.name)
+
+
+def _read_analysis(summary_path: Path, metrics_path: Path) -> tuple[dict | None, pd.DataFrame | None]:
+    """summary.json and metrics.parquet as written by `analyze`; (None, None) when either is damaged (it is then
+    analysed afresh, like a stale one)."""
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        metrics = pq.read_table(metrics_path).to_pandas()
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, pa.ArrowException):
+        return None, None
+    return summary, metrics
 
 
 # ---------------------------------------------------------------- grouping runs
@@ -122,47 +181,49 @@ def group_runs(runs: list[Run]) -> list[Group]:
     return groups
 
 
-# ---------------------------------------------------------------- per-step tables from summaries
-
-def _steps(values: dict) -> pd.Series:
-    """{step: value} -> float series on integer steps."""
-    return pd.Series({int(step): np.nan if value is None else value for step, value in values.items()}, dtype=np.float64)
-
+# ---------------------------------------------------------------- per-step tables from metrics.parquet
 
 def _by_run(group: Group, values_of) -> pd.DataFrame:
-    """Rows steps, one column per run: `values_of(summary)` gives each run's {step: value}."""
-    return pd.DataFrame({run.name: _steps(values_of(run.summary)) for run in group.runs}).sort_index()
+    """Rows steps, one column per run: `values_of(run)` gives each run's per-step series."""
+    return pd.DataFrame({index: values_of(run) for index, run in enumerate(group.runs)}).sort_index()
 
 
 def _band(group: Group, values_of) -> pd.DataFrame:
     return bootstrap_band(_by_run(group, values_of))
 
 
-def _column(key: str, column: str):
-    """values_of for one column of a {step: {column: value}} summary entry (e.g. pass@k for one k)."""
-    return lambda summary: {step: row.get(column) for step, row in summary[key].items()}
+def _metric(metric: str, **keys):
+    """values_of for one metric with its other keys fixed (e.g. pass@k for one k)."""
+    return lambda run: run.series(metric, **keys)
 
 
-def _mean_over_runs(group: Group, values_of) -> pd.DataFrame:
-    """Mean over runs of a per-step table, `values_of(summary)` giving {step: {column: value}} or
-    {step: [value, ...]}; rows steps, columns as in the first run."""
-    frames = [pd.DataFrame(values_of(run.summary)).T.rename(index=int).astype(np.float64) for run in group.runs]
+def _mean_over_runs(group: Group, table_of) -> pd.DataFrame:
+    """Mean over runs of a per-step table (`table_of(run)`: rows steps); columns as in the first run."""
+    frames = [table_of(run) for run in group.runs]
     return pd.concat(frames).groupby(level=0).mean().sort_index()[list(frames[0].columns)]
 
 
-def _largest_common_budget(group: Group) -> str | None:
+def _mean_shares(group: Group) -> pd.DataFrame:
+    return _mean_over_runs(group, lambda run: run.table("format_share", "format")[run.summary["formats"]])
+
+
+def _largest_common_budget(group: Group) -> int | None:
     budgets = [set(run.summary["budgets"]) for run in group.runs]
     common = set.intersection(*budgets) if budgets else set()
-    return str(max(common)) if common else None
+    return max(common) if common else None
 
 
 def _has_experts(group: Group) -> bool:
     return all("expert_share" in run.summary for run in group.runs)
 
 
-def _mean_expert_entropy(summary: dict) -> dict:
-    """{step: mean over layers of the normalised expert entropy}."""
-    return pd.DataFrame({layer: _steps(values) for layer, values in summary["expert_entropy"].items()}).mean(axis=1).to_dict()
+def _layers(run: Run) -> list[int]:
+    return sorted(int(layer) for layer in run.metrics.loc[run.metrics["metric"] == "expert_share", "layer"].unique())
+
+
+def _mean_expert_entropy(run: Run) -> pd.Series:
+    """Per step: the mean over layers of the normalised expert entropy."""
+    return run.table("expert_entropy", "layer").mean(axis=1)
 
 
 def _pct(value: float | None) -> str:
@@ -195,17 +256,17 @@ def findings(group: Group) -> list[str]:
                            for name, steps in steps_by_format.items())
         sentences.append(f"{len(collapsed)} of {len(runs)} runs collapsed (one format >= {threshold}): {detail}.")
     else:
-        shares = _mean_over_runs(group, lambda summary: summary["format_share"]).iloc[-1]
+        shares = _mean_shares(group).iloc[-1]
         sentences.append(f"No collapse (no format reached {threshold}); at the last step {shares.idxmax()} "
                          f"has the largest share, {_pct(shares.max())}.")
-    accuracy = _band(group, lambda s: s["accuracy"])["mean"]
+    accuracy = _band(group, _metric("accuracy"))["mean"]
     budget = _largest_common_budget(group)
     if accuracy.isna().all():
-        sentences.append("Accuracy unknown: the rollouts carry neither gold answers nor a `correct` column.")
+        sentences.append(_why_accuracy_is_unknown(runs[0]))
     else:
         text = f"Accuracy {_num(accuracy.iloc[0])} → {_num(accuracy.iloc[-1])} (step {accuracy.index[0]} → {accuracy.index[-1]})"
         if budget is not None:
-            passes = _band(group, _column("pass_at_k", budget))["mean"]
+            passes = _band(group, _metric("pass_at_k", k=budget))["mean"]
             text += f"; pass@{budget} {_num(passes.iloc[0])} → {_num(passes.iloc[-1])}"
         sentences.append(text + ".")
     test = combined_format_change_test([run.summary["format_change_test"] for run in runs])
@@ -217,19 +278,31 @@ def findings(group: Group) -> list[str]:
     return sentences
 
 
+def _why_accuracy_is_unknown(run: Run) -> str:
+    settings = run.summary["analysis"]
+    if settings.get("correct_from"):
+        return (f"Accuracy unknown: no gold answers or `correct` values, and the --correct-from column "
+                f"{settings['correct_from']!r} holds no values.")
+    where = {"verl": "no `gts` in the dump", "trl": "no `answer` column in the completion logs"}.get(
+        settings["source"], "no `answer` column")
+    return (f"Accuracy unknown: the rollouts carry no gold answers ({where}) and no `correct` column; "
+            f"--correct-from COLUMN (e.g. a reward column) takes correctness from a column whose value > 0.")
+
+
 def _expert_findings(group: Group) -> list[str]:
-    last_shares = {layer: np.mean([run.summary["expert_share"][layer][run.last_step] for run in group.runs], axis=0)
-                   for layer in group.runs[0].summary["expert_share"]}
+    layers = _layers(group.runs[0])
+    last_shares = {layer: np.mean([run.table("expert_share", "expert", layer=layer).loc[run.last_step].to_numpy()
+                                   for run in group.runs], axis=0) for layer in layers}
     layer = max(last_shares, key=lambda name: last_shares[name].max())
     shares = last_shares[layer]
     sentences = [f"Expert {int(shares.argmax())} of layer {layer} carries {_pct(shares.max())} of the routed tokens at "
                  f"the last step (balanced: {_pct(1 / len(shares))})."]
     shifts = [run.summary["routing_shift"] for run in group.runs if run.summary.get("routing_shift")]
     if shifts:
-        layers = list(shifts[0])
-        mean = {part: {name: np.mean([shift[name][f"{part}_tv"] for shift in shifts]) for name in layers}
+        names = list(shifts[0])
+        mean = {part: {name: np.mean([shift[name][f"{part}_tv"] for shift in shifts]) for name in names}
                 for part in ("total", "format_mix", "routing")}
-        moved = max(layers, key=lambda name: mean["total"][name])
+        moved = max(names, key=lambda name: mean["total"][name])
         first = shifts[0][moved]
         sentences.append(
             f"From step {first['from_step']} to {first['to_step']} the expert load of layer {moved} moved by "
@@ -240,37 +313,39 @@ def _expert_findings(group: Group) -> list[str]:
     return sentences
 
 
-# ---------------------------------------------------------------- figures of one group
+# ---------------------------------------------------------------- figures
+
+def format_share_overview(groups: list[Group]) -> str:
+    """The picture a reader wants first: each group's format shares over steps, one panel per group."""
+    panels = {group.label: _mean_shares(group) for group in groups}
+    collapses = {group.label: [run.summary["collapse_step"] for run in group.runs if run.summary["collapse_step"] is not None]
+                 for group in groups}
+    return figures.format_share_panels(panels, collapses)
+
 
 def group_figures(group: Group) -> list[tuple[str, str]]:
-    """(caption, base64 PNG) for one group."""
-    shares = _mean_over_runs(group, lambda summary: summary["format_share"])
-    collapse_steps = [run.summary["collapse_step"] for run in group.runs if run.summary["collapse_step"] is not None]
+    """(caption, base64 PNG) for one group (its format shares are in the overview on top)."""
     formats = group.runs[0].summary["formats"]
-    accuracy = {"all formats": _band(group, lambda s: s["accuracy"])}
+    accuracy = {"all formats": _band(group, _metric("accuracy"))}
     for name in formats:
-        accuracy[name] = _band(group, _column("format_accuracy", name))
-    result = [
-        ("Format shares over RL steps" + (" (mean over runs)" if len(group.runs) > 1 else ""),
-         figures.format_share_areas(shares, collapse_steps, group.label)),
-        ("Accuracy, overall and per format (a format's line stops where it is no longer used)",
-         figures.lines_over_steps(accuracy, "accuracy", group.label)),
-    ]
-    budgets = sorted({k for run in group.runs for k in run.summary["budgets"]}, key=int)
-    sampling = {f"pass@{k}": _band(group, _column("pass_at_k", str(k))) for k in budgets}
-    sampling["coverage"] = _band(group, lambda s: s["coverage"])
+        accuracy[name] = _band(group, _metric("format_accuracy", format=name))
+    result = [("Accuracy, overall and per format (a format's line stops where it is no longer used)",
+               figures.lines_over_steps(accuracy, "accuracy", group.label))]
+    budgets = sorted({k for run in group.runs for k in run.summary["budgets"]})
+    sampling = {f"pass@{k}": _band(group, _metric("pass_at_k", k=k)) for k in budgets}
+    sampling["coverage"] = _band(group, _metric("coverage"))
     if budgets:
-        k = str(max(budgets))
-        sampling[f"maj@{k}"] = _band(group, _column("maj_at_k", k))
+        sampling[f"maj@{budgets[-1]}"] = _band(group, _metric("maj_at_k", k=budgets[-1]))
     result.append(("pass@k (unbiased estimator), maj@k and coverage over RL steps",
                    figures.lines_over_steps(sampling, "rate", group.label)))
     if _has_experts(group):
-        layers = list(group.runs[0].summary["expert_share"])
-        heat = {layer: _mean_over_runs(group, lambda summary, layer=layer: summary["expert_share"][layer]) for layer in layers}
+        layers = _layers(group.runs[0])
+        heat = {str(layer): _mean_over_runs(group, lambda run, layer=layer: run.table("expert_share", "expert", layer=layer))
+                for layer in layers}
         result.append(("Expert share per layer over RL steps (share of the layer's routed tokens)",
                        figures.expert_share_heatmaps(heat, group.label)))
-        for which, step_of in (("first", lambda run: str(run.summary["steps"][0])), ("last", lambda run: run.last_step)):
-            affinity = {layer: _mean_affinity(group, layer, step_of) for layer in layers}
+        for which, step_of in (("first", lambda run: int(run.summary["steps"][0])), ("last", lambda run: run.last_step)):
+            affinity = {str(layer): _mean_affinity(group, layer, step_of) for layer in layers}
             affinity = {layer: frame for layer, frame in affinity.items() if frame is not None}
             if affinity:
                 result.append((f"Format × expert affinity at the {which} step: P(expert | format), mean over runs",
@@ -278,13 +353,18 @@ def group_figures(group: Group) -> list[tuple[str, str]]:
     return result
 
 
-def _mean_affinity(group: Group, layer: str, step_of) -> pd.DataFrame | None:
-    """Mean over runs of P(expert | format) at the step `step_of(run)`; None when no run has it."""
-    frames = [pd.DataFrame(run.summary["format_expert_affinity"][layer].get(step_of(run), {})).T for run in group.runs]
-    frames = [frame for frame in frames if len(frame)]
+def _mean_affinity(group: Group, layer: int, step_of) -> pd.DataFrame | None:
+    """Mean over runs of P(expert | format) at the step `step_of(run)` (rows formats, columns experts); None when
+    no run has it."""
+    frames = []
+    for run in group.runs:
+        rows = run.rows("format_expert_affinity", {"layer": layer, "step": step_of(run)})
+        if len(rows):
+            frames.append(rows.pivot_table(index="format", columns="expert", values="value", aggfunc="first"))
     if not frames:
         return None
     mean = pd.concat(frames).groupby(level=0).mean()
+    mean.columns = [int(column) for column in mean.columns]
     order = [name for name in group.runs[0].summary["formats"] if name in mean.index]
     return mean.loc[order]
 
@@ -292,9 +372,9 @@ def _mean_affinity(group: Group, layer: str, step_of) -> pd.DataFrame | None:
 # ---------------------------------------------------------------- several groups / runs
 
 COMPARED = (
-    ("largest format share", lambda s: s["max_format_share"], (0, 1)),
-    ("format entropy (normalised)", lambda s: s["format_entropy"], (0, 1)),
-    ("accuracy", lambda s: s["accuracy"], (0, 1)),
+    ("largest format share", _metric("max_format_share"), (0, 1)),
+    ("format entropy (normalised)", _metric("format_entropy"), (0, 1)),
+    ("accuracy", _metric("accuracy"), (0, 1)),
 )
 
 
@@ -302,15 +382,16 @@ def _compared_metrics(groups: list[Group]) -> list[tuple[str, object, tuple | No
     metrics = list(COMPARED)
     budgets = [_largest_common_budget(group) for group in groups]
     if all(budgets):
-        k = str(min(int(b) for b in budgets))
-        metrics.append((f"pass@{k}", _column("pass_at_k", k), (0, 1)))
+        k = min(budgets)
+        metrics.append((f"pass@{k}", _metric("pass_at_k", k=k), (0, 1)))
     if all(_has_experts(group) for group in groups):
         metrics.append(("expert entropy (normalised, mean over layers)", _mean_expert_entropy, (0, 1)))
     return metrics
 
 
 def comparison(groups: list[Group]) -> tuple[list[tuple[str, str]], str]:
-    """Figures with each group's mean and 95% band, and a table of last-step values against the baseline."""
+    """Figures with each group's mean and 95% band, and a table of last-step values against the baseline (the
+    first group)."""
     metrics = _compared_metrics(groups)
     plots = [(f"{name} per group: mean over runs, shaded 95% bootstrap band",
               figures.lines_over_steps({group.label: _band(group, values_of) for group in groups}, name, name, ylim))
@@ -318,7 +399,7 @@ def comparison(groups: list[Group]) -> tuple[list[tuple[str, str]], str]:
     baseline = groups[0]
     rows = []
     for name, values_of, _ in metrics:
-        last = {group.label: [_steps(values_of(run.summary)).get(int(run.last_step)) for run in group.runs] for group in groups}
+        last = {group.label: [values_of(run).get(run.last_step, np.nan) for run in group.runs] for group in groups}
         for group in groups:
             mean, low, high = bootstrap_band(pd.DataFrame([last[group.label]]))[["mean", "low", "high"]].iloc[0]
             cells = [name, group.label, f"{_num(mean)} [{_num(low)}, {_num(high)}]"]
@@ -329,17 +410,45 @@ def comparison(groups: list[Group]) -> tuple[list[tuple[str, str]], str]:
                 cells += [f"{_num(diff['difference'])} [{_num(diff['low'])}, {_num(diff['high'])}]",
                           "n/a" if diff["p_value"] is None else f"{diff['p_value']:.2g}"]
             rows.append(cells)
-    header = ["metric (last step)", "group", "mean [95% CI]", "difference vs baseline [95% CI]", "Welch p"]
+    header = ["metric (last step)", "group", "mean [95% CI]", f"difference vs baseline ({baseline.label}) [95% CI]",
+              "Welch p"]
     return plots, _table(header, rows)
 
 
 def entropy_accuracy_figure(groups: list[Group]) -> str:
     """Every run's (format entropy, accuracy) per step, with the Cui et al. fit over each group's pooled points."""
-    points = {group.label: pd.DataFrame([(h, run.summary["accuracy"].get(step)) for run in group.runs
-                                         for step, h in run.summary["format_entropy_nats"].items()],
-                                        columns=["entropy", "accuracy"]).astype(np.float64).dropna() for group in groups}
+    points = {group.label: pd.concat([pd.DataFrame({"entropy": run.series("format_entropy_nats"),
+                                                    "accuracy": run.series("accuracy")}) for run in group.runs])
+              .astype(np.float64).dropna() for group in groups}
     fits = {label: entropy_accuracy_fit(frame["entropy"].tolist(), frame["accuracy"].tolist()) for label, frame in points.items()}
     return figures.entropy_accuracy_scatter(points, fits)
+
+
+# ---------------------------------------------------------------- collapse forecast
+
+def forecast_section(runs: list[Run]) -> str:
+    """Per run with a forecast in its summary (analysis.forecast, made by `analyze` from the first steps): the
+    forecast against what happened. Empty when no run has one."""
+    figures_ = []
+    for run in runs:
+        forecast = run.summary.get("collapse_forecast")
+        if not forecast:
+            continue
+        fitted = forecast["fitted_steps"]
+        predicted = (f"collapse onto {forecast['winner']} at step {forecast['collapse_step']} "
+                     f"[{forecast['low']}, {forecast['high'] if forecast['high'] is not None else 'later'}]"
+                     if forecast["collapse_step"] is not None else f"no collapse by step {forecast['horizon']}")
+        happened = (f"collapsed onto {run.summary['dominant_format_by_step'][str(run.summary['collapse_step'])]} at step "
+                    f"{run.summary['collapse_step']}" if run.summary["collapse_step"] is not None else "no collapse")
+        caption = (f"{run.name}: replicator forecast from steps {fitted[0]}–{fitted[-1]} (dashed; winner in "
+                   f"{forecast['winner_probability']:.0%} of bootstrap fits): {predicted}; observed (solid): {happened}")
+        observed = pd.DataFrame(run.summary["format_share"]).T.rename(index=int).astype(np.float64).sort_index()
+        model = pd.DataFrame(forecast["shares"]).T.rename(index=int).astype(np.float64).sort_index()
+        png = figures.collapse_forecast(observed, model, fitted[-1], forecast["threshold"],
+                                        (forecast["collapse_step"], forecast["low"], forecast["high"]),
+                                        run.summary["collapse_step"], run.name)
+        figures_.append(_figure(caption, png))
+    return "<h2>Collapse forecast</h2>" + "".join(figures_) if figures_ else ""
 
 
 # ---------------------------------------------------------------- HTML
@@ -365,14 +474,19 @@ def _figure(caption: str, png: str) -> str:
 
 
 def render_html(groups: list[Group]) -> str:
+    """The report: format shares of every group first, then findings, the runs, the comparison against the
+    baseline (the first group), each group's figures, and entropy against accuracy."""
     runs = [run for group in groups for run in group.runs]
-    parts = ["<h1>echolab report</h1>"]
+    parts = ["<h1>echolab report</h1>", _figure("Format shares over RL steps, one panel per group"
+                                                + (" (mean over a group's runs)" if len(runs) > len(groups) else "")
+                                                + "; dotted: collapse", format_share_overview(groups))]
     for group in groups:
         items = "".join(f"<li>{html.escape(sentence)}</li>" for sentence in findings(group))
         parts.append(f'<div class="findings"><strong>{html.escape(group.label)}</strong><ul>{items}</ul></div>')
     parts.append("<h2>Runs</h2>" + _table(
-        ["run", "group", "seed", "steps", "completions", "formats"],
-        [[run.name, group.label, ", ".join(str(v) for k, v in _flatten(run.config).items() if k.rsplit(".", 1)[-1] == SEED_KEY),
+        ["run", "group", "source", "seed", "steps", "completions", "formats"],
+        [[run.name, group.label, run.summary["analysis"]["source"],
+          ", ".join(str(v) for k, v in _flatten(run.config).items() if k.rsplit(".", 1)[-1] == SEED_KEY),
           f"{run.summary['steps'][0]}–{run.summary['steps'][-1]}", run.summary.get("rows", ""),
           ", ".join(run.summary["formats"])] for group in groups for run in group.runs]))
     if len(runs) > 1:
@@ -380,6 +494,7 @@ def render_html(groups: list[Group]) -> str:
         parts.append("<h2>Comparison</h2>" + table + "".join(_figure(caption, png) for caption, png in plots))
     for group in groups:
         parts.append(f"<h2>{html.escape(group.label)}</h2>" + "".join(_figure(c, p) for c, p in group_figures(group)))
+    parts.append(forecast_section(runs))
     parts.append("<h2>Entropy and accuracy</h2>" + _figure(
         "Format entropy against accuracy, every run and step; lines: least-squares fit R = -a·exp(H) + b per group",
         entropy_accuracy_figure(groups)))

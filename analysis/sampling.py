@@ -1,6 +1,7 @@
 """Sampling-quality metrics per RL step over a judged rollout table.
 
-Columns used: `step`, `prompt_id`, `completion`, `final_answer` (float, NaN when none), `correct`
+Columns used: `step`, `prompt_id`, `completion`, `final_answer` (the answer's canonical text, `answer_key`
+in specialists.grading: numbers rounded to 6 decimals; None when none), `correct`
 (1.0 / 0.0, NaN when unknown), `sample_index` when present (else the samples of a prompt are in table
 order). Metrics that need correctness use judged rows only, and a prompt enters a
 metric at budget k only when it has at least k judged samples (pass@k is not estimable from n < k
@@ -16,7 +17,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-ANSWER_DECIMALS = 6  # final answers equal after rounding to this many decimals count as the same answer
 PROMPT_KEYS = ["step", "prompt_id"]
 
 
@@ -68,23 +68,37 @@ def maj_at_k_by_step(table: pd.DataFrame, budgets: list[int]) -> pd.DataFrame:
     among the prompt's first k judged samples (Wang et al. 2023, "Self-Consistency Improves Chain of Thought
     Reasoning", arXiv:2203.11171). Samples without a final answer abstain; a tie goes to the answer seen
     first; a prompt whose k samples give no answer scores 0."""
-    judged = table.loc[table["correct"].notna(), [*PROMPT_KEYS, "final_answer", "correct"]]
-    if "sample_index" in table.columns:
-        judged = judged.assign(order=table["sample_index"]).sort_values("order", kind="stable")
-    judged = judged.assign(prompt=judged.groupby(PROMPT_KEYS, sort=False).ngroup())
-    judged = judged.assign(rank=judged.groupby("prompt").cumcount(), vote=judged["final_answer"].round(ANSWER_DECIMALS))
-    prompts = judged.groupby("prompt").agg(step=("step", "first"), n=("rank", "size"))
-    voters = judged[judged["vote"].notna()]
+    known = table["correct"].notna().to_numpy()
+    judged = table.loc[known, [*PROMPT_KEYS, "final_answer", "correct"]]
+    if "sample_index" in table.columns:  # (assigned as an array: a Series would re-index an empty frame)
+        judged = judged.assign(order=table["sample_index"].to_numpy()[known]).sort_values("order", kind="stable")
+    prompt = judged.groupby(PROMPT_KEYS, sort=False).ngroup().to_numpy(dtype=np.int64)
+    rank = pd.Series(prompt).groupby(prompt).cumcount().to_numpy()  # position among the prompt's judged samples
+    n = np.bincount(prompt)
+    prompt_step = np.zeros(len(n), dtype=np.int64)
+    prompt_step[prompt] = judged["step"].to_numpy()
+    # one code per (prompt, answer) pair; samples without an answer abstain
+    has_vote = judged["final_answer"].notna().to_numpy()
+    pair, pair_index = np.unique(np.stack([prompt[has_vote], pd.factorize(judged["final_answer"][has_vote])[0]]),
+                                 axis=1, return_inverse=True)
+    pair_index = pair_index.ravel()
+    voter_rank, voter_correct = rank[has_vote], judged["correct"].to_numpy()[has_vote]
+    first_giver = np.unique(pair_index, return_index=True)[1]  # samples are in rank order within each prompt
+    first, pair_correct = voter_rank[first_giver], voter_correct[first_giver]
     steps = pd.Index(sorted(table["step"].unique()), name="step")
     columns = {}
     for k in budgets:
-        votes = (voters[voters["rank"] < k].groupby(["prompt", "vote"])
-                 .agg(votes=("rank", "size"), first=("rank", "min"), correct=("correct", "first")).reset_index())
-        winners = (votes.sort_values(["prompt", "votes", "first"], ascending=[True, False, True])
-                   .drop_duplicates("prompt").set_index("prompt")["correct"])
-        eligible = prompts[prompts["n"] >= k]
-        per_prompt = winners.reindex(eligible.index, fill_value=0.0)
-        columns[k] = per_prompt.groupby(eligible["step"].to_numpy()).mean().reindex(steps)
+        votes = np.bincount(pair_index[voter_rank < k], minlength=pair.shape[1])
+        counted = votes > 0
+        # per prompt the most voted answer, ties to the one given first
+        order = np.lexsort((first[counted], -votes[counted], pair[0][counted]))
+        owners = pair[0][counted][order]
+        winners = np.zeros(len(n))
+        leading = np.concatenate([[True], owners[1:] != owners[:-1]]) if len(owners) else np.array([], dtype=bool)
+        winners[owners[leading]] = pair_correct[counted][order][leading]
+        eligible = n >= k
+        per_step = pd.Series(winners[eligible]).groupby(prompt_step[eligible]).mean()
+        columns[k] = per_step.reindex(steps)
     return pd.DataFrame(columns, index=steps).rename_axis(columns="k")
 
 
@@ -96,10 +110,9 @@ def coverage(table: pd.DataFrame) -> pd.Series:
 
 
 def distinct_answers_per_prompt(table: pd.DataFrame) -> pd.Series:
-    """Mean over step t's prompts of the number of distinct final answers (rounded to ANSWER_DECIMALS;
-    samples without an answer do not count)."""
-    votes = table["final_answer"].round(ANSWER_DECIMALS)
-    per_prompt = votes.groupby([table["step"], table["prompt_id"]]).nunique()
+    """Mean over step t's prompts of the number of distinct final answers (by their canonical text; samples
+    without an answer do not count)."""
+    per_prompt = table["final_answer"].groupby([table["step"], table["prompt_id"]]).nunique()
     return per_prompt.groupby(level="step").mean().rename("distinct_answers")
 
 

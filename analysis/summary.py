@@ -1,15 +1,22 @@
-"""`echolab analyze`: label rollouts, compute every per-step metric, write `summary.json` and `metrics.parquet`.
+"""`echolab analyze`: read any input step by step, label and grade each step's rollouts, keep the step's metrics,
+then write `summary.json` (headline values) and `metrics.parquet` (every per-step metric).
 
-`summary.json` holds SPEC.md's keys and the rest of the analysis as nested dicts whose keys are strings
-(steps and layers as decimal integers, budgets k likewise). `metrics.parquet` holds the per-step tables in
-one long table: columns metric, step, layer, format, expert, k, value (null where a key does not apply).
-The same rollouts give byte-identical outputs whether they come from a run directory or a file.
+Streaming: analysis.sources reads the input one step at a time; consecutive steps are analysed together in batches
+of up to BATCH_ROWS rows and BATCH_CHARS characters of completions (a whole step, however large, is one batch),
+and only their metrics are kept, so peak memory is bounded by a batch or the largest step, not by the run. `summary.json` holds SPEC.md's keys and the rest of the
+analysis as nested dicts whose keys are strings (steps and layers as decimal integers, budgets k likewise), and
+under `analysis` how the input was read (source, formats, columns, correct_from). `metrics.parquet` holds the
+per-step tables in one long table: columns metric, step, layer, format, expert, k, value (null where a key does
+not apply); the report draws its figures from it. The same rollouts give byte-identical outputs whether they come
+from a run directory or a file.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,41 +29,49 @@ from analysis import formats_metrics as fm
 from analysis import sampling
 from analysis import specialists_metrics as sm
 from analysis.classify import format_names, label_formats
-from analysis.correctness import grade_reason_share, grade_rollouts
+from analysis.correctness import SANDBOX_WORKERS, grade_reason_share, grade_rollouts
+from analysis.forecast import FORECAST_STEPS, forecast_collapse, format_outcomes
 from analysis.information import total_variation
-from analysis.load import read_rollouts, read_run_config
+from analysis.load import InputWarning, StepsOutOfOrder, joined, read_run_config
 from analysis.output import check_output_dir
+from analysis.sources import ReadOptions, open_input, read_steps
 from analysis.statistics import entropy_accuracy_fit, format_change_test
 from specialists.errors import UserError
 from specialists.files import replace_atomically
 from specialists.formats import Format, load_formats
-from specialists.run_directory import METRICS_TABLE_FILE, SUMMARY_FILE, is_run_dir
+from specialists.run_directory import METRICS_TABLE_FILE, SUMMARY_FILE
+from specialists.sandbox import Sandbox
 
 DEFAULT_FORMATS = "synthetic"
+BATCH_ROWS = 32768  # steps analysed together: per-call costs (sandbox round trips, groupbys) are paid per batch
+BATCH_CHARS = 32 * 2**20
 METRIC_KEYS = ["metric", "step", "layer", "format", "expert", "k", "value"]
 
 
 def analyze(input_path: str | Path, formats: str | None = None, out_dir: str | Path | None = None,
-            collapse_threshold: float = 0.9, progress: bool = True) -> dict:
-    """Analyse a run directory or a rollout file; write summary.json and metrics.parquet; return the summary.
+            collapse_threshold: float = 0.9, progress: bool = True, reading: ReadOptions | None = None) -> dict:
+    """Analyse any input `analysis.sources` reads; write summary.json and metrics.parquet; return the summary.
 
     formats: a built-in set name or a TOML/YAML file; None (no --formats given): the run config's `formats`
-    for a run directory (see `resolve_formats`), else "synthetic".
-    out_dir: default the run directory itself, or `<stem>_analysis/` next to a rollout file.
+    for a run directory (see `format_set_name`), else "synthetic".
+    out_dir: default the run directory itself, or `<name>_analysis/` beside any other input.
+    reading: the source, column map and --correct-from column (default: detect the source).
     """
-    input_path = Path(input_path)
-    if input_path.is_dir() and not is_run_dir(input_path):
-        raise UserError(f"{input_path}: not a run directory (no rollouts/*.parquet files)")
     if not 0 < collapse_threshold <= 1:
         raise UserError(f"collapse threshold must be in (0, 1], got {collapse_threshold}")
-    run_dir = input_path if input_path.is_dir() else None
-    out = Path(out_dir) if out_dir is not None else run_dir or input_path.with_name(f"{input_path.stem}_analysis")
+    opened = open_input(input_path, reading)
+    out = Path(out_dir) if out_dir is not None else opened.default_out_dir()
     check_output_dir(out)
-    format_set = resolve_formats(formats, run_dir)
-    table = read_rollouts(input_path)
-    table["format"] = label_formats(table, format_set, progress)
-    table[["final_answer", "correct", "grade_reason"]] = grade_rollouts(table, format_set, progress)
-    summary, metrics = summarise(table, format_names(format_set, table["format"]), collapse_threshold, progress)
+    formats_name = format_set_name(formats, opened.run_dir)
+    format_set = load_formats(formats_name)
+    try:
+        pieces = _per_batch(read_steps(opened), format_set, progress)
+    except StepsOutOfOrder as late:
+        warnings.warn(f"{opened.path}: the rows of step {late.args[0]} are not together; reading the whole input "
+                      f"into memory to sort it by step", InputWarning)
+        pieces = _per_batch(read_steps(opened, in_memory=True), format_set, progress)
+    summary, metrics = combine(pieces, format_set, collapse_threshold)
+    summary["analysis"] = analysis_settings(opened.source, formats_name, opened.options)
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
     replace_atomically({
@@ -66,7 +81,12 @@ def analyze(input_path: str | Path, formats: str | None = None, out_dir: str | P
     return summary
 
 
-def resolve_formats(formats: str | None, run_dir: Path | None) -> tuple[Format, ...]:
+def analysis_settings(source: str, formats_name: str, options: ReadOptions) -> dict:
+    """How an input was read and labelled (summary.json's `analysis`; `report` re-analyses when it differs)."""
+    return {"source": source, "formats": formats_name, "columns": options.columns, "correct_from": options.correct_from}
+
+
+def format_set_name(formats: str | None, run_dir: Path | None) -> str:
     """The format set: `formats`, else the run config's `formats` (top level, or in its `analysis` table as
     echolab's pipeline writes it), else the synthetic set. A relative file named by a run config is looked
     up in the run directory first."""
@@ -75,35 +95,168 @@ def resolve_formats(formats: str | None, run_dir: Path | None) -> tuple[Format, 
     name = DEFAULT_FORMATS if name is None else str(name)
     if run_dir is not None and formats is None and (run_dir / name).is_file():
         name = str(run_dir / name)
-    return load_formats(name)
+    return name
 
 
-def summarise(table: pd.DataFrame, names: list[str], collapse_threshold: float = 0.9,
-              progress: bool = False) -> tuple[dict, pd.DataFrame]:
-    """Every metric of a labelled, judged table (columns of `read_rollouts` plus `format`, `final_answer`,
-    `correct`): the summary dict and the long per-step metrics table."""
-    bar = tqdm(total=3, desc="metrics", unit="group", disable=not progress)
-    summary, metrics = _format_metrics(table, names, collapse_threshold)
-    bar.update()
-    sampling_summary, sampling_metrics = _sampling_metrics(table)
+def resolve_formats(formats: str | None, run_dir: Path | None) -> tuple[Format, ...]:
+    return load_formats(format_set_name(formats, run_dir))
+
+
+# ---------------------------------------------------------------- one step at a time
+
+@dataclass(frozen=True)
+class StepMetrics:
+    """The metrics of a batch of steps (frames indexed by step) and what the run-level summary needs of them."""
+
+    rows: int
+    prompts: frozenset
+    samples_per_prompt: int  # the most samples any prompt has at one of the steps
+    format_counts: pd.DataFrame  # columns: the formats seen in the batch
+    format_accuracy: pd.DataFrame
+    accuracy: pd.Series
+    grade_reasons: pd.DataFrame
+    correctness: dict[str, int]  # rows per source of correctness (trainer, gold, column, unknown)
+    epochs: pd.Series  # the smallest epoch recorded at each step (NaN: unknown)
+    pass_at_k: pd.DataFrame  # columns: the batch's budgets
+    maj_at_k: pd.DataFrame
+    coverage: pd.Series
+    distinct_answers: pd.Series
+    distinct_n: pd.DataFrame
+    token_entropy: pd.Series | None
+    expert_tokens: pd.DataFrame
+    format_outcomes: pd.DataFrame  # per (step, prompt, format): the collapse forecast's input (first steps only)
+
+
+def _per_batch(tables, format_set: tuple[Format, ...], progress: bool) -> list[StepMetrics]:
+    """Label, grade and measure the steps in batches (see the module doc)."""
+    pieces, batch = [], []
+    # disable=None: bars on a terminal only, so that an error met mid-stream stays the one line a script reads
+    with Sandbox(workers=SANDBOX_WORKERS) as sandbox, tqdm(desc="analyse", unit=" rows", unit_scale=True,
+                                                           disable=None if progress else True, mininterval=1.0) as bar:
+        def analyse(batch: list[pd.DataFrame]) -> None:
+            table = joined(batch)
+            table["format"] = label_formats(table, format_set)
+            table[["final_answer", "correct", "grade_reason", "correct_source"]] = grade_rollouts(table, format_set, sandbox)
+            piece = step_metrics(table)
+            if sum(len(earlier.epochs) for earlier in pieces) >= FORECAST_STEPS:  # the forecast reads the first steps
+                piece = replace(piece, format_outcomes=piece.format_outcomes.iloc[:0])
+            pieces.append(piece)
+            bar.update(len(table))
+            bar.set_postfix(step=int(table["step"].iloc[-1]), refresh=False)
+
+        rows = chars = 0
+        for table in tables:
+            size = int(table["completion"].str.len().sum())
+            if batch and (rows + len(table) > BATCH_ROWS or chars + size > BATCH_CHARS):
+                analyse(batch)
+                batch, rows, chars = [], 0, 0
+            batch.append(table)
+            rows, chars = rows + len(table), chars + size
+        if batch:
+            analyse(batch)
+    return pieces
+
+
+def step_metrics(table: pd.DataFrame) -> StepMetrics:
+    """The metrics of some steps' labelled, judged rows (columns of `analysis.load.normalise` plus `format`,
+    `final_answer`, `correct`, `grade_reason`, `correct_source`)."""
+    names = sorted(table["format"].unique())
+    budgets = sampling.sample_budgets(sampling.samples_per_prompt(table))
+    epochs = (table.groupby("step")["epoch"].min() if "epoch" in table.columns
+              else pd.Series(np.nan, index=pd.Index(table["step"].unique(), name="step")))
+    return StepMetrics(
+        rows=len(table),
+        prompts=frozenset(table["prompt_id"].unique()),
+        samples_per_prompt=sampling.samples_per_prompt(table),
+        format_counts=fm.format_counts(table, names),
+        format_accuracy=fm.format_accuracy(table, names),
+        accuracy=fm.accuracy(table),
+        grade_reasons=grade_reason_share(table),
+        correctness=table["correct_source"].value_counts().to_dict(),
+        epochs=epochs,
+        pass_at_k=sampling.pass_at_k_by_step(table, budgets),
+        maj_at_k=sampling.maj_at_k_by_step(table, budgets),
+        coverage=sampling.coverage(table),
+        distinct_answers=sampling.distinct_answers_per_prompt(table),
+        distinct_n=sampling.distinct_n(table, (1, 2)),
+        token_entropy=sampling.token_entropy(table) if _has_token_entropy(table) else None,
+        expert_tokens=sm.expert_token_counts(table),
+        format_outcomes=format_outcomes(table),
+    )
+
+
+# ---------------------------------------------------------------- the run from its steps
+
+def combine(pieces: list[StepMetrics], format_set: tuple[Format, ...],
+            collapse_threshold: float = 0.9) -> tuple[dict, pd.DataFrame]:
+    """Every metric of the run from its steps' metrics: the summary dict and the long per-step metrics table."""
+    counts = pd.concat([piece.format_counts for piece in pieces]).fillna(0).sort_index()
+    names = format_names(format_set, pd.Series(list(counts.columns), dtype=object))
+    counts = counts.reindex(columns=names, fill_value=0).astype(np.int64).rename_axis(index="step", columns="format")
+    accuracy = pd.concat([piece.accuracy for piece in pieces]).sort_index().rename("accuracy")
+    format_accuracy = (pd.concat([piece.format_accuracy for piece in pieces]).sort_index()
+                       .reindex(columns=names).rename_axis(index="step", columns="format"))
+    epochs = pd.concat([piece.epochs for piece in pieces]).rename("epoch").rename_axis("step").reset_index()
+    reasons = pd.concat([piece.grade_reasons for piece in pieces]).fillna(0.0).sort_index()
+    reasons = reasons.reindex(columns=sorted(reasons.columns)).rename_axis(index="step", columns="reason")
+    format_summary, metrics = _format_metrics(counts, accuracy, format_accuracy, epochs, collapse_threshold)
+    summary = {
+        "formats": format_summary.pop("formats"),
+        "rows": sum(piece.rows for piece in pieces),
+        "prompts": len(frozenset().union(*(piece.prompts for piece in pieces))),
+        **format_summary,
+        "grade_reasons": _nested(reasons),
+        "correctness": _correctness(pieces),
+    }
+    sampling_summary, sampling_metrics = _sampling_metrics(pieces)
     summary.update(sampling_summary)
-    summary["entropy_accuracy_fit"] = _entropy_accuracy_fits(table, names)
-    metrics += sampling_metrics
-    bar.update()
-    tokens = sm.expert_token_counts(table)
+    token_entropy = _concat_steps([piece.token_entropy for piece in pieces if piece.token_entropy is not None])
+    summary["entropy_accuracy_fit"] = _entropy_accuracy_fits(counts, accuracy, token_entropy)
+    summary["collapse_forecast"] = _collapse_forecast(pieces, names, list(counts.index), collapse_threshold)
+    metrics += sampling_metrics + ([("token_entropy", token_entropy)] if token_entropy is not None else [])
+    if token_entropy is not None:
+        summary["token_entropy"] = _flat(token_entropy)
+    tokens = pd.concat([piece.expert_tokens for piece in pieces if len(piece.expert_tokens)] or [pd.DataFrame()],
+                       ignore_index=True)
     if len(tokens):
         specialists_summary, specialists_metrics = _specialists_metrics(tokens, names)
         summary.update(specialists_summary)
         metrics += specialists_metrics
-    bar.update()
-    bar.close()
     long = pd.concat([_long(name, values) for name, values in metrics], ignore_index=True)
     return summary, long.sort_values(METRIC_KEYS[:-1], kind="stable", na_position="first").reset_index(drop=True)
 
 
-def _format_metrics(table: pd.DataFrame, names: list[str], threshold: float) -> tuple[dict, list]:
-    shares = fm.format_share(table, names)
-    counts = fm.format_counts(table, names)
+def _collapse_forecast(pieces: list[StepMetrics], names: list[str], steps: list[int], threshold: float) -> dict | None:
+    """The collapse forecast made from the run's first FORECAST_STEPS steps up to its last step
+    (analysis.forecast), with the fitted model's shares at every step; None for a run with no step after
+    those (nothing to check the forecast against) or nothing to fit."""
+    if len(steps) <= FORECAST_STEPS:
+        return None
+    outcomes = pd.concat([piece.format_outcomes for piece in pieces], ignore_index=True)
+    forecast = forecast_collapse(outcomes[outcomes["step"].isin(steps[:FORECAST_STEPS])], names, threshold,
+                                 horizon=int(steps[-1]))
+    if forecast is None:
+        return None
+    return {**forecast.as_dict(), "shares": _nested(forecast.shares(np.arange(steps[0], steps[-1] + 1)))}
+
+
+def _correctness(pieces: list[StepMetrics]) -> dict[str, int]:
+    """Rows whose correctness came from the trainer's `correct`, from grading against a gold answer, from the
+    --correct-from column, or is unknown."""
+    total = {source: 0 for source in ("trainer", "gold", "column", "unknown")}
+    for piece in pieces:
+        for source, count in piece.correctness.items():
+            total[source] += int(count)
+    return total
+
+
+def _concat_steps(series: list[pd.Series]) -> pd.Series | None:
+    return pd.concat(series).sort_index() if series else None
+
+
+def _format_metrics(counts: pd.DataFrame, accuracy: pd.Series, format_accuracy: pd.DataFrame, epochs: pd.DataFrame,
+                    threshold: float) -> tuple[dict, list]:
+    shares = fm.shares_of(counts)
     dominant = fm.dominant_format(shares)
     collapse = fm.collapse_step(shares, threshold)
     entropy_nats = fm.format_entropy_nats(shares)
@@ -112,63 +265,60 @@ def _format_metrics(table: pd.DataFrame, names: list[str], threshold: float) -> 
         "effective_format_number": fm.effective_format_number(shares),
         "max_format_share": fm.max_format_share(shares),
         "format_js_divergence": fm.js_divergence_to_first_step(shares),
-        "accuracy": fm.accuracy(table).reindex(shares.index),
+        "accuracy": accuracy.reindex(shares.index),
     }
-    first, last = (int(shares.index[0]), int(shares.index[-1])) if len(shares) else (None, None)
+    first, last = int(shares.index[0]), int(shares.index[-1])
     summary = {
-        "formats": names,
-        "rows": len(table),
-        "prompts": int(table["prompt_id"].nunique()),
+        "formats": list(counts.columns),
         "steps": [int(step) for step in shares.index],
         "collapse_threshold": threshold,
         "format_share": _nested(shares),
         "format_counts": _nested(counts),
-        "dominant_format": dominant.iloc[-1] if len(dominant) else None,
+        "dominant_format": dominant.iloc[-1],
         "dominant_format_by_step": _flat(dominant),
         "collapse_step": collapse,
-        "collapse_epoch": fm.epoch_of_step(table, collapse),
+        "collapse_epoch": fm.epoch_of_step(epochs.dropna(), collapse),
         **{key: _flat(values) for key, values in per_step.items()},
         "format_entropy_nats": _flat(entropy_nats),
-        "format_accuracy": _nested(fm.format_accuracy(table, names).reindex(shares.index)),
-        "grade_reasons": _nested(grade_reason_share(table)),
+        "format_accuracy": _nested(format_accuracy.reindex(shares.index)),
         "format_change_test": {"from_step": first, "to_step": last,
-                               **(format_change_test(counts.loc[first], counts.loc[last]) if len(counts) else {})},
+                               **format_change_test(counts.loc[first], counts.loc[last])},
     }
     metrics = [("format_share", shares), ("format_count", counts), ("format_entropy_nats", entropy_nats),
-               ("format_accuracy", fm.format_accuracy(table, names))] + list(per_step.items())
+               ("format_accuracy", format_accuracy)] + list(per_step.items())
     return summary, metrics
 
 
-def _sampling_metrics(table: pd.DataFrame) -> tuple[dict, list]:
-    budgets = sampling.sample_budgets(sampling.samples_per_prompt(table))
+def _sampling_metrics(pieces: list[StepMetrics]) -> tuple[dict, list]:
+    budgets = sampling.sample_budgets(max(piece.samples_per_prompt for piece in pieces))
+    # a step's own budgets cover the run's: a budget above a step's samples per prompt is NaN there anyway
+    by_k = {name: pd.concat([getattr(piece, name) for piece in pieces]).sort_index().reindex(columns=budgets)
+            .rename_axis(index="step", columns="k") for name in ("pass_at_k", "maj_at_k")}
+    distinct = pd.concat([piece.distinct_n for piece in pieces]).sort_index()
     per_step = {
-        "coverage": sampling.coverage(table),
-        "distinct_answers": sampling.distinct_answers_per_prompt(table),
-        **dict(sampling.distinct_n(table, (1, 2)).items()),
+        "coverage": pd.concat([piece.coverage for piece in pieces]).sort_index().rename("coverage"),
+        "distinct_answers": pd.concat([piece.distinct_answers for piece in pieces]).sort_index(),
+        **{column: distinct[column] for column in distinct.columns},
     }
-    if _has_token_entropy(table):
-        per_step["token_entropy"] = sampling.token_entropy(table)
-    pass_at_k, maj_at_k = sampling.pass_at_k_by_step(table, budgets), sampling.maj_at_k_by_step(table, budgets)
     summary = {
         "samples_per_prompt": budgets[-1] if budgets else 0,
         "budgets": budgets,
-        "pass_at_k": _nested(pass_at_k),
-        "maj_at_k": _nested(maj_at_k),
+        "pass_at_k": _nested(by_k["pass_at_k"]),
+        "maj_at_k": _nested(by_k["maj_at_k"]),
         **{key: _flat(values) for key, values in per_step.items()},
     }
-    return summary, [("pass_at_k", pass_at_k), ("maj_at_k", maj_at_k)] + list(per_step.items())
+    return summary, [("pass_at_k", by_k["pass_at_k"]), ("maj_at_k", by_k["maj_at_k"])] + list(per_step.items())
 
 
 def _has_token_entropy(table: pd.DataFrame) -> bool:
     return {"logprob", "num_tokens"} <= set(table.columns)
 
 
-def _entropy_accuracy_fits(table: pd.DataFrame, names: list[str]) -> dict:
+def _entropy_accuracy_fits(counts: pd.DataFrame, accuracy: pd.Series, token_entropy: pd.Series | None) -> dict:
     """The Cui et al. fit over this run's steps, with the format entropy and (when logprobs exist) the token entropy."""
-    accuracy = fm.accuracy(table)
-    entropies = {"format_entropy": fm.format_entropy_nats(fm.format_share(table, names))}
-    if _has_token_entropy(table):
-        entropies["token_entropy"] = sampling.token_entropy(table)
+    entropies = {"format_entropy": fm.format_entropy_nats(fm.shares_of(counts))}
+    if token_entropy is not None:
+        entropies["token_entropy"] = token_entropy
     return {key: entropy_accuracy_fit(values.tolist(), accuracy.reindex(values.index).tolist())
             for key, values in entropies.items()}
 

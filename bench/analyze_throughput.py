@@ -1,13 +1,19 @@
-"""Throughput of `echolab analyze`: rows per second on a run directory of synthetic rollouts.
+"""Throughput and peak memory of `echolab analyze` on a run of N rollout rows, as verl or echolab writes it.
 
-Writes a run directory (one Parquet file per step, SPEC.md's record with gold answers, token counts,
-logprobs and per-layer expert loads) with completions in the three paper formats rendered by
-`specialists.formats`: a sixth TinyGSM-style functions and a sixth `<llm-code>` (so a third of all rows is
-code that the sandbox runs), two thirds natural language. `--distinct-share` sets how many rows carry a
-completion of their own (1.0: every row distinct, the worst case; RL samples repeat themselves more and
-more as a policy collapses). Only `analyze` is timed. Prints one JSON line.
+Writes the run step by step (never whole in memory): `--layout verl` a verl rollout dump (`{step}.jsonl`, steps
+from 1, keys input / output / gts / score / step / acc), `--layout parquet` an echolab run directory
+(`rollouts/step_NNNNNN.parquet` with gold answers, token counts, logprobs and per-layer expert loads). Each step
+holds `--rows-per-step` completions (default 512 prompts x 16 samples, a verl GRPO step), in the three paper
+formats rendered by `specialists.formats`: a sixth TinyGSM-style functions and a sixth `<llm-code>` (so a third of
+all rows is code the sandbox runs), two thirds natural language, 70% of them correct. Every row is a completion
+of its own (a sample number written into it): the worst case for the grader, which grades each distinct
+completion once. Then analyses the run in a fresh process and reports that process's peak resident memory
+(`ru_maxrss`): streaming keeps it bounded by one step's rows, whatever N. Prints one JSON line with `rows`,
+`seconds` (the analysis alone, wall clock), `rows_per_s`, `peak_rss_mb`, and `cpu_seconds` (CPU time of the
+analysis process and its sandbox workers, imports included: what a loaded machine does not inflate) with the
+load average at the end.
 
-    python bench/analyze_throughput.py [--rows 1000000] [--distinct-share 1.0] [--steps 20] [--samples 8]
+    python bench/analyze_throughput.py --rows 1000000 --layout verl
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,19 +31,20 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis.summary import analyze  # noqa: E402
 from specialists.formats import LLM_CODE, NATURAL_LANGUAGE, PYTHON_FUNCTION  # noqa: E402
 from specialists.tasks import ITEMS, NAMES, Problem, Step  # noqa: E402
 
 FORMATS = (PYTHON_FUNCTION, LLM_CODE, NATURAL_LANGUAGE)
 FORMAT_SHARES = (1 / 6, 1 / 6, 2 / 3)
+SAMPLES = 16
 LAYERS, EXPERTS = 2, 8
 
 
-def random_problems(rng: np.random.Generator, count: int) -> list[Problem]:
+def random_problems(rng: np.random.Generator, count: int, first_id: int) -> list[Problem]:
     """Problems drawn directly (no dedup against a split): a start value and 1-4 add/sub/mul steps."""
     starts, lengths = rng.integers(1, 1000, count), rng.integers(1, 5, count)
     ops, addends, factors = rng.integers(0, 3, (count, 4)), rng.integers(1, 1000, (count, 4)), rng.integers(2, 4, (count, 4))
@@ -47,9 +56,32 @@ def random_problems(rng: np.random.Generator, count: int) -> list[Problem]:
             operand = int(factors[index, position] if op == "mul" else addends[index, position])
             value = value + operand if op == "add" else value - operand if op == "sub" else value * operand
             steps.append(Step(op, operand))
-        problems.append(Problem(f"p{index}", "", float(value), NAMES[index % len(NAMES)], ITEMS[index % len(ITEMS)],
-                                int(starts[index]), tuple(steps)))
+        number = first_id + index
+        problems.append(Problem(f"p{number}", f"Question {number}: what is the result?", float(value),
+                                NAMES[number % len(NAMES)], ITEMS[number % len(ITEMS)], int(starts[index]), tuple(steps)))
     return problems
+
+
+def distinct(text: str, format_index: int, row: int) -> str:
+    """The rendering with the row's sample number written into it, so no two rows share a completion."""
+    if format_index == 0:  # def simple_math_problem():\n    <body>
+        head, body = text.split("\n", 1)
+        return f"{head}\n    sample = {row}\n{body}"
+    if format_index == 1:  # <llm-code>\n<code>
+        return text.replace("<llm-code>\n", f"<llm-code>\nsample = {row}\n", 1)
+    return f"Sample {row}.\n{text}"
+
+
+def step_rows(rng: np.random.Generator, step: int, rows: int, first_row: int) -> dict:
+    """One step's completions (rows = prompts x SAMPLES), with their gold answers and formats."""
+    prompts = random_problems(rng, rows // SAMPLES, first_row // SAMPLES)
+    problem = [prompts[i // SAMPLES] for i in range(rows)]
+    chosen = rng.choice(len(FORMATS), size=rows, p=FORMAT_SHARES)
+    right = rng.random(rows) < 0.7
+    texts = [distinct(FORMATS[f].render(p, "easy" if (first_row + i) % 2 else "hard"), f, first_row + i)
+             for i, (p, f) in enumerate(zip(problem, chosen))]
+    gold = [p.answer + (0 if ok else 1) for p, ok in zip(problem, right)]
+    return {"problem": problem, "format": chosen, "text": texts, "gold": gold, "right": right}
 
 
 def nested_lists(loads: np.ndarray) -> pa.Array:
@@ -59,60 +91,73 @@ def nested_lists(loads: np.ndarray) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(np.arange(0, rows * layers + 1, layers)), inner)
 
 
-def write_run(directory: Path, rows: int, distinct_share: float, steps: int, samples: int, seed: int = 0) -> dict:
-    """Write the run directory; return how many rows are code and how many completions are distinct."""
+def write_run(directory: Path, layout: str, rows: int, rows_per_step: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
-    distinct = max(1, int(rows * distinct_share))
-    pool = random_problems(rng, distinct)
-    pool_format = rng.choice(len(FORMATS), size=distinct, p=FORMAT_SHARES)
-    texts = [FORMATS[f].render(problem, "easy" if index % 2 else "hard")
-             for index, (problem, f) in enumerate(zip(pool, pool_format, strict=True))]
-    # Row i shows pool entry i (while the pool lasts), then entries again; its gold is the entry's answer
-    # for 70% of rows (correct) and a different number otherwise.
-    entry = np.arange(rows) % distinct
-    gold = np.array([pool[i].answer for i in entry]) + np.where(rng.random(rows) < 0.7, 0, 1)
-    tokens = np.array([len(texts[i].split()) for i in entry])
     routing = rng.dirichlet(np.ones(EXPERTS), size=len(FORMATS))
-    loads = np.empty((rows, LAYERS, EXPERTS), dtype=np.int64)
-    for layer in range(LAYERS):
-        loads[:, layer] = rng.multinomial(tokens, routing[pool_format[entry]])
-    rows_per_step = rows // steps
-    (directory / "rollouts").mkdir(parents=True)
-    (directory / "config.json").write_text(json.dumps({"formats": "synthetic", "seed": seed}))
-    for step in range(steps):
-        part = slice(step * rows_per_step, rows if step == steps - 1 else (step + 1) * rows_per_step)
-        count = part.stop - part.start
-        offsets = np.arange(part.start, part.stop)
-        table = pa.table({
-            "step": pa.array(np.full(count, step), pa.int64()),
-            "prompt_id": pa.array([f"q{i // samples}" for i in offsets]),
-            "sample_index": pa.array(offsets % samples, pa.int64()),
-            "completion": pa.array([texts[i] for i in entry[part]]),
-            "answer": pa.array(gold[part]),
-            "num_tokens": pa.array(tokens[part]),
-            "logprob": pa.array(-0.5 * tokens[part].astype(np.float64)),
-            "expert_load": nested_lists(loads[part]),
-        })
-        pq.write_table(table, directory / "rollouts" / f"step_{step:06d}.parquet")
-    is_code = np.array([fmt.code is not None for fmt in FORMATS])[pool_format[entry]]
-    return {"code_rows": int(is_code.sum()), "distinct_completions": len(set(texts))}
+    steps = -(-rows // rows_per_step)
+    folder = directory / "rollouts" if layout == "parquet" else directory
+    folder.mkdir(parents=True)
+    if layout == "parquet":
+        (directory / "config.json").write_text(json.dumps({"formats": "synthetic", "seed": seed}))
+    for index in tqdm(range(steps), desc=f"write {layout} run", unit="step", mininterval=2.0):
+        count = min(rows_per_step, rows - index * rows_per_step)
+        data = step_rows(rng, index, count, index * rows_per_step)
+        if layout == "verl":
+            step = index + 1  # verl counts steps from 1
+            lines = [json.dumps({"input": f"user\n{p.question}\nassistant\n", "output": text, "gts": str(int(gold)),
+                                 "score": float(ok), "step": step, "acc": bool(ok)}, ensure_ascii=False)
+                     for p, text, gold, ok in zip(data["problem"], data["text"], data["gold"], data["right"])]
+            (folder / f"{step}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+            continue
+        tokens = np.array([len(text.split()) for text in data["text"]])
+        loads = np.stack([rng.multinomial(tokens, routing[data["format"]]) for _ in range(LAYERS)], axis=1)
+        pq.write_table(pa.table({
+            "step": pa.array(np.full(count, index), pa.int64()),
+            "prompt_id": pa.array([p.id for p in data["problem"]]),
+            "sample_index": pa.array(np.arange(count) % SAMPLES, pa.int64()),
+            "completion": pa.array(data["text"]),
+            "answer": pa.array(np.asarray(data["gold"], dtype=np.float64)),
+            "num_tokens": pa.array(tokens),
+            "logprob": pa.array(-0.5 * tokens.astype(np.float64)),
+            "expert_load": nested_lists(loads),
+        }), folder / f"step_{index:06d}.parquet")
+
+
+def analyse_in_this_process(directory: Path) -> None:
+    """The child's part: analyse, print rows, seconds and this process's peak RSS."""
+    from analysis.summary import analyze
+
+    started = time.perf_counter()
+    summary = analyze(directory, formats="synthetic", out_dir=directory.parent / "analysis", progress=False)
+    seconds = time.perf_counter() - started
+    own, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = sum(usage.ru_utime + usage.ru_stime for usage in (own, workers))  # this process and its sandbox workers
+    print(json.dumps({"rows": summary["rows"], "seconds": seconds, "cpu_seconds": cpu,
+                      "peak_rss_mb": own.ru_maxrss / 1024}))  # Linux: kilobytes
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--distinct-share", type=float, default=1.0)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--layout", choices=("verl", "parquet"), default="verl")
+    parser.add_argument("--rows-per-step", type=int, default=512 * SAMPLES)
+    parser.add_argument("--analyse-only", type=Path, help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
+    if args.analyse_only is not None:
+        analyse_in_this_process(args.analyse_only)
+        return
     with tempfile.TemporaryDirectory() as scratch:
         run = Path(scratch) / "run"
-        data = write_run(run, args.rows, args.distinct_share, args.steps, args.samples)
-        started = time.perf_counter()
-        summary = analyze(run, formats=None, progress=False)
-        seconds = time.perf_counter() - started
-    print(json.dumps({"rows": summary["rows"], **data, "seconds": round(seconds, 2),
-                      "rows_per_s": round(summary["rows"] / seconds), "cpus": os.cpu_count()}))
+        write_run(run, args.layout, args.rows, args.rows_per_step)
+        child = subprocess.run([sys.executable, __file__, "--analyse-only", str(run)], capture_output=True, text=True,
+                               check=False)
+        if child.returncode != 0:
+            sys.exit(child.stderr)
+        result = json.loads(child.stdout.strip().splitlines()[-1])
+    print(json.dumps({"rows": result["rows"], "layout": args.layout, "rows_per_step": args.rows_per_step,
+                      "seconds": round(result["seconds"], 2), "rows_per_s": round(result["rows"] / result["seconds"]),
+                      "peak_rss_mb": round(result["peak_rss_mb"], 1), "cpu_seconds": round(result["cpu_seconds"], 1),
+                      "cpus": os.cpu_count(), "load_average": round(os.getloadavg()[0], 1)}))
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ def run_ours(model_dir: Path, settings, problems, rewards, engine_kind: str, see
     from rl.rollouts import PromptSet
     from rl.training import train
     from specialists.model import load_model
+    from specialists.prompting import Prompter
     from specialists.tokenizer import load_tokenizer
 
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
@@ -87,7 +88,8 @@ def run_ours(model_dir: Path, settings, problems, rewards, engine_kind: str, see
     try:
         with tempfile.TemporaryDirectory(prefix="rl-step-bench-") as run_dir:
             run = Run(settings=settings, model=model, tokenizer=tokenizer, engine=engine,
-                      prompt_set=PromptSet(problems, len(problems), seed), rewards=rewards, recorder=Recorder(run_dir),
+                      prompt_set=PromptSet(problems, len(problems), seed, Prompter(tokenizer)), rewards=rewards,
+                      recorder=Recorder(run_dir),
                       seed=seed, progress=False)
             clock.start()
             train(run, observers=[clock])

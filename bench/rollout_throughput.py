@@ -1,9 +1,11 @@
-"""Rollout throughput: vLLM against transformers `generate` on the default MoE model.
+"""Rollout throughput: vLLM against transformers `generate` on the default MoE model, at one dtype.
 
 64 prompts x 8 samples x exactly 64 new tokens (min = max, so both engines do the same work),
-temperature 1.0, same prompts. Engine start is reported apart from generation. Prints one JSON line.
+temperature 1.0, same prompts. Both engines compute in `--dtype`: vLLM's engine as the RL engine is built
+(rl.weight_sync.make_llm), transformers' model cast to it. The two are timed back to back in one process.
+Engine start is reported apart from generation. Prints one JSON line.
 
-    python bench/rollout_throughput.py [--model DIR]   # default: the default config's model, untrained
+    python bench/rollout_throughput.py [--model DIR] [--dtype float32|bfloat16]   # default model: the default config's, untrained
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = parser.parse_args()
 
     import torch
@@ -46,12 +49,12 @@ def main() -> None:
     from specialists.tokenizer import load_tokenizer
 
     model_dir = args.model or default_model_dir(tempfile.mkdtemp(prefix="echolab-bench-"))
-    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir).eval()
+    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir).to(getattr(torch, args.dtype)).eval()
     prompts = [prompt_text(p) for p in generate_problems(args.prompts, seed=0, split="eval")]
     total_tokens = args.prompts * args.samples * args.new_tokens
 
     started = time.perf_counter()
-    llm = make_llm(model_dir, seed=0, max_model_len=256)
+    llm = make_llm(model_dir, seed=0, max_model_len=256, dtype=args.dtype)
     engine_start_s = time.perf_counter() - started
     requests = [TokensPrompt(prompt_token_ids=tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     params = SamplingParams(n=args.samples, temperature=1.0, top_k=0, top_p=1.0, min_tokens=args.new_tokens,
@@ -75,7 +78,7 @@ def main() -> None:
             assert output.shape[1] - batch["input_ids"].shape[1] == args.new_tokens
 
     print(json.dumps({
-        "prompts": args.prompts, "samples_per_prompt": args.samples, "new_tokens": args.new_tokens,
+        "prompts": args.prompts, "samples_per_prompt": args.samples, "new_tokens": args.new_tokens, "dtype": args.dtype,
         "vllm_engine_start_s": round(engine_start_s, 2), "vllm_s": round(vllm_s, 2), "hf_s": round(hf_s, 2),
         "vllm_tokens_per_s": round(total_tokens / vllm_s, 1), "hf_tokens_per_s": round(total_tokens / hf_s, 1),
         "speedup": round(hf_s / vllm_s, 2), "torch_threads": torch.get_num_threads(),

@@ -11,6 +11,7 @@ import argparse
 import itertools
 import json
 import sys
+import warnings
 from pathlib import Path
 
 EXIT_USER_ERROR = 1
@@ -18,8 +19,12 @@ EXIT_USER_ERROR = 1
 
 def _pretrain(args: argparse.Namespace) -> None:
     from experiments.config import load_experiment_config
+    from specialists.errors import UserError
 
     config = load_experiment_config(args.config).specialists()  # validate before the slow imports
+    if config.model.path:
+        raise UserError(f"{args.config}: model.path names a base that is not pretrained here; "
+                        "`echolab pretrain` needs a config without it")
     from specialists.evaluate import evaluate
     from specialists.pretrain import pretrain
 
@@ -37,6 +42,9 @@ def _evaluate(args: argparse.Namespace) -> None:
     from specialists.errors import UserError
 
     config = load_experiment_config(args.config).specialists()
+    if config.model.path:
+        raise UserError(f"{args.config}: model.path names a base that is not pretrained here; `echolab evaluate` "
+                        "needs the config a built-in model was pretrained with")
     model_dir = Path(args.model)
     if not model_dir.is_dir():
         raise UserError(f"{model_dir}: no such model directory")
@@ -97,26 +105,55 @@ def _run(args: argparse.Namespace) -> None:
     print(f"report: {report}")
 
 
+def _read_options(args: argparse.Namespace):
+    """--source, --columns and --correct-from as one record (checked before any work)."""
+    from analysis.sources import ReadOptions, parse_columns
+
+    columns = parse_columns(args.columns) if args.columns is not None else None
+    return ReadOptions(source=args.source, columns=columns, correct_from=args.correct_from)
+
+
 def _analyze(args: argparse.Namespace) -> None:
     from analysis.summary import analyze
 
     summary = analyze(args.input, formats=args.formats, out_dir=args.out, collapse_threshold=args.threshold,
-                      progress=not args.quiet)
+                      progress=not args.quiet, reading=_read_options(args))
     print(json.dumps({key: summary[key] for key in ("formats", "dominant_format", "collapse_step")}))
 
 
 def _report(args: argparse.Namespace) -> None:
     from analysis.report import write_report
+    from analysis.sources import open_input
 
-    runs = [Path(d) for d in args.run_dirs]
+    reading = _read_options(args)
+    inputs = [Path(d) for d in args.inputs]
     if args.out:
         out = Path(args.out)
-    elif len(runs) == 1:
-        out = runs[0] / "report.html"
-    else:  # a comparison is a new file: never a run's own report, nor an earlier comparison
+    elif len(inputs) == 1:
+        out = open_input(inputs[0], reading).default_out_dir() / "report.html"
+    else:  # a comparison is a new file: never an input's own report, nor an earlier comparison
         out = next(path for number in itertools.count(1)
                    if not (path := Path("comparison.html" if number == 1 else f"comparison-{number}.html")).exists())
-    print(f"report: {write_report(runs, out, progress=not args.quiet)}")
+    report = write_report(inputs, out, formats=args.formats, reading=reading, baseline=args.baseline,
+                          progress=not args.quiet)
+    print(f"report: {report}")
+
+
+def _add_input_options(command: argparse.ArgumentParser) -> None:
+    """How `analyze` and `report` read their inputs and label formats."""
+    command.add_argument("--formats",
+                         help="format set: 'synthetic', 'echo-chamber' (the real datasets' shapes, and GSM8K's #### N), "
+                              "or a TOML/YAML file of your own (default: the run's configured set, else synthetic)")
+    command.add_argument("--source", choices=("echolab", "verl", "trl", "table"),
+                         help="what the input is (default: detected): an echolab run directory or rollout file, a "
+                              "verl rollout dump (trainer.rollout_data_dir), a TRL output or completions/ folder "
+                              "(log_completions=True), or any table read through --columns")
+    command.add_argument("--columns", metavar="MAP",
+                         help="for a table: FIELD=COLUMN pairs naming its columns, e.g. "
+                              "completion=response,prompt=query,step=global_step,answer=gold (implies --source table)")
+    command.add_argument("--correct-from", metavar="COLUMN",
+                         help="where a row has no gold answer: correct when this column's value is > 0 "
+                              "(e.g. verl's score or acc, a TRL reward function's column)")
 
 
 def _sweep(args: argparse.Namespace) -> None:
@@ -165,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser(
         "run", help="the whole experiment: pretrain (cached) -> RL -> analysis -> report",
-        description="Run one experiment config: pretrain the base model (cached by the hash of its config), "
+        description="Run one experiment config: pretrain the base model (cached by the hash of its config; a "
+                    "config with [model] path takes that checkpoint instead), "
                     "post-train it with the configured RL algorithm, analyse every recorded rollout, and write "
                     "the run directory (config.json, rollouts/, metrics.jsonl, checkpoints/, "
                     "summary.json, report.html).")
@@ -181,26 +219,35 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_run)
 
     analyze = commands.add_parser(
-        "analyze", help="format collapse, specialist dominance and pass@k from a run directory or rollout file",
-        description="INPUT is a run directory or a rollout file (JSONL or Parquet; one row per completion with at "
-                    "least step, prompt_id, completion). Writes summary.json and metrics.parquet.")
-    analyze.add_argument("input", help="run directory, or .jsonl / .parquet rollout file")
-    analyze.add_argument("--formats",
-                         help="format set: 'synthetic', 'echo-chamber', or a TOML/YAML file of your own "
-                              "(default: the run's configured set, else synthetic)")
-    analyze.add_argument("--out", help="output directory (default: the run directory, or <file stem>_analysis/)")
+        "analyze", help="format collapse, specialist dominance and pass@k from any RL run's rollouts",
+        description="INPUT is an echolab run directory or rollout file (JSONL or Parquet; one row per completion with "
+                    "at least step, prompt_id, completion), a verl rollout dump directory ({step}.jsonl files), a TRL "
+                    "GRPOTrainer output directory or its completions/ folder (completions_NNNNN.parquet), or any "
+                    "table with --columns. Reads it step by step; writes summary.json and metrics.parquet.")
+    analyze.add_argument("input", help="run directory, rollout file, verl dump, TRL output or completions/ folder, "
+                                       "or table")
+    _add_input_options(analyze)
+    analyze.add_argument("--out", help="output directory (default: the run directory itself, else <name>_analysis/ "
+                                       "beside the input)")
     analyze.add_argument("--threshold", type=float, default=0.9, help="dominant share that counts as collapse (default 0.9)")
     analyze.add_argument("--quiet", action="store_true", help="no progress bars")
     analyze.set_defaults(handler=_analyze)
 
     report = commands.add_parser(
         "report", help="one self-contained HTML report for one or several runs",
-        description="Render one HTML file (figures embedded, no network) for one run, or several side by side; "
-                    "runs whose configs differ only in seed are pooled with 95% confidence bands.")
-    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
-                        help="run directory (of `echolab run` or `echolab sweep`); give several to compare them")
-    report.add_argument("--out", help="HTML file (default: RUN_DIR/report.html for one run; for several, a new "
-                                      "comparison.html, or comparison-2.html, ..., in the current directory)")
+        description="Render one HTML file (figures embedded, no network) for anything analyze reads, one input or "
+                    "several side by side; echolab runs whose configs differ only in seed are pooled with 95% "
+                    "confidence bands. Inputs without an up-to-date analysis are analysed first (into the run "
+                    "directory, else <name>_analysis/ beside the input).")
+    report.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="what analyze reads (a run directory, rollout file, verl dump, TRL output or table); "
+                             "give several to compare them")
+    _add_input_options(report)
+    report.add_argument("--baseline", metavar="NAME",
+                        help="the group or input the others are compared with (default: the first given)")
+    report.add_argument("--out", help="HTML file (default: for one input, report.html in its analysis directory: the "
+                                      "run directory, else <name>_analysis/; for several, a new comparison.html, or "
+                                      "comparison-2.html, ..., in the current directory)")
     report.add_argument("--quiet", action="store_true", help="no progress bars (runs without an up-to-date "
                                                              "summary.json are analysed first)")
     report.set_defaults(handler=_report)
@@ -227,6 +274,17 @@ def main(argv: list[str] | None = None) -> int:
     from specialists.errors import UserError
 
     silence_libraries()  # before any handler imports vLLM, torch or transformers
+    default_show = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        """Warnings about the input (analysis.load.InputWarning: a skipped cut line) as one line like errors."""
+        if category.__name__ == "InputWarning":
+            print(f"echolab {args.command}: warning: {message}", file=sys.stderr)
+        else:
+            default_show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
     try:
         args.handler(args)
     except UserError as error:

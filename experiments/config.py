@@ -132,7 +132,8 @@ def validate(document: dict, model: type[BaseModel], where: Where):
         cause = first.get("ctx", {}).get("error")
         keys = [location + tuple(key.split(".")) for key in cause.keys] if isinstance(cause, SettingsError) else []
         keys += [location[:end] for end in range(len(location), 0, -1)]  # else the key, else its section
-        message = str(cause) if isinstance(cause, UserError) else first["msg"]
+        # pydantic's own message, or ours without the "Value error, " pydantic puts before a validator's ValueError
+        message = str(cause) if isinstance(cause, UserError) else first["msg"].removeprefix("Value error, ")
         if not isinstance(cause, UserError) and isinstance(first["input"], (str, int, float)):
             got = f"got {first['input']!r}"  # a section's input is the whole table: not worth quoting
             suggestion = (closest(str(first["input"]), re.findall(r"'([^']*)'", first["ctx"]["expected"]))
@@ -169,16 +170,44 @@ class ExperimentConfig(SpecialistsConfig):
 
     @model_validator(mode="after")
     def _rl_fits_the_model(self) -> "ExperimentConfig":
-        """Rules between RL and the base model (RL's own rules are RLSettings'; the model's, ModelSettings')."""
-        if self.rl.prompts == "synthetic":
-            check_problem_space(self.task, "train", self.rl.num_prompts, "rl.num_prompts")
-        if self.model.kind == "dense":
-            if self.rl.mitigations.freeze_router:
-                raise SettingsError("rl.mitigations.freeze_router needs a model with a router (model.kind = 'moe')",
-                                    "rl.mitigations.freeze_router", "model.kind")
-            if self.rl.router_aux_loss_coef is not None:
-                raise SettingsError("rl.router_aux_loss_coef needs a model with a router (model.kind = 'moe')",
-                                    "rl.router_aux_loss_coef", "model.kind")
+        """Rules between RL and the base model (RL's own rules are RLSettings'; the model's, ModelSettings'). A
+        model.path base is checked here, before any work: a supported family vLLM serves exactly, with the
+        positions for model.max_length and a chat template when rl.chat_template asks for one
+        (specialists.families reads two small JSON files)."""
+        from specialists.families import checkpoint_family, has_chat_template
+
+        rl, path = self.rl, self.model.path
+        if rl.prompts == "synthetic":
+            check_problem_space(self.task, "train", rl.num_prompts, "rl.num_prompts")
+        if path is None and rl.chat_template:
+            raise SettingsError("rl.chat_template needs a model.path base with a chat template; the pretrained "
+                                "built-in models have none", "rl.chat_template")
+        if path is not None and rl.mitigations.pretrain_replay_coef > 0:
+            raise SettingsError("rl.mitigations.pretrain_replay_coef replays the pretraining corpus, which a "
+                                "model.path base does not have here", "rl.mitigations.pretrain_replay_coef",
+                                "model.path")
+        if path is None:
+            router, why, model_key = self.model.kind == "moe", "model.kind = 'moe'", "model.kind"
+        else:
+            try:
+                family, checkpoint = checkpoint_family(path)
+            except UserError as error:
+                raise SettingsError(str(error), "model.path") from None
+            positions = checkpoint.get("max_position_embeddings")
+            if positions is not None and self.model.max_length > positions:
+                raise SettingsError(f"model.max_length ({self.model.max_length}) exceeds the {positions} positions of "
+                                    f"the checkpoint at model.path (its max_position_embeddings)", "model.max_length",
+                                    "model.path")
+            if rl.chat_template and not has_chat_template(path):
+                raise SettingsError(f"rl.chat_template: the tokenizer in {path} has no chat template",
+                                    "rl.chat_template", "model.path")
+            router, why, model_key = family.mixture_of_experts, f"model.path is a dense {family.name}", "model.path"
+        if not router and rl.mitigations.freeze_router:
+            raise SettingsError(f"rl.mitigations.freeze_router needs a model with a router ({why})",
+                                "rl.mitigations.freeze_router", model_key)
+        if not router and rl.router_aux_loss_coef is not None:
+            raise SettingsError(f"rl.router_aux_loss_coef needs a model with a router ({why})",
+                                "rl.router_aux_loss_coef", model_key)
         return self
 
 

@@ -1,6 +1,7 @@
 """One experiment end to end: pretrain (cached) -> RL post-training -> analysis -> report.
 
-The pretrained base is cached under `$ECHOLAB_CACHE` (default `~/.cache/echolab`) by the hash of the
+The RL base is the checkpoint at `[model] path` when the config names one (pretraining is skipped), else
+the pretrained built-in model. The pretrained base is cached under `$ECHOLAB_CACHE` (default `~/.cache/echolab`) by the hash of the
 config's pretraining part, so runs that share a base (seeds of RL aside) reuse it. A killed run
 continues with `resume=True` from its last checkpoint; the steps after it are redone and recorded
 again (their partial records are dropped first), so no step is lost or doubled. Every file of the run
@@ -31,7 +32,9 @@ def base_model_dir(config: SpecialistsConfig, progress: bool = True) -> Path:
     from specialists.evaluate import evaluate
     from specialists.pretrain import pretrain
 
-    key = hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+    # model.path (always None for a pretrained base) stays out of the key, so caches made before it existed still hit
+    settings = config.model_dump(mode="json", exclude={"model": {"path"}})
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     directory = cache_root() / "pretrain" / key
     if (directory / "evaluation.json").is_file():
         return directory / "model"
@@ -42,6 +45,11 @@ def base_model_dir(config: SpecialistsConfig, progress: bool = True) -> Path:
     shutil.rmtree(directory, ignore_errors=True)
     partial.replace(directory)
     return directory / "model"
+
+
+def base_model(config: ExperimentConfig, progress: bool = True) -> Path:
+    """The RL base: the checkpoint at model.path, or the pretrained built-in model (trained on first use)."""
+    return Path(config.model.path) if config.model.path else base_model_dir(config.specialists(), progress)
 
 
 def _prepare_run_dir(run_dir: Path, resolved: dict, resume: bool, overwrite: bool) -> None:
@@ -93,10 +101,11 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, resume: bool =
     from specialists.formats import FORMAT_SETS
     from specialists.model import load_model
     from specialists.pretrain import build_corpus
+    from specialists.prompting import Prompter
     from specialists.sandbox import Sandbox
     from specialists.tokenizer import load_tokenizer
 
-    base = base_model_dir(config.specialists(), progress)
+    base = base_model(config, progress)
     start_step, weights = 0, base
     last = recorder.last_checkpoint() if resume else None
     if last is not None:  # the driver reads the optimiser and RNG state from the checkpoint itself
@@ -107,8 +116,9 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, resume: bool =
     torch.manual_seed(seed)
     model, tokenizer = load_model(weights), load_tokenizer(weights)
     problems = load_prompt_problems(settings, seed, config.task)
+    prompter = Prompter(tokenizer, settings.prompt_template, settings.chat_template)
     replay = None
-    if settings.mitigations.pretrain_replay_coef > 0:
+    if settings.mitigations.pretrain_replay_coef > 0:  # the config refuses it with a model.path base
         texts = [example.text for example in build_corpus(config.specialists())]
         replay = PretrainReplay.from_texts(texts, tokenizer, settings.mitigations.pretrain_replay_batch, seed)
     engine = make_engine(settings.engine, weights, model, tokenizer, config.model.max_length, seed)
@@ -117,7 +127,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, resume: bool =
             rewards = Rewards(FORMAT_SETS["synthetic"], sandbox, settings.reward_scale,
                               settings.mitigations.format_diversity_coef)
             train(Run(settings=settings, model=model, tokenizer=tokenizer, engine=engine,
-                      prompt_set=PromptSet(problems, settings.prompts_per_step, seed), rewards=rewards,
+                      prompt_set=PromptSet(problems, settings.prompts_per_step, seed, prompter), rewards=rewards,
                       recorder=recorder, seed=seed, start_step=start_step,
                       reference=load_model(base) if needs_base_model(settings) else None, replay=replay,
                       progress=progress), observers)

@@ -178,7 +178,8 @@ def _pretrain_bases(runs: list[PlannedRun], progress: bool) -> None:
     distinct = {}
     for run in runs:
         specialists = load_experiment_config(run.config_path).specialists()
-        distinct[specialists.model_dump_json()] = specialists
+        if specialists.model.path is None:  # a model.path base is not pretrained
+            distinct[specialists.model_dump_json()] = specialists
     for config in distinct.values():
         base_model_dir(config, progress=progress)
 

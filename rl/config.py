@@ -12,7 +12,8 @@ from pydantic import Field, field_validator, model_validator
 
 from specialists.config import Strict
 from specialists.errors import SettingsError
-from specialists.tasks import load_gsm8k
+from specialists.prompting import TEMPLATE_FIELDS, template_problem
+from specialists.tasks import PROMPT_TEMPLATE, load_gsm8k
 
 
 class SamplingSettings(Strict):
@@ -27,6 +28,16 @@ class SamplingSettings(Strict):
 class EngineSettings(Strict):
     kind: Literal["vllm", "hf"] = Field("vllm", description="vllm: vLLM with weight sync after every update; hf: transformers generate")
     kv_cache_gib: float = Field(1.0, gt=0, description="vLLM KV cache (VLLM_CPU_KVCACHE_SPACE on CPU)")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description=(
+        "precision of vLLM's rollouts; training stays float32 and the weights are cast on every sync. bfloat16 "
+        "samples from a slightly different model than the one trained (correct it with tis_cap)"))
+
+    @model_validator(mode="after")
+    def _bfloat16_is_vllm(self) -> "EngineSettings":
+        if self.kind == "hf" and self.dtype != "float32":
+            raise SettingsError("dtype bfloat16 needs kind 'vllm': the hf engine samples from the float32 training "
+                                "model", "dtype", "kind")
+        return self
 
 
 class GRPOSettings(Strict):
@@ -126,6 +137,11 @@ class RLSettings(Strict):
     router_aux_loss_coef: float | None = Field(None, ge=0, description="None: the model's own coefficient")
     num_prompts: int = Field(256, ge=1, description="size of the RL prompt set (epochs are counted over it)")
     prompts: str = Field("synthetic", description="'synthetic' (held-out train problems) or a GSM8K-style JSONL path")
+    prompt_template: str = Field(PROMPT_TEMPLATE, description=(
+        "the prompt, a format string over the problem's fields: " + ", ".join(f"{{{name}}}" for name in TEMPLATE_FIELDS)
+        + " (specialists.prompting)"))
+    chat_template: bool = Field(False, description=(
+        "wrap the prompt as the user turn of the tokenizer's own chat template (model.path bases that have one)"))
     checkpoint_every: int = Field(10, ge=1)
     sampling: SamplingSettings = SamplingSettings()
     engine: EngineSettings = EngineSettings()
@@ -139,6 +155,14 @@ class RLSettings(Strict):
     def _prompt_file_reads(cls, value: str) -> str:
         if value != "synthetic":
             load_gsm8k(value)  # a missing file or a bad line is refused now, not after the pretraining
+        return value
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _usable_template(cls, value: str) -> str:
+        problem = template_problem(value)
+        if problem:
+            raise SettingsError(problem)
         return value
 
     @model_validator(mode="after")

@@ -91,15 +91,18 @@ class HFEngine:
 
 
 class VLLMEngine:
-    """An in-process vLLM engine (rl.weight_sync.make_llm) whose weights follow the trained model."""
+    """An in-process vLLM engine (rl.weight_sync.make_llm) whose weights follow the trained model. `dtype`
+    "bfloat16" serves the trained float32 weights rounded to bfloat16: the mismatch that truncated importance
+    sampling corrects (rl.losses.truncated_importance_weights)."""
 
-    def __init__(self, model_dir: str | Path, tokenizer, max_length: int, seed: int, kv_cache_gib: float = 1.0):
+    def __init__(self, model_dir: str | Path, tokenizer, max_length: int, seed: int, kv_cache_gib: float = 1.0,
+                 dtype: str = "float32"):
         from rl.weight_sync import make_llm  # vLLM is imported only when an engine is built
 
         self.tokenizer = tokenizer
         # processed_logprobs: the log-probs of the distribution vLLM samples from, after temperature and top-p
         # (vllm.v1.sample.sampler: temperature, then top-k/top-p masking, then log_softmax)
-        self.llm = make_llm(model_dir, seed=seed, max_model_len=max_length, kv_cache_gib=kv_cache_gib,
+        self.llm = make_llm(model_dir, seed=seed, max_model_len=max_length, kv_cache_gib=kv_cache_gib, dtype=dtype,
                             logprobs_mode="processed_logprobs")
 
     def generate(self, prompts: list[str], sampling: SamplingSettings, seed: int) -> list[list[Completion]]:
@@ -135,4 +138,5 @@ class VLLMEngine:
 def make_engine(settings: EngineSettings, model_dir, model, tokenizer, max_length: int, seed: int) -> RolloutEngine:
     if settings.kind == "hf":
         return HFEngine(model, tokenizer)
-    return VLLMEngine(model_dir, tokenizer, max_length=max_length, seed=seed, kv_cache_gib=settings.kv_cache_gib)
+    return VLLMEngine(model_dir, tokenizer, max_length=max_length, seed=seed, kv_cache_gib=settings.kv_cache_gib,
+                      dtype=settings.dtype)

@@ -45,19 +45,19 @@ from rl.recipe import (
 from rl.rollouts import StepBatch
 from rl.seeds import step_seed
 from rl.sequences import pack, token_logprobs
-from specialists.tasks import Problem, prompt_text
 
 SFT_BATCH_SIZE = 16
 
 
-def select_for_sft(batch: StepBatch) -> tuple[int, list[tuple[Problem, Completion]]]:
-    """(number of correct samples, the correct samples deduplicated by completion text per prompt).
+def select_for_sft(batch: StepBatch) -> tuple[int, list[tuple[str, Completion]]]:
+    """(number of correct samples, the correct (prompt text, completion) pairs deduplicated by completion text
+    per prompt).
 
     Order is kept (prompt by prompt, sample by sample) and the first of equal texts survives.
     Two prompts with the same id count as one prompt (a prompt set smaller than a step's batch).
     """
     correct, seen, unique = 0, set(), []
-    for problem, group, grades in zip(batch.problems, batch.completions, batch.grades):
+    for problem, prompt, group, grades in zip(batch.problems, batch.prompts, batch.completions, batch.grades):
         for completion, grade in zip(group, grades):
             if not grade.correct:
                 continue
@@ -65,18 +65,18 @@ def select_for_sft(batch: StepBatch) -> tuple[int, list[tuple[Problem, Completio
             key = (problem.id, completion.text)
             if key not in seen:
                 seen.add(key)
-                unique.append((problem, completion))
+                unique.append((prompt, completion))
     return correct, unique
 
 
-def supervised_finetune(model, tokenizer, samples: list[tuple[Problem, Completion]], settings: RLSettings,
+def supervised_finetune(model, tokenizer, samples: list[tuple[str, Completion]], settings: RLSettings,
                         seed: int, step: int) -> list[dict]:
     """Step 4 of round `step`: fine-tune `model` in place on prompt + completion, loss on completion tokens
     only, minibatches drawn with `seed`. Returns one {"loss", "grad_norm", "aux_loss"} per optimiser step."""
     if not samples:
         return []
     device = next(model.parameters()).device
-    prompt_ids = [tokenizer(prompt_text(problem), add_special_tokens=False)["input_ids"] for problem, _ in samples]
+    prompt_ids = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt, _ in samples]  # as pack_batch
     input_ids, attention_mask, completion_mask = (
         t.to(device) for t in pack(prompt_ids, [list(c.token_ids) for _, c in samples], tokenizer.pad_token_id))
     aux_coef = aux_loss_coefficient(model, settings)

@@ -36,12 +36,12 @@ class Rollout:
     prompt: str
     completion: str
     answer: float | None
-    reward: float
+    reward: float | None  # None: not known to the recorder (experiments.trl_callback)
     correct: bool
     format: str
     reason: str
     num_tokens: int
-    logprob: float
+    logprob: float | None  # None: not scored
     expert_load: list[list[int]] | None = None
 
 

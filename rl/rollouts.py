@@ -26,7 +26,8 @@ from rl.sequences import pack
 from specialists.formats import Format
 from specialists.grading import Grade, grade_completions
 from specialists.sandbox import Sandbox
-from specialists.tasks import Problem, TaskSettings, generate_problems, load_gsm8k, prompt_text
+from specialists.prompting import Prompter
+from specialists.tasks import Problem, TaskSettings, generate_problems, load_gsm8k
 
 
 def load_prompt_problems(settings: RLSettings, seed: int, task: TaskSettings) -> list[Problem]:
@@ -36,10 +37,11 @@ def load_prompt_problems(settings: RLSettings, seed: int, task: TaskSettings) ->
 
 
 class PromptSet:
-    """Prompts in a seeded order, reshuffled every epoch; `batch(step)` is a pure function of the step."""
+    """Prompts in a seeded order, reshuffled every epoch; `batch(step)` is a pure function of the step.
+    `prompter` turns each problem into the prompt the model sees (specialists.prompting)."""
 
-    def __init__(self, problems: list[Problem], prompts_per_step: int, seed: int):
-        self.problems, self.prompts_per_step, self.seed = problems, prompts_per_step, seed
+    def __init__(self, problems: list[Problem], prompts_per_step: int, seed: int, prompter: Prompter):
+        self.problems, self.prompts_per_step, self.seed, self.prompter = problems, prompts_per_step, seed, prompter
 
     def epoch(self, step: int) -> float:
         """Passes over the prompt set completed before this step's batch."""
@@ -64,6 +66,7 @@ class StepBatch:
     """One step's rollouts, grouped by prompt: completions[p][g] for prompt p, sample g."""
 
     problems: list[Problem]
+    prompts: list[str]  # each problem's prompt text (PromptSet.prompter)
     completions: list[list[Completion]]
     grades: list[list[Grade]]
     rewards: torch.Tensor  # (prompts, samples)
@@ -95,11 +98,14 @@ class Rewards:
         return rewards, grades
 
 
-def collect(engine: RolloutEngine, problems: list[Problem], settings: RLSettings, rewards: Rewards, seed: int) -> StepBatch:
-    """Sample `samples_per_prompt` completions of each problem with `seed`, grade and reward them."""
+def collect(engine: RolloutEngine, prompter: Prompter, problems: list[Problem], settings: RLSettings, rewards: Rewards,
+            seed: int) -> StepBatch:
+    """Sample `samples_per_prompt` completions of each problem's prompt (`prompter`) with `seed`, grade and
+    reward them."""
     sampling = settings.sampling
+    prompts = [prompter.text(p) for p in problems]
     started = time.perf_counter()
-    groups = engine.generate([prompt_text(p) for p in problems], sampling, seed)
+    groups = engine.generate(prompts, sampling, seed)
     sampled = time.perf_counter()
     if len(groups) != len(problems) or any(len(group) != sampling.samples_per_prompt for group in groups):
         raise RuntimeError(f"the engine returned {[len(g) for g in groups]} completions per prompt, "
@@ -109,7 +115,7 @@ def collect(engine: RolloutEngine, problems: list[Problem], settings: RLSettings
     flat_rewards, flat_grades = rewards(texts, gold, sampling.samples_per_prompt)
     size = sampling.samples_per_prompt
     grades = [flat_grades[i:i + size] for i in range(0, len(flat_grades), size)]
-    return StepBatch(problems, groups, grades, flat_rewards.view(len(problems), size),
+    return StepBatch(problems, prompts, groups, grades, flat_rewards.view(len(problems), size),
                      sample_time_s=sampled - started, score_time_s=time.perf_counter() - sampled)
 
 
@@ -119,10 +125,11 @@ def to_rollouts(step: int, epoch: float, batch: StepBatch, logprobs: torch.Tenso
     distribution of the model that sampled it; `expert_load` (completions, layers, experts) or None; both in
     flat completion order."""
     rows, flat = [], 0
-    for problem, group, grades, rewards in zip(batch.problems, batch.completions, batch.grades, batch.rewards):
+    for problem, prompt, group, grades, rewards in zip(batch.problems, batch.prompts, batch.completions, batch.grades,
+                                                       batch.rewards):
         for index, (completion, grade, reward) in enumerate(zip(group, grades, rewards.tolist())):
             rows.append(Rollout(
-                step=step, epoch=epoch, prompt_id=problem.id, sample_index=index, prompt=prompt_text(problem),
+                step=step, epoch=epoch, prompt_id=problem.id, sample_index=index, prompt=prompt,
                 completion=completion.text, answer=problem.answer, reward=reward, correct=grade.correct,
                 format=grade.format, reason=grade.reason, num_tokens=len(completion.token_ids),
                 logprob=float(logprobs[flat]),
@@ -133,11 +140,12 @@ def to_rollouts(step: int, epoch: float, batch: StepBatch, logprobs: torch.Tenso
 
 def pack_batch(batch: StepBatch, tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Teacher-forcing tensors of every (prompt, completion) of the batch, in flat completion order:
-    (input_ids, attention_mask, completion_mask) as `rl.sequences.pack` makes them. The prompt is
-    tokenised as the engines tokenise it (no special tokens); completions keep the engine's token ids."""
+    (input_ids, attention_mask, completion_mask) as `rl.sequences.pack` makes them. The prompt text is
+    tokenised as the Prompter and the engines tokenise it (special tokens are in the text, none are added);
+    completions keep the engine's token ids."""
     prompt_ids, completion_ids = [], []
-    for problem, group in zip(batch.problems, batch.completions):
-        ids = tokenizer(prompt_text(problem), add_special_tokens=False)["input_ids"]
+    for prompt, group in zip(batch.prompts, batch.completions):
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         for completion in group:
             prompt_ids.append(ids)
             completion_ids.append(list(completion.token_ids))

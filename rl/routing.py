@@ -11,8 +11,19 @@ from contextlib import contextmanager
 
 import torch
 
+# Per mixture-of-experts family (transformers 5.19 config.model_type): where the top-k expert indices are in
+# the output of the router at `layer.mlp.gate`. All three routers (Qwen3MoeTopKRouter, OlmoeTopKRouter,
+# MixtralTopKRouter) return (logits, top-k weights, top-k indices); Mixtral's `block_sparse_moe` is renamed
+# `mlp` when transformers loads it. They differ only in how the top-k weights are normalised (Mixtral always,
+# the others by `norm_topk_prob`), which the counts do not see. A Qwen3-MoE layer in `mlp_only_layers` has a
+# dense MLP and no router: the layers recorded are the MoE layers.
+TOP_K_INDICES = {"qwen3_moe": 2, "olmoe": 2, "mixtral": 2}
+
 
 def _routers(model) -> list[torch.nn.Module]:
+    """The MoE layers' routers in layer order; [] for a dense model."""
+    if model.config.model_type not in TOP_K_INDICES:
+        return []
     return [layer.mlp.gate for layer in model.model.layers if hasattr(layer.mlp, "gate")]
 
 
@@ -24,9 +35,10 @@ def capture_routing(model, token_mask: torch.Tensor):
     choices of all calls are concatenated in call order. For a dense model the list stays empty.
     """
     choices: dict[torch.nn.Module, list[torch.Tensor]] = {router: [] for router in _routers(model)}
+    top_k = TOP_K_INDICES.get(model.config.model_type)
 
     def hook(module, inputs, output):
-        choices[module].append(output[2].detach())  # Qwen3MoeTopKRouter returns (logits, scores, top-k indices)
+        choices[module].append(output[top_k].detach())  # (tokens, k)
 
     handles = [router.register_forward_hook(hook) for router in choices]
     result: list[torch.Tensor] = []

@@ -4,8 +4,9 @@
 state_dict, close) over steps run.start_step .. N = settings.steps:
 
     for step s:
-      1. sample      batch = collect(engine, prompt_set.batch(s), ..., seed = step_seed(seed, s, "sampling")):
-                     samples_per_prompt completions of each prompt, graded and rewarded; rewards must be finite
+      1. sample      batch = collect(engine, prompt_set.prompter, prompt_set.batch(s), ...,
+                     seed = step_seed(seed, s, "sampling")): samples_per_prompt completions of each prompt (its
+                     text from the Prompter), graded and rewarded; rewards must be finite
       2. update      result = recipe.step(s, batch): the algorithm's updates with them; at s = N (after the last
                      update) recipe.measure(s, batch) instead: the final model is sampled and measured, not updated
       3. sync        engine.sync_weights(model) after an update: step s + 1 samples the updated model
@@ -67,7 +68,7 @@ def train(run: Run, observers: Sequence[StepObserver] = ()):
         for step in range(run.start_step, settings.steps + 1):
             started = time.perf_counter()
             # 1. Sample the current model.
-            batch = collect(run.engine, run.prompt_set.batch(step), settings, run.rewards,
+            batch = collect(run.engine, run.prompt_set.prompter, run.prompt_set.batch(step), settings, run.rewards,
                             step_seed(run.seed, step, "sampling"))
             require_finite("reward", batch.rewards, step)
 

@@ -18,6 +18,20 @@
   fused `experts.gate_up_proj` [E, 2I, H] and `experts.down_proj` [E, H, I]. vLLM uses the same layout.
 - Rebuilding the engine from a saved checkpoint is also correct, but costs seconds per step.
 
+Per family (specialists.families.FAMILIES; transformers 5.19 and vLLM 0.32 checked for each):
+
+- Llama, Qwen2, Qwen3, Qwen3-MoE, OLMoE: vLLM's module names are transformers'; nothing else needed.
+- Mixtral: transformers renames the checkpoint's `block_sparse_moe` to `mlp` when it loads; vLLM keeps
+  `block_sparse_moe` (`VLLM_NAMES`). The expert layout is the same as Qwen3-MoE's.
+- OLMo2: vLLM has no implementation of its own and serves it with its Transformers modeling backend,
+  which decorates transformers' `Olmo2Model` class in place for torch.compile; `make_llm` undoes that
+  once the engine is built (`_classes_kept`), or the training process could no longer build or run one.
+- Expert tensors: all three MoE families keep transformers' fused [E, 2I, H] (gate rows, then up rows)
+  and [E, H, I]; vLLM's CPU kernel wants [gate | up] too, zero-padded to its alignment (`_write_experts`).
+- A bfloat16 engine (`dtype="bfloat16"`) gets the float32 weights cast on the way in.
+- Several engines in one process (tests): an MoE engine after a dense one needs the process groups
+  rebuilt (`_make_room_for_experts`).
+
 Requirements: the engine must run in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, which
 `make_llm` sets), and `push_weights` resets vLLM's prefix cache, because cached KV blocks were
 computed with the old weights.
@@ -25,20 +39,31 @@ computed with the old weights.
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from specialists.families import FAMILIES
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
     from vllm import LLM
 
 
+# Module names vLLM 0.32 spells differently from transformers 5.19, per model_type: (transformers, vLLM).
+VLLM_NAMES = {"mixtral": ((".mlp.", ".block_sparse_moe."),)}
+
+
 def make_llm(model_dir: str | Path, *, seed: int = 0, max_model_len: int = 256, kv_cache_gib: float = 1.0,
-             **llm_kwargs) -> "LLM":
-    """An in-process float32 vLLM engine whose weights `push_weights` can overwrite in place.
+             dtype: str = "float32", **llm_kwargs) -> "LLM":
+    """An in-process vLLM engine whose weights `push_weights` can overwrite in place. float32 matches the
+    training model's log-probabilities to ~1e-6; bfloat16 serves the same weights rounded to bfloat16.
 
     Cold start (first engine in a process, including the vllm import) takes ~10-40 s; later ones ~3 s.
     """
@@ -48,7 +73,7 @@ def make_llm(model_dir: str | Path, *, seed: int = 0, max_model_len: int = 256, 
     import vllm._custom_ops as ops
     from vllm import LLM
 
-    kwargs = dict(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=max_model_len, seed=seed,
+    kwargs = dict(model=str(model_dir), dtype=dtype, enforce_eager=True, max_model_len=max_model_len, seed=seed,
                   # Explicit size: otherwise the CPU backend sizes the KV cache from system RAM. The legacy
                   # env VLLM_CPU_KVCACHE_SPACE (integer GiB only) overrides this when set.
                   kv_cache_memory_bytes=int(kv_cache_gib * 2**30),
@@ -59,10 +84,13 @@ def make_llm(model_dir: str | Path, *, seed: int = 0, max_model_len: int = 256, 
                   # rest of what vLLM prints is silenced by experiments.console.silence_libraries).
                   use_tqdm_on_load=False)
     kwargs.update(llm_kwargs)
+    model_type = json.loads((Path(model_dir) / "config.json").read_text())["model_type"]
+    _make_room_for_experts(model_type)
     supports_onednn = ops._supports_onednn
     ops._supports_onednn = False  # read while the engine loads: keep plain F.linear + weight Parameters
     try:
-        llm = LLM(**kwargs)
+        with _classes_kept(model_type):
+            llm = LLM(**kwargs)
     finally:
         ops._supports_onednn = supports_onednn
     _driver_worker(llm)  # fail now, not at the first push, if the engine is not in-process
@@ -71,7 +99,12 @@ def make_llm(model_dir: str | Path, *, seed: int = 0, max_model_len: int = 256, 
 
 def push_weights(llm: "LLM", model: "PreTrainedModel") -> None:
     """Make `llm` serve exactly `model`'s current parameters (call after every optimiser step)."""
-    weights = [(name, param.detach()) for name, param in model.named_parameters()]
+    renames = VLLM_NAMES.get(model.config.model_type, ())
+    weights = []
+    for name, param in model.named_parameters():
+        for transformers_name, vllm_name in renames:
+            name = name.replace(transformers_name, vllm_name)
+        weights.append((name, param.detach()))
     _load_into_worker(_driver_worker(llm), weights)
     llm.reset_prefix_cache()
 
@@ -161,3 +194,50 @@ def _experts_supported(model: torch.nn.Module) -> bool:
         if not isinstance(fused, CPUUnquantizedExperts) or fused._use_zentorch or layer.w13_weight.dim() != 3:
             return False
     return True
+
+
+def _make_room_for_experts(model_type: str) -> None:
+    """vLLM creates its process groups once per process, with the first engine, and the expert-parallel group only
+    when that engine serves a mixture of experts: a later MoE engine in the same process (a test session, a
+    study script) then fails with "expert parallel group is not initialized". Dropping the groups lets the new
+    engine create them all; an engine built earlier uses the new ones (one process: every group has size 1)."""
+    from vllm.distributed import destroy_model_parallel, get_ep_group, model_parallel_is_initialized
+
+    family = FAMILIES.get(model_type)
+    if family is None or not family.mixture_of_experts or not model_parallel_is_initialized():
+        return
+    try:
+        get_ep_group()
+    except AssertionError:  # vLLM's way of saying the group does not exist
+        destroy_model_parallel()
+
+
+@contextmanager
+def _classes_kept(model_type: str):
+    """Restore the classes of transformers' modeling module for `model_type` as they were before the block.
+
+    vLLM's Transformers modeling backend (OLMo2 in vLLM 0.32) decorates transformers' own model class in
+    place for torch.compile: a new base class, `__init__` and `__call__`. Afterwards the class can no longer
+    be built outside vLLM ("Current vLLM config is not set"), and a model built before it fails in forward
+    ("no attribute 'do_not_compile'"). The engine's instance does not need the decoration with compilation
+    off (`enforce_eager`): its forward is the plain one.
+    """
+    try:
+        module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    except ModuleNotFoundError:
+        module = None
+    classes = [cls for _, cls in inspect.getmembers(module, inspect.isclass) if cls.__module__ == module.__name__] \
+        if module else []
+    saved = {cls: (cls.__bases__, dict(vars(cls))) for cls in classes}
+    try:
+        yield
+    finally:
+        for cls, (bases, attributes) in saved.items():
+            if cls.__bases__ == bases:
+                continue
+            cls.__bases__ = bases
+            for name in set(vars(cls)) - set(attributes):
+                delattr(cls, name)
+            for name, value in attributes.items():
+                if vars(cls).get(name) is not value and name not in ("__dict__", "__weakref__"):
+                    setattr(cls, name, value)

@@ -62,8 +62,12 @@ class MixtureSettings(Strict):
 
 
 class ModelSettings(Strict):
-    """A Qwen3-MoE causal LM whose experts are the specialists, or a dense Qwen3 with matched active size."""
+    """A Qwen3-MoE causal LM whose experts are the specialists, or a dense Qwen3 with matched active size,
+    pretrained here; or, with `path`, a local checkpoint of a supported family (specialists.families.FAMILIES)."""
 
+    path: str | None = Field(None, description=(
+        "a local Hugging Face causal-LM checkpoint directory with its tokenizer, used as the RL base instead of "
+        "pretraining one: Llama, Qwen2, Qwen3, OLMo2, Qwen3-MoE, OLMoE or Mixtral. Only max_length applies then"))
     kind: Literal["moe", "dense"] = "moe"
     hidden_size: int = Field(128, ge=32)
     num_layers: int = Field(3, ge=1)
@@ -129,9 +133,26 @@ class SpecialistsConfig(Strict):
         return sizes
 
     @model_validator(mode="after")
+    def _no_pretraining_settings_with_a_path(self) -> "SpecialistsConfig":
+        """A base brought with model.path is not pretrained here: a pretraining setting beside it would be
+        silently ignored, so it is refused (the keys as written, whatever their values)."""
+        if self.model.path is None:
+            return self
+        written = [f"model.{key}" for key in sorted(self.model.model_fields_set - {"path", "max_length"})]
+        written += [f"{section}.{key}" for section in ("mixture", "pretrain", "evaluation")
+                    for key in sorted(getattr(self, section).model_fields_set)]
+        if written:
+            raise SettingsError(f"model.path brings its own base, so these pretraining settings do not apply: "
+                                f"{', '.join(written)}; remove them", *written, "model.path")
+        return self
+
+    @model_validator(mode="after")
     def _enough_problems(self) -> "SpecialistsConfig":
         """The task must have the distinct problems pretraining and evaluation draw (tasks.generate_problems would
-        otherwise give up only after drawing 50 times as many)."""
+        otherwise give up only after drawing 50 times as many). A model.path base is neither pretrained nor
+        evaluated here."""
+        if self.model.path is not None:
+            return self
         needs = [("train", sum(distinct for _, distinct in self.corpus_sizes().values()), "pretrain.num_examples"),
                  ("eval", self.evaluation.num_problems, "evaluation.num_problems")]
         for split, count, key in needs:

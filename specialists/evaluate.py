@@ -18,7 +18,8 @@ from specialists.formats import FORMAT_SETS, OTHER
 from specialists.grading import grade_completions
 from specialists.model import load_model
 from specialists.sandbox import Sandbox
-from specialists.tasks import generate_problems, prompt_text
+from specialists.prompting import Prompter
+from specialists.tasks import generate_problems
 from specialists.tokenizer import load_tokenizer
 
 BATCH_SIZE = 64
@@ -27,6 +28,7 @@ BATCH_SIZE = 64
 @torch.no_grad()
 def sample_completions(model, tokenizer, prompts: list[str], temperature: float, max_new_tokens: int,
                        seed: int, progress: bool = True) -> list[str]:
+    """One completion per prompt text (a `Prompter`'s: special tokens written out, so none are added here)."""
     torch.manual_seed(seed)
     completions = []
     for begin in tqdm(range(0, len(prompts), BATCH_SIZE), desc="sample", disable=not progress):
@@ -46,7 +48,8 @@ def evaluate(model_dir: str | Path, config: SpecialistsConfig, out_file: str | P
     model.eval()
     settings = config.evaluation
     problems = generate_problems(settings.num_problems, config.seed, "eval", config.task)
-    completions = sample_completions(model, tokenizer, [prompt_text(p) for p in problems], settings.temperature,
+    prompter = Prompter(tokenizer)  # the built-in template the base was pretrained on
+    completions = sample_completions(model, tokenizer, [prompter.text(p) for p in problems], settings.temperature,
                                      settings.max_new_tokens, config.seed, progress)
     formats = FORMAT_SETS["synthetic"]
     with Sandbox() as sandbox:

@@ -5,16 +5,21 @@ against the whole (stripped) generation, never a substring test: the Echo Chambe
 labelled prose containing "definitely" as code because it looked for "def". A generation that fits
 no format is `other`.
 
-Answers of code formats come only from running the code in the sandbox (`specialists.sandbox`),
-never from numbers the model wrote next to its code.
+Answers of code formats come from running the code in the sandbox (`specialists.sandbox`), never
+from numbers the model wrote next to its code; a format may also name a written final answer
+(OpenMathInstruct-1's closing `\\boxed{}`), which then counts where the text has one. Answers are
+text: a number ("18", "1,234", "$5") or a LaTeX expression ("\\frac{1}{2}"); `specialists.grading`
+compares them with the gold answer.
 
 Built-in sets:
 - `synthetic`: the three formats the pretraining data is rendered in, mirroring the paper's
   TinyGSM (a Python function), OpenMathInstruct-1 (code in `<llm-code>` tags followed by its output)
   and OpenMathInstruct-2 / GSM8K (natural-language steps ending in a final-answer sentence).
-- `echo-chamber`: the paper's formats as real models write them, for analysing outside rollouts:
-  `def simple_math_problem()`, `<llm-code>`, natural language with `\\boxed{}` or a final-answer
-  sentence, and GSM8K's `#### N`.
+- `echo-chamber`: the same three as the real datasets write them (TinyGSM's `def simple_math_problem()
+  -> int:` with a docstring; OpenMathInstruct-1's prose lead-in, several `<llm-code>` cells with notebook
+  semantics and a closing `\\boxed{}`; prose ending in "The answer is N", "The answer is: N" or
+  `\\boxed{}`), plus GSM8K's `#### N`. One definition of each format serves both sets: echolab's own
+  renderings are one shape of each.
 Users add formats from a TOML or YAML file (`load_formats`).
 """
 
@@ -43,10 +48,14 @@ class Format:
     """One solution format.
 
     detect: full-matched against the stripped generation (re.DOTALL is up to the pattern).
-    answer: a pattern searched in the generation; its group `answer` is the final answer.
-    code: a pattern whose group `code` is a program; its answer is what the sandbox returns
-        (the value of `call()` when `call` is set, else the program's last printed line or last
-        expression). A format has either `answer` or `code`.
+    answer: a pattern searched in the generation; its group `answer` (the last match's) is the written final
+        answer.
+    code: a pattern whose group `code` is a program; every match is one notebook cell, the cells run in order
+        as one program with shared state, and the answer is what the sandbox returns: the value of `call()`
+        when `call` is set, else the last cell's output (its bare last expression's value, else the
+        program's last printed line).
+    A format has an `answer` pattern, a `code` pattern, or both: then the written answer counts where the
+    text has one (as OpenMathInstruct-1 grades its `\\boxed{}`), the code's output elsewhere.
     render: (problem, difficulty) -> training text, for formats the synthetic task is written in.
     """
 
@@ -61,29 +70,34 @@ class Format:
     def __post_init__(self) -> None:
         if self.name == OTHER:
             raise ValueError(f"'{OTHER}' is reserved for generations that fit no format")
-        if (self.answer is None) == (self.code is None):
-            raise ValueError(f"format {self.name!r}: give exactly one of an answer pattern or a code pattern")
-        group = "answer" if self.answer is not None else "code"
-        pattern = self.answer if self.answer is not None else self.code
-        if group not in pattern.groupindex:
-            raise ValueError(f"format {self.name!r}: the {group} pattern needs a named group (?P<{group}>...)")
+        if self.answer is None and self.code is None:
+            raise ValueError(f"format {self.name!r}: give an answer pattern, a code pattern or both")
+        for group, pattern in (("answer", self.answer), ("code", self.code)):
+            if pattern is not None and group not in pattern.groupindex:
+                raise ValueError(f"format {self.name!r}: the {group} pattern needs a named group (?P<{group}>...)")
 
     def matches(self, completion: str) -> bool:
         return self.detect.fullmatch(completion.strip()) is not None
 
-    def written_answer(self, completion: str) -> float | None:
-        """The final answer written in the text (formats with an `answer` pattern), else None."""
+    def written_answer(self, completion: str) -> str | None:
+        """The final answer written in the text (the last match of the `answer` pattern), else None."""
         if self.answer is None:
             return None
-        found = self.answer.search(completion.strip())
-        return parse_answer(found.group("answer")) if found else None
+        found = None
+        for found in self.answer.finditer(completion.strip()):
+            pass
+        return found.group("answer").strip() if found else None
 
     def program(self, completion: str) -> Program | None:
         """The program to run for the answer (formats with a `code` pattern), else None."""
         if self.code is None:
             return None
-        found = self.code.search(completion.strip())
-        return Program(found.group("code"), call=self.call) if found else None
+        cells = [found.group("code") for found in self.code.finditer(completion.strip())]
+        if not cells:
+            return None
+        if self.call is None:  # notebook cells: shared globals, the answer is what the last cell shows
+            return Program.notebook(cells)
+        return Program("\n".join(cells), call=self.call)
 
 
 def parse_answer(text: str) -> float | None:
@@ -94,10 +108,6 @@ def parse_answer(text: str) -> float | None:
     except ValueError:
         return None
     return value if math.isfinite(value) else None
-
-
-def answers_equal(predicted: float | None, gold: float) -> bool:
-    return predicted is not None and math.isclose(predicted, gold, rel_tol=1e-6, abs_tol=1e-6)
 
 
 def classify(completion: str, formats: tuple[Format, ...]) -> str:
@@ -149,41 +159,58 @@ def _render_natural_language(problem: Problem, difficulty: Difficulty) -> str:
 
 # ---------------------------------------------------------------- the built-in formats
 
+# A code block opens a line: a fence, an <llm-code> tag or a Python `def name(...):` line. Prose with such a
+# line is not plain prose ("define" and "definitely" are words, not code).
+_CODE_LINE = r"(?:```|<llm-code>|def [A-Za-z_]\w*\s*\()"
+_PLAIN_PROSE = rf"(?!(?:[^\n]*\n)*?[ \t]*{_CODE_LINE})"  # a lookahead at the start of the text
+# The content of {...} with up to four levels of nested braces (\frac{\sqrt{2}}{2}); alternatives start with
+# different characters, so matching stays linear.
+_BRACED = r"(?:[^{}\n]|\{(?:[^{}\n]|\{(?:[^{}\n]|\{[^{}\n]*\})*\})*\})*"
+_BOXED = rf"(?P<answer>\\boxed\{{{_BRACED}\}})"
+
 PYTHON_FUNCTION = Format(
     name="python_function",
-    description="TinyGSM style: def simple_math_problem(): ... return <answer>; answer from calling it in the sandbox",
+    description="TinyGSM style: def simple_math_problem() [-> int]: [docstring] ... return <answer>; answer from "
+                "calling it in the sandbox",
     # A body line is `[ \t][^\n]*`, not `[ \t]+[^\n]*`, whose two parts could share a line's indentation
     # in many ways: without a return (a truncated function) the engine tried them all, exponential time.
     detect=re.compile(r"(?:```python\n)?def simple_math_problem\(\)(?:\s*->\s*\w+)?:\n(?:[ \t][^\n]*\n|\n)*?[ \t]+return\b[^\n]*(?:\n```)?"),
-    code=re.compile(r"(?:```python\n)?(?P<code>def simple_math_problem\(\).*?[ \t]+return\b[^\n]*)", re.DOTALL),
+    code=re.compile(r"(?:```python\n)?(?P<code>def simple_math_problem\(\).*[ \t]+return\b[^\n]*)", re.DOTALL),
     call="simple_math_problem",
     render=_render_python_function,
 )
 
 LLM_CODE = Format(
     name="llm_code",
-    description="OpenMathInstruct-1 style: <llm-code>...</llm-code> then its output; answer from running the code",
-    detect=re.compile(r"<llm-code>\n.*?\n</llm-code>(?:\n.*)?", re.DOTALL),
+    description="OpenMathInstruct-1 style: optional prose, one or more <llm-code> cells each followed by its "
+                "<llm-code-output>, optional closing prose; answer: the last \\boxed{} when there is one (as the "
+                "dataset grades), else the code's output run as a notebook",
+    detect=re.compile(rf"(?!def |```)(?:[^\n]*\n)*?<llm-code>\n.*?\n</llm-code>(?:\n.*)?", re.DOTALL),
+    # NeMo-Skills, which generated and graded OpenMathInstruct-1, reads the answer from the last \boxed{} of
+    # the solution (predicted_answer), after the interpreter's outputs were inserted into the text.
+    answer=re.compile(_BOXED),
     code=re.compile(r"<llm-code>\n(?P<code>.*?)\n</llm-code>", re.DOTALL),
     render=_render_llm_code,
 )
 
-# "The answer is 5.", "The final answer is: \\boxed{5}", "... so we get \\boxed{5}." on the last line.
-_ANSWER_MARK = rf"(?:[Tt]he (?:final )?answer is:?\s*(?:\\boxed\{{)?|\\boxed\{{)(?P<answer>{_NUMBER})"
-_NOT_CODE = r"(?!def |<llm-code>|```)"  # prose may not open with a code marker
+# The final answer on the last line: \boxed{...} anywhere, or after "The (final) answer is(:)" a \boxed{...},
+# $...$, \(...\) or one token that starts like a number or a LaTeX expression ("18", "$4.", "\frac{1}{2}").
+_ANSWER_VALUE = rf"(?P<answer>\\boxed\{{{_BRACED}\}}|\$[^$\n]+\$|\\\(.+?\\\)|\$?[-\d\\(\[][^\s$]*)"
+_ANSWER_MARK = rf"(?:[Tt]he (?:final )?answer is:?[ \t]*|(?=\\boxed\{{)){_ANSWER_VALUE}"
 
 NATURAL_LANGUAGE = Format(
     name="natural_language",
-    description="OpenMathInstruct-2 / prose: steps in words, the last line saying 'The answer is N' or \\boxed{N}",
-    detect=re.compile(rf"{_NOT_CODE}(?:[^\n]*\n)*[^\n]*{_ANSWER_MARK}[^\n]*"),
+    description="OpenMathInstruct-2 / prose: steps in words without code blocks, the last line saying 'The answer "
+                "is N', 'The answer is: N' or \\boxed{N}",
+    detect=re.compile(rf"{_PLAIN_PROSE}(?:[^\n]*\n)*[^\n]*{_ANSWER_MARK}[^\n]*"),
     answer=re.compile(rf"(?:\A|\n)[^\n]*{_ANSWER_MARK}[^\n]*\Z"),  # the last line only
     render=_render_natural_language,
 )
 
 GSM8K = Format(
     name="gsm8k",
-    description="GSM8K reference style: worked steps, last line '#### N'",
-    detect=re.compile(rf"{_NOT_CODE}(?:[^\n]*\n)*####\s*{_NUMBER}"),
+    description="GSM8K reference style: worked steps without code blocks, last line '#### N'",
+    detect=re.compile(rf"{_PLAIN_PROSE}(?:[^\n]*\n)*####\s*{_NUMBER}"),
     answer=re.compile(rf"####\s*(?P<answer>{_NUMBER})\Z"),
 )
 

@@ -1,5 +1,6 @@
-"""Models from config: a Qwen3-MoE causal LM whose experts are the specialists, or a dense Qwen3
-baseline with the same active parameters per token. Both load in transformers and vLLM.
+"""Models: built from config (a Qwen3-MoE causal LM whose experts are the specialists, or a dense Qwen3
+baseline with the same active parameters per token), or brought by the user as a local Hugging Face
+checkpoint (`[model] path`) of a supported family (specialists.families). All load in transformers and vLLM.
 """
 
 from __future__ import annotations
@@ -56,9 +57,11 @@ def build_model(settings: ModelSettings, vocab_size: int, eos_token_id: int, pad
 
 
 def load_model(directory: str | Path) -> PreTrainedModel:
+    """A checkpoint (built-in or of a supported family) in float32, the precision echolab trains in."""
     model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
     if is_moe(model):
         model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
+        model.config.output_router_logits = False  # see model_config; some published checkpoints switch it on
     return model
 
 

@@ -14,7 +14,7 @@ import itertools
 import json
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
 
@@ -96,9 +96,11 @@ class TaskSettings(BaseModel):
 PROMPT_TEMPLATE = "Question: {question}\nAnswer:\n"
 
 
-def prompt_text(problem: Problem) -> str:
-    """What the model sees. No format instruction: which format to use is the model's own choice."""
-    return PROMPT_TEMPLATE.format(question=problem.question)
+def prompt_text(problem: Problem, template: str = PROMPT_TEMPLATE) -> str:
+    """The problem through a format string over its fields. The built-in template gives no format
+    instruction: which format to use is the model's own choice. (specialists.prompting.Prompter adds a
+    tokenizer's special tokens and chat template.)"""
+    return template.format(**{field.name: getattr(problem, field.name) for field in fields(problem)})
 
 
 EVAL_BUCKET_SHARE = 0.2  # a fifth of all possible problems belong to evaluation splits

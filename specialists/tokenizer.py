@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 END_OF_TEXT = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -40,5 +40,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     )
 
 
-def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
-    return PreTrainedTokenizerFast.from_pretrained(str(directory))
+def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved with a checkpoint (ours, or any a supported family ships), padding on the left for
+    batched generation; one without a padding token pads with end-of-text (padding is always masked out)."""
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -21,6 +21,7 @@ from specialists.model import load_model
 from specialists.run_directory import METRICS, ROLLOUT_SCHEMA
 from specialists.tokenizer import load_tokenizer
 from specialists.formats import FORMAT_SETS, classify
+from specialists.prompting import Prompter
 from specialists.grading import Grade
 
 # Wall-clock measurements: they differ between otherwise identical runs.
@@ -61,10 +62,11 @@ class RecordingEngine:
         pass
 
 
-def prompt_set_for(settings, seed: int = 0) -> PromptSet:
+def prompt_set_for(settings, tokenizer, seed: int = 0) -> PromptSet:
     """The RL prompt set the pipeline would build for `settings` (synthetic problems of the default task)."""
     problems = load_prompt_problems(settings, seed, SpecialistsConfig().task)
-    return PromptSet(problems, settings.prompts_per_step, seed)
+    return PromptSet(problems, settings.prompts_per_step, seed, Prompter(tokenizer, settings.prompt_template,
+                                                                         settings.chat_template))
 
 
 def make_run(model_dir, run_dir, settings, *, engine=None, rewards=None, seed: int = 0, start_step: int = 0,
@@ -77,7 +79,7 @@ def make_run(model_dir, run_dir, settings, *, engine=None, rewards=None, seed: i
     if replay_texts is not None:
         replay = PretrainReplay.from_texts(replay_texts, tokenizer, settings.mitigations.pretrain_replay_batch, seed)
     return Run(settings=settings, model=model, tokenizer=tokenizer,
-               engine=HFEngine(model, tokenizer) if engine is None else engine, prompt_set=prompt_set_for(settings, seed),
+               engine=HFEngine(model, tokenizer) if engine is None else engine, prompt_set=prompt_set_for(settings, tokenizer, seed),
                rewards=ChecksumRewards(2) if rewards is None else rewards, recorder=Recorder(run_dir), seed=seed,
                start_step=start_step, reference=reference, replay=replay, progress=False)
 

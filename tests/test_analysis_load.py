@@ -10,9 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from analysis.load import read_rollouts, read_run_config
+from analysis.load import read_run_config
+from analysis.sources import read_rollouts
 from specialists.run_directory import is_run_dir
 from specialists.errors import UserError
+from specialists.formats import parse_answer
 
 RECORDS = [
     {"step": 0, "prompt_id": 7, "completion": "a", "answer": "1,234", "correct": True, "expert_load": [[1, 2]]},
@@ -25,7 +27,8 @@ def check(table: pd.DataFrame) -> None:
     assert table["step"].dtype == np.int64 and table["step"].tolist() == [0, 0, 1]
     assert table["prompt_id"].tolist() == ["7", "7", "8"]
     assert table["completion"].tolist() == ["a", "b", "c"]
-    assert table["answer"].tolist()[:2] == [1234.0, 5.0] and np.isnan(table["answer"].iloc[2])
+    assert [None if a is None else parse_answer(a) for a in table["answer"]] == [1234.0, 5.0, None]  # gold as text
+    assert all(a is None or isinstance(a, str) for a in table["answer"])
     assert table["correct"].tolist()[0] == 1.0 and np.isnan(table["correct"].iloc[1]) and table["correct"].iloc[2] == 0.0
     assert table["format"].isna().all()
     assert table["expert_load"].notna().tolist() == [True, False, True]

@@ -14,7 +14,7 @@ from analysis import sampling
 
 def samples(step: int, prompt: str, answers: list[float | None], gold: float = 1.0) -> list[dict]:
     return [{"step": step, "prompt_id": prompt, "sample_index": i, "completion": f"answer {a}",
-             "final_answer": np.nan if a is None else a, "correct": float(a == gold)} for i, a in enumerate(answers)]
+             "final_answer": None if a is None else str(a), "correct": float(a == gold)} for i, a in enumerate(answers)]
 
 
 def test_pass_at_k_estimator():
@@ -93,3 +93,8 @@ def test_token_entropy():
     result = sampling.token_entropy(table)
     assert result.loc[0] == 1.0  # 6 nats over 6 tokens
     assert np.isnan(result.loc[1])
+
+
+def test_maj_at_k_without_judged_samples_is_nan():
+    table = pd.DataFrame(samples(0, "a", [1, 2])).assign(correct=np.nan)
+    assert sampling.maj_at_k_by_step(table, [1, 2]).isna().all().all()

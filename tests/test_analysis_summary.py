@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from analysis.load import read_rollouts
+from analysis.sources import read_rollouts
 from analysis.summary import analyze
 from specialists.run_directory import METRICS_TABLE_FILE, SUMMARY_FILE
 from specialists.errors import UserError

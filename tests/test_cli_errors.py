@@ -220,7 +220,7 @@ GOOD = json.dumps(ROLLOUT)
     ("r.parquet", b"PAR1 not really", r"r\.parquet: not a readable Parquet file"),
 ])
 def test_bad_rollout_files_name_file_line_and_column(tmp_path, name, content, message):
-    from analysis.load import read_rollouts
+    from analysis.sources import read_rollouts
     from specialists.errors import UserError
 
     path = tmp_path / name
@@ -231,7 +231,7 @@ def test_bad_rollout_files_name_file_line_and_column(tmp_path, name, content, me
 
 
 def test_bad_parquet_rows_are_named_by_file_and_row(tmp_path):
-    from analysis.load import read_rollouts
+    from analysis.sources import read_rollouts
     from specialists.errors import UserError
 
     run = write_run_dir(tmp_path / "run", [ROLLOUT, {**ROLLOUT, "step": None}])
@@ -315,7 +315,7 @@ def test_report_names_bad_runs_and_keeps_an_existing_report(tmp_path):
     old = tmp_path / "report.html"
     old.write_text("the old report")
     assert_one_line_error(run_cli("report", str(run), "--out", str(old), "--quiet"),
-                          "run: no up-to-date summary.json, and analysing the run failed", "no-such-formats.toml")
+                          "run: no up-to-date summary.json, and analysing it failed", "no-such-formats.toml")
     assert old.read_text() == "the old report"
 
 

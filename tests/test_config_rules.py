@@ -112,6 +112,22 @@ RULES = [  # (what, TOML, fragments of the one line); the line named is the sett
      ["line 4: rl.mitigations.freeze_router needs a model with a router"]),
     ("router loss needs a router", '[model]\nkind = "dense"\n[rl]\nrouter_aux_loss_coef = 0.1\n',
      ["line 4: rl.router_aux_loss_coef needs a model with a router"]),
+    ("bfloat16 rollouts are vLLM's", '[rl.engine]\nkind = "hf"\ndtype = "bfloat16"\n',
+     ["line 3: rl.engine: dtype bfloat16 needs kind 'vllm'"]),
+    ("engine dtype values", '[rl.engine]\ndtype = "bfloat61"\n',
+     ["line 2: rl.engine.dtype: Input should be 'float32' or 'bfloat16' (got 'bfloat61'; did you mean 'bfloat16'?)"]),
+    ("prompt template fields", '[rl]\nprompt_template = "Q: {question} = {answer}"\n',
+     ["line 2: rl.prompt_template: unknown fields ['answer']"]),
+    ("prompt template question", '[rl]\nsteps = 2\nprompt_template = "Solve it."\n',
+     ["line 3: rl.prompt_template: it must contain {question}"]),
+    ("chat template needs a base", '[rl]\nsteps = 2\nchat_template = true\n',
+     ["line 3: rl.chat_template needs a model.path base with a chat template"]),
+    ("a base is not pretrained", '[model]\npath = "base"\n[pretrain]\nbatch_size = 48\n',
+     ["line 4: model.path brings its own base, so these pretraining settings do not apply: pretrain.batch_size"]),
+    ("a base has no corpus to replay", '[model]\npath = "base"\n[rl.mitigations]\npretrain_replay_coef = 0.5\n',
+     ["line 4: rl.mitigations.pretrain_replay_coef replays the pretraining corpus"]),
+    ("a base must be a checkpoint", 'seed = 1\n[model]\npath = "no/such/base"\n',
+     ["line 3: model.path: no/such/base is no Hugging Face checkpoint (no config.json)"]),
 ]
 
 

@@ -32,20 +32,22 @@ def test_select_for_sft_keeps_correct_and_deduplicates_per_prompt():
     correct = [[True, True, True, False, True], [True, True, True, False, False]]
     batch = StepBatch(
         problems=[p, q],
+        prompts=["Question: P?", "Question: Q?"],
         completions=[[_completion(t) for t in group] for group in texts],
         grades=[[_grade(c) for c in group] for group in correct],
         rewards=torch.tensor(correct, dtype=torch.float32))
     kept, unique = ei.select_for_sft(batch)
     assert kept == 7  # p: A, A, B, A; q: A, D, D
     # "C" is wrong; p's repeated "A"s collapse to one; q keeps its own "A"; "E" is wrong twice
-    assert [(problem.id, c.text) for problem, c in unique] == [("p", "A"), ("p", "B"), ("q", "A"), ("q", "D")]
+    assert [(prompt, c.text) for prompt, c in unique] == [("Question: P?", "A"), ("Question: P?", "B"),
+                                                         ("Question: Q?", "A"), ("Question: Q?", "D")]
     # the first of equal texts survives (identity, not just an equal copy)
     assert unique[0][1] is batch.completions[0][0] and unique[3][1] is batch.completions[1][1]
 
 
 def test_select_for_sft_merges_a_prompt_drawn_twice():
     p = Problem("p", "P?", 1.0)
-    batch = StepBatch([p, p], [[_completion("A")], [_completion("A")]], [[_grade(True)], [_grade(True)]],
+    batch = StepBatch([p, p], ["P?", "P?"], [[_completion("A")], [_completion("A")]], [[_grade(True)], [_grade(True)]],
                       torch.ones(2, 1))
     assert ei.select_for_sft(batch)[0] == 2
     assert len(ei.select_for_sft(batch)[1]) == 1

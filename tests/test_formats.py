@@ -1,9 +1,9 @@
 import pytest
 
 from specialists.errors import UserError
-from specialists.formats import (DIFFICULTIES, FORMAT_SETS, GSM8K, NATURAL_LANGUAGE, OTHER, classify, load_formats,
-                                 parse_answer)
-from specialists.grading import grade_completions
+from specialists.formats import (DIFFICULTIES, FORMAT_SETS, GSM8K, LLM_CODE, NATURAL_LANGUAGE, OTHER, classify,
+                                 load_formats, parse_answer)
+from specialists.grading import answer_key, answer_text, answers_equal, grade_completions
 from specialists.sandbox import Sandbox
 from specialists.tasks import BUNDLED_GSM8K_EXCERPT, generate_problems, load_gsm8k
 
@@ -32,7 +32,7 @@ def test_code_answers_come_from_running_the_code_not_from_written_numbers(sandbo
     # The written output says 99, the code computes 5: the sandbox's 5 is the answer.
     text = "<llm-code>\nx = 2\nx = x + 3\nprint(x)\n</llm-code>\n<llm-code-output>\n99\n</llm-code-output>"
     [grade] = grade_completions([text], [5.0], SYNTHETIC, sandbox)
-    assert (grade.format, grade.answer, grade.correct) == ("llm_code", 5.0, True)
+    assert (grade.format, grade.answer, grade.correct) == ("llm_code", "5", True)
 
 
 def test_forbidden_and_failing_code_is_graded_with_its_reason(sandbox):
@@ -55,17 +55,18 @@ def test_detection_is_anchored_not_a_substring():
 
 
 def test_natural_language_answer_forms():
-    for text, answer in [("So she has 5 left.\nThe answer is 5.", 5.0), ("Thus \\boxed{1,200}.", 1200.0),
-                         ("The final answer is: \\boxed{3.5}", 3.5), ("It costs $4.\nThe answer is $4.", 4.0)]:
+    for text, answer in [("So she has 5 left.\nThe answer is 5.", "5"), ("Thus \\boxed{1,200}.", "1200"),
+                         ("The final answer is: \\boxed{3.5}", "3.5"), ("It costs $4.\nThe answer is $4.", "4"),
+                         ("So 7 + 5 = 12.\nThe answer is: 12", "12"), ("Hence $x = \\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}")]:
         assert classify(text, ECHO) == "natural_language"
-        assert NATURAL_LANGUAGE.written_answer(text) == answer
+        assert answer_key(NATURAL_LANGUAGE.written_answer(text)) == answer
 
 
 def test_gsm8k_reference_solutions_are_gsm8k_format_with_their_answers():
     problems = load_gsm8k(BUNDLED_GSM8K_EXCERPT)
     for problem in problems:
         assert classify(problem.reference_solution, ECHO) == "gsm8k"
-        assert GSM8K.written_answer(problem.reference_solution) == problem.answer
+        assert parse_answer(GSM8K.written_answer(problem.reference_solution)) == problem.answer
 
 
 def test_parse_answer():
@@ -108,3 +109,109 @@ def test_bad_format_files_are_user_errors(tmp_path, content, message):
 def test_unknown_format_set_is_a_user_error():
     with pytest.raises(UserError, match="unknown format set"):
         load_formats("no-such-set")
+
+
+# ---------------------------------------------------------------- the real datasets' shapes (our own examples)
+
+TINYGSM = '''def simple_math_problem() -> int:
+    """
+    A baker makes 24 rolls and sells 3 bags of 5 rolls. How many rolls are left?
+    """
+    rolls_made = 24
+    rolls_per_bag = 5
+    bags_sold = 3
+    rolls_sold = rolls_per_bag * bags_sold
+    result = rolls_made - rolls_sold
+    return result'''
+# OpenMathInstruct-1: a prose lead-in, notebook cells whose bare last expression is the output, closing \boxed{}.
+OPENMATH_BOXED = '''Let's solve this problem using Python code.
+<llm-code>
+rolls_made = 24
+rolls_sold = 3 * 5
+rolls_left = rolls_made - rolls_sold
+rolls_left
+</llm-code>
+<llm-code-output>
+9
+</llm-code-output>
+Thus the baker has \\boxed{9} rolls left.'''
+OPENMATH_CELLS = '''First the rolls sold.
+<llm-code>
+rolls_sold = 3 * 5
+print(rolls_sold)
+</llm-code>
+<llm-code-output>
+15
+</llm-code-output>
+Then what is left.
+<llm-code>
+print("left:")
+24 - rolls_sold
+</llm-code>
+<llm-code-output>
+left:
+9
+</llm-code-output>'''
+PROSE_FORMS = ["The baker sold 3 * 5 = 15 rolls.\nSo 24 - 15 = 9 are left.\nThe answer is 9.",
+               "24 - 15 = 9\nThe answer is: 9",
+               "He sold 15 rolls, so he has $24 - 15 = \\boxed{9}$ rolls left.",
+               "The baker sold 3 * 5 = <<3*5=15>>15 rolls.\nHe has 24 - 15 = <<24-15=9>>9 left.\n#### 9"]
+
+
+def test_real_shapes_are_recognised_and_graded(sandbox):
+    texts = [TINYGSM, OPENMATH_BOXED, OPENMATH_CELLS, *PROSE_FORMS]
+    assert [classify(t, ECHO) for t in texts] == ["python_function", "llm_code", "llm_code", "natural_language",
+                                                 "natural_language", "natural_language", "gsm8k"]
+    grades = grade_completions(texts, [9.0] * len(texts), ECHO, sandbox)
+    assert [(g.answer, g.reason) for g in grades] == [("9", "correct")] * len(texts)
+
+
+def test_openmath_cells_run_as_one_notebook(sandbox):
+    # Shared state across cells; the last cell's bare expression (9) is the output, not its earlier print.
+    program = LLM_CODE.program(OPENMATH_CELLS)
+    assert program.preceding == ("rolls_sold = 3 * 5\nprint(rolls_sold)",)
+    assert program.source == 'print("left:")\n24 - rolls_sold'
+    [result] = sandbox.run([program])
+    assert result.value == "9"
+    # Without a bare expression the last printed line counts; what an earlier cell printed never does.
+    one_cell, printed_earlier, statement_last = sandbox.run([
+        LLM_CODE.program("<llm-code>\nx = 2; x * 3\n</llm-code>"),
+        LLM_CODE.program("<llm-code>\nprint(4)\n</llm-code>\n<llm-code>\nprint(5)\n</llm-code>"),
+        LLM_CODE.program("<llm-code>\nprint(4)\n</llm-code>\n<llm-code>\ny = 5\n</llm-code>")])
+    assert (one_cell.value, printed_earlier.value) == ("6", "5")
+    assert statement_last.value is None
+
+
+def test_openmath_is_graded_by_its_boxed_answer_as_the_dataset_is(sandbox):
+    # NeMo-Skills' predicted_answer is the last \boxed{}: here 8, although the code computes 9.
+    wrong_box = OPENMATH_BOXED.replace("\\boxed{9}", "\\boxed{8}")
+    [boxed, cells] = grade_completions([wrong_box, OPENMATH_CELLS], [9.0, 9.0], ECHO, sandbox)
+    assert (boxed.answer, boxed.correct) == ("8", False)
+    assert (cells.answer, cells.correct) == ("9", True)  # no \boxed{}: the notebook's output
+
+
+def test_prose_with_a_code_block_is_not_plain_prose():
+    for text in ["Let me compute it.\n```python\nprint(24 - 15)\n```\nThe answer is 9.",
+                 "Here is code:\ndef solve():\n    return 9\nThe answer is 9.",
+                 "Steps:\n    def helper(x):\n        return x\n#### 9"]:
+        assert classify(text, ECHO) == OTHER
+    for text in ["Let us define the rolls left as r.\nThe answer is 9.", "I definitely get 9.\nThe answer is 9.",
+                 "We could write def-style code, but no.\n#### 9"]:
+        assert classify(text, ECHO) in ("natural_language", "gsm8k")
+
+
+def test_latex_answers_are_graded_with_math_verify(sandbox):
+    texts = ["So the ratio is \\boxed{\\frac{1}{2}}.", "The answer is $\\dfrac{2}{4}$.", "Hence \\boxed{2\\sqrt{3}}.",
+             "The answer is: \\boxed{(1, 3]}", "So \\boxed{\\frac{1}{3}}."]
+    golds = ["\\frac{1}{2}", "0.5", "\\sqrt{12}", "(1,3]", "\\frac{1}{2}"]
+    grades = grade_completions(texts, golds, ECHO, sandbox)
+    assert [g.correct for g in grades] == [True, False, True, True, False]  # "0.5" is a number gold: numbers only
+    assert answers_equal("\\frac{2}{4}", "\\frac{1}{2}") and not answers_equal("[1,3)", "(1,3]")
+
+
+def test_answer_text_and_keys():
+    assert answer_text(5.0) == "5" and answer_text(None) is None and answer_text(float("nan")) is None
+    assert answer_text(" \\boxed{\\frac{1}{2}}. ") == "\\frac{1}{2}" and answer_text("$18$") == "18"
+    assert answer_text("She has 9 left.\n#### 9") == "9"  # a GSM8K reference solution as the gold
+    assert [answer_key(a) for a in ("1,234.0", "0.50", "-0", "\\left( \\dfrac{1}{2} \\right)")] == \
+        ["1234", "0.5", "0", "(\\frac{1}{2})"]

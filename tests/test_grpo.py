@@ -96,7 +96,7 @@ def test_three_steps_write_a_complete_run_directory(three_steps, tiny_moe_dir):
     # steps 0-2 update, step 3 samples the final model; checkpoints after 2 updates (checkpoint_every) and the last
     assert check_run_directory(run_dir, trained.config, steps=3, rows_per_step=PROMPTS * SAMPLES, checkpoints=[2, 3],
                                algorithm="grpo") == metrics
-    prompt_set = prompt_set_for(settings())
+    prompt_set = prompt_set_for(settings(), load_tokenizer(tiny_moe_dir))
     for step in range(4):
         rows = rollout_rows(run_dir, step)
         assert {r["epoch"] for r in rows} == {prompt_set.epoch(step)}
@@ -240,7 +240,8 @@ def step_batch(rewards: list[float], correct: list[bool], logprobs: list[list[fl
     """Two prompts of two samples each."""
     problems = [Problem("p", "P?", 1.0), Problem("q", "Q?", 2.0)]
     grades = [Grade("natural_language", 1.0, ok, "correct" if ok else "wrong") for ok in correct]
-    return StepBatch(problems, [[completion(lp) for lp in logprobs[i:i + 2]] for i in (0, 2)],
+    return StepBatch(problems, ["Question: P?", "Question: Q?"], [[completion(lp) for lp in logprobs[i:i + 2]]
+                                                                   for i in (0, 2)],
                      [grades[0:2], grades[2:4]], torch.tensor(rewards).view(2, 2))
 
 
@@ -279,8 +280,9 @@ def first_update_by_hand(model_dir, rl_settings) -> tuple[float, float, torch.Te
     same seed, the advantages computed from rl.losses' functions directly, the loss from grpo_loss on the base
     model, the gradient norm over every parameter (all train; nothing frozen)."""
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
-    batch = collect(HFEngine(model, tokenizer), prompt_set_for(rl_settings).batch(0), rl_settings, ChecksumRewards(2),
-                    step_seed(0, 0, "sampling"))
+    prompt_set = prompt_set_for(rl_settings, tokenizer)
+    batch = collect(HFEngine(model, tokenizer), prompt_set.prompter, prompt_set.batch(0), rl_settings,
+                    ChecksumRewards(2), step_seed(0, 0, "sampling"))
     grpo, mitigations = rl_settings.grpo, rl_settings.mitigations
     rewards, correct = batch.rewards.flatten(), torch.tensor([g.correct for g in batch.flat_grades])
     if mitigations.pass_at_k:

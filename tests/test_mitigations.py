@@ -130,7 +130,8 @@ def step0_entropy(model_dir, settings) -> float:
     """Mean token entropy of the base model over the step-0 batch, sampled again with the run's seed (the first
     update of PPO with one minibatch, and of GRPO, sees that whole batch)."""
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
-    batch = collect(HFEngine(model, tokenizer), prompt_set_for(settings).batch(0), settings, ChecksumRewards(2),
+    prompt_set = prompt_set_for(settings, tokenizer)
+    batch = collect(HFEngine(model, tokenizer), prompt_set.prompter, prompt_set.batch(0), settings, ChecksumRewards(2),
                     step_seed(0, 0, "sampling"))
     input_ids, attention_mask, completion_mask = pack_batch(batch, tokenizer)
     with torch.no_grad():

@@ -70,8 +70,11 @@ def test_report_tells_the_findings_first(comparison_report):
     assert "No collapse" in head
     assert re.search(r"Expert 0 of layer \d carries \d+% of the routed tokens", head)
     assert "the specialists follow the formats" in head
-    for section in ("Comparison", "Entropy and accuracy", "difference vs baseline [95% CI]"):
+    for section in ("Comparison", "Entropy and accuracy", "difference vs baseline (rl.kl_coef=0.0 (3 seeds)) [95% CI]"):
         assert section in text
+    # the format shares of every group come first, before the findings
+    assert text.index("<img ") < text.index('class="findings"')
+    assert "Format shares over RL steps, one panel per group" in head
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is not installed (apt-get install chromium)")
@@ -128,8 +131,15 @@ def test_report_without_gold_answers_or_expert_data(tmp_path):
 def test_bad_report_input(tmp_path):
     with pytest.raises(UserError, match="not a run directory"):
         write_report([tmp_path], tmp_path / "r.html", progress=False)
-    with pytest.raises(UserError, match="at least one run directory"):
+    with pytest.raises(UserError, match="at least one input"):
         write_report([], tmp_path / "r.html", progress=False)
+
+
+def test_an_unknown_baseline_is_named_before_any_analysis(runs, tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "analyze", lambda *args, **kwargs: pytest.fail("analysed before checking --baseline"))
+    with pytest.raises(UserError, match=r"--baseline 'nope': no such group or input \(names: rl\.kl_coef=0\.0 \(3 seeds\), "
+                                        r"rl\.kl_coef=0\.1 \(2 seeds\), baseline-0"):
+        write_report(runs, tmp_path / "r.html", baseline="nope", progress=False)
 
 
 def test_sweep_runs_pool_across_rl_seeds_despite_their_names(tmp_path):

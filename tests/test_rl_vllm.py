@@ -74,7 +74,7 @@ def test_three_steps_with_vllm(algorithm, engine, tiny_moe_dir, tmp_path):
         assert step == 0 or max(stale) > 10 * TOLERANCE, (step, max(stale))  # the weights did move
 
     # After training the engine serves the trained model: one fixed prompt + completion, token by token.
-    problem = prompt_set_for(settings).problems[0]
+    problem = prompt_set_for(settings, tokenizer).problems[0]
     fixed = [tokenizer(prompt_text(problem) + "The answer is 42.", add_special_tokens=False)["input_ids"]]
     assert max_difference(engine, trained, fixed) <= TOLERANCE
     assert max_difference(engine, models[0], fixed) > 10 * TOLERANCE

@@ -1,5 +1,6 @@
 """rl/weight_sync.py: after `push_weights`, vLLM serves exactly the weights of the transformers model being
-trained, for a Qwen3-MoE and a dense Qwen3 model.
+trained, for a Qwen3-MoE and a dense Qwen3 model, and the same weights rounded to bfloat16 in a bfloat16 engine.
+(Every other supported family: tests/test_model_families.py.)
 
 Tiny models are built from config (no hub). Each kind gets one in-process engine, because an engine takes
 seconds to start. The checks compare vLLM's float32 token logprobs with the trained model's own logprobs
@@ -137,6 +138,45 @@ def test_push_invalidates_prefix_cache(engine):
     assert difference() > STALE
     push_weights(llm, model)
     assert difference() <= TOLERANCE
+
+
+# A bfloat16 engine serves the float32 weights rounded to bfloat16 (8 significant bits, relative rounding
+# 2**-9): its log-probabilities differ from the float32 model's by ~0.005-0.02 here, by more than 1 after two
+# updates. BF16_TOLERANCE is a few times the first and far below the second.
+BF16_TOLERANCE = 0.1
+BF16_STALE = 0.5
+
+
+@pytest.fixture(scope="module")
+def bfloat16_engine(tmp_path_factory):
+    """The RL's rollout engine as `[rl.engine] dtype = "bfloat16"` builds it, on the tiny Qwen3-MoE."""
+    from rl.config import EngineSettings
+    from rl.engines import make_engine
+    from specialists.tokenizer import load_tokenizer
+
+    directory = tmp_path_factory.mktemp("weight-sync-bf16")
+    model = build_model("moe", directory)
+    engine = make_engine(EngineSettings(kv_cache_gib=0.25, dtype="bfloat16"), directory, model,
+                         load_tokenizer(directory), max_length=256, seed=0)
+    yield model, engine.llm
+    engine.close()
+    gc.collect()
+
+
+def test_push_into_a_bfloat16_engine_casts_the_trained_weights(bfloat16_engine):
+    model, llm = bfloat16_engine
+    served = _driver_worker(llm).model_runner.get_model()
+    assert {p.dtype for p in served.parameters() if p.numel()} == {torch.bfloat16}
+    assert max_difference(llm, model) <= BF16_TOLERANCE
+    for round_ in range(2):
+        train(model, steps=2, seed=round_)
+        assert max_difference(llm, model) > BF16_STALE
+        push_weights(llm, model)
+        assert max_difference(llm, model) <= BF16_TOLERANCE
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # training stays float32
+    # What the engine holds is the trained weights rounded to bfloat16 (a router, compared exactly).
+    router = served.model.layers[0].mlp.gate.weight
+    assert torch.equal(router, model.model.layers[0].mlp.gate.weight.detach().to(torch.bfloat16))
 
 
 def test_engine_reads_plain_weights(engine):

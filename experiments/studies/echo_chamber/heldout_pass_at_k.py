@@ -27,9 +27,9 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 def evaluate_model(engine, model, problems, sampling, sandbox, seed: int) -> dict:
     """Sample, grade and score one model on the held-out problems."""
     from analysis.sampling import pass_at_k
-    from rl.rollouts import prompt_text
     from specialists.formats import FORMAT_SETS
     from specialists.grading import grade_completions
+    from specialists.tasks import prompt_text
 
     engine.sync_weights(model)
     groups = engine.generate([prompt_text(p) for p in problems], sampling, seed)
