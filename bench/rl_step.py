@@ -173,7 +173,7 @@ def measure(options) -> dict:
     from specialists.formats import FORMAT_SETS
     from specialists.pretrain import pretrain
     from specialists.sandbox import Sandbox
-    from specialists.tasks import TaskConfig, generate_problems
+    from specialists.tasks import TaskSettings, generate_problems
 
     with tempfile.TemporaryDirectory(prefix="rl-step-bench-model-") as scratch:
         model_dir = options.model
@@ -187,7 +187,7 @@ def measure(options) -> dict:
                               checkpoint_every=10**6,
                               sampling=SamplingSettings(samples_per_prompt=options.samples,
                                                         max_new_tokens=options.max_new_tokens))
-        problems = generate_problems(options.prompts, derive_seed(options.seed, "rl_prompts"), "train", TaskConfig())
+        problems = generate_problems(options.prompts, derive_seed(options.seed, "rl_prompts"), "train", TaskSettings())
         ours, stock, our_metrics, stock_lengths, ratios = [], [], [], [], []
         with Sandbox(workers=1) as sandbox:
             rewards = Rewards(FORMAT_SETS["synthetic"], sandbox, settings.reward_scale, 0.0)

@@ -13,10 +13,10 @@ is appended one line per write (a cut last line is dropped on resume).
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from experiments.config import ExperimentConfig
@@ -49,24 +49,6 @@ def base_model_dir(config: SpecialistsConfig, progress: bool = True) -> Path:
 def base_model(config: ExperimentConfig, progress: bool = True) -> Path:
     """The RL base: the checkpoint at model.path, or the pretrained built-in model (trained on first use)."""
     return Path(config.model.path) if config.model.path else base_model_dir(config.specialists(), progress)
-
-
-def _check_input_files(config: ExperimentConfig) -> None:
-    from specialists.families import checkpoint_family, has_chat_template
-    from specialists.formats import load_formats
-
-    if config.rl.prompts != "synthetic":  # every row read now: a bad answer cell must not cost a pretraining
-        config.rl.prompt_split()
-    if config.model.path:
-        checkpoint_family(config.model.path)
-        if config.rl.chat_template and not has_chat_template(config.model.path):
-            raise UserError(f"rl.chat_template: the tokenizer in {config.model.path} has no chat template")
-    load_formats(config.analysis.formats)  # a built-in set name or a readable format file
-    from experiments.trackers import TRACKERS
-
-    for name in config.logging.report_to:
-        if importlib.util.find_spec(TRACKERS[name]) is None:
-            raise UserError(f"logging.report_to: {name} is not installed (pip install -e \".[trackers]\")")
 
 
 def _prepare_run_dir(run_dir: Path, resolved: dict, resume: bool, overwrite: bool) -> None:
@@ -110,18 +92,18 @@ def _tracker_observer(config: ExperimentConfig, run_dir: Path, resolved: dict, s
 
 
 def run_experiment(config: ExperimentConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
-                   progress: bool = True) -> Path:
+                   progress: bool = True, observers: Sequence = ()) -> Path:
     """Run (or resume) the experiment into `run_dir`; returns the path of the report.
 
     A non-empty `run_dir` is refused unless `resume` (same config; continues from the last checkpoint) or
     `overwrite` (deletes it first). A reward or loss that turns NaN or infinite stops the run with a
-    UserError naming the step and the last good checkpoint.
+    UserError naming the step and the last good checkpoint. `observers` (rl.recipe.StepObserver) see each
+    step once it is recorded (the CLI's step-0 check and per-step line, experiments.console).
     """
     from rl.recorder import Recorder
 
     run_dir = Path(run_dir)
     resolved = config.model_dump(mode="json")
-    _check_input_files(config)  # before any work (and the slow imports): a typo must not cost a pretraining
     _prepare_run_dir(run_dir, resolved, resume, overwrite)
     recorder = Recorder(run_dir)  # an unwritable --out fails here, before the pretraining
     recorder.write_config(resolved)
@@ -152,7 +134,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, resume: bool =
     seed = config.seed if settings.seed is None else settings.seed
     torch.manual_seed(seed)
     model, tokenizer = load_model(weights), load_tokenizer(weights)
-    problems = load_prompt_problems(settings, seed, config.task.task_config())
+    problems = load_prompt_problems(settings, seed, config.task)
     prompter = Prompter(tokenizer, settings.prompt_template, settings.chat_template)
     replay = None
     if settings.mitigations.pretrain_replay_coef > 0:  # the config refuses it with a model.path base
@@ -167,8 +149,8 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, resume: bool =
             train(Run(settings=settings, model=model, tokenizer=tokenizer, engine=engine,
                       prompt_set=PromptSet(problems, settings.prompts_per_step, seed, prompter), rewards=rewards,
                       recorder=recorder, seed=seed, start_step=start_step,
-                      reference=load_model(base) if needs_base_model(settings) else None, replay=replay, progress=progress),
-                  observers=[observer])
+                      reference=load_model(base) if needs_base_model(settings) else None, replay=replay,
+                      progress=progress), [*observers, observer])
     except NonFiniteError as error:
         last = recorder.last_checkpoint()
         kept = f"the last good checkpoint is {last[1]}" if last else "no checkpoint was written"

@@ -29,7 +29,6 @@ from typing import Protocol
 from analysis.live import CollapseWatch
 from analysis.load import rollout_frame
 
-TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # name -> module that provides it
 TENSORBOARD_DIR = "tensorboard"
 MLFLOW_STORE = "mlflow.db"
 MLFLOW_ARTIFACTS = "mlflow-artifacts"
@@ -102,7 +101,7 @@ class MLflowTracker:
 
 
 def open_trackers(report_to: list[str], run_dir: Path, project: str, config: dict, start_step: int = 0) -> list[Tracker]:
-    """The trackers named in `report_to` (keys of TRACKERS), writing into `run_dir`."""
+    """The trackers named in `report_to` (experiments.config.LoggingSettings), writing into `run_dir`."""
     opened = []
     for name in report_to:
         if name == "tensorboard":
@@ -112,7 +111,7 @@ def open_trackers(report_to: list[str], run_dir: Path, project: str, config: dic
         elif name == "mlflow":
             opened.append(MLflowTracker(run_dir, project, config))
         else:
-            raise ValueError(f"unknown tracker {name!r}; known: {', '.join(TRACKERS)}")
+            raise ValueError(f"unknown tracker {name!r}")
     return opened
 
 

@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from specialists.config import Strict
+from specialists.errors import SettingsError
 from specialists.prompt_data import PromptColumns, PromptSplit, check_columns, prompt_split
 from specialists.prompting import TEMPLATE_FIELDS, template_problem
 from specialists.tasks import PROMPT_TEMPLATE
@@ -35,7 +36,8 @@ class EngineSettings(Strict):
     @model_validator(mode="after")
     def _bfloat16_is_vllm(self) -> "EngineSettings":
         if self.kind == "hf" and self.dtype != "float32":
-            raise ValueError("dtype bfloat16 needs kind 'vllm': the hf engine samples from the float32 training model")
+            raise SettingsError("dtype bfloat16 needs kind 'vllm': the hf engine samples from the float32 training "
+                                "model", "dtype", "kind")
         return self
 
 
@@ -100,6 +102,20 @@ class MitigationSettings(Strict):
     pretrain_replay_batch: int = Field(8, ge=1, description="pretraining texts per replay batch")
 
 
+# The algorithms that implement each switch of MitigationSettings (its other fields only tune a switch). A
+# switch away from its default for another algorithm is refused (RLSettings._algorithm_rules), not ignored.
+MITIGATION_ALGORITHMS = {
+    "entropy_coef": {"grpo", "ppo"},
+    "clip_cov": {"grpo", "ppo"},
+    "kl_cov": {"grpo", "ppo"},
+    "format_diversity_coef": {"grpo", "ppo", "ei"},
+    "unlikeliness_beta": {"grpo"},
+    "pass_at_k": {"grpo"},
+    "freeze_router": {"grpo", "ppo", "ei"},
+    "pretrain_replay_coef": {"grpo", "ppo"},
+}
+
+
 class RLSettings(Strict):
     seed: int | None = Field(None, description="seed of RL (prompt order, sampling, updates); None = the top-level seed. "
                              "Setting it varies RL on one shared pretrained base")
@@ -149,7 +165,7 @@ class RLSettings(Strict):
     def _usable_template(cls, value: str) -> str:
         problem = template_problem(value)
         if problem:
-            raise ValueError(problem)
+            raise SettingsError(problem)
         return value
 
     @field_validator("prompts", "heldout_prompts")
@@ -163,19 +179,79 @@ class RLSettings(Strict):
 
     @model_validator(mode="after")
     def _one_heldout_split(self) -> "RLSettings":
+        """At most one held-out split, of a prompt file; every row of the files read now (a bad answer cell must
+        not cost a pretraining)."""
+        held_out = "heldout_prompts" if self.heldout_prompts is not None else "heldout_fraction"
         if self.prompts == "synthetic" and (self.heldout_prompts is not None or self.heldout_fraction > 0):
-            raise ValueError("heldout_prompts and heldout_fraction split a prompt file; synthetic prompts have "
-                             "their own held-out split")
+            raise SettingsError("heldout_prompts and heldout_fraction split a prompt file; synthetic prompts have "
+                                "their own held-out split", held_out, "prompts")
         if self.heldout_prompts is not None and self.heldout_fraction > 0:
-            raise ValueError("give heldout_prompts or heldout_fraction, not both")
+            raise SettingsError("give heldout_prompts or heldout_fraction, not both", "heldout_fraction",
+                                "heldout_prompts")
+        if self.prompts != "synthetic":
+            self.prompt_split()
         return self
 
     @model_validator(mode="after")
-    def _consistent(self) -> "RLSettings":
-        if self.kl_estimator == "k1" and self.algorithm != "ppo" and self.beta > 0:
-            raise ValueError("kl_estimator 'k1' (KL in the reward) is PPO's; GRPO and EI use 'k3'")
-        if self.mitigations.pass_at_k > self.sampling.samples_per_prompt:
-            raise ValueError("mitigations.pass_at_k must be <= sampling.samples_per_prompt")
+    def _algorithm_rules(self) -> "RLSettings":
+        """The rules that combine settings, so that a config that would fail, or silently do nothing, is refused
+        when it is loaded. Each names the settings at fault, the one to change first."""
+        algorithm, sampling, mitigations = self.algorithm, self.sampling, self.mitigations
+        defaults = MitigationSettings()
+        for name, implemented_by in MITIGATION_ALGORITHMS.items():
+            if getattr(mitigations, name) != getattr(defaults, name) and algorithm not in implemented_by:
+                raise SettingsError(f"algorithm {algorithm!r} does not implement mitigations.{name} (only "
+                                    f"{', '.join(sorted(implemented_by))} do)", f"mitigations.{name}", "algorithm")
+        if algorithm == "ei" and self.beta > 0:
+            raise SettingsError("Expert Iteration has no KL term: set beta = 0", "beta", "algorithm")
+        if algorithm == "ei" and self.epsilon_high is not None:
+            raise SettingsError("Expert Iteration has no clipped ratio: epsilon_high does nothing", "epsilon_high",
+                                "algorithm")
+        if algorithm == "ei" and self.tis_cap is not None:
+            raise SettingsError("Expert Iteration has no policy-gradient loss to reweight: tis_cap does nothing",
+                                "tis_cap", "algorithm")
+        if self.kl_estimator == "k1" and algorithm != "ppo" and self.beta > 0:
+            raise SettingsError("kl_estimator 'k1' (KL in the reward) is PPO's; GRPO and EI use 'k3'", "kl_estimator",
+                                "algorithm")
+        if algorithm == "grpo" and sampling.samples_per_prompt < 2:
+            raise SettingsError("GRPO needs sampling.samples_per_prompt >= 2: its advantages compare the samples of "
+                                "a prompt", "sampling.samples_per_prompt", "algorithm")
+        if algorithm == "grpo" and sampling.temperature <= 0:
+            raise SettingsError("GRPO needs sampled rollouts: sampling.temperature must be > 0 (greedy samples of a "
+                                "prompt are all equal, so every advantage is 0)", "sampling.temperature", "algorithm")
+        if algorithm == "ppo" and self.ppo.minibatches > self.prompts_per_step * sampling.samples_per_prompt:
+            raise SettingsError(f"ppo.minibatches ({self.ppo.minibatches}) must be <= the completions of a step, "
+                                f"prompts_per_step x sampling.samples_per_prompt "
+                                f"({self.prompts_per_step * sampling.samples_per_prompt})", "ppo.minibatches")
+        if mitigations.pass_at_k > sampling.samples_per_prompt:
+            raise SettingsError(f"mitigations.pass_at_k ({mitigations.pass_at_k}) must be <= sampling.samples_per_prompt "
+                                f"({sampling.samples_per_prompt}): pass@k is estimated within a prompt's samples",
+                                "mitigations.pass_at_k", "sampling.samples_per_prompt")
+        if mitigations.pass_at_k and (mitigations.unlikeliness_beta > 0 or mitigations.format_diversity_coef > 0):
+            other = "unlikeliness_beta" if mitigations.unlikeliness_beta > 0 else "format_diversity_coef"
+            raise SettingsError(f"mitigations.pass_at_k replaces the advantages by pass@k ones computed from correctness "
+                                f"alone; it does not combine with mitigations.{other}", "mitigations.pass_at_k",
+                                f"mitigations.{other}")
+        if mitigations.pass_at_k and (self.grpo.baseline != "mean" or self.grpo.scale_rewards != "group"):
+            other = "baseline" if self.grpo.baseline != "mean" else "scale_rewards"
+            raise SettingsError(f"mitigations.pass_at_k's advantages are computed in closed form; grpo.{other} does "
+                                "not apply to them", f"grpo.{other}", "mitigations.pass_at_k")
+        if mitigations.clip_cov and mitigations.kl_cov:
+            raise SettingsError("mitigations.clip_cov and mitigations.kl_cov are alternatives (Cui et al. 2025); "
+                                "switch on one", "mitigations.kl_cov", "mitigations.clip_cov")
+        # The first optimisation pass over a batch runs on the weights that sampled it, so the ratio
+        # pi / pi_old is exactly 1 there: a setting that acts through the ratio needs a second pass.
+        passes, passes_key = ((self.grpo.num_iterations, "grpo.num_iterations") if algorithm == "grpo" else
+                              (self.ppo.epochs * self.ppo.minibatches, "ppo.epochs"))
+        passes_text = "grpo.num_iterations > 1" if algorithm == "grpo" else "ppo.epochs x ppo.minibatches > 1"
+        if algorithm != "ei" and passes == 1:
+            if mitigations.kl_cov:
+                raise SettingsError(f"mitigations.kl_cov needs {passes_text}: its penalty |log pi - log pi_old| has "
+                                    "zero gradient on the first pass over a batch, so with one pass it does nothing",
+                                    "mitigations.kl_cov", passes_key)
+            if self.epsilon_high is not None:
+                raise SettingsError(f"epsilon_high needs {passes_text}: the ratio pi / pi_old is 1 on the first pass "
+                                    "over a batch, so with one pass no clip range acts", "epsilon_high", passes_key)
         return self
 
     def prompt_split(self) -> PromptSplit:

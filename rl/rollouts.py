@@ -26,10 +26,14 @@ from specialists.formats import Format
 from specialists.grading import Grade, grade_completions
 from specialists.sandbox import Sandbox
 from specialists.prompting import Prompter
+<<<<<<< HEAD
 from specialists.tasks import Problem, TaskConfig, generate_problems
+=======
+from specialists.tasks import Problem, TaskSettings, generate_problems, load_gsm8k
+>>>>>>> config
 
 
-def load_prompt_problems(settings: RLSettings, seed: int, task: TaskConfig) -> list[Problem]:
+def load_prompt_problems(settings: RLSettings, seed: int, task: TaskSettings) -> list[Problem]:
     if settings.prompts == "synthetic":
         return generate_problems(settings.num_prompts, derive_seed(seed, "rl_prompts"), "train", task)
     return settings.prompt_split().train[:settings.num_prompts]  # a prompt file, its held-out problems set aside

@@ -12,8 +12,9 @@ from typing import Literal, Sequence
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from specialists.corpus import file_digest, read_texts
+from specialists.errors import SettingsError, did_you_mean
 from specialists.formats import FORMAT_SETS, Difficulty, load_formats
-from specialists.tasks import OPERATIONS, TaskConfig
+from specialists.tasks import SPLIT_SHARE, TaskSettings, count_problems
 
 # vLLM's attention backends accept only these head sizes.
 VLLM_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
@@ -21,33 +22,6 @@ VLLM_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TaskSettings(Strict):
-    """The synthetic word problems (see `specialists.tasks`)."""
-
-    min_operations: int = Field(1, ge=1)
-    max_operations: int = Field(2, ge=1)
-    max_value: int = Field(20, ge=2)
-    max_multiplier: int = Field(3, ge=2)
-    operations: tuple[str, ...] = ("add", "sub", "mul")
-
-    @field_validator("operations")
-    @classmethod
-    def _known_operations(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = sorted(set(value) - set(OPERATIONS))
-        if unknown:
-            raise ValueError(f"unknown operations {unknown}; allowed: {sorted(OPERATIONS)}")
-        return value
-
-    @model_validator(mode="after")
-    def _ordered(self) -> "TaskSettings":
-        if self.min_operations > self.max_operations:
-            raise ValueError("min_operations must be <= max_operations")
-        return self
-
-    def task_config(self) -> TaskConfig:
-        return TaskConfig(self.min_operations, self.max_operations, self.max_value, self.max_multiplier, self.operations)
 
 
 class FormatShare(Strict):
@@ -93,16 +67,17 @@ class MixtureSettings(Strict):
     @model_validator(mode="after")
     def _known_formats(self) -> "MixtureSettings":
         if not self.formats:
-            raise ValueError("the mixture needs at least one format")
+            raise SettingsError("the mixture needs at least one format", "formats")
         known = [f.name for f in load_formats(self.format_set)]
         unknown = [name for name in self.formats if name not in known]
         if unknown:
-            raise ValueError(f"unknown formats {unknown} in the mixture; format set {self.format_set!r} has: {known}")
+            raise SettingsError(f"unknown format {unknown[0]!r}{did_you_mean(unknown[0], known)}; format set "
+                                f"{self.format_set!r} has: {', '.join(known)}", f"formats.{unknown[0]}", "format_set")
         renderable = [f.name for f in FORMAT_SETS["synthetic"]]
         unrenderable = [name for name, share in self.formats.items() if share.data is None and name not in renderable]
         if unrenderable:
-            raise ValueError(f"formats {unrenderable} need a `data` file: only {renderable} can be rendered from "
-                             "synthetic problems")
+            raise SettingsError(f"formats {unrenderable} need a `data` file: only {renderable} can be rendered from "
+                                "synthetic problems", f"formats.{unrenderable[0]}")
         return self
 
     def normalised_weights(self) -> dict[str, float]:
@@ -133,13 +108,17 @@ class ModelSettings(Strict):
     @model_validator(mode="after")
     def _valid_for_vllm(self) -> "ModelSettings":
         if self.hidden_size % 32:
-            raise ValueError(f"hidden_size must be a multiple of 32 (vLLM's CPU MoE kernel), got {self.hidden_size}")
+            raise SettingsError(f"hidden_size must be a multiple of 32 (vLLM's CPU MoE kernel), got {self.hidden_size}",
+                                "hidden_size")
         if self.head_dim not in VLLM_HEAD_DIMS:
-            raise ValueError(f"head_dim must be one of {VLLM_HEAD_DIMS} (vLLM attention), got {self.head_dim}")
+            raise SettingsError(f"head_dim must be one of {VLLM_HEAD_DIMS} (vLLM attention), got {self.head_dim}",
+                                "head_dim")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError("num_heads must be a multiple of num_kv_heads")
+            raise SettingsError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})",
+                                "num_kv_heads", "num_heads")
         if self.experts_per_token > self.num_experts:
-            raise ValueError("experts_per_token must be <= num_experts")
+            raise SettingsError(f"experts_per_token ({self.experts_per_token}) must be <= num_experts "
+                                f"({self.num_experts})", "experts_per_token", "num_experts")
         return self
 
 
@@ -216,6 +195,16 @@ class SpecialistsConfig(Strict):
                                      f"needs {needed} distinct ones (pretrain.num_examples x share / repeat)")
         return self
 
+    def corpus_sizes(self) -> dict[str, tuple[int, int]]:
+        """Per mixture format: (pretraining examples, distinct problems among them); with `repeat = k` a
+        format has 1/k as many distinct problems, each seen k times (specialists.pretrain.build_corpus)."""
+        weights = self.mixture.normalised_weights()
+        sizes = {}
+        for name, weight in weights.items():
+            examples = round(self.pretrain.num_examples * weight)
+            sizes[name] = (examples, math.ceil(examples / self.mixture.formats[name].repeat))
+        return sizes
+
     @model_validator(mode="after")
     def _no_pretraining_settings_with_a_path(self) -> "SpecialistsConfig":
         """A base brought with model.path is not pretrained here: a pretraining setting beside it would be
@@ -226,8 +215,8 @@ class SpecialistsConfig(Strict):
         written += [f"{section}.{key}" for section in ("mixture", "pretrain", "evaluation")
                     for key in sorted(getattr(self, section).model_fields_set)]
         if written:
-            raise ValueError(f"model.path brings its own base, so these pretraining settings do not apply: "
-                             f"{', '.join(written)}; remove them")
+            raise SettingsError(f"model.path brings its own base, so these pretraining settings do not apply: "
+                                f"{', '.join(written)}; remove them", *written, "model.path")
         return self
 
     def base_identity(self) -> dict:
@@ -243,6 +232,20 @@ class SpecialistsConfig(Strict):
             identity["corpus_sha256"] = digests
         return identity
 
+    @model_validator(mode="after")
+    def _enough_problems(self) -> "SpecialistsConfig":
+        """The task must have the distinct problems pretraining and evaluation draw (tasks.generate_problems would
+        otherwise give up only after drawing 50 times as many). A model.path base is neither pretrained nor
+        evaluated here."""
+        if self.model.path is not None:
+            return self
+        needs = [("train", sum(distinct for name, (_, distinct) in self.corpus_sizes().items()
+                               if self.mixture.formats[name].data is None), "pretrain.num_examples"),
+                 ("eval", self.evaluation.num_problems, "evaluation.num_problems")]
+        for split, count, key in needs:
+            check_problem_space(self.task, split, count, key)
+        return self
+
 
 def expert_specialists(formats: Sequence[str], num_experts: int) -> list[str]:
     """The format whose specialist each expert of a BTX model came from. Specialists are taken in alphabetical
@@ -252,3 +255,14 @@ def expert_specialists(formats: Sequence[str], num_experts: int) -> list[str]:
     ordered = sorted(formats)
     per_specialist = num_experts // len(ordered)
     return [ordered[expert // per_specialist] for expert in range(num_experts)]
+
+
+def check_problem_space(task: TaskSettings, split: str, count: int, key: str) -> None:
+    """Refuse `count` distinct `split` problems from a task that has fewer (about SPLIT_SHARE[split] of all it
+    can write), naming `key` (the setting asking for them) and the task settings that would widen it."""
+    available = int(count_problems(task, math.ceil(count / SPLIT_SHARE[split]) + 1) * SPLIT_SHARE[split])
+    if count > available:
+        raise SettingsError(f"{key} needs {count} distinct {split} problems, but the task has only about {available} "
+                            "(raise task.max_value, task.max_operations or task.max_multiplier, or add operations)",
+                            key, "task")
+

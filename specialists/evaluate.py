@@ -114,7 +114,7 @@ def evaluate(model_dir: str | Path, config: SpecialistsConfig, out_file: str | P
     model.eval()
     settings = config.evaluation
     if heldout is None:
-        problems = generate_problems(settings.num_problems, config.seed, "eval", config.task.task_config())
+        problems = generate_problems(settings.num_problems, config.seed, "eval", config.task)
     else:
         problems = heldout[:settings.num_problems]
     prompter = Prompter(tokenizer)  # the built-in template the base was pretrained on

@@ -70,23 +70,21 @@ def build_corpus(config: SpecialistsConfig) -> list[Example]:
     texts drawn without replacement from its data file (a seeded sample: files are often sorted);
     with `repeat = k` a format has 1/k as many distinct problems or texts, each seen k times.
     """
-    formats = config.mixture.formats
-    weights = config.mixture.normalised_weights()
     renderers = {f.name: f for f in FORMAT_SETS["synthetic"]}
-    counts = {name: round(config.pretrain.num_examples * weight) for name, weight in weights.items()}
-    distinct = {name: math.ceil(counts[name] / formats[name].repeat) for name in counts}
-    rendered = [name for name in counts if formats[name].data is None]
-    problems = generate_problems(sum(distinct[name] for name in rendered), config.seed, "train", config.task.task_config())
+    sizes = config.corpus_sizes()
+    formats = config.mixture.formats
+    rendered = [name for name in sizes if formats[name].data is None]
+    problems = generate_problems(sum(sizes[name][1] for name in rendered), config.seed, "train", config.task)
     examples, start = [], 0
-    for name, count in counts.items():
+    for name, (count, distinct) in sizes.items():
         share = formats[name]
         if share.data is None:
-            own = problems[start:start + distinct[name]]
-            start += distinct[name]
+            own = problems[start:start + distinct]
+            start += distinct
             texts = [Example(name, prompt_text(p), renderers[name].render(p, share.difficulty)) for p in own]
         else:
             lines = read_texts(share.data)  # has enough texts: checked when the config was loaded
-            chosen = random.Random(f"{config.seed}/{name}").sample(range(len(lines)), distinct[name])
+            chosen = random.Random(f"{config.seed}/{name}").sample(range(len(lines)), distinct)
             texts = [Example(name, "", lines[index]) for index in chosen]
         examples += (texts * share.repeat)[:count]
     random.Random(config.seed).shuffle(examples)

@@ -64,7 +64,7 @@ class RecordingEngine:
 
 def prompt_set_for(settings, tokenizer, seed: int = 0) -> PromptSet:
     """The RL prompt set the pipeline would build for `settings` (synthetic problems of the default task)."""
-    problems = load_prompt_problems(settings, seed, SpecialistsConfig().task.task_config())
+    problems = load_prompt_problems(settings, seed, SpecialistsConfig().task)
     return PromptSet(problems, settings.prompts_per_step, seed, Prompter(tokenizer, settings.prompt_template,
                                                                          settings.chat_template))
 

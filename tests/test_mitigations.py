@@ -41,7 +41,7 @@ from specialists.config import PretrainSettings, SpecialistsConfig
 from specialists.formats import FORMAT_SETS
 from specialists.model import load_model
 from specialists.pretrain import build_corpus
-from specialists.tasks import TaskConfig, generate_problems
+from specialists.tasks import TaskSettings, generate_problems
 from specialists.tokenizer import load_tokenizer
 
 from rl_helpers import ChecksumRewards, make_run, prompt_set_for, read_metrics
@@ -215,7 +215,7 @@ def test_freeze_router_keeps_the_router_in_expert_iteration(tiny_moe_dir, tmp_pa
 def test_format_diversity_bonus_is_added_to_the_reward():
     formats = FORMAT_SETS["synthetic"]
     language = next(f for f in formats if f.name == "natural_language")
-    problem = generate_problems(1, 0, "train", TaskConfig())[0]
+    problem = generate_problems(1, 0, "train", TaskSettings())[0]
     solution = language.render(problem, "easy")
     texts = [solution, solution, solution, "no idea"]
     gold = [problem.answer, problem.answer, problem.answer + 1, problem.answer]  # the third is graded wrong

@@ -70,7 +70,7 @@ def main() -> None:
         raise SystemExit(f"the runs have {len(bases)} different pretrained bases; give runs of one base")
     base, config = bases.pop(), configs[0]
     if config.rl.prompts == "synthetic":
-        problems = generate_problems(args.problems, args.seed, "eval", config.task.task_config())
+        problems = generate_problems(args.problems, args.seed, "eval", config.task)
     else:  # the prompt file's held-out split (specialists.prompt_data): never an RL prompt
         problems = config.rl.prompt_split().heldout[:args.problems]
         if not problems:
