@@ -26,11 +26,7 @@ from specialists.formats import Format
 from specialists.grading import Grade, grade_completions
 from specialists.sandbox import Sandbox
 from specialists.prompting import Prompter
-<<<<<<< HEAD
-from specialists.tasks import Problem, TaskConfig, generate_problems
-=======
-from specialists.tasks import Problem, TaskSettings, generate_problems, load_gsm8k
->>>>>>> config
+from specialists.tasks import Problem, TaskSettings, generate_problems
 
 
 def load_prompt_problems(settings: RLSettings, seed: int, task: TaskSettings) -> list[Problem]:

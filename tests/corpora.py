@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from specialists.tasks import OPERATIONS, Problem, TaskConfig, generate_problems, prompt_text
+from specialists.tasks import OPERATIONS, Problem, TaskSettings, generate_problems, prompt_text
 
 VERBS = {"add": "buys {value} more", "sub": "gives away {value}", "mul": "ends up with {value} times as many"}
 
@@ -55,7 +55,7 @@ def gsm8k(problem: Problem) -> str:
 WRITERS = {"python_function": tinygsm, "llm_code": openmathinstruct, "gsm8k": gsm8k}
 
 
-def write_corpora(directory: Path, texts_per_format: int, seed: int = 0, task: TaskConfig = TaskConfig()) -> dict[str, Path]:
+def write_corpora(directory: Path, texts_per_format: int, seed: int = 0, task: TaskSettings = TaskSettings()) -> dict[str, Path]:
     """One JSONL corpus per format of WRITERS, each on its own train problems; returns {format: path}."""
     problems = generate_problems(texts_per_format * len(WRITERS), seed, "train", task)
     paths = {}

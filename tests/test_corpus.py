@@ -15,7 +15,7 @@ import pytest
 from corpora import write_corpora
 from experiments.config import load_experiment_config
 from specialists.errors import UserError
-from specialists.tasks import TaskConfig
+from specialists.tasks import TaskSettings
 
 HEADER = '[mixture]\nformat_set = "echo-chamber"\n\n[pretrain]\nnum_examples = 30\n'
 
@@ -138,7 +138,7 @@ def test_a_base_pretrained_on_corpora_samples_formats_as_the_mixture(tmp_path):
     from specialists.evaluate import evaluate
     from specialists.pretrain import pretrain
 
-    paths = write_corpora(tmp_path, texts_per_format=1600, task=TaskConfig(min_operations=1, max_operations=1))
+    paths = write_corpora(tmp_path, texts_per_format=1600, task=TaskSettings(min_operations=1, max_operations=1))
     body = "".join(f'[mixture.formats.{name}]\nweight = 1.0\ndata = "{path}"\n' for name, path in paths.items())
     (tmp_path / "config.toml").write_text(
         '[task]\nmax_operations = 1\n\n[mixture]\nformat_set = "echo-chamber"\n\n' + body +
