@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from specialists.config import Strict
-from specialists.errors import SettingsError
+from specialists.errors import SettingsError, UserError
 from specialists.prompt_data import PromptColumns, PromptSplit, check_columns, prompt_split
 from specialists.prompting import TEMPLATE_FIELDS, template_problem
 from specialists.tasks import PROMPT_TEMPLATE
@@ -189,7 +189,12 @@ class RLSettings(Strict):
             raise SettingsError("give heldout_prompts or heldout_fraction, not both", "heldout_fraction",
                                 "heldout_prompts")
         if self.prompts != "synthetic":
-            self.prompt_split()
+            try:
+                self.prompt_split()
+            except SettingsError:
+                raise
+            except UserError as error:  # a bad row: named at the `prompts` line
+                raise SettingsError(f"prompts: {error}", "prompts") from None
         return self
 
     @model_validator(mode="after")

@@ -94,7 +94,7 @@ RULES = [  # (what, TOML, fragments of the one line); the line named is the sett
     ("clip-higher needs PPO passes", '[rl]\nalgorithm = "ppo"\nepsilon_high = 0.28\n[rl.ppo]\nepochs = 1\n'
      'minibatches = 1\n', ["line 3: rl: epsilon_high needs ppo.epochs x ppo.minibatches > 1"]),
     ("prompt file exists", '[rl]\nprompts = "no/such/gsm8k.jsonl"\n',
-     ["line 2: rl.prompts: GSM8K file not found: no/such/gsm8k.jsonl"]),
+     ["line 2: rl.prompts: file not found: no/such/gsm8k.jsonl"]),
     ("analysis formats resolve", '[analysis]\nformats = "no-such-formats.toml"\n',
      ["line 2: analysis.formats: unknown format set 'no-such-formats.toml'"]),
     ("RL prompts from the task", '[task]\nmax_operations = 1\nmax_value = 3\noperations = ["add"]\n'
@@ -140,7 +140,7 @@ def test_a_bad_prompt_file_is_named_with_its_line(tmp_path, capsys):
     prompts = tmp_path / "gsm8k.jsonl"
     prompts.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n{oops\n")
     run_refuses(tmp_path, capsys, f'seed = 0\n[rl]\nprompts = "{prompts}"\n',
-                f"line 3: rl.prompts: {prompts}:2: not a GSM8K record")
+                f"line 3: rl: prompts: {prompts}:2: not JSON")
 
 
 def test_the_settings_at_fault_are_named_where_the_file_sets_them(tmp_path, capsys):
