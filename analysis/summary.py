@@ -3,7 +3,8 @@ then write `summary.json` (headline values) and `metrics.parquet` (every per-ste
 
 Streaming: analysis.sources reads the input one step at a time; consecutive steps are analysed together in batches
 of up to BATCH_ROWS rows and BATCH_CHARS characters of completions (a whole step, however large, is one batch),
-and only their metrics are kept, so peak memory is bounded by a batch or the largest step, not by the run. `summary.json` holds SPEC.md's keys and the rest of the
+and only their metrics are kept, so peak memory is bounded by two batches (the sandbox runs one batch's programs
+while the next is read) or the largest steps, not by the run. `summary.json` holds SPEC.md's keys and the rest of the
 analysis as nested dicts whose keys are strings (steps and layers as decimal integers, budgets k likewise), and
 under `analysis` how the input was read (source, formats, columns, correct_from). `metrics.parquet` holds the
 per-step tables in one long table: columns metric, step, layer, format, expert, k, value (null where a key does
