@@ -158,22 +158,25 @@ def _per_batch(tables, format_set: tuple[Format, ...], progress: bool) -> list[S
             bar.update(len(table))
             bar.set_postfix(step=int(table["step"].iloc[-1]), refresh=False)
 
-        running = None  # the batch whose programs are running
-        rows = chars = 0
-        for table in tables:
-            size = int(table["completion"].str.len().sum())
-            if batch and (rows + len(table) > BATCH_ROWS or chars + size > BATCH_CHARS):
-                started = start(batch)
-                if running is not None:
-                    finish(*running)
-                running, batch, rows, chars = started, [], 0, 0
-            batch.append(table)
-            rows, chars = rows + len(table), chars + size
-        if batch:
+        running = None  # the batch whose programs the sandbox is running
+
+        def analyse(batch: list[pd.DataFrame]) -> None:
+            nonlocal running
             started = start(batch)
             if running is not None:
                 finish(*running)
             running = started
+
+        rows = chars = 0
+        for table in tables:
+            size = int(table["completion"].str.len().sum())
+            if batch and (rows + len(table) > BATCH_ROWS or chars + size > BATCH_CHARS):
+                analyse(batch)
+                batch, rows, chars = [], 0, 0
+            batch.append(table)
+            rows, chars = rows + len(table), chars + size
+        if batch:
+            analyse(batch)
         if running is not None:
             finish(*running)
     return pieces
