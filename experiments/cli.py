@@ -32,7 +32,8 @@ def _pretrain(args: argparse.Namespace) -> None:
     print(f"checkpoint: {model_dir}")
     if not args.skip_eval:
         result = evaluate(model_dir, config, out / "evaluation.json", progress=not args.quiet)
-        print(json.dumps({k: result[k] for k in ("accuracy", "format_share", "format_accuracy", "reasons")}, indent=2))
+        shown = ("accuracy", "format_share", "format_accuracy", "reasons", "specialist_alignment")
+        print(json.dumps({k: result[k] for k in shown if k in result}, indent=2))
         print(f"evaluation: {out / 'evaluation.json'}")
 
 
@@ -139,8 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     pretrain = commands.add_parser(
         "pretrain", help="train the tokenizer and the multi-specialist model from scratch, then evaluate it",
-        description="Jointly pretrain the model on the config's format mixture; write an HF checkpoint to "
-                    "OUT/model and the per-format share and accuracy of sampled generations to OUT/evaluation.json.")
+        description="Pretrain the model on the config's format mixture (rendered synthetic problems, or each "
+                    "format's `data` corpus): jointly, or for [model] kind = \"btx\" as separate specialists merged "
+                    "into one MoE (Branch-Train-MiX); write an HF checkpoint to OUT/model and the per-format share "
+                    "and accuracy of sampled generations (and, for an MoE, where each format's tokens are routed) "
+                    "to OUT/evaluation.json.")
     pretrain.add_argument("config", help="experiment TOML (see experiments/configs/); only its pretraining part is used")
     pretrain.add_argument("--out", required=True, help="output directory")
     pretrain.add_argument("--skip-eval", action="store_true", help="do not evaluate after pretraining")

@@ -1,8 +1,9 @@
 """One experiment end to end: pretrain (cached) -> RL post-training -> analysis -> report.
 
 The RL base is the checkpoint at `[model] path` when the config names one (pretraining is skipped), else
-the pretrained built-in model. The pretrained base is cached under `$ECHOLAB_CACHE` (default `~/.cache/echolab`) by the hash of the
-config's pretraining part, so runs that share a base (seeds of RL aside) reuse it. A killed run
+the pretrained built-in model. The pretrained base is cached under `$ECHOLAB_CACHE` (default `~/.cache/echolab`)
+by the hash of the config's pretraining part (`SpecialistsConfig.base_identity`, which includes the bytes of any
+corpus files), so runs that share a base (seeds of RL aside) reuse it. A killed run
 continues with `resume=True` from its last checkpoint; the steps after it are redone and recorded
 again (their partial records are dropped first), so no step is lost or doubled. Every file of the run
 directory is written whole or not at all (temporary file, then rename), except metrics.jsonl, which
@@ -31,9 +32,7 @@ def base_model_dir(config: SpecialistsConfig, progress: bool = True) -> Path:
     from specialists.evaluate import evaluate
     from specialists.pretrain import pretrain
 
-    # model.path (always None for a pretrained base) stays out of the key, so caches made before it existed still hit
-    settings = config.model_dump(mode="json", exclude={"model": {"path"}})
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps(config.base_identity(), sort_keys=True).encode()).hexdigest()[:16]
     directory = cache_root() / "pretrain" / key
     if (directory / "evaluation.json").is_file():
         return directory / "model"
@@ -109,7 +108,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, resume: bool =
     from rl.rollouts import PromptSet, Rewards, load_prompt_problems
     from rl.train import train
     from rl.training import NonFiniteError
-    from specialists.formats import FORMAT_SETS
+    from specialists.formats import load_formats
     from specialists.pretrain import build_corpus
     from specialists.model import load_model
     from specialists.prompting import Prompter
@@ -131,7 +130,8 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, resume: bool =
     engine = make_engine(config.rl.engine, weights, model, tokenizer, config.model.max_length, seed)
     try:
         with Sandbox() as sandbox:
-            rewards = Rewards(FORMAT_SETS["synthetic"], sandbox, config.rl.reward_scale, config.rl.mitigations.format_diversity_coef)
+            rewards = Rewards(load_formats(config.mixture.format_set), sandbox, config.rl.reward_scale,
+                              config.rl.mitigations.format_diversity_coef)
             train(config.rl, model=model, tokenizer=tokenizer, engine=engine, prompt_set=prompt_set, rewards=rewards,
                   recorder=recorder, seed=seed, base_model_dir=base, start_step=start_step, progress=progress,
                   replay_texts=[e.text for e in build_corpus(config.specialists())]

@@ -65,7 +65,7 @@ CONFIG_ERRORS = [  # every command that reads an experiment config gives these
     ('[rl]\nalgorithm = "dpo"\n', ["config.toml: rl.algorithm: ", "'grpo', 'ppo' or 'ei'", "got 'dpo'"]),
 ]
 SPECIALISTS_CONFIG_ERRORS = [  # the model's own constraints (checked by the same validation, so pretrain only)
-    ('[model]\nkind = "transformer"\n', ["model.kind", "'moe' or 'dense'"]),
+    ('[model]\nkind = "transformer"\n', ["model.kind", "'moe', 'dense' or 'btx'"]),
     ('[mixture.formats.python_function]\nweight = -1\n', ["weight", "greater than 0"]),
     ('[mixture.formats.latex]\nweight = 1\n', ["unknown formats", "latex"]),
     ('[model]\nhidden_size = 100\n', ["model: hidden_size must be a multiple of 32"]),
