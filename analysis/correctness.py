@@ -10,13 +10,15 @@ the trainer's `correct` where it gave one; the grader's verdict where there is a
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from specialists.formats import Format
-from specialists.grading import Grade, grade_completions
-from specialists.sandbox import Sandbox
+from specialists.grading import Grade, WrittenAnswers, grade_answers, written_answers
+from specialists.sandbox import Sandbox, SandboxResult
 
 SANDBOX_WORKERS = max(2, os.cpu_count() or 2)
 NO_GOLD = "no_gold"  # grade reason of a row with an answer but no gold to compare it with
@@ -28,13 +30,36 @@ def grade_rollouts(table: pd.DataFrame, formats: tuple[Format, ...], sandbox: Sa
     (1.0 / 0.0 / NaN, see the module doc), `grade_reason` (the grader's reason: correct, wrong, no_answer,
     timeout, forbidden, error; or no_gold) and `correct_source` (trainer, gold, column or unknown). Needs the columns `format`, `completion`, `answer` (gold text,
     None when unknown) and `correct`; `correct_from` when present."""
+    grading = start_grading(table, formats)
+    return finish_grading(grading, sandbox.run(grading.found.programs), formats)
+
+
+@dataclass(frozen=True)
+class Grading:
+    """`grade_rollouts` under way: the table, its distinct (format, completion, answer) cases (`codes`: each row's)
+    and their written answers; `found.programs` are to run in the sandbox, whose results `finish_grading` takes."""
+
+    table: pd.DataFrame
+    codes: np.ndarray
+    golds: list
+    has_gold: np.ndarray
+    found: WrittenAnswers
+
+
+def start_grading(table: pd.DataFrame, formats: tuple[Format, ...]) -> Grading:
+    """Everything of `grade_rollouts` before the sandbox runs the programs."""
     codes = table.groupby(GRADE_KEYS, dropna=False, sort=False).ngroup().to_numpy()
     unique = table[GRADE_KEYS].iloc[np.unique(codes, return_index=True)[1]]
-    golds = unique["answer"].tolist()
-    grades: list[Grade] = grade_completions(unique["completion"].tolist(), golds, formats, sandbox,
-                                            unique["format"].tolist())
+    found = written_answers(unique["completion"].tolist(), formats, unique["format"].tolist())
+    return Grading(table, codes, unique["answer"].tolist(), unique["answer"].notna().to_numpy(), found)
+
+
+def finish_grading(grading: Grading, results: Sequence[SandboxResult], formats: tuple[Format, ...]) -> pd.DataFrame:
+    """`grade_rollouts`' result, given the sandbox's results for `grading.found.programs`."""
+    table, codes = grading.table, grading.codes
+    grades: list[Grade] = grade_answers(grading.found, results, grading.golds, formats)
     answers = np.array([grade.answer for grade in grades], dtype=object)
-    has_gold = unique["answer"].notna().to_numpy()
+    has_gold = grading.has_gold
     judged = np.where(has_gold, [float(grade.correct) for grade in grades], np.nan)
     reasons = np.array([grade.reason if gold or grade.answer is None else NO_GOLD for grade, gold in zip(grades, has_gold)],
                        dtype=object)

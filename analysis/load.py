@@ -21,6 +21,7 @@ stream of chunks into one table per step, so that analysis memory is bounded by 
 
 from __future__ import annotations
 
+import io
 import json
 import numbers
 import tomllib
@@ -33,6 +34,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from specialists.config import MixtureSettings, ModelSettings, expert_specialists
@@ -43,7 +45,7 @@ from specialists.run_directory import CONFIG_FILE, REQUIRED_COLUMNS, ROLLOUT_SCH
 NUMERIC_COLUMNS = ("epoch", "reward", "logprob", "num_tokens", "sample_index")
 CONFIG_FILES = (CONFIG_FILE, "config.toml")  # echolab's, or a TOML config a user put beside their rollouts
 EXPERT_LOAD_TYPE = pa.list_(pa.list_(pa.float64()))
-JSONL_CHUNK_LINES = 16384  # records per chunk of a big JSONL file
+JSONL_BLOCK_BYTES = 16 * 2**20  # a big JSONL file is read in blocks of whole lines of this size
 PARQUET_CHUNK_ROWS = 65536
 
 RowName = Callable[[int], str]  # 0-based row of a chunk -> where it came from, for messages
@@ -132,46 +134,103 @@ def _arrow_to_frame(table: pa.Table) -> pd.DataFrame:
     return frame
 
 
-def jsonl_chunks(path: Path, lines: int = JSONL_CHUNK_LINES, may_be_cut: bool = False,
-                 same_keys_as: dict | None = None) -> Iterator[Chunk]:
-    """A JSONL file in chunks of up to `lines` records (blank lines skipped).
+def jsonl_chunks(path: Path, may_be_cut: bool = False, same_keys_as: dict | None = None,
+                 block_bytes: int = JSONL_BLOCK_BYTES) -> Iterator[Chunk]:
+    """A JSONL file in chunks of whole lines, one chunk per block of about `block_bytes` (blank lines skipped).
 
     may_be_cut: the file may still be being written (the newest step file of a running trainer): a last line
         without its newline that is not valid JSON is skipped with an InputWarning instead of refused.
     same_keys_as: {"keys": frozenset, "where": str}: every record must have exactly these keys (a dump whose
-        records all share one schema); filled from the first record when "keys" is None."""
+        records all share one schema); filled from the first record when "keys" is None.
+
+    A block is parsed by Arrow's JSON reader (C++, no Python object per record but the values) when it gives
+    exactly the records `json.loads` would: one per line, flat values (text, numbers, booleans), and with
+    `same_keys_as` every key in every record. Any other block (a bad line, a blank line, nested values, a record
+    with other keys, a record longer than `JSONL_BLOCK_BYTES`) is read line by line, which names the first bad
+    line.
+    """
+    with path.open("rb") as handle:
+        first_line = 1
+        for block in _line_blocks(handle, block_bytes):
+            lines = block.count(b"\n") + (not block.endswith(b"\n"))
+            records = _arrow_records(block, lines, same_keys_as, first_record=f"{path} line {first_line}")
+            if records is not None:
+                yield Chunk(records, lambda row, first=first_line: f"{path} line {first + row}", path)
+            else:
+                chunk = _python_records(path, block, first_line, may_be_cut, same_keys_as)
+                if chunk is not None:
+                    yield chunk
+            first_line += lines
+
+
+def _line_blocks(handle, block_bytes: int) -> Iterator[bytes]:
+    """The file in blocks of whole lines of at least `block_bytes` (the last may lack its newline)."""
+    rest = b""
+    while data := handle.read(block_bytes):
+        data = rest + data
+        end = data.rfind(b"\n") + 1
+        rest = data[end:]
+        if end:
+            yield data[:end]
+    if rest:
+        yield rest
+
+
+def _arrow_records(block: bytes, lines: int, same_keys_as: dict | None, first_record: str) -> pd.DataFrame | None:
+    """The block's records as `pd.DataFrame(list of json.loads(line))` gives them, read by Arrow; None when Arrow
+    might read them otherwise (see `jsonl_chunks`): then the caller reads the block line by line."""
+    if block.startswith(b"\xef\xbb\xbf"):  # a byte-order mark: Arrow skips it, json.loads refuses it
+        return None
+    try:
+        # one thread: the analysis' other processes (sandbox workers) keep the other cores busy
+        table = pajson.read_json(io.BytesIO(block), read_options=pajson.ReadOptions(use_threads=False,
+                                                                                    block_size=JSONL_BLOCK_BYTES))
+        table.validate(full=True)  # text that is not UTF-8: Arrow reads it, the line-by-line reader names it
+    except (pa.ArrowException, UnicodeDecodeError):
+        return None
+    flat = all(pa.types.is_string(t) or pa.types.is_int64(t) or pa.types.is_float64(t) or pa.types.is_boolean(t)
+               for t in table.schema.types)  # not timestamps, which Arrow infers from some strings
+    if table.num_rows != lines or not flat:  # Arrow skips blank lines
+        return None
+    if same_keys_as is not None:
+        keys = frozenset(table.column_names)
+        if table.num_rows and any(column.null_count for column in table.columns):  # a record without a key?
+            return None
+        if same_keys_as["keys"] is None:
+            same_keys_as["keys"], same_keys_as["where"] = keys, first_record
+        elif keys != same_keys_as["keys"]:
+            return None
+    return table.to_pandas()
+
+
+def _python_records(path: Path, block: bytes, first_line: int, may_be_cut: bool,
+                    same_keys_as: dict | None) -> Chunk | None:
+    """The block's records read line by line with `json.loads`; UserError naming the first bad line."""
     records: list[dict] = []
     line_numbers: list[int] = []
-    with path.open("rb") as handle:  # bytes: a line that is not UTF-8 is named like any other bad line
-        for line_number, line in enumerate(handle, start=1):
-            where = f"{path} line {line_number}"
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError:
-                raise UserError(f"{where}: not UTF-8 text") from None
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as error:
-                if may_be_cut and not line.endswith(b"\n") and not handle.peek(1):
-                    warnings.warn(f"{where}: skipped a cut last line (the file is still being written?)", InputWarning)
-                    break
-                raise UserError(f"{where}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{where}: expected a JSON object (one rollout), got {type(record).__name__}")
-            if same_keys_as is not None:
-                _check_keys(record, where, same_keys_as)
-            records.append(record)
-            line_numbers.append(line_number)
-            if len(records) == lines:
-                yield _jsonl_chunk(path, records, line_numbers)
-                records, line_numbers = [], []
-    if records:
-        yield _jsonl_chunk(path, records, line_numbers)
-
-
-def _jsonl_chunk(path: Path, records: list[dict], line_numbers: list[int]) -> Chunk:
+    for line_number, line in enumerate(io.BytesIO(block), start=first_line):
+        where = f"{path} line {line_number}"
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"{where}: not UTF-8 text") from None
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as error:
+            if may_be_cut and not line.endswith(b"\n"):  # the file's last line: a block ends with a newline
+                warnings.warn(f"{where}: skipped a cut last line (the file is still being written?)", InputWarning)
+                break
+            raise UserError(f"{where}: not valid JSON ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{where}: expected a JSON object (one rollout), got {type(record).__name__}")
+        if same_keys_as is not None:
+            _check_keys(record, where, same_keys_as)
+        records.append(record)
+        line_numbers.append(line_number)
+    if not records:
+        return None
     # pd.DataFrame, not from_records: from_records drops rows when no record has a key
     return Chunk(pd.DataFrame(records), lambda row: f"{path} line {line_numbers[row]}", path)
 
@@ -191,8 +250,11 @@ def first_columns(path: Path) -> list[str] | None:
     tell sources apart and check column names before any work."""
     if path.suffix == ".parquet":
         return parquet_columns(path)
-    for chunk in jsonl_chunks(path, lines=1, may_be_cut=True):
-        return [str(column) for column in chunk.records.columns]
+    with path.open("rb") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if line.strip():
+                chunk = _python_records(path, line, line_number, may_be_cut=not handle.peek(1), same_keys_as=None)
+                return None if chunk is None else [str(column) for column in chunk.records.columns]
     return None
 
 
@@ -291,12 +353,14 @@ def _booleans(values: pd.Series, column: str, row_name: RowName) -> pd.Series:
 def _gold_answers(values: pd.Series, row_name: RowName) -> pd.Series:
     """Gold answers as text: 5 -> '5', '1,234' -> '1,234', '\\\\boxed{\\\\frac{1}{2}}' -> '\\\\frac{1}{2}'; missing -> None.
     UserError naming the first row whose gold is neither a number nor text (a list, an object)."""
-    if pd.api.types.is_numeric_dtype(values.dtype) and not pd.api.types.is_bool_dtype(values.dtype):
-        return pd.Series([answer_text(float(v)) for v in values], index=values.index, dtype=object)
-    valid = values.map(lambda v: v is None or isinstance(v, str)
-                       or (isinstance(v, numbers.Number) and not isinstance(v, (bool, np.bool_))))
-    _reject_first(~valid.astype(bool), values, row_name, "column 'answer' must hold a number or text")
-    return pd.Series([answer_text(v) for v in values], index=values.index, dtype=object)
+    numeric = pd.api.types.is_numeric_dtype(values.dtype) and not pd.api.types.is_bool_dtype(values.dtype)
+    if not numeric and pd.api.types.infer_dtype(values, skipna=True) not in ("string", "empty"):
+        valid = values.map(lambda v: v is None or isinstance(v, str)
+                           or (isinstance(v, numbers.Number) and not isinstance(v, (bool, np.bool_))))
+        _reject_first(~valid.astype(bool), values, row_name, "column 'answer' must hold a number or text")
+    codes, distinct = pd.factorize(values.to_numpy(dtype=object))  # a step's samples share their prompts' golds
+    texts = np.array([None, *(answer_text(float(v) if numeric else v) for v in distinct)], dtype=object)
+    return pd.Series(texts[codes + 1], index=values.index, dtype=object)  # code -1: missing
 
 
 def expert_loads(values: pd.Series, row_name: RowName = lambda row: f"row {row + 1}") -> pa.ListArray:

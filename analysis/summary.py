@@ -3,7 +3,8 @@ then write `summary.json` (headline values) and `metrics.parquet` (every per-ste
 
 Streaming: analysis.sources reads the input one step at a time; consecutive steps are analysed together in batches
 of up to BATCH_ROWS rows and BATCH_CHARS characters of completions (a whole step, however large, is one batch),
-and only their metrics are kept, so peak memory is bounded by a batch or the largest step, not by the run. `summary.json` holds SPEC.md's keys and the rest of the
+and only their metrics are kept, so peak memory is bounded by two batches (the sandbox runs one batch's programs
+while the next is read) or the largest steps, not by the run. `summary.json` holds SPEC.md's keys and the rest of the
 analysis as nested dicts whose keys are strings (steps and layers as decimal integers, budgets k likewise), and
 under `analysis` how the input was read (source, formats, columns, correct_from). `metrics.parquet` holds the
 per-step tables in one long table: columns metric, step, layer, format, expert, k, value (null where a key does
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from analysis import formats_metrics as fm
 from analysis import sampling
 from analysis import specialists_metrics as sm
 from analysis.classify import format_names, label_formats
-from analysis.correctness import SANDBOX_WORKERS, grade_reason_share, grade_rollouts
+from analysis.correctness import SANDBOX_WORKERS, Grading, finish_grading, grade_reason_share, start_grading
 from analysis.forecast import FORECAST_STEPS, forecast_collapse, format_outcomes
 from analysis.information import total_variation
 from analysis.load import InputWarning, StepsOutOfOrder, joined, read_expert_specialists, read_run_config
@@ -129,21 +131,42 @@ class StepMetrics:
 
 
 def _per_batch(tables, format_set: tuple[Format, ...], progress: bool) -> list[StepMetrics]:
-    """Label, grade and measure the steps in batches (see the module doc)."""
+    """Label, grade and measure the steps in batches (see the module doc).
+
+    Pipelined: while the sandbox workers run a batch's programs (in a background thread, which only waits on
+    them), this process finishes the batch before and reads and labels the next, so the analysis keeps two
+    cores busy. Batches are finished in order and each is graded as on its own: the same metrics as one by one.
+    """
     pieces, batch = [], []
     # disable=None: bars on a terminal only, so that an error met mid-stream stays the one line a script reads
-    with Sandbox(workers=SANDBOX_WORKERS) as sandbox, tqdm(desc="analyse", unit=" rows", unit_scale=True,
-                                                           disable=None if progress else True, mininterval=1.0) as bar:
-        def analyse(batch: list[pd.DataFrame]) -> None:
+    with Sandbox(workers=SANDBOX_WORKERS) as sandbox, ThreadPoolExecutor(1) as background, \
+            tqdm(desc="analyse", unit=" rows", unit_scale=True, disable=None if progress else True,
+                 mininterval=1.0) as bar:
+        def start(batch: list[pd.DataFrame]) -> tuple[Grading, Future]:
             table = joined(batch)
             table["format"] = label_formats(table, format_set)
-            table[["final_answer", "correct", "grade_reason", "correct_source"]] = grade_rollouts(table, format_set, sandbox)
+            grading = start_grading(table, format_set)
+            return grading, background.submit(sandbox.run, grading.found.programs)
+
+        def finish(grading: Grading, results: Future) -> None:
+            table = grading.table
+            table[["final_answer", "correct", "grade_reason", "correct_source"]] = finish_grading(
+                grading, results.result(), format_set)
             piece = step_metrics(table)
             if sum(len(earlier.epochs) for earlier in pieces) >= FORECAST_STEPS:  # the forecast reads the first steps
                 piece = replace(piece, format_outcomes=piece.format_outcomes.iloc[:0])
             pieces.append(piece)
             bar.update(len(table))
             bar.set_postfix(step=int(table["step"].iloc[-1]), refresh=False)
+
+        running = None  # the batch whose programs the sandbox is running
+
+        def analyse(batch: list[pd.DataFrame]) -> None:
+            nonlocal running
+            started = start(batch)
+            if running is not None:
+                finish(*running)
+            running = started
 
         rows = chars = 0
         for table in tables:
@@ -155,6 +178,8 @@ def _per_batch(tables, format_set: tuple[Format, ...], progress: bool) -> list[S
             rows, chars = rows + len(table), chars + size
         if batch:
             analyse(batch)
+        if running is not None:
+            finish(*running)
     return pieces
 
 
@@ -162,13 +187,14 @@ def step_metrics(table: pd.DataFrame) -> StepMetrics:
     """The metrics of some steps' labelled, judged rows (columns of `analysis.load.normalise` plus `format`,
     `final_answer`, `correct`, `grade_reason`, `correct_source`)."""
     names = sorted(table["format"].unique())
-    budgets = sampling.sample_budgets(sampling.samples_per_prompt(table))
+    samples = sampling.samples_per_prompt(table)
+    budgets = sampling.sample_budgets(samples)
     epochs = (table.groupby("step")["epoch"].min() if "epoch" in table.columns
               else pd.Series(np.nan, index=pd.Index(table["step"].unique(), name="step")))
     return StepMetrics(
         rows=len(table),
         prompts=frozenset(table["prompt_id"].unique()),
-        samples_per_prompt=sampling.samples_per_prompt(table),
+        samples_per_prompt=samples,
         format_counts=fm.format_counts(table, names),
         format_accuracy=fm.format_accuracy(table, names),
         accuracy=fm.accuracy(table),

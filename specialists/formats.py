@@ -57,6 +57,8 @@ class Format:
     A format has an `answer` pattern, a `code` pattern, or both: then the written answer counts where the
     text has one (as OpenMathInstruct-1 grades its `\\boxed{}`), the code's output elsewhere.
     render: (problem, difficulty) -> training text, for formats the synthetic task is written in.
+    answer_on_last_line: the `answer` pattern can only match within the last line (it may begin with the newline
+        before it): it is searched there alone, not across the whole text.
     """
 
     name: str
@@ -66,6 +68,7 @@ class Format:
     call: str | None = None
     render: Callable[[Problem, Difficulty], str] | None = None
     description: str = ""
+    answer_on_last_line: bool = False
 
     def __post_init__(self) -> None:
         if self.name == OTHER:
@@ -83,8 +86,9 @@ class Format:
         """The final answer written in the text (the last match of the `answer` pattern), else None."""
         if self.answer is None:
             return None
+        text = completion.strip()
         found = None
-        for found in self.answer.finditer(completion.strip()):
+        for found in self.answer.finditer(text, max(text.rfind("\n"), 0) if self.answer_on_last_line else 0):
             pass
         return found.group("answer").strip() if found else None
 
@@ -203,7 +207,8 @@ NATURAL_LANGUAGE = Format(
     description="OpenMathInstruct-2 / prose: steps in words without code blocks, the last line saying 'The answer "
                 "is N', 'The answer is: N' or \\boxed{N}",
     detect=re.compile(rf"{_PLAIN_PROSE}(?:[^\n]*\n)*[^\n]*{_ANSWER_MARK}[^\n]*"),
-    answer=re.compile(rf"(?:\A|\n)[^\n]*{_ANSWER_MARK}[^\n]*\Z"),  # the last line only
+    answer=re.compile(rf"(?:\A|\n)[^\n]*{_ANSWER_MARK}[^\n]*\Z"),  # no part of it matches a newline but the first
+    answer_on_last_line=True,
     render=_render_natural_language,
 )
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Literal, Sequence
 
 from specialists.formats import OTHER, Format, classify, parse_answer
-from specialists.sandbox import Program, Sandbox
+from specialists.sandbox import Program, Sandbox, SandboxResult
 
 Reason = Literal["correct", "wrong", "no_answer", "timeout", "forbidden", "error"]
 ANSWER_DECIMALS = 6  # numbers equal after rounding to this many decimals are the same answer (votes, keys)
@@ -117,6 +117,26 @@ def grade_completions(
 ) -> list[Grade]:
     """One Grade per completion. `format_names` skips classification when the caller already has it.
     Without a gold answer (None) a completion is never correct."""
+    found = written_answers(completions, formats, format_names)
+    return grade_answers(found, sandbox.run(found.programs) if found.programs else [], gold_answers, formats)
+
+
+@dataclass(frozen=True)
+class WrittenAnswers:
+    """What completions say before any code runs (`written_answers`): per completion its format, its written
+    answer (None when none) and, when it has no answer at all, the reason; the programs to run for the rest."""
+
+    formats: list[str]
+    answers: list[str | None]
+    reasons: list[Reason | None]
+    programs: list[Program]
+    program_owner: list[int]  # the completion each program answers for
+
+
+def written_answers(completions: Sequence[str], formats: tuple[Format, ...],
+                    format_names: Sequence[str] | None = None) -> WrittenAnswers:
+    """The first half of `grade_completions`: classify (unless `format_names` is given) and read the written
+    answers; the programs then run in a sandbox (`Sandbox.run`, which callers may run in the background)."""
     if format_names is None:
         format_names = [classify(text, formats) for text in completions]
     by_name = {f.name: f for f in formats}
@@ -138,26 +158,46 @@ def grade_completions(
         else:
             programs.append(program)
             program_owner.append(index)
-    for index, result in zip(program_owner, sandbox.run(programs) if programs else []):
+    return WrittenAnswers(list(format_names), answers, reasons, programs, program_owner)
+
+
+def grade_answers(found: WrittenAnswers, results: Sequence[SandboxResult], gold_answers: Sequence[float | str | None],
+                  formats: tuple[Format, ...]) -> list[Grade]:
+    """The second half of `grade_completions`: the programs' `results` (in order) complete the answers, which are
+    compared with the gold answers. Completions with the same format, answer and gold share one Grade (a batch's
+    samples of one prompt mostly agree): each is judged once."""
+    answers, reasons = list(found.answers), list(found.reasons)
+    for index, result in zip(found.program_owner, results, strict=True):
         if result.status == "ok":
             answers[index] = result.value
         elif result.status in ("timeout", "forbidden", "error"):
             reasons[index] = result.status
         else:
             reasons[index] = "no_answer"
+    names = {f.name for f in formats}
     golds: dict[object, tuple[str | None, float | None]] = {}  # a batch shares few gold answers: read each once
+    judged: dict[tuple, Grade] = {}
     grades = []
-    for name, answer, reason, gold in zip(format_names, answers, reasons, gold_answers):
-        text = answer_text(answer) if reason is None else None
-        number = parse_answer(text) if text is not None else None
-        key = _key(text, number)
-        if reason is None and key is None:
-            reason = "no_answer"
-        if gold not in golds:
-            gold_text = answer_text(gold)
-            golds[gold] = (gold_text, None if gold_text is None else parse_answer(gold_text))
-        correct = reason is None and _equal(text, number, *golds[gold])
-        if reason is None:
-            reason = "correct" if correct else "wrong"
-        grades.append(Grade(name if name in by_name else OTHER, key, correct, reason))
+    for case in zip(found.formats, answers, reasons, gold_answers):
+        grade = judged.get(case)
+        if grade is None:
+            name, answer, reason, gold = case
+            if gold not in golds:
+                gold_text = answer_text(gold)
+                golds[gold] = (gold_text, None if gold_text is None else parse_answer(gold_text))
+            grade = judged[case] = _grade(name if name in names else OTHER, answer, reason, golds[gold])
+        grades.append(grade)
     return grades
+
+
+def _grade(name: str, answer: str | None, reason: Reason | None, gold: tuple[str | None, float | None]) -> Grade:
+    """The Grade of an answer (None with the reason it has none) against a gold answer's text and number."""
+    text = answer_text(answer) if reason is None else None
+    number = parse_answer(text) if text is not None else None
+    key = _key(text, number)
+    if reason is None and key is None:
+        reason = "no_answer"
+    correct = reason is None and _equal(text, number, *gold)
+    if reason is None:
+        reason = "correct" if correct else "wrong"
+    return Grade(name, key, correct, reason)
