@@ -9,9 +9,11 @@ plain language, then tables and the other figures; figures are drawn from each r
 `metrics.parquet`, headline values (collapse step, tests) come from `summary.json`. With several groups the
 baseline (`--baseline NAME`, default the first given) is the one the others are compared with. The training
 story follows: each group's settings (from config.json), its RL metrics over steps (from metrics.jsonl, in the
-run directory's metrics vocabulary) and sample completions per format at the first and last steps. Each input's
-analysis is (re)computed with `analyze` when missing, unreadable, older than its rollouts or config, or made with
-other settings (formats, source, columns, --correct-from). The HTML file is replaced atomically.
+run directory's metrics vocabulary), its held-out pass@k over the evaluated steps (runs with rl.evaluation) and
+sample completions per format at the first and last steps. Each input's analysis is (re)computed with `analyze`
+when missing, unreadable, older than its rollouts, held-out evaluations or config, without the `heldout` block
+its held-out evaluations call for, or made with other settings (formats, source, columns, --correct-from). The
+HTML file is replaced atomically.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from analysis.summary import analysis_settings, analyze, format_set_name
 from specialists.errors import UserError
 from specialists.files import replace_atomically
 from specialists.formats import load_formats
-from specialists.run_directory import METRICS_TABLE_FILE, SUMMARY_FILE
+from specialists.run_directory import METRICS_TABLE_FILE, SUMMARY_FILE, heldout_files
 
 SEED_KEY = "seed"
 NAME_KEY = "name"
@@ -127,13 +129,15 @@ def load_run(item: Input | str | Path, formats: str | None = None, progress: boo
     out = item.default_out_dir()
     wanted = analysis_settings(item.source, format_set_name(formats, item.run_dir), item.options)
     summary_path, metrics_path = out / SUMMARY_FILE, out / METRICS_TABLE_FILE
-    inputs = list(item.files) + ([item.run_dir / name for name in CONFIG_FILES if (item.run_dir / name).is_file()]
-                                 if item.run_dir else [])
+    heldout = heldout_files(item.run_dir) if item.run_dir else []
+    inputs = list(item.files) + heldout + ([item.run_dir / name for name in CONFIG_FILES
+                                            if (item.run_dir / name).is_file()] if item.run_dir else [])
     newest = max(path.stat().st_mtime for path in inputs)
     summary, metrics = None, None
     if all(path.is_file() and path.stat().st_mtime >= newest for path in (summary_path, metrics_path)):
         summary, metrics = _read_analysis(summary_path, metrics_path)
-    if not isinstance(summary, dict) or not all(key in summary for key in REPORT_KEYS) or summary["analysis"] != wanted:
+    if (not isinstance(summary, dict) or not all(key in summary for key in REPORT_KEYS) or summary["analysis"] != wanted
+            or (heldout and "heldout" not in summary)):
         try:
             summary = analyze(item.path, formats=formats, out_dir=out, progress=progress, reading=item.options)
         except UserError as error:
@@ -365,6 +369,13 @@ def group_figures(group: Group) -> list[tuple[str, str]]:
         sampling[f"maj@{budgets[-1]}"] = _band(group, _metric("maj_at_k", k=budgets[-1]))
     result.append(("pass@k (unbiased estimator), maj@k and coverage over RL steps",
                    figures.lines_over_steps(sampling, "rate", group.label)))
+    if all("heldout" in run.summary for run in group.runs):
+        heldout_budgets = sorted({k for run in group.runs for k in run.summary["heldout"]["budgets"]})
+        heldout = {f"held-out pass@{k}": _band(group, _metric("heldout_pass_at_k", k=k)) for k in heldout_budgets}
+        heldout["training batch pass@1"] = _band(group, _metric("pass_at_k", k=1))
+        result.append(("Held-out pass@k (unbiased estimator) at the evaluated RL steps: rl.evaluation's problems, never "
+                       "RL prompts, beside the training batches' pass@1",
+                       figures.lines_over_steps(heldout, "rate", group.label)))
     if _has_experts(group):
         layers = _layers(group.runs[0])
         heat = {str(layer): _mean_over_runs(group, lambda run, layer=layer: run.table("expert_share", "expert", layer=layer))

@@ -9,7 +9,8 @@ analysis as nested dicts whose keys are strings (steps and layers as decimal int
 under `analysis` how the input was read (source, formats, columns, correct_from). `metrics.parquet` holds the
 per-step tables in one long table: columns metric, step, layer, format, expert, k, value (null where a key does
 not apply); the report draws its figures from it. The same rollouts give byte-identical outputs whether they come
-from a run directory or a file.
+from a run directory or a file. A run directory with held-out evaluations (heldout/, rl.evaluation) adds
+summary.json's `heldout` and the heldout_* metrics (`heldout_analysis`).
 """
 
 from __future__ import annotations
@@ -36,12 +37,12 @@ from analysis.forecast import FORECAST_STEPS, forecast_collapse, format_outcomes
 from analysis.information import total_variation
 from analysis.load import InputWarning, StepsOutOfOrder, joined, read_expert_specialists, read_run_config
 from analysis.output import check_output_dir
-from analysis.sources import ReadOptions, open_input, read_steps
+from analysis.sources import Input, ReadOptions, open_input, read_steps
 from analysis.statistics import entropy_accuracy_fit, format_change_test
 from specialists.errors import UserError
 from specialists.files import replace_atomically
 from specialists.formats import Format, load_formats
-from specialists.run_directory import METRICS_TABLE_FILE, SUMMARY_FILE
+from specialists.run_directory import METRICS_TABLE_FILE, SUMMARY_FILE, heldout_files
 from specialists.sandbox import Sandbox
 
 DEFAULT_FORMATS = "synthetic"
@@ -74,6 +75,9 @@ def analyze(input_path: str | Path, formats: str | None = None, out_dir: str | P
                       f"into memory to sort it by step", InputWarning)
         pieces = _per_batch(read_steps(opened, in_memory=True), format_set, progress)
     summary, metrics = combine(pieces, format_set, collapse_threshold, specialists)
+    if opened.run_dir is not None and heldout_files(opened.run_dir):
+        summary["heldout"], heldout_metrics = heldout_analysis(opened.run_dir, format_set, progress)
+        metrics = _sorted(pd.concat([metrics, heldout_metrics], ignore_index=True))
     summary["analysis"] = analysis_settings(opened.source, formats_name, opened.options)
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
@@ -256,8 +260,49 @@ def combine(pieces: list[StepMetrics], format_set: tuple[Format, ...], collapse_
                                                                          expert_specialists)
             summary["specialist_dominance"] = dominance_summary
             metrics += dominance_metrics
-    long = pd.concat([_long(name, values) for name, values in metrics], ignore_index=True)
-    return summary, long.sort_values(METRIC_KEYS[:-1], kind="stable", na_position="first").reset_index(drop=True)
+    return summary, _sorted(pd.concat([_long(name, values) for name, values in metrics], ignore_index=True))
+
+
+def _sorted(long: pd.DataFrame) -> pd.DataFrame:
+    """metrics.parquet's row order: by metric, step, layer, format, expert, k."""
+    return long.sort_values(METRIC_KEYS[:-1], kind="stable", na_position="first").reset_index(drop=True)
+
+
+# ---------------------------------------------------------------- the held-out evaluation (rl.evaluation)
+
+def heldout_analysis(run_dir: Path, format_set: tuple[Format, ...], progress: bool = True) -> tuple[dict, pd.DataFrame]:
+    """The run directory's held-out evaluations (heldout/, rl.evaluation's samples of problems that are never RL
+    prompts), labelled and graded like the training rollouts: summary.json's `heldout` block and the long rows
+    heldout_pass_at_k (step, k), heldout_maj_at_k (step, k), heldout_accuracy (step), heldout_format_share and
+    heldout_format_accuracy (step, format). pass@k is the unbiased estimator over each problem's samples
+    (analysis.sampling.pass_at_k, Chen et al. 2021, eq. 1), averaged over the step's problems."""
+    opened = Input(Path(run_dir), "echolab", tuple(heldout_files(run_dir)))
+    pieces = _per_batch(read_steps(opened), format_set, progress)
+    counts = pd.concat([piece.format_counts for piece in pieces]).fillna(0).sort_index()
+    names = format_names(format_set, pd.Series(list(counts.columns), dtype=object))
+    counts = counts.reindex(columns=names, fill_value=0).astype(np.int64).rename_axis(index="step", columns="format")
+    shares = fm.shares_of(counts)
+    format_accuracy = (pd.concat([piece.format_accuracy for piece in pieces]).sort_index()
+                       .reindex(index=shares.index, columns=names).rename_axis(index="step", columns="format"))
+    accuracy = pd.concat([piece.accuracy for piece in pieces]).sort_index().reindex(shares.index).rename("accuracy")
+    budgets = sampling.sample_budgets(max(piece.samples_per_prompt for piece in pieces))
+    by_k = {name: _by_budget(pieces, name, budgets) for name in ("pass_at_k", "maj_at_k")}
+    summary = {
+        "steps": [int(step) for step in shares.index],
+        "problems": len(frozenset().union(*(piece.prompts for piece in pieces))),
+        "samples_per_problem": budgets[-1] if budgets else 0,
+        "budgets": budgets,
+        "pass_at_k": _nested(by_k["pass_at_k"]),
+        "maj_at_k": _nested(by_k["maj_at_k"]),
+        "accuracy": _flat(accuracy),
+        "formats": names,
+        "format_share": _nested(shares),
+        "format_accuracy": _nested(format_accuracy),
+    }
+    metrics = [("heldout_pass_at_k", by_k["pass_at_k"]), ("heldout_maj_at_k", by_k["maj_at_k"]),
+               ("heldout_accuracy", accuracy), ("heldout_format_share", shares),
+               ("heldout_format_accuracy", format_accuracy)]
+    return summary, pd.concat([_long(name, values) for name, values in metrics], ignore_index=True)
 
 
 def _collapse_forecast(pieces: list[StepMetrics], names: list[str], steps: list[int], threshold: float) -> dict | None:
@@ -325,9 +370,7 @@ def _format_metrics(counts: pd.DataFrame, accuracy: pd.Series, format_accuracy: 
 
 def _sampling_metrics(pieces: list[StepMetrics]) -> tuple[dict, list]:
     budgets = sampling.sample_budgets(max(piece.samples_per_prompt for piece in pieces))
-    # a step's own budgets cover the run's: a budget above a step's samples per prompt is NaN there anyway
-    by_k = {name: pd.concat([getattr(piece, name) for piece in pieces]).sort_index().reindex(columns=budgets)
-            .rename_axis(index="step", columns="k") for name in ("pass_at_k", "maj_at_k")}
+    by_k = {name: _by_budget(pieces, name, budgets) for name in ("pass_at_k", "maj_at_k")}
     distinct = pd.concat([piece.distinct_n for piece in pieces]).sort_index()
     per_step = {
         "coverage": pd.concat([piece.coverage for piece in pieces]).sort_index().rename("coverage"),
@@ -342,6 +385,13 @@ def _sampling_metrics(pieces: list[StepMetrics]) -> tuple[dict, list]:
         **{key: _flat(values) for key, values in per_step.items()},
     }
     return summary, [("pass_at_k", by_k["pass_at_k"]), ("maj_at_k", by_k["maj_at_k"])] + list(per_step.items())
+
+
+def _by_budget(pieces: list[StepMetrics], name: str, budgets: list[int]) -> pd.DataFrame:
+    """The steps' `name` (pass_at_k or maj_at_k) as rows steps x columns the run's budgets k."""
+    # a step's own budgets cover the run's: a budget above a step's samples per prompt is NaN there anyway
+    return (pd.concat([getattr(piece, name) for piece in pieces]).sort_index().reindex(columns=budgets)
+            .rename_axis(index="step", columns="k"))
 
 
 def _has_token_entropy(table: pd.DataFrame) -> bool:

@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "config with [model] path takes that checkpoint instead), "
                     "post-train it with the configured RL algorithm, analyse every recorded rollout, and write "
                     "the run directory (config.json, rollouts/, metrics.jsonl, checkpoints/, "
-                    "summary.json, report.html).")
+                    "heldout/ with [rl.evaluation], summary.json, report.html).")
     run.add_argument("config", help="experiment TOML (see experiments/configs/)")
     run.add_argument("--out", help="run directory (default: runs/<config name>)")
     existing = run.add_mutually_exclusive_group()

@@ -203,6 +203,8 @@ class ExperimentConfig(SpecialistsConfig):
         rl, path = self.rl, self.model.path
         if rl.prompts == "synthetic":
             check_problem_space(self.task, "train", rl.num_prompts, "rl.num_prompts")
+            if rl.evaluation.every > 0:
+                check_problem_space(self.task, "eval", rl.evaluation.num_problems, "rl.evaluation.num_problems")
         if path is None and rl.chat_template:
             raise SettingsError("rl.chat_template needs a model.path base with a chat template; the pretrained "
                                 "built-in models have none", "rl.chat_template")

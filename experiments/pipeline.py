@@ -115,7 +115,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, resume: bool =
     from rl.engines import make_engine
     from rl.recipe import NonFiniteError, Run, needs_base_model
     from rl.replay import PretrainReplay
-    from rl.rollouts import PromptSet, Rewards, load_prompt_problems
+    from rl.rollouts import PromptSet, Rewards, load_heldout_problems, load_prompt_problems
     from rl.training import train
     from specialists.formats import load_formats
     from specialists.model import load_model
@@ -135,6 +135,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, resume: bool =
     torch.manual_seed(seed)
     model, tokenizer = load_model(weights), load_tokenizer(weights)
     problems = load_prompt_problems(settings, seed, config.task)
+    heldout = load_heldout_problems(settings, config.seed, config.task) if settings.evaluation.every > 0 else []
     prompter = Prompter(tokenizer, settings.prompt_template, settings.chat_template)
     replay = None
     if settings.mitigations.pretrain_replay_coef > 0:  # the config refuses it with a model.path base
@@ -150,7 +151,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, resume: bool =
                       prompt_set=PromptSet(problems, settings.prompts_per_step, seed, prompter), rewards=rewards,
                       recorder=recorder, seed=seed, start_step=start_step,
                       reference=load_model(base) if needs_base_model(settings) else None, replay=replay,
-                      progress=progress), [*observers, observer])
+                      heldout=heldout, progress=progress), [*observers, observer])
     except NonFiniteError as error:
         last = recorder.last_checkpoint()
         kept = f"the last good checkpoint is {last[1]}" if last else "no checkpoint was written"

@@ -102,6 +102,20 @@ class MitigationSettings(Strict):
     pretrain_replay_batch: int = Field(8, ge=1, description="pretraining texts per replay batch")
 
 
+class HeldoutEvaluationSettings(Strict):
+    """Held-out evaluation during RL (`[rl.evaluation]`): at every `every`-th step, and at the final model's step,
+    the policy of that step samples held-out problems (never RL prompts) with the rollout engine; the rows go to
+    the run directory's heldout/ folder and `echolab analyze` turns them into held-out pass@k and format shares."""
+
+    every: int = Field(0, ge=0, description=(
+        "evaluate the model of every step s with s % every == 0, and of the last step; 0 = off"))
+    num_problems: int = Field(64, ge=1, description=(
+        "held-out problems per evaluation: the synthetic task's eval split, or the first of a prompt file's "
+        "held-out split (heldout_prompts / heldout_fraction)"))
+    samples_per_problem: int = Field(8, ge=1, description="completions per problem: pass@k for k up to this")
+    temperature: float = Field(1.0, ge=0, description="sampling temperature (top_p and max_new_tokens: rl.sampling's)")
+
+
 # The algorithms that implement each switch of MitigationSettings (its other fields only tune a switch). A
 # switch away from its default for another algorithm is refused (RLSettings._algorithm_rules), not ignored.
 MITIGATION_ALGORITHMS = {
@@ -159,6 +173,7 @@ class RLSettings(Strict):
     ppo: PPOSettings = PPOSettings()
     expert_iteration: ExpertIterationSettings = ExpertIterationSettings()
     mitigations: MitigationSettings = MitigationSettings()
+    evaluation: HeldoutEvaluationSettings = HeldoutEvaluationSettings()
 
     @field_validator("prompt_template")
     @classmethod
@@ -190,11 +205,17 @@ class RLSettings(Strict):
                                 "heldout_prompts")
         if self.prompts != "synthetic":
             try:
-                self.prompt_split()
+                split = self.prompt_split()
             except SettingsError:
                 raise
             except UserError as error:  # a bad row: named at the `prompts` line
                 raise SettingsError(f"prompts: {error}", "prompts") from None
+            evaluation = self.evaluation
+            if evaluation.every > 0 and len(split.heldout) < evaluation.num_problems:
+                raise SettingsError(f"evaluation.num_problems ({evaluation.num_problems}) needs that many held-out "
+                                    f"problems, but the prompt file's held-out split has {len(split.heldout)} "
+                                    "(lower it, or hold out more: heldout_fraction, heldout_prompts)",
+                                    "evaluation.num_problems", "prompts")
         return self
 
     @model_validator(mode="after")
@@ -244,6 +265,11 @@ class RLSettings(Strict):
         if mitigations.clip_cov and mitigations.kl_cov:
             raise SettingsError("mitigations.clip_cov and mitigations.kl_cov are alternatives (Cui et al. 2025); "
                                 "switch on one", "mitigations.kl_cov", "mitigations.clip_cov")
+        evaluation = self.evaluation
+        if evaluation.every > 0 and evaluation.temperature <= 0 and evaluation.samples_per_problem > 1:
+            raise SettingsError(f"evaluation.samples_per_problem ({evaluation.samples_per_problem}) needs "
+                                "evaluation.temperature > 0: greedy samples of a problem are all equal, so pass@k "
+                                "would be pass@1", "evaluation.samples_per_problem", "evaluation.temperature")
         # The first optimisation pass over a batch runs on the weights that sampled it, so the ratio
         # pi / pi_old is exactly 1 there: a setting that acts through the ratio needs a second pass.
         passes, passes_key = ((self.grpo.num_iterations, "grpo.num_iterations") if algorithm == "grpo" else

@@ -3,8 +3,8 @@ rl.expert_iteration), and what the algorithms share.
 
 A run is one `Run` record: the model, its tokenizer, the rollout engine, the prompt set, the rewards, the
 recorder, the settings, the seed, the step to start at, the base model (KL reference, Expert Iteration's
-start) and the pretraining replay. Each algorithm is a *recipe* (torchtune): an object built from the
-Run with a fixed lifecycle,
+start), the pretraining replay and the held-out problems. Each algorithm is a *recipe* (torchtune): an object
+built from the Run with a fixed lifecycle,
 
     recipe = Recipe(run)
     recipe.setup(state)                 # optimiser etc.; `state` is the checkpoint's trainer state on a resume
@@ -39,6 +39,7 @@ from rl.routing import capture_routing
 from rl.sequences import PackedBatch
 from specialists.errors import UserError
 from specialists.model import is_moe
+from specialists.tasks import Problem
 
 # Gradients are clipped to this global norm before every optimiser step (TRL's default, also ours).
 MAX_GRAD_NORM = 1.0
@@ -50,7 +51,8 @@ class Run:
     from (its trainer_state.pt is read by the driver). `reference` is the pretrained base model: the KL
     reference when beta > 0 and the starting point of every Expert Iteration round with start_from "base";
     it may be None at a fresh start (a copy of `model` is taken), never on a resume. `replay` holds the
-    pretraining texts when mitigations.pretrain_replay_coef > 0. The caller owns (and closes) `engine`."""
+    pretraining texts when mitigations.pretrain_replay_coef > 0; `heldout` the problems of rl.evaluation
+    (rl.rollouts.load_heldout_problems) when evaluation.every > 0. The caller owns (and closes) `engine`."""
 
     settings: RLSettings
     model: torch.nn.Module
@@ -63,6 +65,7 @@ class Run:
     start_step: int = 0
     reference: torch.nn.Module | None = None
     replay: PretrainReplay | None = None
+    heldout: list[Problem] = field(default_factory=list)
     progress: bool = True
 
     def base_model(self) -> torch.nn.Module:

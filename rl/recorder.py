@@ -1,5 +1,5 @@
-"""Writes a run directory (layout and rollout schema: specialists.run_directory): every rollout, per-step
-metrics and checkpoints. Step 0 is the model before any update.
+"""Writes a run directory (layout and rollout schema: specialists.run_directory): every rollout, the held-out
+evaluations (rl.evaluation), per-step metrics and checkpoints. Step 0 is the model before any update.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from specialists.files import replace_atomically
 from specialists.run_directory import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
+    HELDOUT_DIR,
     METRICS_FILE,
     ROLLOUT_SCHEMA,
     ROLLOUTS_DIR,
     checkpoint_dir,
+    heldout_file,
     rollout_file,
     step_of,
 )
@@ -55,9 +57,12 @@ class Recorder:
         _write_text_atomically(self.run_dir / CONFIG_FILE, json.dumps(resolved, indent=2, sort_keys=True) + "\n")
 
     def write_rollouts(self, step: int, rollouts: list[Rollout]) -> None:
-        table = pa.Table.from_pylist([asdict(r) for r in rollouts], schema=ROLLOUT_SCHEMA)
-        # atomic: a killed run never leaves half a step behind
-        replace_atomically({rollout_file(self.run_dir, step): lambda path: pq.write_table(table, path)})
+        _write_table_atomically(rollout_file(self.run_dir, step), rollouts)
+
+    def write_heldout(self, step: int, rollouts: list[Rollout]) -> None:
+        """The held-out evaluation of the model of `step` (rl.evaluation); the folder appears with the first one."""
+        (self.run_dir / HELDOUT_DIR).mkdir(exist_ok=True)
+        _write_table_atomically(heldout_file(self.run_dir, step), rollouts)
 
     def write_metrics(self, step: int, metrics: dict) -> None:
         # One write of one whole line: a kill or a full disk can at worst leave a cut last line, which
@@ -100,13 +105,20 @@ class Recorder:
     def forget_from(self, step: int) -> None:
         """Forget what was recorded at `step` and later: resuming from the checkpoint taken after `step` updates
         redoes those steps."""
-        for path in (self.run_dir / ROLLOUTS_DIR).glob("step_*"):  # partial files (.tmp) of a killed write too
-            if step_of(path) >= step:
-                path.unlink()
+        for folder in (ROLLOUTS_DIR, HELDOUT_DIR):
+            for path in (self.run_dir / folder).glob("step_*"):  # partial files (.tmp) of a killed write too
+                if step_of(path) >= step:
+                    path.unlink()
         path = self.run_dir / METRICS_FILE
         if path.exists():
             kept = [line for line in self.metrics_lines() if line["step"] < step]
             _write_text_atomically(path, "".join(json.dumps(line, sort_keys=True) + "\n" for line in kept))
+
+
+def _write_table_atomically(path: Path, rollouts: list[Rollout]) -> None:
+    table = pa.Table.from_pylist([asdict(r) for r in rollouts], schema=ROLLOUT_SCHEMA)
+    # atomic: a killed run never leaves half a step behind
+    replace_atomically({path: lambda partial: pq.write_table(table, partial)})
 
 
 def _write_text_atomically(path: Path, text: str) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rl.config import RLSettings
+from rl.config import RLSettings, SamplingSettings
 from rl.engines import Completion, RolloutEngine
 from rl.losses import format_diversity_bonus
 from rl.recorder import Rollout
@@ -33,6 +33,16 @@ def load_prompt_problems(settings: RLSettings, seed: int, task: TaskSettings) ->
     if settings.prompts == "synthetic":
         return generate_problems(settings.num_prompts, derive_seed(seed, "rl_prompts"), "train", task)
     return settings.prompt_split().train[:settings.num_prompts]  # a prompt file, its held-out problems set aside
+
+
+def load_heldout_problems(settings: RLSettings, seed: int, task: TaskSettings) -> list[Problem]:
+    """The problems of rl.evaluation, never RL prompts: `evaluation.num_problems` of the synthetic task's eval split
+    (drawn with `seed`, the experiment's: runs that vary rl.seed share them, as a prompt file's split is drawn
+    with heldout_seed), or the first ones of the prompt file's held-out split."""
+    count = settings.evaluation.num_problems
+    if settings.prompts == "synthetic":
+        return generate_problems(count, derive_seed(seed, "heldout_problems"), "eval", task)
+    return settings.prompt_split().heldout[:count]
 
 
 class PromptSet:
@@ -97,11 +107,10 @@ class Rewards:
         return rewards, grades
 
 
-def collect(engine: RolloutEngine, prompter: Prompter, problems: list[Problem], settings: RLSettings, rewards: Rewards,
-            seed: int) -> StepBatch:
-    """Sample `samples_per_prompt` completions of each problem's prompt (`prompter`) with `seed`, grade and
+def collect(engine: RolloutEngine, prompter: Prompter, problems: list[Problem], sampling: SamplingSettings,
+            rewards: Rewards, seed: int) -> StepBatch:
+    """Sample `sampling.samples_per_prompt` completions of each problem's prompt (`prompter`) with `seed`, grade and
     reward them."""
-    sampling = settings.sampling
     prompts = [prompter.text(p) for p in problems]
     started = time.perf_counter()
     groups = engine.generate(prompts, sampling, seed)
@@ -118,11 +127,11 @@ def collect(engine: RolloutEngine, prompter: Prompter, problems: list[Problem], 
                      sample_time_s=sampled - started, score_time_s=time.perf_counter() - sampled)
 
 
-def to_rollouts(step: int, epoch: float, batch: StepBatch, logprobs: torch.Tensor,
+def to_rollouts(step: int, epoch: float, batch: StepBatch, logprobs: torch.Tensor | None,
                 expert_load: torch.Tensor | None) -> list[Rollout]:
     """Recorder rows. `logprobs` (completions,): each completion's summed log-probability under the raw
-    distribution of the model that sampled it; `expert_load` (completions, layers, experts) or None; both in
-    flat completion order."""
+    distribution of the model that sampled it, or None (not scored: the held-out evaluation); `expert_load`
+    (completions, layers, experts) or None; both in flat completion order."""
     rows, flat = [], 0
     for problem, prompt, group, grades, rewards in zip(batch.problems, batch.prompts, batch.completions, batch.grades,
                                                        batch.rewards):
@@ -131,7 +140,7 @@ def to_rollouts(step: int, epoch: float, batch: StepBatch, logprobs: torch.Tenso
                 step=step, epoch=epoch, prompt_id=problem.id, sample_index=index, prompt=prompt,
                 completion=completion.text, answer=problem.answer, reward=reward, correct=grade.correct,
                 format=grade.format, reason=grade.reason, num_tokens=len(completion.token_ids),
-                logprob=float(logprobs[flat]),
+                logprob=None if logprobs is None else float(logprobs[flat]),
                 expert_load=None if expert_load is None else expert_load[flat].tolist()))
             flat += 1
     return rows

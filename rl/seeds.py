@@ -8,8 +8,10 @@ one did, two purposes never share a random stream, and no draw depends on how ma
   request then gets `request_seed(that, prompt_index)` (vLLM: `SamplingParams(seed=...)`, a private
   generator per request; transformers: the seed of the batch starting at that prompt);
 - `step_seed(seed, step, "minibatches" | "clip_cov" | "sft" | "replay:U")`: the other draws of one step;
+- `step_seed(seed, step, "heldout")`: the engine's seed for the held-out evaluation of `step` (rl.evaluation);
 - `derive_seed(seed, "prompt_order", epoch)` and `derive_seed(seed, "rl_prompts")`: the prompt set's order
-  per epoch and the draw of the synthetic RL prompts.
+  per epoch and the draw of the synthetic RL prompts; `derive_seed(seed, "heldout_problems")` the draw of the
+  synthetic held-out problems (with the experiment's top-level seed, so runs over rl.seed share them).
 """
 
 from __future__ import annotations

@@ -4,6 +4,11 @@
 state_dict, close) over steps run.start_step .. N = settings.steps:
 
     for step s:
+      0. evaluate    when rl.evaluation is on and s % every == 0 or s = N: the model of step s samples the held-out
+                     problems (run.heldout, never RL prompts) with the same engine, seed
+                     step_seed(seed, s, "heldout"), graded and rewarded as RL's rollouts are; recorded to
+                     heldout/step_s.parquet (not scored: logprob null). Before step 1, whose seeded sampling
+                     resets what the engine draws from, so the RL steps are the same with evaluation on or off
       1. sample      batch = collect(engine, prompt_set.prompter, prompt_set.batch(s), ...,
                      seed = step_seed(seed, s, "sampling")): samples_per_prompt completions of each prompt (its
                      text from the Prompter), graded and rewarded; rewards must be finite
@@ -18,7 +23,8 @@ state_dict, close) over steps run.start_step .. N = settings.steps:
 So steps 0..N cover every model the run produced, and checkpoint N holds the model of step N.
 
 Resume: `run.model` is loaded from the checkpoint of `run.start_step` (0: the base model); the driver forgets
-what was recorded at start_step or later (a killed run may have left some), reads that checkpoint's
+what was recorded at start_step or later (rollouts, held-out evaluations, metrics lines; a killed run may
+have left some), reads that checkpoint's
 trainer_state.pt, restores the RNG states and hands the state to `recipe.setup`. A run killed after
 checkpoint N but before step N's records resumes at N and only records the final model.
 
@@ -38,6 +44,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from rl.config import RLSettings, SamplingSettings
 from rl.expert_iteration import ExpertIteration
 from rl.grpo import GRPO
 from rl.losses import zero_std_fraction
@@ -61,15 +68,22 @@ def train(run: Run, observers: Sequence[StepObserver] = ()):
     run.recorder.forget_from(run.start_step)
     if state is not None:
         restore_rng_state(state["rng"])
+    if settings.evaluation.every > 0 and not run.heldout:
+        raise ValueError("rl.evaluation is on (every > 0) but the run has no held-out problems (Run.heldout)")
     recipe: Recipe = RECIPES[settings.algorithm](run)
     bar = tqdm(total=settings.steps + 1, initial=run.start_step, desc=settings.algorithm, disable=not run.progress)
     try:
         recipe.setup(state)
         for step in range(run.start_step, settings.steps + 1):
+            # 0. Evaluate the current model on the held-out problems.
+            if evaluates(settings, step):
+                evaluation = collect(run.engine, run.prompt_set.prompter, run.heldout, heldout_sampling(settings),
+                                     run.rewards, step_seed(run.seed, step, "heldout"))
+                run.recorder.write_heldout(step, to_rollouts(step, run.prompt_set.epoch(step), evaluation, None, None))
             started = time.perf_counter()
             # 1. Sample the current model.
-            batch = collect(run.engine, run.prompt_set.prompter, run.prompt_set.batch(step), settings, run.rewards,
-                            step_seed(run.seed, step, "sampling"))
+            batch = collect(run.engine, run.prompt_set.prompter, run.prompt_set.batch(step), settings.sampling,
+                            run.rewards, step_seed(run.seed, step, "sampling"))
             require_finite("reward", batch.rewards, step)
 
             # 2-3. Update with the rollouts and serve the new weights; the last step measures the final model.
@@ -101,6 +115,20 @@ def train(run: Run, observers: Sequence[StepObserver] = ()):
         bar.close()
         recipe.close()
     return run.model
+
+
+def evaluates(settings: RLSettings, step: int) -> bool:
+    """Whether the model of `step` is evaluated on the held-out problems: every `evaluation.every`-th step (step 0
+    first) and the final model's step; never when evaluation.every is 0."""
+    every = settings.evaluation.every
+    return every > 0 and (step % every == 0 or step == settings.steps)
+
+
+def heldout_sampling(settings: RLSettings) -> SamplingSettings:
+    """The held-out evaluation's sampling: rl.evaluation's temperature and samples, rl.sampling's top_p and length."""
+    evaluation = settings.evaluation
+    return settings.sampling.model_copy(update={"temperature": evaluation.temperature,
+                                                "samples_per_prompt": evaluation.samples_per_problem})
 
 
 def metrics_line(algorithm: str, epoch: float, update: bool, batch: StepBatch, result: StepResult,

@@ -9,6 +9,7 @@ Layout of a run directory:
     rollouts/step_000000.parquet      one row per sampled completion (ROLLOUT_SCHEMA), one file per step
     metrics.jsonl                     one JSON line per step (METRICS, ALGORITHM_METRICS)
     checkpoints/step_000010/          HF checkpoint (model + tokenizer) and trainer_state.pt
+    heldout/step_000000.parquet       held-out evaluation of the model of a step (ROLLOUT_SCHEMA), rl.evaluation
     summary.json, metrics.parquet     written by `echolab analyze`
     report.html                       written by `echolab report`
 
@@ -24,6 +25,7 @@ import pyarrow as pa
 
 CONFIG_FILE = "config.json"
 ROLLOUTS_DIR = "rollouts"
+HELDOUT_DIR = "heldout"  # rl.evaluation's samples of held-out problems, one file per evaluated step
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
 SUMMARY_FILE = "summary.json"
@@ -118,6 +120,16 @@ def rollout_file(run_dir: Path, step: int) -> Path:
 def rollout_files(run_dir: Path) -> list[Path]:
     """The run directory's per-step rollout files in step order."""
     return sorted((Path(run_dir) / ROLLOUTS_DIR).glob("step_*.parquet"), key=step_of)
+
+
+def heldout_file(run_dir: Path, step: int) -> Path:
+    """The held-out evaluation of the model of `step` (the model after `step` updates), in ROLLOUT_SCHEMA."""
+    return Path(run_dir) / HELDOUT_DIR / f"{step_name(step)}.parquet"
+
+
+def heldout_files(run_dir: Path) -> list[Path]:
+    """The run directory's held-out evaluation files in step order (none when rl.evaluation is off)."""
+    return sorted((Path(run_dir) / HELDOUT_DIR).glob("step_*.parquet"), key=step_of)
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:

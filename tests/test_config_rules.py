@@ -128,6 +128,15 @@ RULES = [  # (what, TOML, fragments of the one line); the line named is the sett
      ["line 4: rl.mitigations.pretrain_replay_coef replays the pretraining corpus"]),
     ("a base must be a checkpoint", 'seed = 1\n[model]\npath = "no/such/base"\n',
      ["line 3: model.path: no/such/base is no Hugging Face checkpoint (no config.json)"]),
+    ("held-out pass@k needs sampling", '[rl.evaluation]\nevery = 2\nsamples_per_problem = 4\ntemperature = 0.0\n',
+     ["line 3: rl: evaluation.samples_per_problem (4) needs evaluation.temperature > 0"]),
+    ("held-out problems from the task", '[task]\nmax_operations = 1\nmax_value = 3\noperations = ["add"]\n'
+     '[pretrain]\nnum_examples = 100\n[evaluation]\nnum_problems = 10\n[rl.evaluation]\nevery = 1\nnum_problems = 200\n',
+     ["line 11: rl.evaluation.num_problems needs 200 distinct eval problems, but the task has only about 115"]),
+    ("held-out problems from the file", f'[rl]\nprompts = "{Path("specialists/data/gsm8k_excerpt.jsonl").resolve()}"\n'
+     'heldout_fraction = 0.1\n[rl.evaluation]\nevery = 1\nnum_problems = 100\n',
+     ["line 6: rl: evaluation.num_problems (100) needs that many held-out problems, but the prompt file's held-out "
+      "split has"]),
 ]
 
 
@@ -160,6 +169,8 @@ GOOD = [  # combinations the rules must let through
     '[rl.mitigations]\npass_at_k = 8\nclip_cov = true\nentropy_coef = 0.01\n',
     f'[rl]\nprompts = "{Path("specialists/data/gsm8k_excerpt.jsonl").resolve()}"\n[analysis]\nformats = "echo-chamber"\n',
     '[model]\nkind = "dense"\n',
+    '[rl.evaluation]\nevery = 1\nsamples_per_problem = 1\ntemperature = 0.0\n',  # greedy pass@1
+    '[rl.evaluation]\nevery = 0\nsamples_per_problem = 4\ntemperature = 0.0\n',  # off: nothing to refuse
 ]
 
 

@@ -280,7 +280,7 @@ def first_update_by_hand(model_dir, rl_settings) -> tuple[float, float, torch.Te
     model, the gradient norm over every parameter (all train; nothing frozen)."""
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
     prompt_set = prompt_set_for(rl_settings, tokenizer)
-    batch = collect(HFEngine(model, tokenizer), prompt_set.prompter, prompt_set.batch(0), rl_settings,
+    batch = collect(HFEngine(model, tokenizer), prompt_set.prompter, prompt_set.batch(0), rl_settings.sampling,
                     ChecksumRewards(2), step_seed(0, 0, "sampling"))
     grpo, mitigations = rl_settings.grpo, rl_settings.mitigations
     rewards, correct = batch.rewards.flatten(), torch.tensor([g.correct for g in batch.flat_grades])

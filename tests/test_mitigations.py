@@ -132,8 +132,8 @@ def step0_entropy(model_dir, settings) -> float:
     update of PPO with one minibatch, and of GRPO, sees that whole batch)."""
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
     prompt_set = prompt_set_for(settings, tokenizer)
-    batch = collect(HFEngine(model, tokenizer), prompt_set.prompter, prompt_set.batch(0), settings, ChecksumRewards(2),
-                    step_seed(0, 0, "sampling"))
+    batch = collect(HFEngine(model, tokenizer), prompt_set.prompter, prompt_set.batch(0), settings.sampling,
+                    ChecksumRewards(2), step_seed(0, 0, "sampling"))
     # a plain right-padded forward, not the loop's packed one
     input_ids, attention_mask, completion_mask = pack(*token_ids(batch, tokenizer), tokenizer.pad_token_id)
     with torch.no_grad():

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -186,6 +187,28 @@ def test_the_hf_engine_gives_the_same_metrics_for_the_same_config_and_seed(tmp_p
     assert metrics_without_timing(tmp_path / "first") == metrics_without_timing(tmp_path / "second")
     assert (json.loads((tmp_path / "first" / "summary.json").read_text())
             == json.loads((tmp_path / "second" / "summary.json").read_text()))
+
+
+def test_heldout_evaluation_runs_through_the_pipeline_into_the_report(tmp_path):
+    """`[rl.evaluation]` in a config: the pipeline hands the driver the task's held-out problems (drawn with the
+    experiment's seed), the run directory gets heldout/ files at the evaluated steps, and the analysis and the
+    report read them."""
+    from rl.rollouts import load_heldout_problems
+
+    path = tmp_path / "smoke-heldout.toml"
+    path.write_text(SMOKE_TEXT.replace('kind = "vllm"', 'kind = "hf"')
+                    + "\n[rl.evaluation]\nevery = 2\nnum_problems = 4\nsamples_per_problem = 2\n")
+    config = load_experiment_config(path)
+    report = run_experiment(config, tmp_path / "run", progress=False)
+    heldout = sorted(path.name for path in (tmp_path / "run" / "heldout").iterdir())
+    assert heldout == ["step_000000.parquet", "step_000002.parquet", "step_000003.parquet"]
+    problems = {problem.id for problem in load_heldout_problems(config.rl, config.seed, config.task)}
+    for name in heldout:
+        table = pq.read_table(tmp_path / "run" / "heldout" / name).to_pandas()
+        assert set(table["prompt_id"]) == problems and len(table) == 4 * 2
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["heldout"]["steps"] == [0, 2, 3] and summary["heldout"]["budgets"] == [1, 2]
+    assert "Held-out pass@k" in report.read_text()
 
 
 def nan_from_the_third_call(original):
