@@ -16,9 +16,11 @@ import pytest
 from analysis.report import load_run, write_report
 from analysis.summary import analyze
 from rl.config import HeldoutEvaluationSettings, RLSettings, SamplingSettings
+from rl.engines import HFEngine
 from rl.recorder import Recorder, Rollout
 from rl.rollouts import load_heldout_problems
-from rl.training import evaluates, train
+from rl.seeds import step_seed
+from rl.training import evaluates, heldout_sampling, train
 from specialists.config import SpecialistsConfig
 from specialists.formats import FORMAT_SETS
 from specialists.model import load_model
@@ -90,7 +92,7 @@ def test_evaluated_steps_are_every_nth_and_the_last():
 
 
 @pytest.mark.integration
-def test_the_evaluated_steps_write_heldout_rollouts_of_held_out_problems(whole):
+def test_the_evaluated_steps_write_heldout_rollouts_of_held_out_problems(whole, tiny_moe_dir):
     run_dir, built = whole
     assert [step_of(path) for path in heldout_files(run_dir)] == [0, 2, 3]  # every 2nd step and the last (3)
     problems = {problem.id: problem for problem in built.heldout}
@@ -109,6 +111,11 @@ def test_the_evaluated_steps_write_heldout_rollouts_of_held_out_problems(whole):
             assert row["reward"] == float(row["correct"])  # graded and rewarded as RL's rollouts (ChecksumRewards)
             assert row["logprob"] is None and row["expert_load"] is None  # sampled, not scored
             assert row["epoch"] == built.prompt_set.epoch(step)
+    # step s's samples are the model of step s's: the base model at 0, the trained (final) model at the last step
+    for step, model in ((0, load_model(tiny_moe_dir)), (3, built.model)):
+        groups = HFEngine(model, built.tokenizer).generate([built.prompt_set.prompter.text(p) for p in built.heldout],
+                                                           heldout_sampling(built.settings), step_seed(0, step, "heldout"))
+        assert [row["completion"] for row in heldout_rows(run_dir, step)] == [c.text for g in groups for c in g]
     # the RL steps' records are all there, and never held-out problems
     assert [line["step"] for line in read_metrics(run_dir)] == [0, 1, 2, 3]
     assert all(row["prompt_id"] not in problems for step in range(4) for row in rollout_rows(run_dir, step))
