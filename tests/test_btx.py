@@ -194,7 +194,8 @@ def test_vllm_serves_the_merged_checkpoint_and_weight_sync_after_updates(btx_bas
         for update in range(2):
             model.train()
             ids = torch.tensor(sequences)
-            with capture_routing(model, torch.ones_like(ids)) as routing:
+            owner = torch.arange(ids.size(0))[:, None].expand_as(ids)  # every token of each row counted
+            with capture_routing(model, owner, ids.size(0)) as routing:
                 model(input_ids=ids, labels=ids).loss.backward()
             assert routing[0].shape == (4, 2, 6) and (routing[0].sum(dim=2) == 24 * 2).all()  # 24 tokens x top-2
             optimizer.step()
@@ -235,13 +236,13 @@ def test_echolab_run_post_trains_a_cached_btx_base_and_records_specialist_domina
     assert echolab(["run", config, "--out", str(tmp_path / "run"), "--quiet"]) == 0
     [cached] = list((cache_root() / "pretrain").iterdir())
     assert (cached / "evaluation.json").is_file() and sorted(p.name for p in (cached / "specialists").iterdir()) == sorted(FORMATS)
-    for step in (0, 1):
+    for step in (0, 1, 2):  # step 2 samples the final model
         loads = pq.read_table(tmp_path / "run" / "rollouts" / f"step_00000{step}.parquet").column("expert_load").to_pylist()
         assert len(loads) == 8 and all(len(load) == 2 and all(len(layer) == 6 for layer in load) for load in loads)
     dominance = json.loads((tmp_path / "run" / "summary.json").read_text())["specialist_dominance"]
     assert dominance["expert_specialists"] == expert_specialists(FORMATS, 6)
     for by_step in dominance["specialist_share"].values():
-        assert list(by_step) == ["0", "1"] and all(sum(shares.values()) == pytest.approx(1.0) for shares in by_step.values())
+        assert list(by_step) == ["0", "2"] and all(sum(shares.values()) == pytest.approx(1.0) for shares in by_step.values())
     assert "Specialist dominance" in (tmp_path / "run" / "report.html").read_text()
 
     def no_pretraining(*args, **kwargs):

@@ -161,9 +161,9 @@ def test_expert_load_per_layer(model_type, tmp_path):
 
     model = load_model(build_checkpoint(model_type, tmp_path)).eval()
     ids = torch.tensor(sequences(model.config.vocab_size, seed=3))  # (4, 24)
-    mask = torch.ones_like(ids)
-    mask[:, :5] = 0  # a prompt of 5 tokens is not counted
-    with torch.no_grad(), capture_routing(model, mask) as loads:
+    owner = torch.arange(4)[:, None].expand_as(ids).clone()  # each row its own sequence
+    owner[:, :5] = -1  # a prompt of 5 tokens is not counted
+    with torch.no_grad(), capture_routing(model, owner, 4) as loads:
         router_logits = model(input_ids=ids, output_router_logits=True).router_logits  # per layer (4 * 24, E)
     (load,) = loads
     assert load.shape == (4, LAYERS, EXPERTS)

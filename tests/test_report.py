@@ -28,6 +28,7 @@ from experiments.config import load_experiment_config
 from model_families import build_checkpoint
 from real_runs import PLAN, planned_rows
 from specialists.formats import FORMAT_SETS, classify
+from specialists.grading import answer_text
 from specialists.run_directory import (CONFIG_FILE, METRICS_FILE, ROLLOUT_SCHEMA, SUMMARY_FILE, checkpoint_dir,
                                        rollout_file)
 from specialists.errors import UserError
@@ -228,7 +229,8 @@ def write_trained_run(run_dir: Path, seed: int, checkpoint: Path) -> Path:
         if step == FINAL:  # the last step's one prose completion becomes our script tag
             next(row for row in planned if row["shape"] == "prose")["completion"] = SCRIPT
         rows = [{"step": step, "epoch": step / 4, "prompt_id": str(row["problem"].id), "sample_index": index % 8,
-                 "prompt": row["problem"].question, "completion": row["completion"], "answer": row["problem"].answer,
+                 "prompt": row["problem"].question, "completion": row["completion"],
+                 "answer": answer_text(row["problem"].answer),
                  "reward": float(row["correct"]), "correct": row["correct"],
                  "format": classify(row["completion"], formats), "reason": "correct" if row["correct"] else "wrong",
                  "num_tokens": len(row["completion"].split()), "logprob": -0.5 * len(row["completion"]),

@@ -200,4 +200,4 @@ def test_resuming_from_a_checkpoint_redoes_its_steps_once(tiny_moe_dir, tmp_path
     assert [f.name for f in rollout_files(run)] == ["step_000000.parquet", "step_000001.parquet"]
     lines = [json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines()]
     assert [line["step"] for line in lines] == [0, 1]  # step 1's first record was dropped, its redo kept
-    assert sorted(collapse.watch.history["step"].unique()) == [0, 1]  # step 0 restored from disk, step 1 observed
+    assert collapse.watch.steps_seen == [0, 1]  # step 0 restored from disk, step 1 observed
