@@ -6,18 +6,20 @@ function (the rollout loader, the atomic writer) are also tested in-process, whi
 
 import json
 import subprocess
-import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from processes import echolab_command, pinned_environment
 
 COMMANDS = ("pretrain", "evaluate", "run", "analyze", "report", "sweep")
 ROLLOUT = {"step": 0, "prompt_id": 1, "completion": "The answer is 3."}
 
 
 def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "experiments.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+    return subprocess.run(echolab_command(*args), capture_output=True, text=True, cwd=cwd, timeout=120,
+                          env=pinned_environment())
 
 
 def assert_one_line_error(result, *fragments):

@@ -5,7 +5,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 
 from experiments.config import load_experiment_config
 from experiments.pipeline import run_experiment
+from processes import echolab_command, pinned_environment
 from rl.recorder import Recorder
 from specialists.errors import UserError
 from specialists.model import load_model
@@ -86,9 +86,9 @@ def test_same_config_and_seed_give_the_same_metrics(smoke_run, tmp_path):
 
 def start_run(run_dir, *flags, config=SMOKE):
     """`echolab run` in its own process group (its vLLM and sandbox workers included), as a user starts it."""
-    return subprocess.Popen([sys.executable, "-m", "experiments.cli", "run", str(config), "--out", str(run_dir),
-                             "--quiet", *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(echolab_command("run", str(config), "--out", str(run_dir), "--quiet", *flags),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=pinned_environment())
 
 
 def kill_when_written(process, path, timeout=600):
@@ -121,7 +121,7 @@ def test_a_run_killed_twice_and_resumed_equals_the_uninterrupted_one(smoke_run, 
     for resumed, uninterrupted in zip(resumed_metrics, metrics_without_timing(smoke_run), strict=True):
         assert resumed == pytest.approx(uninterrupted, rel=1e-5, abs=1e-7)
     # Counted from the completions: exact. Token entropy sums vLLM's sampling log-probs, which can differ in the
-    # last digits between processes with other thread counts (the tests set OMP_NUM_THREADS for subprocesses).
+    # last digits between processes with other thread counts (tests/processes.py pins them for every process).
     resumed, uninterrupted = (flat(json.loads((run / "summary.json").read_text())) for run in (killed, smoke_run))
     assert resumed.keys() == uninterrupted.keys()
     for key, value in resumed.items():
@@ -205,8 +205,8 @@ def test_a_non_finite_loss_stops_the_run_before_the_update(tmp_path, monkeypatch
 def test_an_unwritable_run_directory_is_named_before_any_work(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    result = subprocess.run([sys.executable, "-m", "experiments.cli", "run", SMOKE, "--out", str(blocker / "run")],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(echolab_command("run", SMOKE, "--out", str(blocker / "run")),
+                            capture_output=True, text=True, timeout=120, env=pinned_environment())
     assert result.returncode == 1 and "Traceback" not in result.stderr
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(f"echolab run: error: Not a directory: {blocker / 'run'}")
