@@ -8,6 +8,7 @@ import pytest
 from processes import TEST_THREADS, THREAD_VARIABLES
 from specialists.config import EvaluationSettings, ModelSettings, PretrainSettings, SpecialistsConfig
 
+
 def pytest_configure(config):
     """Before any test module is imported: the same thread count in this process (torch) and in every
     subprocess (the OpenMP/MKL/OpenBLAS variables it inherits; helpers also pass them explicitly)."""
