@@ -141,7 +141,7 @@ def test_grades_are_consistent_whatever_the_text_and_the_sandbox_say(cases, sand
     texts, golds = [text for text, _ in cases], [gold for _, gold in cases]
     grades = grade_completions(texts, golds, ECHO, ScriptedSandbox(sandbox_results))
     assert len(grades) == len(texts)
-    for text, gold, grade in zip(texts, golds, grades):
+    for text, gold, grade in zip(texts, golds, grades, strict=True):
         assert grade.format == classify(text, ECHO)
         assert grade.reason in REASONS
         assert grade.answer is None or isinstance(grade.answer, str)

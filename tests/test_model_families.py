@@ -144,12 +144,13 @@ def test_seeded_rollouts_carry_the_served_logprobs(engine, checkpoint):
 
     def sample():
         outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=False)
-        return [(ids, s) for ids, out in zip(prompts, outputs) for s in out.outputs]
+        return [(ids, s) for ids, out in zip(prompts, outputs, strict=True) for s in out.outputs]
 
     samples = sample()
+    assert len(samples) == len(prompts) * params.n
     assert [list(s.token_ids) for _, s in sample()] == [list(s.token_ids) for _, s in samples]
     for prompt_ids, sample_ in samples:
-        served = sum(step[token].logprob for step, token in zip(sample_.logprobs, sample_.token_ids))
+        served = sum(step[token].logprob for step, token in zip(sample_.logprobs, sample_.token_ids, strict=True))
         assert abs(completion_logprob(model, prompt_ids, list(sample_.token_ids)) - served) <= TOLERANCE
 
 

@@ -125,7 +125,8 @@ def test_records_every_step_in_the_rollout_schema(trained, tiny_moe_dir):
     model, tokenizer = load_model(tiny_moe_dir), load_tokenizer(tiny_moe_dir)
     seen = reward.calls[0]
     assert [r["completion"] for r in rows] == seen["completions"]
-    for row, prompt, completion in zip(rows[:3], seen["prompts"], seen["completion_ids"]):
+    assert len(seen["prompts"]) == len(seen["completion_ids"]) == len(rows)
+    for row, prompt, completion in zip(rows[:3], seen["prompts"][:3], seen["completion_ids"][:3], strict=True):
         assert row["num_tokens"] == len(completion)
         expected = recomputed_logprob(model, tokenizer(text=[prompt])["input_ids"][0], completion)
         assert row["logprob"] == pytest.approx(expected, abs=1e-3)

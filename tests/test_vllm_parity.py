@@ -16,13 +16,14 @@ def test_greedy_tokens_and_logprobs_match(tiny_moe_dir, vllm_moe):
     greedy = SamplingSettings(temperature=0.0, max_new_tokens=32, samples_per_prompt=1)
     from_vllm = vllm_moe.generate(PROMPTS, greedy, seed=0)
     from_hf = HFEngine(model, tokenizer).generate(PROMPTS, greedy, seed=0)
-    for vllm_group, hf_group in zip(from_vllm, from_hf):
+    assert [len(group) for group in from_vllm] == [len(group) for group in from_hf] == [1] * len(PROMPTS)
+    for vllm_group, hf_group in zip(from_vllm, from_hf, strict=True):
         assert vllm_group[0].token_ids == hf_group[0].token_ids
         assert vllm_group[0].text == hf_group[0].text
         assert abs(vllm_group[0].logprob - hf_group[0].logprob) <= 1e-3
 
     # Per token, on the completions vLLM chose: teacher-forced transformers vs vLLM's own logprobs.
-    for prompt, group in zip(PROMPTS, from_vllm):
+    for prompt, group in zip(PROMPTS, from_vllm, strict=True):
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         assert abs(completion_logprob(model, prompt_ids, group[0].token_ids) - group[0].logprob) <= 1e-3
 
