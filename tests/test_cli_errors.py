@@ -22,8 +22,9 @@ def run_cli(*args, cwd=None):
                           env=pinned_environment())
 
 
-def assert_one_line_error(result, *fragments):
-    assert result.returncode != 0
+def assert_one_line_error(result, *fragments, exit_code=1):
+    """README's promise ("Bad input"): one line on stderr, no traceback, exit code 1 (2 for bad arguments)."""
+    assert result.returncode == exit_code, (result.returncode, result.stderr)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert "Traceback" not in result.stderr
@@ -50,9 +51,10 @@ def test_help_works_for_every_command():
     (["analyze", "r.jsonl", "--threshold", "abc"], ["echolab analyze: error", "--threshold", "'abc'"]),
     (["sweep", "s.toml", "--backend", "slurm"], ["--backend", "'slurm'"]),
     (["run", "c.toml", "--resume", "--overwrite"], ["not allowed with"]),
+    (["run"], ["echolab run: error: the following arguments are required: config"]),
 ])
-def test_bad_arguments_are_one_line_too(args, fragments):
-    assert_one_line_error(run_cli(*args), *fragments)
+def test_bad_arguments_are_one_line_too_with_exit_code_2(args, fragments):
+    assert_one_line_error(run_cli(*args), *fragments, exit_code=2)
 
 
 # ---------------------------------------------------------------- configs: pretrain, run, and a sweep's base
