@@ -1,4 +1,5 @@
-"""The thread counts of every process a test starts, and the command line that starts `echolab`.
+"""The thread counts of every process a test starts, the command line that starts `echolab`, and a small disk
+that fills up.
 
 The README: with another thread count, results differ in floating-point rounding and sampled tokens can
 diverge. Tests compare an in-process run with runs in subprocesses (the kill-and-resume test, sweeps), so
@@ -10,7 +11,12 @@ threads and environment when the session starts, and every helper that starts `e
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 TEST_THREADS = 1
 # The variables the OpenMP, MKL and OpenBLAS runtimes (under torch, numpy, vLLM) read when a process starts.
@@ -25,3 +31,23 @@ def pinned_environment(**extra: str) -> dict[str, str]:
 def echolab_command(*args: str) -> list[str]:
     """`echolab ARGS...` as the user runs it, with this interpreter (and the PYTHONPATH it inherits)."""
     return [sys.executable, "-m", "experiments.cli", *args]
+
+
+def on_a_small_disk(script: str, disk: Path, size: str, keep: Path, **variables: str) -> subprocess.CompletedProcess:
+    """Run the shell `script` with a `size` tmpfs mounted at `disk` (a real file system that fills up: ENOSPC
+    partway through a write), in a private mount namespace: as root `unshare --mount`, else also a user
+    namespace mapping this user to root. The mount ends with the script, so the script's last act is
+    copying the disk's content to `keep`; the script's exit code is the result's. `variables` reach the
+    script as environment variables (and `DISK`, `KEEP`)."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux) for a private tmpfs mount")
+    namespaces = ["--mount"] if os.geteuid() == 0 else ["--mount", "--user", "--map-root-user"]
+    disk.mkdir(parents=True, exist_ok=True)
+    keep.mkdir(parents=True, exist_ok=True)
+    wrapped = (f'mount -t tmpfs -o size={size} tmpfs "$DISK" || exit 99\n'
+               f'( {script} )\ncode=$?\ncp -a "$DISK"/. "$KEEP"/\nexit $code\n')
+    result = subprocess.run(["unshare", *namespaces, "sh", "-c", wrapped], capture_output=True, text=True, timeout=600,
+                            env=pinned_environment(DISK=str(disk), KEEP=str(keep), **variables))
+    if result.returncode == 99:
+        pytest.skip(f"cannot mount a tmpfs in a private mount namespace here: {result.stderr.strip()}")
+    return result
