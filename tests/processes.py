@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,3 +53,15 @@ def on_a_small_disk(script: str, disk: Path, size: str, keep: Path, **variables:
     if result.returncode == 99:
         pytest.skip(f"cannot mount a tmpfs in a private mount namespace here: {result.stderr.strip()}")
     return result
+
+
+def kill_when_written(process: subprocess.Popen, path: Path, timeout: float = 600) -> None:
+    """SIGKILL the process group of `process` (started with start_new_session=True: `echolab` and every
+    process it started) the moment `path` exists."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, f"the process ended before {path} appeared: {process.stderr.read()}"
+        assert time.monotonic() < deadline, f"{path} did not appear within {timeout} s"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()

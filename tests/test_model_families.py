@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 
 import pytest
 import torch
@@ -25,8 +24,6 @@ from specialists.tokenizer import load_tokenizer
 
 from model_families import EXPERTS, EXPERTS_PER_TOKEN, LAYERS, build_checkpoint
 from rl_helpers import completion_logprob, hf_token_logprobs, vllm_token_logprobs
-
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 TOLERANCE = 1e-3  # max |logprob difference| vLLM vs transformers (float32 both)
 STALE = 1e-2  # a difference this large means the engine is not serving the model's weights

@@ -1,12 +1,9 @@
 """`echolab run` end to end on the smoke config: the run directory, determinism, and resume after a kill."""
 
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,7 +12,7 @@ import torch
 
 from experiments.config import load_experiment_config
 from experiments.pipeline import run_experiment
-from processes import echolab_command, pinned_environment
+from processes import echolab_command, kill_when_written, pinned_environment
 from rl.recorder import Recorder
 from specialists.errors import UserError
 from specialists.model import load_model
@@ -91,17 +88,6 @@ def start_run(run_dir, *flags, config=SMOKE):
     return subprocess.Popen(echolab_command("run", str(config), "--out", str(run_dir), "--quiet", *flags),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env=pinned_environment())
-
-
-def kill_when_written(process, path, timeout=600):
-    """SIGKILL the whole run the moment `path` exists."""
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert process.poll() is None, f"the run ended before {path} appeared: {process.stderr.read()}"
-        assert time.monotonic() < deadline, f"{path} did not appear within {timeout} s"
-        time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
 
 
 def test_a_run_killed_twice_and_resumed_equals_the_uninterrupted_one(smoke_run, tmp_path):

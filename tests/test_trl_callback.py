@@ -20,7 +20,6 @@ from specialists.run_directory import METRICS_FILE, SUMMARY_FILE, rollout_files
 from specialists.tasks import generate_problems, prompt_text
 from specialists.tokenizer import load_tokenizer
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 pytestmark = pytest.mark.integration
 
 PROMPTS, GENERATIONS, STEPS = 2, 4, 3
