@@ -79,6 +79,34 @@ def lines_over_steps(series: dict[str, pd.DataFrame], ylabel: str, title: str, y
     return _png(figure)
 
 
+def metric_panels(panels: dict[str, dict[str, pd.DataFrame]]) -> str:
+    """One small panel per metric (key: its axis label), in each a line per group (band tables: columns mean, low,
+    high; rows steps), shaded where there is a band; a group keeps its colour across panels, one legend on top."""
+    groups = list(dict.fromkeys(label for bands in panels.values() for label in bands))
+    colours = dict(zip(groups, PALETTE * 4))
+    columns = min(len(panels), 2)
+    rows = -(-len(panels) // columns)
+    # one step axis for all panels, though a metric may be missing at some steps (no update at the last)
+    figure, grid = plt.subplots(rows, columns, figsize=(WIDTH, 2.1 * rows + 0.4), squeeze=False, sharex=True)
+    for axes in grid.ravel()[len(panels):]:
+        axes.set_visible(False)
+    for axes, (metric, bands) in zip(grid.ravel(), panels.items()):
+        for label, band in bands.items():
+            axes.plot(band.index, band["mean"], marker="o", markersize=2.5, linewidth=1.2, color=colours[label])
+            if band[["low", "high"]].notna().any().all():
+                axes.fill_between(band.index, band["low"].astype(float), band["high"].astype(float),
+                                  color=colours[label], alpha=0.2, linewidth=0)
+        axes.set_title(metric, fontsize=9)
+        axes.set_xlabel("RL step", fontsize=8)
+        axes.tick_params(labelsize=7, labelbottom=True)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    handles = [plt.Line2D([], [], color=colours[label]) for label in groups]
+    figure.legend(handles, groups, loc="upper center", ncol=min(len(groups), 3), fontsize=8,
+                  bbox_to_anchor=(0.5, 1.0 + 0.12 / rows))
+    figure.tight_layout()
+    return _png(figure)
+
+
 def entropy_accuracy_scatter(points: dict[str, pd.DataFrame], fits: dict[str, dict]) -> str:
     """Format entropy (nats) against accuracy, one colour per group (points: columns entropy, accuracy), with
     each group's fit R = -a exp(H) + b drawn over its entropy range."""
@@ -140,6 +168,30 @@ def affinity_heatmaps(affinity_by_layer: dict[str, pd.DataFrame], title: str) ->
         axes.set_title(f"layer {layer}", fontsize=9)
         axes.set_xlabel("expert", fontsize=8)
     figure.suptitle(title, fontsize=10, y=1.04)
+    return _png(figure)
+
+
+def specialist_dominance(specialist_share: pd.DataFrame, format_share: pd.DataFrame, alignment: pd.DataFrame,
+                         chance: float, title: str) -> str:
+    """Two panels over RL steps (each table: rows steps, columns the formats that have a specialist). Left: each
+    specialist's share of the routed tokens (solid) beside its format's share of the completions (dashed, same
+    colour). Right: each format's alignment with its own specialist, with `chance` (a specialist's share of the
+    experts) dotted."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(WIDTH, 3.0), sharex=True)
+    for color, name in zip(PALETTE * 4, specialist_share.columns):
+        left.plot(specialist_share.index, specialist_share[name], color=color, marker="o", markersize=3, label=name)
+        if name in format_share.columns:
+            left.plot(format_share.index, format_share[name], color=color, linestyle="--", linewidth=1)
+        if name in alignment.columns:
+            right.plot(alignment.index, alignment[name], color=color, marker="o", markersize=3, label=name)
+    right.axhline(chance, color="grey", linestyle=":", linewidth=1)
+    left.set(xlabel="RL step", ylabel="share", ylim=(0, 1), title="specialist share of routing (dashed: format share)")
+    right.set(xlabel="RL step", ylabel="P(own specialist | format)", ylim=(0, 1), title="format-specialist alignment")
+    for axes in (left, right):
+        axes.title.set_fontsize(9)
+    right.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    figure.subplots_adjust(wspace=0.35)  # room for the right panel's axis label
+    figure.suptitle(title, fontsize=10, y=1.03)
     return _png(figure)
 
 

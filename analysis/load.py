@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from specialists.config import MixtureSettings, ModelSettings, expert_specialists
 from specialists.errors import UserError
 from specialists.grading import answer_text
 from specialists.run_directory import CONFIG_FILE, REQUIRED_COLUMNS, ROLLOUT_SCHEMA
@@ -76,6 +77,25 @@ def read_run_config(run_dir: Path) -> dict:
             except (json.JSONDecodeError, tomllib.TOMLDecodeError) as error:
                 raise UserError(f"{path}: unreadable config ({error})") from None
     return {}
+
+
+def read_expert_specialists(config: dict) -> list[str] | None:
+    """The format of the specialist each expert came from, when the run's experts are specialists trained apart:
+    the config's top-level `expert_specialists` list (as a BTX checkpoint's config.json holds it; put it in a
+    config.toml beside rollouts from elsewhere), else, for an echolab config with `model.kind = "btx"`, the
+    BTX convention `specialists.config.expert_specialists` over its mixture's formats (alphabetical) and
+    `model.num_experts`; None when the config names no specialists."""
+    named = config.get("expert_specialists")
+    if named is not None:
+        if not isinstance(named, list) or not named or not all(isinstance(name, str) for name in named):
+            raise UserError(f"the run config's expert_specialists must be a non-empty list of format names, got {named!r}")
+        return named
+    model, mixture = config.get("model"), config.get("mixture")
+    if not isinstance(model, dict) or model.get("kind") != "btx":
+        return None
+    formats = list(mixture.get("formats") or {}) if isinstance(mixture, dict) else []
+    formats = formats or list(MixtureSettings().formats)
+    return expert_specialists(formats, int(model.get("num_experts", ModelSettings().num_experts)))
 
 
 # ---------------------------------------------------------------- files in chunks

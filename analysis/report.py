@@ -7,7 +7,9 @@ curves are means over its runs with seeded bootstrap 95% bands. Inputs without a
 are groups of their own. The report opens with the format shares over steps of every group, then the findings in
 plain language, then tables and the other figures; figures are drawn from each run's long-format
 `metrics.parquet`, headline values (collapse step, tests) come from `summary.json`. With several groups the
-baseline (`--baseline NAME`, default the first given) is the one the others are compared with. Each input's
+baseline (`--baseline NAME`, default the first given) is the one the others are compared with. The training
+story follows: each group's settings (from config.json), its RL metrics over steps (from metrics.jsonl, in the
+run directory's metrics vocabulary) and sample completions per format at the first and last steps. Each input's
 analysis is (re)computed with `analyze` when missing, unreadable, older than its rollouts or config, or made with
 other settings (formats, source, columns, --correct-from). The HTML file is replaced atomically.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import html
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,13 +28,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from analysis import figures
-from analysis.load import CONFIG_FILES, read_run_config
+from analysis.classify import label_formats
+from analysis.load import CONFIG_FILES, InputWarning, read_run_config
 from analysis.output import check_output_file
-from analysis.sources import Input, ReadOptions, open_input
+from analysis.run_files import checkpoint_model_size, read_training_metrics
+from analysis.sources import Input, ReadOptions, first_and_last_steps, open_input
 from analysis.statistics import bootstrap_band, combined_format_change_test, compare_groups, entropy_accuracy_fit
 from analysis.summary import analysis_settings, analyze, format_set_name
 from specialists.errors import UserError
 from specialists.files import replace_atomically
+from specialists.formats import load_formats
 from specialists.run_directory import METRICS_TABLE_FILE, SUMMARY_FILE
 
 SEED_KEY = "seed"
@@ -47,6 +53,9 @@ class Run:
     summary: dict
     metrics: pd.DataFrame | None = None  # the long table of metrics.parquet
     label: str = ""  # the input's name (analysis.sources.Input.name); default the path's last part
+    training: pd.DataFrame | None = None  # metrics.jsonl: rows steps, columns metrics (None: the run has none)
+    samples: tuple[pd.DataFrame, pd.DataFrame] | None = None  # the first and last steps' rows (SAMPLE_COLUMNS)
+    model_size: dict | None = None  # analysis.run_files.checkpoint_model_size (None: no checkpoint)
 
     @property
     def name(self) -> str:
@@ -131,7 +140,23 @@ def load_run(item: Input | str | Path, formats: str | None = None, progress: boo
             raise UserError(f"{item.path}: no up-to-date {SUMMARY_FILE}, and analysing it failed: {error}") from None
         metrics = _read_analysis(summary_path, metrics_path)[1]
     config = read_run_config(item.run_dir) if item.run_dir else {}
-    return Run(item.path, config, summary, metrics, item.name)
+    training = read_training_metrics(item.run_dir) if item.run_dir else None
+    model_size = checkpoint_model_size(item.run_dir) if item.run_dir else None
+    samples = _samples(item, wanted["formats"])
+    return Run(item.path, config, summary, metrics, item.name, training, samples, model_size)
+
+
+def _samples(item: Input, format_set: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The rows of the first and last steps, labelled with the analysis' format set (SAMPLE_COLUMNS)."""
+    formats = load_formats(format_set)
+    with warnings.catch_warnings():  # what reading the input warns about, `analyze` has said already
+        warnings.simplefilter("ignore", InputWarning)
+        steps = first_and_last_steps(item)
+    labelled = []
+    for table in steps:
+        table = table.assign(format=label_formats(table, formats))
+        labelled.append(table[[column for column in SAMPLE_COLUMNS if column in table.columns]])
+    return labelled[0], labelled[1]
 
 
 def _read_analysis(summary_path: Path, metrics_path: Path) -> tuple[dict | None, pd.DataFrame | None]:
@@ -275,6 +300,8 @@ def findings(group: Group) -> list[str]:
                          f"p = {test['p_value']:.2g}" + (f" (summed over {test['runs']} runs)." if len(runs) > 1 else "."))
     if _has_experts(group):
         sentences += _expert_findings(group)
+    if _has_specialists(group):
+        sentences.append(_specialist_finding(group))
     return sentences
 
 
@@ -350,7 +377,56 @@ def group_figures(group: Group) -> list[tuple[str, str]]:
             if affinity:
                 result.append((f"Format × expert affinity at the {which} step: P(expert | format), mean over runs",
                                figures.affinity_heatmaps(affinity, f"{group.label}, {which} step")))
+    if _has_specialists(group):
+        result.append(_specialist_figure(group))
     return result
+
+
+# ---------------------------------------------------------------- specialist dominance (experts trained apart)
+
+def _has_specialists(group: Group) -> bool:
+    return all("specialist_dominance" in run.summary for run in group.runs)
+
+
+def _layer_mean(run: Run, metric: str) -> pd.DataFrame:
+    """A per-(layer, step, format) metric of metrics.parquet as rows steps x columns the specialists' formats
+    (in the map's order), the mean over layers."""
+    rows = run.rows(metric, {})
+    wide = rows.groupby(["step", "format"])["value"].mean().unstack("format")
+    wide.index = wide.index.astype(int)
+    specialists = list(dict.fromkeys(run.summary["specialist_dominance"]["expert_specialists"]))
+    return wide.reindex(columns=specialists).astype(np.float64).sort_index()
+
+
+def _specialist_tables(group: Group) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Specialist share, format share and alignment (rows steps, columns the specialists' formats), means over
+    layers and runs."""
+    share = _mean_over_runs(group, lambda run: _layer_mean(run, "specialist_share"))
+    alignment = _mean_over_runs(group, lambda run: _layer_mean(run, "specialist_alignment"))
+    formats = _mean_shares(group)
+    return share, formats[[name for name in share.columns if name in formats.columns]], alignment
+
+
+def _specialist_finding(group: Group) -> str:
+    share, formats, alignment = _specialist_tables(group)
+    first, last = share.index[0], share.index[-1]
+    leader = formats.loc[last].idxmax() if formats.shape[1] else share.loc[last].idxmax()
+    return (f"Specialists trained apart (means over layers): at step {last} the {leader} specialist carries "
+            f"{_pct(share.loc[last, leader])} of the routed tokens (step {first}: {_pct(share.loc[first, leader])})"
+            + (f", and {leader} has {_pct(formats.loc[last, leader])} of the completions" if formats.shape[1] else "")
+            + "; alignment of each format with its own specialist: "
+            + ", ".join(f"{name} {_num(alignment.loc[first, name])} → {_num(alignment.loc[last, name])}"
+                        for name in alignment.columns) + ".")
+
+
+def _specialist_figure(group: Group) -> tuple[str, str]:
+    share, formats, alignment = _specialist_tables(group)
+    specialists = group.runs[0].summary["specialist_dominance"]["expert_specialists"]
+    chance = specialists.count(specialists[0]) / len(specialists)
+    return ("Specialist dominance (experts trained apart): each specialist's share of the routed tokens beside its "
+            "format's share of the completions, and how much of each format's routing goes to its own specialist "
+            "(dotted: chance); means over layers" + (" and runs" if len(group.runs) > 1 else ""),
+            figures.specialist_dominance(share, formats, alignment, chance, group.label))
 
 
 def _mean_affinity(group: Group, layer: int, step_of) -> pd.DataFrame | None:
@@ -451,6 +527,211 @@ def forecast_section(runs: list[Run]) -> str:
     return "<h2>Collapse forecast</h2>" + "".join(figures_) if figures_ else ""
 
 
+# ---------------------------------------------------------------- the training story: settings
+
+# Tuning parameters of rl.mitigations switches (analysis does not import rl): shown beside their switch when it
+# is on, never as mitigations of their own.
+MITIGATION_PARAMETERS = {"cov_ratio": ("clip_cov", "kl_cov"), "kl_cov_coef": ("kl_cov",),
+                         "pretrain_replay_batch": ("pretrain_replay_coef",)}
+
+
+def seed_labels(config: dict) -> list[str]:
+    """The config's seeds by name ("seed=0", "rl.seed=2"); a seed left None (rl.seed: use the top-level seed) is
+    not one."""
+    return [f"{key}={value}" for key, value in _flatten(config).items()
+            if key.rsplit(".", 1)[-1] == SEED_KEY and value is not None]
+
+
+def _group_seeds(group: Group) -> str:
+    """Each seed key with its values over the group's runs: "seed 0; rl.seed 0, 1, 2"."""
+    values: dict[str, list[str]] = {}
+    for run in group.runs:
+        for label in seed_labels(run.config):
+            key, value = label.split("=", 1)
+            values.setdefault(key, [])
+            if value not in values[key]:
+                values[key].append(value)
+    return "; ".join(f"{key} {', '.join(found)}" for key, found in values.items()) or "none recorded"
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _mitigations(flat: dict[str, object]) -> str:
+    prefix = "rl.mitigations."
+    settings = {key.removeprefix(prefix): value for key, value in flat.items() if key.startswith(prefix)}
+    on = [name for name, value in settings.items() if value and name not in MITIGATION_PARAMETERS]
+    shown = []
+    for name in on:
+        parameters = [f"{parameter}={_shown(settings[parameter])}" for parameter, switches in MITIGATION_PARAMETERS.items()
+                      if name in switches and parameter in settings]
+        value = "" if settings[name] is True else f"={_shown(settings[name])}"
+        shown.append(f"{name}{value}" + (f" ({', '.join(parameters)})" if parameters else ""))
+    if flat.get("rl.epsilon_high") is not None:
+        shown.append(f"clip-higher (epsilon_high={_shown(flat['rl.epsilon_high'])})")
+    return ", ".join(shown) or "none"
+
+
+def _model(flat: dict[str, object], size: dict | None) -> tuple[str, str]:
+    """(kind or path, size) from the config's `model` section, or a TRL run's model name, and the checkpoint."""
+    if any(key.startswith("model.") for key in flat):
+        kind = f"{flat['model.path']} (model.path)" if flat.get("model.path") else f"{flat.get('model.kind')} (built-in)"
+    else:
+        kind = _shown(flat["model"]) if flat.get("model") is not None else "n/a"
+    if size is not None:
+        experts = (f", {size['experts']} experts ({size['experts_per_token']} per token)" if size["experts"] else ", dense")
+        return kind, f"{size['parameters']:,} parameters{experts}, {size['layers']} layers ({size['model_type']})"
+    if flat.get("model.path") is None and "model.num_layers" in flat:  # a built-in model without a checkpoint here
+        experts = (f", {flat['model.num_experts']} experts ({flat['model.experts_per_token']} per token)"
+                   if flat.get("model.kind") == "moe" else ", dense")
+        return kind, f"parameters n/a (no checkpoint){experts}, {flat['model.num_layers']} layers"
+    return kind, "n/a"
+
+
+def settings_of(run: Run) -> dict[str, str]:
+    """What a reader needs to know about how a run was trained, from its config.json (echolab's, or the TRL
+    callback's `trl` section of GRPOConfig arguments) and its checkpoint; "n/a" where the config does not say."""
+    flat = _flatten(run.config)
+
+    def first(*keys: str) -> str:
+        return next((_shown(flat[key]) for key in keys if flat.get(key) is not None), "n/a")
+
+    algorithm = first("rl.algorithm", "trainer")
+    clip = first("rl.epsilon", "trl.epsilon")
+    high = first("rl.epsilon_high", "trl.epsilon_high")
+    kind, size = _model(flat, run.model_size)
+    settings = {
+        "algorithm": algorithm + (f" (loss {first('rl.grpo.loss_type')})" if algorithm == "grpo" else ""),
+        "learning rate": first("rl.learning_rate", "trl.learning_rate"),
+        "KL coefficient (beta)": first("rl.beta", "trl.beta"),
+        "clip range (epsilon low / high)": clip + (f" / {high}" if high != "n/a" else ""),
+        "samples per prompt": first("rl.sampling.samples_per_prompt", "trl.num_generations"),
+        "prompts per step": first("rl.prompts_per_step"),
+        "steps": first("rl.steps", "trl.max_steps"),
+        "temperature": first("rl.sampling.temperature", "trl.temperature"),
+        "max_new_tokens": first("rl.sampling.max_new_tokens", "trl.max_completion_length"),
+        "mitigations on": _mitigations(flat) if "rl.algorithm" in flat else "n/a",
+        "model": kind,
+        "model size": size,
+        "engine": (first("rl.engine.kind") + (f" ({first('rl.engine.dtype')})" if "rl.engine.dtype" in flat else "")
+                   if "rl.engine.kind" in flat else
+                   ("vLLM (TRL use_vllm)" if flat["trl.use_vllm"] else "transformers generate (TRL)")
+                   if "trl.use_vllm" in flat else "n/a"),
+        "format set": run.summary["analysis"]["formats"],
+    }
+    return settings
+
+
+def settings_table(groups: list[Group]) -> str:
+    """Rows settings, one column per group (its first run's settings: the runs of a group differ only in seeds),
+    and the seeds of each group's runs by name."""
+    columns = [settings_of(group.runs[0]) for group in groups]
+    rows = [[name] + [column[name] for column in columns] for name in columns[0]]
+    rows.append(["seeds"] + [_group_seeds(group) for group in groups])
+    return _table(["setting"] + [group.label for group in groups], rows)
+
+
+# ---------------------------------------------------------------- the training story: RL metrics over steps
+
+# From the run directory's metrics vocabulary (specialists.run_directory): the quantities a reader checks first.
+TRAINING_METRICS = {
+    "reward_mean": "reward (mean)",
+    "loss": "loss",
+    "kl_to_reference": "KL to reference",
+    "entropy": "token entropy",
+    "clip_fraction": "clip fraction",
+    "grad_norm": "grad norm",
+    "rollout_tokens_per_s": "rollout tokens/s",
+    "step_time_s": "step time (s)",
+}
+
+
+def _training_metric(metric: str):
+    """values_of for a metrics.jsonl key; empty for a run without it."""
+    def values_of(run: Run) -> pd.Series:
+        if run.training is None or metric not in run.training.columns:
+            return pd.Series(dtype=np.float64)
+        return run.training[metric]
+    return values_of
+
+
+def training_bands(groups: list[Group]) -> dict[str, dict[str, pd.DataFrame]]:
+    """metric -> group label -> band (mean over the group's runs and 95% bootstrap band across seeds, rows steps),
+    for each TRAINING_METRICS key, over the groups that recorded it."""
+    bands = {}
+    for metric in TRAINING_METRICS:
+        recorded = {group.label: _band(group, _training_metric(metric)) for group in groups}
+        recorded = {label: band for label, band in recorded.items() if band["mean"].notna().any()}
+        if recorded:
+            bands[metric] = recorded
+    return bands
+
+
+def training_section(groups: list[Group]) -> str:
+    """The RL metrics any group recorded, one panel each with a line per group; one line of text for the groups
+    without metrics.jsonl and for the metrics no run recorded."""
+    bands = training_bands(groups)
+    notes = []
+    without = [group.label for group in groups if all(run.training is None for run in group.runs)]
+    if without:
+        notes.append(f"No RL metrics for {', '.join(without)}: no metrics.jsonl (a run from another trainer keeps its "
+                     f"own logs).")
+    missing = [metric for metric in TRAINING_METRICS if metric not in bands]
+    if missing and len(without) < len(groups):
+        notes.append(f"Not recorded by these runs: {', '.join(missing)}.")
+    text = "".join(f"<p>{html.escape(note)}</p>" for note in notes)
+    figure = (_figure("RL metrics over steps from metrics.jsonl, per group: mean over its runs, shaded 95% bootstrap "
+                      "band across seeds (a gap: the step recorded no value, e.g. no update at the final step)",
+                      figures.metric_panels({TRAINING_METRICS[metric]: by_group for metric, by_group in bands.items()}))
+              if bands else "")
+    return "<h2>Training</h2>" + text + figure
+
+
+# ---------------------------------------------------------------- the training story: sample completions
+
+SAMPLE_COLUMNS = ["step", "prompt_id", "completion", "format", "reward", "correct"]
+SAMPLES_PER_FORMAT = 3
+SAMPLE_CHARS = 2000  # a longer completion is cut, with a note
+
+
+def sample_section(group: Group) -> str:
+    """Per step (the first and the last of each run) and format: a few distinct completions of the group's runs,
+    HTML-escaped, each format in a collapsible <details>."""
+    parts = []
+    for index, which in ((0, "first"), (1, "last")):
+        tables = [run.samples[index].assign(run=run.name) for run in group.runs if run.samples is not None]
+        if not tables:
+            continue
+        rows = pd.concat(tables, ignore_index=True)
+        steps = ", ".join(str(step) for step in dict.fromkeys(rows["step"].astype(int)))
+        parts.append(f"<h4>{which.capitalize()} step ({html.escape(steps)})</h4>")
+        order = list(dict.fromkeys([*group.runs[0].summary["formats"], *rows["format"]]))  # the analysis' order
+        for name in (name for name in order if (rows["format"] == name).any()):
+            of_format = rows[rows["format"] == name]
+            shown = of_format.drop_duplicates("completion").head(SAMPLES_PER_FORMAT)
+            samples = "".join(_sample(row) for row in shown.itertuples(index=False))
+            parts.append(f"<details><summary>{html.escape(str(name))}: {len(of_format)} of {len(rows)} completions "
+                         f"({len(shown)} shown)</summary>{samples}</details>")
+    if not parts:
+        return ""
+    return "<h3>Sample completions per format</h3>" + "".join(parts)
+
+
+def _sample(row) -> str:
+    grade = []
+    if "reward" in row._fields and not pd.isna(row.reward):
+        grade.append(f"reward {_num(row.reward)}")
+    if "correct" in row._fields and not pd.isna(row.correct):
+        grade.append("correct" if row.correct else "wrong")
+    text = row.completion if len(row.completion) <= SAMPLE_CHARS else (
+        row.completion[:SAMPLE_CHARS] + f"\n… (cut: {len(row.completion)} characters in all)")
+    meta = ", ".join([f"run {row.run}", f"step {row.step}", f"prompt {row.prompt_id}", *grade])
+    return f'<div class="sample"><div class="meta">{html.escape(meta)}</div><pre>{html.escape(text)}</pre></div>'
+
+
 # ---------------------------------------------------------------- HTML
 
 STYLE = """
@@ -459,6 +740,9 @@ h1 { font-size: 1.6rem; } h2 { margin-top: 2.5rem; border-bottom: 1px solid #ddd
 .findings { background: #f4f7fb; border-left: 4px solid #3b6ea5; padding: 0.6rem 1rem; }
 figure { margin: 1.5rem 0; } figure img { max-width: 100%; } figcaption { font-size: 0.9rem; color: #555; }
 table { border-collapse: collapse; font-size: 0.9rem; } td, th { border: 1px solid #ccc; padding: 0.25rem 0.5rem; }
+details { margin: 0.3rem 0; } summary { cursor: pointer; }
+.sample .meta { font-size: 0.8rem; color: #555; margin-top: 0.5rem; }
+.sample pre { background: #f7f7f7; padding: 0.5rem; white-space: pre-wrap; overflow-wrap: anywhere; margin: 0.2rem 0; }
 """
 
 
@@ -474,8 +758,9 @@ def _figure(caption: str, png: str) -> str:
 
 
 def render_html(groups: list[Group]) -> str:
-    """The report: format shares of every group first, then findings, the runs, the comparison against the
-    baseline (the first group), each group's figures, and entropy against accuracy."""
+    """The report: format shares of every group first, then findings, the runs, their settings, the comparison
+    against the baseline (the first group), the RL metrics, each group's figures and sample completions, the
+    collapse forecast, and entropy against accuracy."""
     runs = [run for group in groups for run in group.runs]
     parts = ["<h1>echolab report</h1>", _figure("Format shares over RL steps, one panel per group"
                                                 + (" (mean over a group's runs)" if len(runs) > len(groups) else "")
@@ -486,14 +771,17 @@ def render_html(groups: list[Group]) -> str:
     parts.append("<h2>Runs</h2>" + _table(
         ["run", "group", "source", "seed", "steps", "completions", "formats"],
         [[run.name, group.label, run.summary["analysis"]["source"],
-          ", ".join(str(v) for k, v in _flatten(run.config).items() if k.rsplit(".", 1)[-1] == SEED_KEY),
+          ", ".join(seed_labels(run.config)),
           f"{run.summary['steps'][0]}–{run.summary['steps'][-1]}", run.summary.get("rows", ""),
           ", ".join(run.summary["formats"])] for group in groups for run in group.runs]))
+    parts.append("<h2>Settings</h2>" + settings_table(groups))
     if len(runs) > 1:
         plots, table = comparison(groups)
         parts.append("<h2>Comparison</h2>" + table + "".join(_figure(caption, png) for caption, png in plots))
+    parts.append(training_section(groups))
     for group in groups:
-        parts.append(f"<h2>{html.escape(group.label)}</h2>" + "".join(_figure(c, p) for c, p in group_figures(group)))
+        parts.append(f"<h2>{html.escape(group.label)}</h2>" + "".join(_figure(c, p) for c, p in group_figures(group))
+                     + sample_section(group))
     parts.append(forecast_section(runs))
     parts.append("<h2>Entropy and accuracy</h2>" + _figure(
         "Format entropy against accuracy, every run and step; lines: least-squares fit R = -a·exp(H) + b per group",

@@ -26,6 +26,7 @@ rows without a gold answer. Steps keep the source's numbering.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import warnings
@@ -37,8 +38,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.csv as pacsv
 
-from analysis.load import (Chunk, InputWarning, first_columns, jsonl_chunks, normalise, parquet_chunks,
-                           parquet_columns, sorted_steps, steps)
+from analysis.load import (Chunk, InputWarning, StepsOutOfOrder, first_columns, jsonl_chunks, normalise,
+                           parquet_chunks, parquet_columns, sorted_steps, steps)
 from specialists.errors import UserError
 from specialists.run_directory import ROLLOUT_SCHEMA, is_run_dir, rollout_files
 
@@ -269,6 +270,26 @@ def read_rollouts(path: str | Path, options: ReadOptions | None = None) -> pd.Da
     """The whole input as one normalised table (for small inputs and tests; `analyze` streams `read_steps`)."""
     tables = list(read_steps(open_input(path, options), in_memory=True))
     return pd.concat(tables, ignore_index=True)
+
+
+def first_and_last_steps(opened: Input) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The normalised rows of the input's first and of its last step (the same table twice for one step). From a
+    directory of per-step files only the first and the last two files are read (two: TRL may have logged the last
+    generation batch twice, which counts at its first step); a single file is streamed, keeping those two steps
+    (read whole and sorted when its steps interleave)."""
+    if opened.path.is_dir() and opened.source in ("echolab", "verl", "trl") and len(opened.files) > 3:
+        opened = dataclasses.replace(opened, files=(opened.files[0], *opened.files[-2:]))
+    try:
+        return _first_and_last(read_steps(opened))
+    except StepsOutOfOrder:
+        return _first_and_last(read_steps(opened, in_memory=True))
+
+
+def _first_and_last(tables: Iterator[pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    first = last = next(tables)
+    for last in tables:
+        pass
+    return first, last
 
 
 def _chunks(opened: Input) -> Iterator[Chunk]:

@@ -4,9 +4,17 @@
 `expert_token_counts` sums them into a long table (step, format, layer, expert, tokens); every other
 function here is a pure function of that table or of the share table derived from it. Shares are
 token-weighted: share_e(t) = tokens routed to expert e at step t / all tokens routed at step t (per layer).
+
+Where experts are specialists trained apart (a Branch-Train-MiX base, Sukhbaatar et al. 2024, arXiv:2403.07816:
+expert e came from the dense specialist of format s(e)), the last three functions measure specialist dominance:
+each specialist's share of the routing, how much of each format goes to its own specialist, and whether the
+dominant expert belongs to the winning format. `expert_specialists` (the map e -> s(e)) comes from the run's
+config (`analysis.load.read_expert_specialists`).
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -14,6 +22,7 @@ import pyarrow.compute as pc
 
 from analysis.information import mutual_information_bits, normalised_entropy, total_variation
 from analysis.load import expert_loads
+from specialists.errors import UserError
 
 LAYER_STEP = ["layer", "step"]
 
@@ -154,6 +163,51 @@ def within_format_routing_drift(tokens: pd.DataFrame, from_step: int, to_step: i
     common = before.index.intersection(after.index)
     drift = pd.Series(total_variation(before.loc[common].to_numpy(), after.loc[common].to_numpy()), index=common)
     return drift.unstack("format")
+
+
+def specialist_share(shares: pd.DataFrame, expert_specialists: Sequence[str]) -> pd.DataFrame:
+    """share_s(l, t) = sum over the experts e with s(e) = s of share_e(l, t) (`expert_share`): specialist s's share
+    of the layer's routed tokens; rows (layer, step), columns specialists named by their format (first-expert
+    order). A specialist with m of E experts has m / E under balanced routing."""
+    owners = _owners(shares.columns, expert_specialists)
+    grouped = shares.T.groupby(owners, sort=False).sum().T
+    return grouped.rename_axis(columns="format")
+
+
+def specialist_alignment(tokens: pd.DataFrame, expert_specialists: Sequence[str]) -> pd.DataFrame:
+    """a_f(l, t) = sum over the experts e with s(e) = f of r_f,e(l, t), r the within-format routing P(expert | format)
+    (`format_routing`): how much of format f's routing goes to its own specialist's experts; 1 when all of it,
+    m / E (the specialist's share of experts) when routing ignores the format. Rows (layer, step), columns the
+    formats that have a specialist, NaN at steps where the format was not sampled."""
+    routing = format_routing(tokens)
+    owners = _owners(routing.columns, expert_specialists)
+    formats = list(dict.fromkeys(expert_specialists))
+    row_formats = routing.index.get_level_values("format")
+    own = pd.Series([row[owners == fmt].sum() for row, fmt in zip(routing.to_numpy(), row_formats)],
+                    index=routing.index, dtype=np.float64)[row_formats.isin(formats)]
+    every = pd.MultiIndex.from_frame(tokens[LAYER_STEP].drop_duplicates().sort_values(LAYER_STEP))
+    table = own.unstack("format") if len(own) else pd.DataFrame(index=every)
+    return table.reindex(index=every, columns=formats).rename_axis(columns="format")
+
+
+def dominant_expert_is_winner_specialist(shares: pd.DataFrame, dominant_format: pd.Series,
+                                         expert_specialists: Sequence[str]) -> pd.Series:
+    """1.0 where s(argmax_e share_e(l, t)), the specialist of the dominant expert (`dominant_expert`), is the
+    dominant format of step t (`formats_metrics.dominant_format`: the format with the largest share of the step's
+    completions), else 0.0; rows (layer, step). Does the winning format's specialist carry the routing?"""
+    owners = _owners(shares.columns, expert_specialists)
+    dominant = owners[dominant_expert(shares).to_numpy()]
+    winners = dominant_format.reindex(shares.index.get_level_values("step")).to_numpy()
+    return pd.Series((dominant == winners).astype(np.float64), index=shares.index,
+                     name="dominant_expert_is_winner_specialist")
+
+
+def _owners(experts: pd.Index, expert_specialists: Sequence[str]) -> np.ndarray:
+    """The specialist's format of each expert column; UserError when the map and the expert_load disagree."""
+    if len(experts) != len(expert_specialists) or list(experts) != list(range(len(experts))):
+        raise UserError(f"the expert_load has {len(experts)} experts per layer but the run's config names "
+                        f"specialists for {len(expert_specialists)} (expert_specialists: {list(expert_specialists)})")
+    return np.asarray(expert_specialists, dtype=object)
 
 
 def _rows_normalised(counts: np.ndarray) -> np.ndarray:

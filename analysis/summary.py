@@ -32,7 +32,7 @@ from analysis.classify import format_names, label_formats
 from analysis.correctness import SANDBOX_WORKERS, grade_reason_share, grade_rollouts
 from analysis.forecast import FORECAST_STEPS, forecast_collapse, format_outcomes
 from analysis.information import total_variation
-from analysis.load import InputWarning, StepsOutOfOrder, joined, read_run_config
+from analysis.load import InputWarning, StepsOutOfOrder, joined, read_expert_specialists, read_run_config
 from analysis.output import check_output_dir
 from analysis.sources import ReadOptions, open_input, read_steps
 from analysis.statistics import entropy_accuracy_fit, format_change_test
@@ -64,13 +64,14 @@ def analyze(input_path: str | Path, formats: str | None = None, out_dir: str | P
     check_output_dir(out)
     formats_name = format_set_name(formats, opened.run_dir)
     format_set = load_formats(formats_name)
+    specialists = read_expert_specialists(read_run_config(opened.run_dir)) if opened.run_dir is not None else None
     try:
         pieces = _per_batch(read_steps(opened), format_set, progress)
     except StepsOutOfOrder as late:
         warnings.warn(f"{opened.path}: the rows of step {late.args[0]} are not together; reading the whole input "
                       f"into memory to sort it by step", InputWarning)
         pieces = _per_batch(read_steps(opened, in_memory=True), format_set, progress)
-    summary, metrics = combine(pieces, format_set, collapse_threshold)
+    summary, metrics = combine(pieces, format_set, collapse_threshold, specialists)
     summary["analysis"] = analysis_settings(opened.source, formats_name, opened.options)
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
@@ -187,9 +188,11 @@ def step_metrics(table: pd.DataFrame) -> StepMetrics:
 
 # ---------------------------------------------------------------- the run from its steps
 
-def combine(pieces: list[StepMetrics], format_set: tuple[Format, ...],
-            collapse_threshold: float = 0.9) -> tuple[dict, pd.DataFrame]:
-    """Every metric of the run from its steps' metrics: the summary dict and the long per-step metrics table."""
+def combine(pieces: list[StepMetrics], format_set: tuple[Format, ...], collapse_threshold: float = 0.9,
+            expert_specialists: list[str] | None = None) -> tuple[dict, pd.DataFrame]:
+    """Every metric of the run from its steps' metrics: the summary dict and the long per-step metrics table.
+    `expert_specialists` (the format of each expert's specialist, `analysis.load.read_expert_specialists`) adds
+    the specialist dominance metrics, computed from the steps' expert token counts like the other expert metrics."""
     counts = pd.concat([piece.format_counts for piece in pieces]).fillna(0).sort_index()
     names = format_names(format_set, pd.Series(list(counts.columns), dtype=object))
     counts = counts.reindex(columns=names, fill_value=0).astype(np.int64).rename_axis(index="step", columns="format")
@@ -222,6 +225,11 @@ def combine(pieces: list[StepMetrics], format_set: tuple[Format, ...],
         specialists_summary, specialists_metrics = _specialists_metrics(tokens, names)
         summary.update(specialists_summary)
         metrics += specialists_metrics
+        if expert_specialists is not None:
+            dominance_summary, dominance_metrics = _specialist_dominance(tokens, fm.dominant_format(fm.shares_of(counts)),
+                                                                         expert_specialists)
+            summary["specialist_dominance"] = dominance_summary
+            metrics += dominance_metrics
     long = pd.concat([_long(name, values) for name, values in metrics], ignore_index=True)
     return summary, long.sort_values(METRIC_KEYS[:-1], kind="stable", na_position="first").reset_index(drop=True)
 
@@ -357,6 +365,30 @@ def _specialists_metrics(tokens: pd.DataFrame, names: list[str]) -> tuple[dict, 
     return summary, metrics
 
 
+def _specialist_dominance(tokens: pd.DataFrame, dominant_format: pd.Series,
+                          expert_specialists: list[str]) -> tuple[dict, list]:
+    """The per-step specialist metrics (rows of metrics.parquet) and their headline in summary.json: the map, and
+    per layer each specialist's share, each format's alignment and whether the dominant expert is the winning
+    format's specialist at the first and last step (as `format_expert_affinity`)."""
+    shares = sm.expert_share(tokens)
+    specialist_share = sm.specialist_share(shares, expert_specialists)
+    alignment = sm.specialist_alignment(tokens, expert_specialists)
+    winner = sm.dominant_expert_is_winner_specialist(shares, dominant_format, expert_specialists)
+    steps = sorted(tokens["step"].unique())
+    ends = [steps[0], steps[-1]]
+    summary = {
+        "expert_specialists": list(expert_specialists),
+        "specialist_share": _by_layer_nested(specialist_share, ends),
+        "specialist_alignment": _by_layer_nested(alignment, ends),
+        "dominant_expert_is_winner_specialist": {
+            layer: {step: bool(value) for step, value in by_step.items()}
+            for layer, by_step in _by_layer(winner[winner.index.get_level_values("step").isin(ends)]).items()},
+    }
+    metrics = [("specialist_share", specialist_share), ("specialist_alignment", alignment),
+               ("dominant_expert_is_winner_specialist", winner)]
+    return summary, metrics
+
+
 def _routing_shift(tokens: pd.DataFrame, first: int, last: int) -> dict:
     decomposition = sm.routing_shift_decomposition(tokens, first, last)
     within = sm.within_format_routing_drift(tokens, first, last)
@@ -400,6 +432,12 @@ def _nested(frame: pd.DataFrame) -> dict:
 def _by_layer(series: pd.Series) -> dict:
     """(layer, step)-indexed series -> {layer: {step: value}}."""
     return {str(layer): _flat(block.droplevel("layer")) for layer, block in series.groupby(level="layer")}
+
+
+def _by_layer_nested(frame: pd.DataFrame, steps: list[int]) -> dict:
+    """(layer, step)-indexed frame -> {layer: {step: {column: value}}} at `steps`."""
+    frame = frame[frame.index.get_level_values("step").isin(steps)]
+    return {str(layer): _nested(block.droplevel("layer")) for layer, block in frame.groupby(level="layer")}
 
 
 def _long(metric: str, values: pd.Series | pd.DataFrame) -> pd.DataFrame:

@@ -8,6 +8,7 @@ commands so that `--help` and input errors answer at once.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import warnings
@@ -32,7 +33,8 @@ def _pretrain(args: argparse.Namespace) -> None:
     print(f"checkpoint: {model_dir}")
     if not args.skip_eval:
         result = evaluate(model_dir, config, out / "evaluation.json", progress=not args.quiet)
-        print(json.dumps({k: result[k] for k in ("accuracy", "format_share", "format_accuracy", "reasons")}, indent=2))
+        shown = ("accuracy", "format_share", "format_accuracy", "reasons", "specialist_alignment")
+        print(json.dumps({k: result[k] for k in shown if k in result}, indent=2))
         print(f"evaluation: {out / 'evaluation.json'}")
 
 
@@ -40,7 +42,11 @@ def _evaluate(args: argparse.Namespace) -> None:
     from experiments.config import load_experiment_config
     from specialists.errors import UserError
 
-    config = load_experiment_config(args.config).specialists()
+    experiment = load_experiment_config(args.config)
+    config = experiment.specialists()
+    if config.model.path:
+        raise UserError(f"{args.config}: model.path names a base that is not pretrained here; `echolab evaluate` "
+                        "needs the config a built-in model was pretrained with")
     model_dir = Path(args.model)
     if not model_dir.is_dir():
         raise UserError(f"{model_dir}: no such model directory")
@@ -49,23 +55,61 @@ def _evaluate(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else model_dir.parent / "evaluation.json"
     if not out.parent.is_dir():  # found now, not after the sampling
         raise UserError(f"--out {out}: no such directory {out.parent}")
+    mismatches = _model_mismatches(config.model, model_dir)
+    if mismatches:
+        raise UserError(f"{model_dir} was not built from {args.config}: {'; '.join(mismatches)}")
+    heldout = None
+    if experiment.rl.prompts != "synthetic":  # a prompt file: its held-out split, never an RL prompt
+        heldout = experiment.rl.prompt_split().heldout
+        if not heldout:
+            raise UserError(f"rl.prompts is a file ({experiment.rl.prompts}) without a held-out split: set "
+                            "rl.heldout_prompts or rl.heldout_fraction")
     from specialists.evaluate import evaluate
 
-    result = evaluate(model_dir, config, out, progress=not args.quiet)
+    result = evaluate(model_dir, config, out, progress=not args.quiet, heldout=heldout)
     print(json.dumps({k: result[k] for k in ("accuracy", "format_share", "format_accuracy")}, indent=2))
+
+
+# Our [model] keys behind each architecture entry of a checkpoint's config.json (specialists.model.model_config).
+CHECKPOINT_KEYS = {"model_type": "kind", "hidden_size": "hidden_size", "num_hidden_layers": "num_layers",
+                   "num_attention_heads": "num_heads", "num_key_value_heads": "num_kv_heads", "head_dim": "head_dim",
+                   "num_experts": "num_experts", "num_experts_per_tok": "experts_per_token",
+                   "moe_intermediate_size": "expert_size", "intermediate_size": "expert_size x experts_per_token",
+                   "max_position_embeddings": "max_length"}
+
+
+def _model_mismatches(settings, model_dir: Path) -> list[str]:
+    """The architecture entries where `model_dir`'s config.json differs from the one the [model] settings build
+    (a checkpoint evaluated with another config would be sampled with the wrong task or compared wrongly)."""
+    from specialists.errors import UserError
+    from specialists.model import model_config
+
+    try:
+        found = json.loads((model_dir / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{model_dir / 'config.json'}: not valid JSON ({error})") from None
+    expected = model_config(settings, vocab_size=found.get("vocab_size", 1), eos_token_id=0, pad_token_id=0).to_dict()
+    mismatches = []
+    for key, ours in CHECKPOINT_KEYS.items():
+        if key in expected and expected[key] != found.get(key):
+            mismatches.append(f"model.{ours} gives {key} = {expected[key]!r}, the checkpoint has {found.get(key)!r}")
+    return mismatches
 
 
 def _run(args: argparse.Namespace) -> None:
     from experiments.config import load_experiment_config
 
     config = load_experiment_config(args.config)
+    from experiments.console import StepLine, StepZeroCheck, final_lines
     from experiments.pipeline import run_experiment
 
     out = Path(args.out) if args.out else Path("runs") / config.name
-    report = run_experiment(config, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
-    summary = json.loads((out / "summary.json").read_text())
+    observers = [] if args.quiet else [StepZeroCheck(), StepLine(config.rl.steps)]
+    report = run_experiment(config, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+                            observers=observers)
     print(f"run directory: {out}")
-    print(f"dominant format: {summary['dominant_format']}, collapse step: {summary['collapse_step']}")
+    for line in final_lines(out):
+        print(line)
     print(f"report: {report}")
 
 
@@ -90,9 +134,16 @@ def _report(args: argparse.Namespace) -> None:
     from analysis.sources import open_input
 
     reading = _read_options(args)
-    out = Path(args.out) if args.out else open_input(args.inputs[0], reading).default_out_dir() / "report.html"
-    report = write_report([Path(d) for d in args.inputs], out, formats=args.formats, reading=reading,
-                          baseline=args.baseline, progress=not args.quiet)
+    inputs = [Path(d) for d in args.inputs]
+    if args.out:
+        out = Path(args.out)
+    elif len(inputs) == 1:
+        out = open_input(inputs[0], reading).default_out_dir() / "report.html"
+    else:  # a comparison is a new file: never an input's own report, nor an earlier comparison
+        out = next(path for number in itertools.count(1)
+                   if not (path := Path("comparison.html" if number == 1 else f"comparison-{number}.html")).exists())
+    report = write_report(inputs, out, formats=args.formats, reading=reading, baseline=args.baseline,
+                          progress=not args.quiet)
     print(f"report: {report}")
 
 
@@ -139,8 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     pretrain = commands.add_parser(
         "pretrain", help="train the tokenizer and the multi-specialist model from scratch, then evaluate it",
-        description="Jointly pretrain the model on the config's format mixture; write an HF checkpoint to "
-                    "OUT/model and the per-format share and accuracy of sampled generations to OUT/evaluation.json.")
+        description="Pretrain the model on the config's format mixture (rendered synthetic problems, or each "
+                    "format's `data` corpus): jointly, or for [model] kind = \"btx\" as separate specialists merged "
+                    "into one MoE (Branch-Train-MiX); write an HF checkpoint to OUT/model and the per-format share "
+                    "and accuracy of sampled generations (and, for an MoE, where each format's tokens are routed) "
+                    "to OUT/evaluation.json.")
     pretrain.add_argument("config", help="experiment TOML (see experiments/configs/); only its pretraining part is used")
     pretrain.add_argument("--out", required=True, help="output directory")
     pretrain.add_argument("--skip-eval", action="store_true", help="do not evaluate after pretraining")
@@ -149,8 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "evaluate", help="sample a checkpoint on held-out problems: format shares and per-format accuracy",
-        description="Sample one completion per held-out problem (the config's [evaluation] settings) and report "
-                    "which formats the model uses and how accurate each is.")
+        description="Sample one completion per held-out problem (the config's [evaluation] settings; with a prompt "
+                    "file as rl.prompts, its held-out split) and report which formats the model uses and how "
+                    "accurate each is.")
     evaluate.add_argument("config", help="TOML config the model was pretrained with")
     evaluate.add_argument("model", help="HF checkpoint directory")
     evaluate.add_argument("--out", help="JSON file to write (default: next to the checkpoint)")
@@ -159,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser(
         "run", help="the whole experiment: pretrain (cached) -> RL -> analysis -> report",
-        description="Run one experiment config: pretrain the base model (cached by the hash of its config), "
+        description="Run one experiment config: pretrain the base model (cached by the hash of its config; a "
+                    "config with [model] path takes that checkpoint instead), "
                     "post-train it with the configured RL algorithm, analyse every recorded rollout, and write "
                     "the run directory (config.json, rollouts/, metrics.jsonl, checkpoints/, "
                     "summary.json, report.html).")
@@ -170,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="continue a killed run from its last checkpoint (same config only)")
     existing.add_argument("--overwrite", action="store_true",
                           help="delete what the run directory holds and start afresh")
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--quiet", action="store_true",
+                     help="print only the final summary lines and errors (no progress bars, no per-step lines)")
     run.set_defaults(handler=_run)
 
     analyze = commands.add_parser(
@@ -194,11 +251,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "several side by side; echolab runs whose configs differ only in seed are pooled with 95% "
                     "confidence bands. Inputs without an up-to-date analysis are analysed first (into the run "
                     "directory, else <name>_analysis/ beside the input).")
-    report.add_argument("inputs", nargs="+", metavar="INPUT")
+    report.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="what analyze reads (a run directory, rollout file, verl dump, TRL output or table); "
+                             "give several to compare them")
     _add_input_options(report)
     report.add_argument("--baseline", metavar="NAME",
                         help="the group or input the others are compared with (default: the first given)")
-    report.add_argument("--out", help="HTML file (default: report.html in the first input's analysis directory)")
+    report.add_argument("--out", help="HTML file (default: for one input, report.html in its analysis directory: the "
+                                      "run directory, else <name>_analysis/; for several, a new comparison.html, or "
+                                      "comparison-2.html, ..., in the current directory)")
     report.add_argument("--quiet", action="store_true", help="no progress bars (runs without an up-to-date "
                                                              "summary.json are analysed first)")
     report.set_defaults(handler=_report)
@@ -221,8 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from experiments.console import silence_libraries
     from specialists.errors import UserError
 
+    silence_libraries()  # before any handler imports vLLM, torch or transformers
     default_show = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):

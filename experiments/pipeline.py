@@ -1,8 +1,9 @@
 """One experiment end to end: pretrain (cached) -> RL post-training -> analysis -> report.
 
 The RL base is the checkpoint at `[model] path` when the config names one (pretraining is skipped), else
-the pretrained built-in model. The pretrained base is cached under `$ECHOLAB_CACHE` (default `~/.cache/echolab`) by the hash of the
-config's pretraining part, so runs that share a base (seeds of RL aside) reuse it. A killed run
+the pretrained built-in model. The pretrained base is cached under `$ECHOLAB_CACHE` (default `~/.cache/echolab`)
+by the hash of the config's pretraining part (`SpecialistsConfig.base_identity`, which includes the bytes of any
+corpus files), so runs that share a base (seeds of RL aside) reuse it. A killed run
 continues with `resume=True` from its last checkpoint; the steps after it are redone and recorded
 again (their partial records are dropped first), so no step is lost or doubled. Every file of the run
 directory is written whole or not at all (temporary file, then rename), except metrics.jsonl, which
@@ -15,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from experiments.config import ExperimentConfig
@@ -31,9 +33,7 @@ def base_model_dir(config: SpecialistsConfig, progress: bool = True) -> Path:
     from specialists.evaluate import evaluate
     from specialists.pretrain import pretrain
 
-    # model.path (always None for a pretrained base) stays out of the key, so caches made before it existed still hit
-    settings = config.model_dump(mode="json", exclude={"model": {"path"}})
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps(config.base_identity(), sort_keys=True).encode()).hexdigest()[:16]
     directory = cache_root() / "pretrain" / key
     if (directory / "evaluation.json").is_file():
         return directory / "model"
@@ -49,19 +49,6 @@ def base_model_dir(config: SpecialistsConfig, progress: bool = True) -> Path:
 def base_model(config: ExperimentConfig, progress: bool = True) -> Path:
     """The RL base: the checkpoint at model.path, or the pretrained built-in model (trained on first use)."""
     return Path(config.model.path) if config.model.path else base_model_dir(config.specialists(), progress)
-
-
-def _check_input_files(config: ExperimentConfig) -> None:
-    from specialists.families import checkpoint_family, has_chat_template
-    from specialists.formats import load_formats
-
-    if config.rl.prompts != "synthetic" and not Path(config.rl.prompts).is_file():
-        raise UserError(f"rl.prompts: file not found: {config.rl.prompts}")
-    if config.model.path:
-        checkpoint_family(config.model.path)
-        if config.rl.chat_template and not has_chat_template(config.model.path):
-            raise UserError(f"rl.chat_template: the tokenizer in {config.model.path} has no chat template")
-    load_formats(config.analysis.formats)  # a built-in set name or a readable format file
 
 
 def _prepare_run_dir(run_dir: Path, resolved: dict, resume: bool, overwrite: bool) -> None:
@@ -84,19 +71,39 @@ def _prepare_run_dir(run_dir: Path, resolved: dict, resume: bool, overwrite: boo
         raise UserError(f"nothing to resume in {run_dir}")
 
 
+def _tracker_observer(config: ExperimentConfig, run_dir: Path, resolved: dict, start_step: int, seed: int):
+    """The driver's step observer feeding `[logging] report_to` (experiments.trackers). A resumed run's collapse
+    watch starts from the rollouts of the steps before `start_step` (the later ones are redone)."""
+    import pandas as pd
+
+    from analysis.classify import format_names
+    from analysis.live import CollapseWatch
+    from analysis.sources import read_rollouts
+    from experiments.trackers import TrackerObserver, open_trackers
+    from specialists.formats import load_formats
+
+    names = format_names(load_formats(config.analysis.formats), pd.Series([], dtype=object))
+    watch = CollapseWatch(names, last_step=config.rl.steps, threshold=config.analysis.collapse_threshold, seed=seed)
+    if start_step > 0:
+        earlier = read_rollouts(run_dir)
+        watch.restore(earlier[earlier["step"] < start_step])
+    trackers = open_trackers(config.logging.report_to, run_dir, config.logging.project, resolved, start_step)
+    return TrackerObserver(trackers, watch)
+
+
 def run_experiment(config: ExperimentConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
-                   progress: bool = True) -> Path:
+                   progress: bool = True, observers: Sequence = ()) -> Path:
     """Run (or resume) the experiment into `run_dir`; returns the path of the report.
 
     A non-empty `run_dir` is refused unless `resume` (same config; continues from the last checkpoint) or
     `overwrite` (deletes it first). A reward or loss that turns NaN or infinite stops the run with a
-    UserError naming the step and the last good checkpoint.
+    UserError naming the step and the last good checkpoint. `observers` (rl.recipe.StepObserver) see each
+    step once it is recorded (the CLI's step-0 check and per-step line, experiments.console).
     """
     from rl.recorder import Recorder
 
     run_dir = Path(run_dir)
     resolved = config.model_dump(mode="json")
-    _check_input_files(config)  # before any work (and the slow imports): a typo must not cost a pretraining
     _prepare_run_dir(run_dir, resolved, resume, overwrite)
     recorder = Recorder(run_dir)  # an unwritable --out fails here, before the pretraining
     recorder.write_config(resolved)
@@ -106,12 +113,13 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, resume: bool =
     from analysis.report import write_report
     from analysis.summary import analyze
     from rl.engines import make_engine
+    from rl.recipe import NonFiniteError, Run, needs_base_model
+    from rl.replay import PretrainReplay
     from rl.rollouts import PromptSet, Rewards, load_prompt_problems
-    from rl.train import train
-    from rl.training import NonFiniteError
-    from specialists.formats import FORMAT_SETS
-    from specialists.pretrain import build_corpus
+    from rl.training import train
+    from specialists.formats import load_formats
     from specialists.model import load_model
+    from specialists.pretrain import build_corpus
     from specialists.prompting import Prompter
     from specialists.sandbox import Sandbox
     from specialists.tokenizer import load_tokenizer
@@ -119,29 +127,37 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, resume: bool =
     base = base_model(config, progress)
     start_step, weights = 0, base
     last = recorder.last_checkpoint() if resume else None
-    if last is not None:  # the trainers read the optimiser and RNG state from the checkpoint themselves
+    if last is not None:  # the driver reads the optimiser and RNG state from the checkpoint itself
         start_step, weights = last
 
-    seed = config.seed if config.rl.seed is None else config.rl.seed
+    settings = config.rl
+    seed = config.seed if settings.seed is None else settings.seed
     torch.manual_seed(seed)
     model, tokenizer = load_model(weights), load_tokenizer(weights)
-    problems = load_prompt_problems(config.rl, seed, config.task.task_config())
-    prompter = Prompter(tokenizer, config.rl.prompt_template, config.rl.chat_template)
-    prompt_set = PromptSet(problems, config.rl.prompts_per_step, seed, prompter)
-    engine = make_engine(config.rl.engine, weights, model, tokenizer, config.model.max_length, seed)
+    problems = load_prompt_problems(settings, seed, config.task)
+    prompter = Prompter(tokenizer, settings.prompt_template, settings.chat_template)
+    replay = None
+    if settings.mitigations.pretrain_replay_coef > 0:  # the config refuses it with a model.path base
+        texts = [example.text for example in build_corpus(config.specialists())]
+        replay = PretrainReplay.from_texts(texts, tokenizer, settings.mitigations.pretrain_replay_batch, seed)
+    engine = make_engine(settings.engine, weights, model, tokenizer, config.model.max_length, seed)
+    observer = _tracker_observer(config, run_dir, resolved, start_step, seed)
     try:
         with Sandbox() as sandbox:
-            rewards = Rewards(FORMAT_SETS["synthetic"], sandbox, config.rl.reward_scale, config.rl.mitigations.format_diversity_coef)
-            train(config.rl, model=model, tokenizer=tokenizer, engine=engine, prompt_set=prompt_set, rewards=rewards,
-                  recorder=recorder, seed=seed, base_model_dir=base, start_step=start_step, progress=progress,
-                  replay_texts=[e.text for e in build_corpus(config.specialists())]
-                  if config.rl.mitigations.pretrain_replay_coef > 0 else None)
+            rewards = Rewards(load_formats(config.mixture.format_set), sandbox, settings.reward_scale,
+                              settings.mitigations.format_diversity_coef)
+            train(Run(settings=settings, model=model, tokenizer=tokenizer, engine=engine,
+                      prompt_set=PromptSet(problems, settings.prompts_per_step, seed, prompter), rewards=rewards,
+                      recorder=recorder, seed=seed, start_step=start_step,
+                      reference=load_model(base) if needs_base_model(settings) else None, replay=replay,
+                      progress=progress), [*observers, observer])
     except NonFiniteError as error:
         last = recorder.last_checkpoint()
         kept = f"the last good checkpoint is {last[1]}" if last else "no checkpoint was written"
         raise UserError(f"{error}; the run stopped and {kept} (resuming would diverge again: change the config, "
                         "e.g. a lower learning rate)") from None
     finally:
+        observer.close()
         engine.close()
     analyze(run_dir, formats=config.analysis.formats, collapse_threshold=config.analysis.collapse_threshold, progress=progress)
     return write_report([run_dir], run_dir / "report.html")

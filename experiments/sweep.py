@@ -14,8 +14,9 @@ Sweep file (TOML):
     num_cpus = 1                           # per run
     num_gpus = 0                           # per run
 
-The sweep file, its base config, every grid and variant key and every run's config are validated before
-anything is written or started; an error names the file and the key (or the run).
+The sweep file, its base config, every grid and variant key and every run's config (every rule of
+experiments.config) are validated before anything is written or started; an error names the file and line
+where the key is set (the sweep's grid or variant, else the base config), the key, and the run.
 Every run is a separate `echolab run` process (a crash or an out-of-memory kill loses that run only)
 with its own config file `OUT/<run name>/../configs/<run name>.toml`. Distinct pretrained bases
 are trained once, before the runs start, so parallel runs never race on the pretraining cache.
@@ -28,12 +29,13 @@ import itertools
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import Field
 
-from experiments.config import ExperimentConfig, check_keys, read_toml, validate
+from experiments.config import ExperimentConfig, KeyPath, TomlFile, Where, check_keys, dotted, read_toml, validate
 from specialists.config import Strict
 from specialists.errors import UserError
 
@@ -66,12 +68,12 @@ def _nested(dotted: str, value) -> dict:
     return value
 
 
-def _set_dotted(document: dict, dotted: str, value, source: str) -> None:
-    *parents, leaf = dotted.split(".")
-    for key in parents:
-        document = document.setdefault(key, {})
+def _set_dotted(document: dict, key: str, value, where: Callable[[], str]) -> None:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        document = document.setdefault(part, {})
         if not isinstance(document, dict):
-            raise UserError(f"{source}: key {dotted!r}: {key!r} is not a section")
+            raise UserError(f"{where()}: key {key!r}: {part!r} is not a section")
     document[leaf] = value
 
 
@@ -97,40 +99,60 @@ def to_toml(document: dict, prefix: str = "") -> str:
 
 def plan(sweep_path: str | Path, out_dir: str | Path) -> tuple[SweepFile, list[PlannedRun]]:
     """Validate the sweep and every run's config, then write the run configs: a bad key or value fails
-    before anything is written, naming the sweep file and the key (or the run)."""
+    before anything is written, naming the file and line where it is set (the sweep's grid or variant, or the
+    base config), the key and, for a run's config, the run."""
     sweep_path, out_dir = Path(sweep_path), Path(out_dir).resolve()  # Ray workers run elsewhere
-    sweep = validate(read_toml(sweep_path), SweepFile, str(sweep_path))
+    file = read_toml(sweep_path)
+    sweep = validate(file.document, SweepFile, file.where)
     if not sweep.variants:
-        raise UserError(f"{sweep_path}: [variants] needs at least one variant")
+        raise UserError(f"{file.where([('variants',)])}: [variants] needs at least one variant")
     for key, values in sweep.grid.items():
         if not values:
-            raise UserError(f"{sweep_path}: grid key {key!r} needs at least one value")
-        check_keys(_nested(key, None), ExperimentConfig, f"{sweep_path}: grid")
+            raise UserError(f"{file.where([('grid', key)])}: grid key {key!r} needs at least one value")
+        check_keys(_nested(key, None), ExperimentConfig, lambda _, key=key: f"{file.where([('grid', key)])}: grid")
     for variant, overrides in sweep.variants.items():
         for key in overrides:
-            check_keys(_nested(key, None), ExperimentConfig, f"{sweep_path}: variants.{variant}")
+            check_keys(_nested(key, None), ExperimentConfig,
+                       lambda _, path=("variants", variant, key): f"{file.where([path])}: {dotted(path[:2])}")
     base_path = (sweep_path.parent / sweep.base).resolve()
     if not base_path.is_file():
-        raise UserError(f"{sweep_path}: base {sweep.base!r}: no config file at {base_path} "
+        raise UserError(f"{file.where([('base',)])}: base {sweep.base!r}: no config file at {base_path} "
                         "(a relative base starts from the sweep file's folder)")
     base = read_toml(base_path)
-    validate(base, ExperimentConfig, str(base_path))  # so that the base's own errors name the base file
+    validate(base.document, ExperimentConfig, base.where)  # so that the base's own errors name the base file
     keys = list(sweep.grid)
     runs, texts = [], []
     for variant, values in itertools.product(sweep.variants, itertools.product(*(sweep.grid[k] for k in keys))):
-        document = json.loads(json.dumps(base))
+        document = json.loads(json.dumps(base.document))
+        overrides = {key: ("variants", variant, key) for key in sweep.variants[variant]}
+        overrides.update({key: ("grid", key) for key in keys})
         for key, value in [*sweep.variants[variant].items(), *zip(keys, values)]:
-            _set_dotted(document, key, value, str(sweep_path))
+            _set_dotted(document, key, value, lambda key=key: file.where([overrides[key]]))
         parts = [variant] if variant else []
         name = "-".join(parts + [f"{key.split('.')[-1]}={value}" for key, value in zip(keys, values)]) or "base"
         document["name"] = f"{sweep.name}/{name}"
-        validate(document, ExperimentConfig, f"{sweep_path} run {name}")
+        validate(document, ExperimentConfig, _run_where(file, base, overrides, name))
         runs.append(PlannedRun(name, out_dir / "configs" / f"{name}.toml", out_dir / "runs" / name))
         texts.append(to_toml(document))
     for run, text in zip(runs, texts):
         run.config_path.parent.mkdir(parents=True, exist_ok=True)
         run.config_path.write_text(text)
     return sweep, runs
+
+
+def _run_where(sweep: TomlFile, base: TomlFile, overrides: dict[str, KeyPath], run: str) -> Where:
+    """Where a key of one run's config is set: the sweep file's line of the grid or variant key that sets it (or
+    a section holding it), else the base config's line; the run is named too."""
+    def where(keys):
+        for key in keys:
+            for override, path in overrides.items():
+                if dotted(key) == override or dotted(key).startswith(override + "."):
+                    return f"{sweep.where([path])} (run {run})"
+            if base.line_of(key) is not None:
+                return f"{base.where([key])} (run {run} of {sweep.path})"
+        return f"{sweep.path} run {run}"
+
+    return where
 
 
 def run_one(config_path: str, run_dir: str, resume: bool) -> dict:

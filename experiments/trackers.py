@@ -29,7 +29,6 @@ from typing import Protocol
 from analysis.live import CollapseWatch
 from analysis.load import rollout_frame
 
-TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # name -> module that provides it
 TENSORBOARD_DIR = "tensorboard"
 MLFLOW_STORE = "mlflow.db"
 MLFLOW_ARTIFACTS = "mlflow-artifacts"
@@ -48,7 +47,8 @@ class TensorBoardTracker:
     def __init__(self, run_dir: Path, start_step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(Path(run_dir) / TENSORBOARD_DIR), purge_step=start_step or None)
+        # purge_step 0 too: a run killed before its first checkpoint is resumed from step 0
+        self.writer = SummaryWriter(str(Path(run_dir) / TENSORBOARD_DIR), purge_step=start_step)
 
     def log(self, values: dict[str, float], step: int) -> None:
         for name, value in values.items():
@@ -101,7 +101,7 @@ class MLflowTracker:
 
 
 def open_trackers(report_to: list[str], run_dir: Path, project: str, config: dict, start_step: int = 0) -> list[Tracker]:
-    """The trackers named in `report_to` (keys of TRACKERS), writing into `run_dir`."""
+    """The trackers named in `report_to` (experiments.config.LoggingSettings), writing into `run_dir`."""
     opened = []
     for name in report_to:
         if name == "tensorboard":
@@ -111,7 +111,7 @@ def open_trackers(report_to: list[str], run_dir: Path, project: str, config: dic
         elif name == "mlflow":
             opened.append(MLflowTracker(run_dir, project, config))
         else:
-            raise ValueError(f"unknown tracker {name!r}; known: {', '.join(TRACKERS)}")
+            raise ValueError(f"unknown tracker {name!r}")
     return opened
 
 

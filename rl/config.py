@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from specialists.config import Strict
+from specialists.errors import SettingsError
+from specialists.prompt_data import PromptColumns, PromptSplit, check_columns, prompt_split
 from specialists.prompting import TEMPLATE_FIELDS, template_problem
 from specialists.tasks import PROMPT_TEMPLATE
 
@@ -34,16 +36,23 @@ class EngineSettings(Strict):
     @model_validator(mode="after")
     def _bfloat16_is_vllm(self) -> "EngineSettings":
         if self.kind == "hf" and self.dtype != "float32":
-            raise ValueError("dtype bfloat16 needs kind 'vllm': the hf engine samples from the float32 training model")
+            raise SettingsError("dtype bfloat16 needs kind 'vllm': the hf engine samples from the float32 training "
+                                "model", "dtype", "kind")
         return self
 
 
 class GRPOSettings(Strict):
-    """TRL GRPOTrainer's knobs (names as in GRPOConfig)."""
+    """GRPO's knobs (rl/grpo.py); names and semantics as in TRL's GRPOConfig where TRL has them."""
 
     loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "grpo"
     scale_rewards: Literal["group", "batch", "none"] = "group"
     num_iterations: int = Field(1, ge=1, description="optimisation passes over each batch of rollouts (mu)")
+    importance_sampling_level: Literal["token", "sequence"] = Field("token", description=(
+        "token: PPO's per-token ratio; sequence: GSPO's length-normalised sequence ratio (Zheng et al. 2025, "
+        "arXiv:2507.18071; TRL's importance_sampling_level; rl.losses.importance_ratio)"))
+    baseline: Literal["mean", "leave_one_out"] = Field("mean", description=(
+        "mean: the group mean (GRPO); leave_one_out: the mean of the other samples of the prompt (RLOO, "
+        "Ahmadian et al. 2024, arXiv:2402.14740; rl.losses.group_advantages)"))
 
 
 class PPOSettings(Strict):
@@ -61,8 +70,8 @@ class ExpertIterationSettings(Strict):
 
 
 class MitigationSettings(Strict):
-    """Diversity mitigations, each off by default. Every switch names its source and where it acts; an
-    algorithm refuses a switch it does not implement (rl.training.check_mitigations)."""
+    """Diversity mitigations, each off by default. Every switch names its source and the algorithms that
+    implement it; a config that switches one on for another algorithm is refused when it is loaded."""
 
     entropy_coef: float = Field(0.0, ge=0, description=(
         "entropy bonus, loss -= coef * mean token entropy (Mnih et al. 2016, arXiv:1602.01783; TRL's entropy_coef). "
@@ -93,11 +102,27 @@ class MitigationSettings(Strict):
     pretrain_replay_batch: int = Field(8, ge=1, description="pretraining texts per replay batch")
 
 
+# The algorithms that implement each switch of MitigationSettings (its other fields only tune a switch). A
+# switch away from its default for another algorithm is refused (RLSettings._algorithm_rules), not ignored.
+MITIGATION_ALGORITHMS = {
+    "entropy_coef": {"grpo", "ppo"},
+    "clip_cov": {"grpo", "ppo"},
+    "kl_cov": {"grpo", "ppo"},
+    "format_diversity_coef": {"grpo", "ppo", "ei"},
+    "unlikeliness_beta": {"grpo"},
+    "pass_at_k": {"grpo"},
+    "freeze_router": {"grpo", "ppo", "ei"},
+    "pretrain_replay_coef": {"grpo", "ppo"},
+}
+
+
 class RLSettings(Strict):
     seed: int | None = Field(None, description="seed of RL (prompt order, sampling, updates); None = the top-level seed. "
                              "Setting it varies RL on one shared pretrained base")
     algorithm: Literal["grpo", "ppo", "ei"] = "grpo"
-    steps: int = Field(30, ge=1, description="optimiser steps (EI: rounds)")
+    steps: int = Field(30, ge=1, description=(
+        "RL steps: each samples a batch of rollouts and updates the model with it (PPO: epochs x minibatches "
+        "updates, GRPO: num_iterations, EI: one round); one more step then samples the final model"))
     prompts_per_step: int = Field(8, ge=1)
     learning_rate: float = Field(1e-4, gt=0)
     beta: float = Field(0.0, ge=0, description="KL coefficient to the reference (initial) model")
@@ -105,9 +130,23 @@ class RLSettings(Strict):
     epsilon: float = Field(0.2, gt=0, description="clip range below 1 (epsilon_low)")
     epsilon_high: float | None = Field(None, gt=0, description="clip range above 1; None = epsilon. DAPO clip-higher: 0.28")
     reward_scale: float = Field(1.0, gt=0, description="multiplies the correctness reward")
+    tis_cap: float | None = Field(None, ge=1, description=(
+        "truncated importance sampling: weight each token's policy loss by min(pi_trainer / pi_sampler, tis_cap) "
+        "against the train/inference mismatch (Yao et al. 2025, 'Your efficient RL framework secretly brings you "
+        "off-policy RL training'; TRL's vllm_importance_sampling_cap; rl.losses.truncated_importance_weights); "
+        "None = off. PPO, GRPO"))
     router_aux_loss_coef: float | None = Field(None, ge=0, description="None: the model's own coefficient")
     num_prompts: int = Field(256, ge=1, description="size of the RL prompt set (epochs are counted over it)")
-    prompts: str = Field("synthetic", description="'synthetic' (held-out train problems) or a GSM8K-style JSONL path")
+    prompt_columns: PromptColumns = Field(PromptColumns(), description="the question and answer columns of the prompt files")
+    prompts: str = Field("synthetic", description=(
+        "'synthetic' (generated train problems) or a prompt file: .jsonl, .parquet or a datasets.save_to_disk "
+        "directory with GSM8K- or MATH-style answers (specialists.prompt_data)"))
+    heldout_prompts: str | None = Field(None, description=(
+        "a second prompt file (same columns) as the held-out problems; RL prompts also in it are dropped with a warning"))
+    heldout_fraction: float = Field(0.0, ge=0, lt=1, description=(
+        "hold out this fraction of the prompt file's distinct questions instead (drawn with heldout_seed); 0 = none"))
+    heldout_seed: int = Field(0, description=(
+        "seed of the held-out draw: its own, so runs that vary the seeds of RL share one split"))
     prompt_template: str = Field(PROMPT_TEMPLATE, description=(
         "the prompt, a format string over the problem's fields: " + ", ".join(f"{{{name}}}" for name in TEMPLATE_FIELDS)
         + " (specialists.prompting)"))
@@ -126,16 +165,99 @@ class RLSettings(Strict):
     def _usable_template(cls, value: str) -> str:
         problem = template_problem(value)
         if problem:
-            raise ValueError(problem)
+            raise SettingsError(problem)
+        return value
+
+    @field_validator("prompts", "heldout_prompts")
+    @classmethod
+    def _readable_prompt_file(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """A supported file with the configured columns (a UserError, a ValueError, names the file, the missing
+        column and the columns it has). `prompt_columns` is declared first, so it is in `info.data`."""
+        if value is not None and value != "synthetic" and "prompt_columns" in info.data:
+            check_columns(value, info.data["prompt_columns"])
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> "RLSettings":
-        if self.kl_estimator == "k1" and self.algorithm != "ppo" and self.beta > 0:
-            raise ValueError("kl_estimator 'k1' (KL in the reward) is PPO's; GRPO and EI use 'k3'")
-        if self.mitigations.pass_at_k > self.sampling.samples_per_prompt:
-            raise ValueError("mitigations.pass_at_k must be <= sampling.samples_per_prompt")
+    def _one_heldout_split(self) -> "RLSettings":
+        """At most one held-out split, of a prompt file; every row of the files read now (a bad answer cell must
+        not cost a pretraining)."""
+        held_out = "heldout_prompts" if self.heldout_prompts is not None else "heldout_fraction"
+        if self.prompts == "synthetic" and (self.heldout_prompts is not None or self.heldout_fraction > 0):
+            raise SettingsError("heldout_prompts and heldout_fraction split a prompt file; synthetic prompts have "
+                                "their own held-out split", held_out, "prompts")
+        if self.heldout_prompts is not None and self.heldout_fraction > 0:
+            raise SettingsError("give heldout_prompts or heldout_fraction, not both", "heldout_fraction",
+                                "heldout_prompts")
+        if self.prompts != "synthetic":
+            self.prompt_split()
         return self
+
+    @model_validator(mode="after")
+    def _algorithm_rules(self) -> "RLSettings":
+        """The rules that combine settings, so that a config that would fail, or silently do nothing, is refused
+        when it is loaded. Each names the settings at fault, the one to change first."""
+        algorithm, sampling, mitigations = self.algorithm, self.sampling, self.mitigations
+        defaults = MitigationSettings()
+        for name, implemented_by in MITIGATION_ALGORITHMS.items():
+            if getattr(mitigations, name) != getattr(defaults, name) and algorithm not in implemented_by:
+                raise SettingsError(f"algorithm {algorithm!r} does not implement mitigations.{name} (only "
+                                    f"{', '.join(sorted(implemented_by))} do)", f"mitigations.{name}", "algorithm")
+        if algorithm == "ei" and self.beta > 0:
+            raise SettingsError("Expert Iteration has no KL term: set beta = 0", "beta", "algorithm")
+        if algorithm == "ei" and self.epsilon_high is not None:
+            raise SettingsError("Expert Iteration has no clipped ratio: epsilon_high does nothing", "epsilon_high",
+                                "algorithm")
+        if algorithm == "ei" and self.tis_cap is not None:
+            raise SettingsError("Expert Iteration has no policy-gradient loss to reweight: tis_cap does nothing",
+                                "tis_cap", "algorithm")
+        if self.kl_estimator == "k1" and algorithm != "ppo" and self.beta > 0:
+            raise SettingsError("kl_estimator 'k1' (KL in the reward) is PPO's; GRPO and EI use 'k3'", "kl_estimator",
+                                "algorithm")
+        if algorithm == "grpo" and sampling.samples_per_prompt < 2:
+            raise SettingsError("GRPO needs sampling.samples_per_prompt >= 2: its advantages compare the samples of "
+                                "a prompt", "sampling.samples_per_prompt", "algorithm")
+        if algorithm == "grpo" and sampling.temperature <= 0:
+            raise SettingsError("GRPO needs sampled rollouts: sampling.temperature must be > 0 (greedy samples of a "
+                                "prompt are all equal, so every advantage is 0)", "sampling.temperature", "algorithm")
+        if algorithm == "ppo" and self.ppo.minibatches > self.prompts_per_step * sampling.samples_per_prompt:
+            raise SettingsError(f"ppo.minibatches ({self.ppo.minibatches}) must be <= the completions of a step, "
+                                f"prompts_per_step x sampling.samples_per_prompt "
+                                f"({self.prompts_per_step * sampling.samples_per_prompt})", "ppo.minibatches")
+        if mitigations.pass_at_k > sampling.samples_per_prompt:
+            raise SettingsError(f"mitigations.pass_at_k ({mitigations.pass_at_k}) must be <= sampling.samples_per_prompt "
+                                f"({sampling.samples_per_prompt}): pass@k is estimated within a prompt's samples",
+                                "mitigations.pass_at_k", "sampling.samples_per_prompt")
+        if mitigations.pass_at_k and (mitigations.unlikeliness_beta > 0 or mitigations.format_diversity_coef > 0):
+            other = "unlikeliness_beta" if mitigations.unlikeliness_beta > 0 else "format_diversity_coef"
+            raise SettingsError(f"mitigations.pass_at_k replaces the advantages by pass@k ones computed from correctness "
+                                f"alone; it does not combine with mitigations.{other}", "mitigations.pass_at_k",
+                                f"mitigations.{other}")
+        if mitigations.pass_at_k and (self.grpo.baseline != "mean" or self.grpo.scale_rewards != "group"):
+            other = "baseline" if self.grpo.baseline != "mean" else "scale_rewards"
+            raise SettingsError(f"mitigations.pass_at_k's advantages are computed in closed form; grpo.{other} does "
+                                "not apply to them", f"grpo.{other}", "mitigations.pass_at_k")
+        if mitigations.clip_cov and mitigations.kl_cov:
+            raise SettingsError("mitigations.clip_cov and mitigations.kl_cov are alternatives (Cui et al. 2025); "
+                                "switch on one", "mitigations.kl_cov", "mitigations.clip_cov")
+        # The first optimisation pass over a batch runs on the weights that sampled it, so the ratio
+        # pi / pi_old is exactly 1 there: a setting that acts through the ratio needs a second pass.
+        passes, passes_key = ((self.grpo.num_iterations, "grpo.num_iterations") if algorithm == "grpo" else
+                              (self.ppo.epochs * self.ppo.minibatches, "ppo.epochs"))
+        passes_text = "grpo.num_iterations > 1" if algorithm == "grpo" else "ppo.epochs x ppo.minibatches > 1"
+        if algorithm != "ei" and passes == 1:
+            if mitigations.kl_cov:
+                raise SettingsError(f"mitigations.kl_cov needs {passes_text}: its penalty |log pi - log pi_old| has "
+                                    "zero gradient on the first pass over a batch, so with one pass it does nothing",
+                                    "mitigations.kl_cov", passes_key)
+            if self.epsilon_high is not None:
+                raise SettingsError(f"epsilon_high needs {passes_text}: the ratio pi / pi_old is 1 on the first pass "
+                                    "over a batch, so with one pass no clip range acts", "epsilon_high", passes_key)
+        return self
+
+    def prompt_split(self) -> PromptSplit:
+        """The RL prompts and held-out problems of the prompt file (`prompts` not 'synthetic')."""
+        return prompt_split(self.prompts, self.prompt_columns, self.heldout_prompts, self.heldout_fraction,
+                            self.heldout_seed)
 
     @property
     def clip_high(self) -> float:

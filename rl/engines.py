@@ -5,26 +5,35 @@
 - `HFEngine`: transformers `generate` on the training model itself (no sync needed), for platforms
   without vLLM and as the reference in tests.
 
-Both return, per prompt, `samples_per_prompt` completions with their token ids and the sum of
-their tokens' log-probabilities under the model's raw distribution (before temperature / top-p).
-Each request is seeded from (seed, prompt index), so the same seed gives the same samples.
+Both return, per prompt, `samples_per_prompt` completions with their token ids and each token's
+log-probability under the distribution it was sampled from: logits / temperature, then top-p
+(renormalised over the nucleus), what vLLM calls `processed_logprobs` and transformers' generation
+`scores` after its logits processors. With temperature 0 (greedy) they are the raw log-probabilities.
+These are the sampler's side of the train/inference mismatch (rl.losses.truncated_importance_weights).
+Each request is seeded from (seed, prompt index) (rl.seeds.request_seed), so the same seed gives the
+same samples.
+
+Prompts are the Prompter's texts (specialists.prompting: special tokens spelled out in the text); both
+engines tokenise them as the trainer does, adding no special tokens, so all three see the same sequences.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from rl.config import EngineSettings, SamplingSettings
+from rl.seeds import request_seed
 
 
 @dataclass(frozen=True)
 class Completion:
     text: str
     token_ids: list[int]
-    logprob: float  # sum over the completion's tokens
+    token_logprobs: list[float]  # per token, under the sampling distribution (see the module docstring)
     finished: bool  # ended with end-of-text (False: cut at max_new_tokens)
 
 
@@ -50,16 +59,17 @@ class HFEngine:
         per_batch = max(1, self.batch_size // sampling.samples_per_prompt)
         results: list[list[Completion]] = []
         for begin in range(0, len(prompts), per_batch):
-            torch.manual_seed(seed * 1_000_003 + begin)
+            torch.manual_seed(request_seed(seed, begin))  # generate draws from the global generator
             batch = self.tokenizer(prompts[begin:begin + per_batch], return_tensors="pt", padding=True, add_special_tokens=False)
             output = self.model.generate(
                 **batch, do_sample=sampling.temperature > 0, temperature=sampling.temperature or None,
                 top_p=sampling.top_p, top_k=0, max_new_tokens=sampling.max_new_tokens,
                 num_return_sequences=sampling.samples_per_prompt, pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=eos, output_logits=True, return_dict_in_generate=True)
+                eos_token_id=eos, output_scores=True, return_dict_in_generate=True)
             new_tokens = output.sequences[:, batch["input_ids"].shape[1]:]
-            raw_logprobs = torch.stack(output.logits, dim=1).float().log_softmax(-1)
-            token_logprobs = raw_logprobs.gather(-1, new_tokens[..., None]).squeeze(-1)
+            # scores: the logits after temperature and top-p, i.e. the distribution each token was drawn from
+            sampling_logprobs = torch.stack(output.scores, dim=1).float().log_softmax(-1)
+            token_logprobs = sampling_logprobs.gather(-1, new_tokens[..., None]).squeeze(-1)
             for row in range(new_tokens.shape[0]):
                 ids = new_tokens[row].tolist()
                 finished = eos in ids
@@ -67,8 +77,8 @@ class HFEngine:
                 if row % sampling.samples_per_prompt == 0:
                     results.append([])
                 results[-1].append(Completion(
-                    text=self.tokenizer.decode(ids[:length], skip_special_tokens=True),
-                    token_ids=ids[:length], logprob=float(token_logprobs[row, :length].sum()), finished=finished))
+                    text=self.tokenizer.decode(ids[:length], skip_special_tokens=True), token_ids=ids[:length],
+                    token_logprobs=token_logprobs[row, :length].tolist(), finished=finished))
         if was_training:
             self.model.train()
         return results
@@ -80,10 +90,53 @@ class HFEngine:
         pass
 
 
+class VLLMEngine:
+    """An in-process vLLM engine (rl.weight_sync.make_llm) whose weights follow the trained model. `dtype`
+    "bfloat16" serves the trained float32 weights rounded to bfloat16: the mismatch that truncated importance
+    sampling corrects (rl.losses.truncated_importance_weights)."""
+
+    def __init__(self, model_dir: str | Path, tokenizer, max_length: int, seed: int, kv_cache_gib: float = 1.0,
+                 dtype: str = "float32"):
+        from rl.weight_sync import make_llm  # vLLM is imported only when an engine is built
+
+        self.tokenizer = tokenizer
+        # processed_logprobs: the log-probs of the distribution vLLM samples from, after temperature and top-p
+        # (vllm.v1.sample.sampler: temperature, then top-k/top-p masking, then log_softmax)
+        self.llm = make_llm(model_dir, seed=seed, max_model_len=max_length, kv_cache_gib=kv_cache_gib, dtype=dtype,
+                            logprobs_mode="processed_logprobs")
+
+    def generate(self, prompts: list[str], sampling: SamplingSettings, seed: int) -> list[list[Completion]]:
+        from vllm import SamplingParams, TokensPrompt
+
+        requests = [TokensPrompt(prompt_token_ids=self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+        params = [SamplingParams(n=sampling.samples_per_prompt, temperature=sampling.temperature, top_p=sampling.top_p,
+                                 top_k=0, max_tokens=sampling.max_new_tokens, logprobs=0, seed=request_seed(seed, index),
+                                 skip_special_tokens=True)
+                  for index in range(len(prompts))]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        results = []
+        for output in outputs:
+            group = []
+            for sample in output.outputs:
+                ids = list(sample.token_ids)
+                group.append(Completion(text=sample.text, token_ids=ids,
+                                        token_logprobs=[step[token].logprob for step, token in zip(sample.logprobs, ids)],
+                                        finished=sample.finish_reason == "stop"))
+            results.append(group)
+        return results
+
+    def sync_weights(self, model) -> None:
+        from rl.weight_sync import push_weights
+
+        push_weights(self.llm, model)
+
+    def close(self) -> None:
+        # Dropping the engine frees its KV cache; an in-process engine has no worker processes to stop.
+        self.llm = None
+
+
 def make_engine(settings: EngineSettings, model_dir, model, tokenizer, max_length: int, seed: int) -> RolloutEngine:
     if settings.kind == "hf":
         return HFEngine(model, tokenizer)
-    from rl.vllm_engine import VLLMEngine  # vLLM is imported only when asked for
-
     return VLLMEngine(model_dir, tokenizer, max_length=max_length, seed=seed, kv_cache_gib=settings.kv_cache_gib,
                       dtype=settings.dtype)

@@ -2,10 +2,10 @@
 
 Each round (one recorded step) does, with k = sampling.samples_per_prompt:
 
- 1. sample     k completions per prompt of prompt_set.batch(step) from the current model
-               (seed = sampling_seed(seed, step)), grade and reward them (rl.rollouts.collect);
- 2. route      a teacher-forced forward of those completions under the model that sampled them,
-               with rl.routing.capture_routing: the recorder's expert_load;
+ 1. sample     k completions per prompt of prompt_set.batch(step) from the current model, grade and
+               reward them (rl.rollouts.collect; rl.training.train does this step and 5-6);
+ 2. route      a teacher-forced forward of those completions under the model that sampled them, without
+               gradient (rl.recipe.measure_rollouts): the recorder's expert_load and log-probs;
  3. filter     keep the correct completions (grade.correct), then deduplicate them by completion
                text per prompt, first sample kept (`select_for_sft`);
  4. fine-tune  start from the base model (expert_iteration.start_from = "base", the paper's choice)
@@ -14,44 +14,40 @@ Each round (one recorded step) does, with k = sampling.samples_per_prompt:
                plus aux_coef * L_aux (router load balancing) for an MoE, for expert_iteration.sft_epochs
                epochs in minibatches of SFT_BATCH_SIZE, with a fresh AdamW (constant lr, no decay);
  5. sync       engine.sync_weights(model), so the next round samples from the fine-tuned model;
- 6. record     rollouts, rollouts and metrics; a checkpoint every `checkpoint_every` rounds and
-               after the last.
+ 6. record     rollouts and metrics; a checkpoint every `checkpoint_every` rounds and after the last.
 
 A round with no correct sample fine-tunes on nothing: the model is the base model again ("base") or
 unchanged ("latest"). The data of a round are that round's samples only; nothing accumulates.
 Mitigations: only freeze_router (and format_diversity_coef, which changes the recorded reward but not
-what is kept); the rest act on policy-gradient losses that EI does not have and are refused, and so is
-pretrain_replay_coef (EI's update is already supervised).
+what is kept); the rest act on policy-gradient losses that EI does not have, and neither a KL term nor
+pretraining replay applies (EI's update is already supervised): the config refuses them when it is loaded.
 """
 
 from __future__ import annotations
 
-import time
+from contextlib import ExitStack
 
 import torch
-from tqdm.auto import tqdm
 
 from rl.config import RLSettings
-from rl.engines import Completion, RolloutEngine
+from rl.engines import Completion
 from rl.losses import masked_mean
-from rl.recorder import Recorder
-from rl.rollouts import PromptSet, Rewards, StepBatch, collect, pack_batch, record_step, sampling_seed, step_seed
-from rl.routing import capture_routing
-from rl.sequences import pack, token_logprobs
-from rl.training import (
+from rl.recipe import (
     MAX_GRAD_NORM,
+    Run,
+    StepResult,
     aux_loss_coefficient,
-    check_mitigations,
     frozen_router,
+    mean_metrics,
+    measure_rollouts,
+    policy_forward,
     require_finite,
-    restore_rng_state,
-    rng_state,
-    start_or_resume,
 )
-from specialists.errors import UserError
+from rl.rollouts import StepBatch
+from rl.seeds import step_seed
+from rl.sequences import pack_rows
 
 SFT_BATCH_SIZE = 16
-EI_MITIGATIONS = {"freeze_router", "format_diversity_coef"}
 
 
 def select_for_sft(batch: StepBatch) -> tuple[int, list[tuple[str, Completion]]]:
@@ -74,133 +70,72 @@ def select_for_sft(batch: StepBatch) -> tuple[int, list[tuple[str, Completion]]]
     return correct, unique
 
 
-@torch.no_grad()
-def expert_load_of(model, input_ids, attention_mask, completion_mask, chunk: int = 64) -> torch.Tensor | None:
-    """Routed-token counts (completions, layers, experts) of each completion's tokens; None for a dense model."""
-    with capture_routing(model, completion_mask) as routing:
-        for rows in torch.arange(input_ids.size(0)).split(chunk):
-            model(input_ids=input_ids[rows], attention_mask=attention_mask[rows], use_cache=False)
-    return routing[0] if routing else None
-
-
 def supervised_finetune(model, tokenizer, samples: list[tuple[str, Completion]], settings: RLSettings,
-                        seed: int, step: int) -> dict:
+                        seed: int, step: int) -> list[dict]:
     """Step 4 of round `step`: fine-tune `model` in place on prompt + completion, loss on completion tokens
-    only, minibatches drawn with `seed`. Returns {"sft_loss": mean batch loss (None without data),
-    "sft_updates": optimiser steps}."""
+    only, minibatches drawn with `seed`. Returns one {"loss", "grad_norm", "aux_loss"} per optimiser step."""
     if not samples:
-        return {"sft_loss": None, "sft_updates": 0}
+        return []
     device = next(model.parameters()).device
     prompt_ids = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt, _ in samples]  # as pack_batch
-    input_ids, attention_mask, completion_mask = (
-        t.to(device) for t in pack(prompt_ids, [list(c.token_ids) for _, c in samples], tokenizer.pad_token_id))
+    completion_ids = [list(completion.token_ids) for _, completion in samples]
     aux_coef = aux_loss_coefficient(model, settings)
-    extra = {"output_router_logits": True} if aux_coef > 0 else {}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                  lr=settings.learning_rate, weight_decay=0.0)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     model.train()
-    losses = []
+    updates = []
     for _ in range(settings.expert_iteration.sft_epochs):
         for rows in torch.randperm(len(samples), generator=generator).split(SFT_BATCH_SIZE):
-            rows = rows.to(device)
-            output = model(input_ids=input_ids[rows], attention_mask=attention_mask[rows], use_cache=False, **extra)
+            minibatch = pack_rows([prompt_ids[i] for i in rows], [completion_ids[i] for i in rows],
+                                  tokenizer.pad_token_id).to(device)
+            forward = policy_forward(model, minibatch, temperature=1.0, router_loss=aux_coef > 0)
             # Negative log-likelihood per completion token, mean over the minibatch's completion tokens.
-            nll = -masked_mean(token_logprobs(output.logits, input_ids[rows]), completion_mask[rows, 1:])
-            loss = nll + aux_coef * output.aux_loss if aux_coef > 0 else nll
+            nll = -masked_mean(forward.logprobs, minibatch.mask)
+            loss = nll + aux_coef * forward.aux_loss if aux_coef > 0 else nll
             require_finite("loss", loss, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], MAX_GRAD_NORM)
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
             require_finite("gradient norm", grad_norm, step)
             optimizer.step()
-            losses.append(float(nll.detach()))
-    return {"sft_loss": sum(losses) / len(losses), "sft_updates": len(losses)}
+            updates.append({"loss": nll.item(), "grad_norm": grad_norm.item(),
+                            "aux_loss": forward.aux_loss.item() if aux_coef > 0 else None})
+    return updates
 
 
-def train_expert_iteration(
-    model,
-    tokenizer,
-    engine: RolloutEngine,
-    prompt_set: PromptSet,
-    rewards: Rewards,
-    settings: RLSettings,
-    recorder: Recorder,
-    seed: int,
-    start_step: int = 0,
-    progress: bool = True,
-    *,
-    ref_model=None,
-    trainer_state: dict | None = None,
-):
-    """Run EI rounds start_step .. settings.steps - 1 on `model`; returns the model (changed in place).
-    Every round writes rollouts/step_*.parquet and a metrics.jsonl line; checkpoints
-    (model after s rounds, RNG state in trainer_state.pt) every `checkpoint_every` rounds and after the
-    last. The caller owns `engine`.
+class ExpertIteration:
+    """The Expert Iteration recipe (rl.recipe.Recipe). Its trainer state is empty: each round builds its own
+    optimiser, and with start_from "base" starts from the base model's weights."""
 
-    Resuming (as rl.grpo.train_grpo): pass the model loaded from the checkpoint of `start_step`; anything
-    recorded at `start_step` or later is forgotten. With start_from "base", `ref_model` is the base model
-    every round fine-tunes from (its weights are copied), defaulting to `model` at a fresh start; a
-    resumed run must pass it.
-    """
-    check_mitigations(settings, EI_MITIGATIONS, "Expert Iteration")
-    if settings.beta > 0:
-        raise UserError("Expert Iteration has no KL term: set beta = 0")
-    from_base = settings.expert_iteration.start_from == "base"
-    if from_base and start_step > 0 and ref_model is None:
-        raise ValueError("resuming Expert Iteration with start_from 'base' needs ref_model (the base model)")
-    trainer_state = start_or_resume("ei", settings, recorder, start_step, trainer_state)
-    if start_step == settings.steps:
-        return model
-    if trainer_state is not None:
-        restore_rng_state(trainer_state["rng"])
-    base_weights = None
-    if from_base:
-        source = ref_model if ref_model is not None else model
-        base_weights = {name: tensor.detach().clone() for name, tensor in source.state_dict().items()}
-    with frozen_router(model, settings.mitigations.freeze_router):
-        _rounds(model, tokenizer, engine, prompt_set, rewards, settings, recorder, seed, start_step, progress,
-                base_weights)
-    return model
+    def __init__(self, run: Run):
+        self.run = run
 
+    def setup(self, state: dict | None) -> None:
+        run = self.run
+        self._exit = ExitStack()
+        self._exit.enter_context(frozen_router(run.model, run.settings.mitigations.freeze_router))
+        self.base = run.base_model() if run.settings.expert_iteration.start_from == "base" else None
 
-def _rounds(model, tokenizer, engine, prompt_set, rewards, settings, recorder, seed, start_step, progress,
-            base_weights):
-    device = next(model.parameters()).device
-
-    bar = tqdm(range(start_step, settings.steps), desc="expert iteration", disable=not progress,
-               initial=start_step, total=settings.steps)
-    for step in bar:
-        started = time.perf_counter()
-        epoch = prompt_set.epoch(step)
-
-        # 1-2. Sample, grade; routing under the model that sampled.
-        batch = collect(engine, prompt_set.prompter, prompt_set.batch(step), settings, rewards, sampling_seed(seed, step))
-        require_finite("reward", batch.rewards, step)
-        rollout_s = time.perf_counter() - started
-        rollout_tokens = sum(len(c.token_ids) for c in batch.flat_completions)
-        input_ids, attention_mask, completion_mask = (t.to(device) for t in pack_batch(batch, tokenizer))
-        expert_load = expert_load_of(model, input_ids, attention_mask, completion_mask)
-
+    def step(self, step: int, batch: StepBatch) -> StepResult:
+        run, settings = self.run, self.run.settings
+        # 2. Routing and log-probs under the model that sampled.
+        result = self.measure(step, batch)
         # 3. Keep the correct samples, deduplicated per prompt.
         kept, samples = select_for_sft(batch)
-
         # 4. Fine-tune from the base (reset in place, so the engine's handle stays valid) or the latest model.
-        if base_weights is not None:
-            model.load_state_dict(base_weights)
-        sft = supervised_finetune(model, tokenizer, samples, settings, step_seed(seed, step, "sft"), step)
+        if self.base is not None:
+            run.model.load_state_dict(self.base.state_dict())
+        updates = supervised_finetune(run.model, run.tokenizer, samples, settings, step_seed(run.seed, step, "sft"), step)
+        result.metrics.update(mean_metrics(updates), updates=len(updates), sampled=len(batch.flat_completions),
+                              kept=kept, kept_unique=len(samples))
+        return result
 
-        # 5. The engine serves the fine-tuned weights from now on.
-        engine.sync_weights(model)
+    def measure(self, step: int, batch: StepBatch) -> StepResult:
+        return measure_rollouts(self.run.model, self.run.tokenizer, batch, self.run.settings.sampling.temperature or 1.0)
 
-        # 6. Record.
-        metrics = {"sampled": len(batch.flat_completions), "kept": kept, "kept_unique": len(samples), **sft,
-                   "rollout_tokens": rollout_tokens, "rollout_tokens_per_s": rollout_tokens / max(rollout_s, 1e-9),
-                   "step_time_s": time.perf_counter() - started}
-        record_step(recorder, step, epoch, batch, expert_load, metrics)
-        bar.set_postfix(kept=len(samples))
+    def state_dict(self) -> dict:
+        return {}
 
-        done = step + 1
-        if done % settings.checkpoint_every == 0 or done == settings.steps:
-            recorder.save_checkpoint(done, model, tokenizer, {"algorithm": "ei", "step": done, "rng": rng_state()})
-    bar.close()
+    def close(self) -> None:
+        self._exit.close()

@@ -74,11 +74,6 @@ def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return logprobs - ref_logprobs
 
 
-def kl_k2(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """k2 = 0.5 (log p - log q)^2 = 0.5 (log r)^2. Biased, low variance, always >= 0."""
-    return 0.5 * (logprobs - ref_logprobs) ** 2
-
-
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """k3 = (r - 1) - log r = exp(log q - log p) - (log q - log p) - 1.
 
@@ -134,22 +129,35 @@ def gae(
     return advantages, returns
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", baseline: str = "mean") -> torch.Tensor:
     """Group-relative advantages of GRPO, Shao et al. 2024 (arXiv:2402.03300), as TRL computes them.
 
-        A_i = (r_i - mean(group_i)) / (std + 1e-4)
+        A_i = (r_i - b_i) / (std + 1e-4)
 
-    with `scale` choosing std, exactly as TRL's `scale_rewards` (GRPOConfig):
+    with the baseline b_i chosen by `baseline`:
+    - "mean": the mean reward of i's group (GRPO; TRL's GRPOTrainer);
+    - "leave_one_out": the mean of the *other* G - 1 rewards of the group, b_i = (sum_g r - r_i) / (G - 1),
+      so r_i - b_i = G / (G - 1) (r_i - mean). RLOO, Kool et al. 2019 ("Buy 4 REINFORCE samples, get a
+      baseline for free!") and Ahmadian et al. 2024 (arXiv:2402.14740); TRL's RLOOTrainer. The baseline
+      does not depend on r_i, so the policy gradient stays unbiased.
+    and `scale` choosing the divisor, exactly as TRL's `scale_rewards` (GRPOConfig):
     - "group": std of the prompt's group (GRPO);
-    - "batch": std of all rewards in the batch, mean still per group (TRL cites the "Lite PPO"
+    - "batch": std of all rewards in the batch, baseline still per group (TRL cites the "Lite PPO"
       paper, arXiv:2508.08221);
-    - "none": no division, only mean-centred (Dr. GRPO, Liu et al. 2025, arXiv:2503.20783).
+    - "none": no division, only the baseline subtracted (Dr. GRPO, Liu et al. 2025, arXiv:2503.20783).
     std is the unbiased (Bessel-corrected) estimate, as TRL's `nanstd`; a single reward has std 0.
-    A group whose rewards are all equal gets zero advantages under every scale.
+    A group whose rewards are all equal gets zero advantages under every scale and baseline.
     rewards: (batch,) with batch = num_prompts * group_size. Returns (batch,).
     """
     grouped = rewards.view(-1, group_size)
-    centred = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if baseline == "leave_one_out":
+        if group_size < 2:
+            raise ValueError("a leave-one-out baseline needs group_size >= 2")
+        centred = centred * group_size / (group_size - 1)
+    elif baseline != "mean":
+        raise ValueError(f"baseline must be 'mean' or 'leave_one_out', not {baseline!r}")
+    centred = centred.view(-1)
     if scale == "none":
         return centred
     if scale == "group":
@@ -160,6 +168,12 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     else:
         raise ValueError(f"scale must be 'group', 'batch' or 'none', not {scale!r}")
     return centred / (std + GROUP_STD_EPSILON)
+
+
+def zero_std_fraction(rewards: torch.Tensor) -> float:
+    """Share of prompts whose samples all got the same reward, rewards (prompts, samples): those groups give
+    GRPO no signal (TRL logs the same as `frac_reward_zero_std`)."""
+    return (rewards.max(dim=1).values == rewards.min(dim=1).values).double().mean().item()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,40 +191,68 @@ def _ppo_clipped(
     return ((ratio > 1 + epsilon_high) & (advantages > 0)) | ((ratio < 1 - epsilon_low) & (advantages < 0))
 
 
+def importance_ratio(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor, level: str = "token"
+) -> torch.Tensor:
+    """The importance ratio of the clipped surrogate, per token or per sequence.
+
+    - "token":    rho_t = exp(log pi_theta(y_t) - log pi_old(y_t))              (PPO, GRPO), shape (batch, T);
+    - "sequence": s_i   = exp((1/|y_i|) sum_t (log pi_theta(y_t) - log pi_old(y_t)))   GSPO, Zheng et al. 2025
+      (arXiv:2507.18071, eq. 7): the length-normalised sequence likelihood ratio, one per sequence, shape
+      (batch, 1), so every token of a sequence is clipped together. As TRL's `importance_sampling_level=
+      "sequence"` (empty sequences count as length 1); the gradient flows through every token's log-prob.
+    """
+    log_ratio = logprobs - old_logprobs
+    if level == "token":
+        return torch.exp(log_ratio)
+    if level == "sequence":
+        mask = mask.to(log_ratio.dtype)
+        return torch.exp((log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0))
+    raise ValueError(f"level must be 'token' or 'sequence', not {level!r}")
+
+
 def clipped_policy_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
+    ratio: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     epsilon_low: float = 0.2,
     epsilon_high: float = 0.28,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate, Schulman et al. 2017 (arXiv:1707.06347), with DAPO's clip-higher.
 
-        rho_t  = exp(log pi_theta(y_t) - log pi_old(y_t))
         loss_t = -min(rho_t A_t, clip(rho_t, 1 - eps_low, 1 + eps_high) A_t)
 
-    Clip-higher (DAPO, Yu et al. 2025, arXiv:2503.14476) decouples the bounds: eps_low = 0.2,
+    rho from `importance_ratio` (per token, or per sequence for GSPO: then (batch, 1) and broadcast over
+    the tokens). Clip-higher (DAPO, Yu et al. 2025, arXiv:2503.14476) decouples the bounds: eps_low = 0.2,
     eps_high = 0.28 lets low-probability tokens with positive advantage grow further, which the
     paper uses against entropy collapse. eps_low = eps_high = 0.2 is the original PPO.
 
-    Returns (per_token_loss (batch, T), clip_fraction, approx_kl):
-    - clip_fraction: share of masked tokens whose gradient the clip removes, i.e. ratio above
-      1 + eps_high with A > 0 or below 1 - eps_low with A < 0 (TRL's `clip_ratio/region_mean`);
-    - approx_kl: masked mean of k3 for KL(pi_old || pi_theta), (rho - 1) - log rho.
-    Both statistics are detached.
+    Returns (per_token_loss (batch, T), clip_fraction): the share of masked tokens whose gradient the clip
+    removes, i.e. ratio above 1 + eps_high with A > 0 or below 1 - eps_low with A < 0 (TRL's
+    `clip_ratio/region_mean`; a sequence-level ratio counts for each of its tokens), detached.
     """
     advantages = _per_token(advantages)
-    ratio = torch.exp(logprobs - old_logprobs)
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * advantages
     per_token_loss = -torch.min(unclipped, clipped)
+    per_token_loss = per_token_loss.expand(mask.shape)
 
     with torch.no_grad():
-        is_clipped = _ppo_clipped(ratio, advantages, epsilon_low, epsilon_high)
-        clip_fraction = masked_mean(is_clipped.to(logprobs.dtype), mask)
-        approx_kl = masked_mean(kl_k3(old_logprobs, logprobs), mask)
-    return per_token_loss, clip_fraction, approx_kl
+        is_clipped = _ppo_clipped(ratio, advantages, epsilon_low, epsilon_high).expand(mask.shape)
+        clip_fraction = masked_mean(is_clipped.to(per_token_loss.dtype), mask)
+    return per_token_loss, clip_fraction
+
+
+def bias_corrected_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """The per-token k3 KL to the reference, weighted by the importance ratio: rho_t * k3_t.
+
+    k3 (see `kl_k3`) estimates KL(pi_theta || pi_ref) for tokens drawn from pi_theta, but the tokens come
+    from pi_old; multiplying by rho = pi_theta / pi_old makes its gradient the unbiased gradient of the
+    reverse KL (DeepSeek-V3.2, arXiv:2512.02556, eq. 7). rho is differentiable, so this changes the
+    gradient even where rho = 1 (the first pass over a batch). TRL 1.16's GRPOTrainer does this by
+    default (`use_bias_correction_kl=True`); a sequence-level rho (GSPO) is broadcast over the tokens.
+    """
+    return kl_k3(logprobs, ref_logprobs) * ratio
 
 
 def clipped_value_loss(
@@ -268,6 +310,48 @@ def aggregate(
         tokens = mask.sum() if global_token_count is None else torch.as_tensor(global_token_count)
         return masked_loss.sum() / tokens.clamp(min=1.0)
     raise ValueError(f"loss_type must be 'grpo', 'bnpo', 'dr_grpo' or 'dapo', not {loss_type!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Train/inference mismatch: the engine that sampled and the trainer compute different log-probabilities
+# ---------------------------------------------------------------------------------------------
+
+
+def truncated_importance_weights(
+    old_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, cap: float
+) -> torch.Tensor:
+    """Truncated importance sampling (TIS), Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You
+    Off-Policy RL Training" (fengyao.notion.site/off-policy-rl); TRL's `vllm_importance_sampling_correction`
+    with mode "token_truncate", verl's `rollout_is`.
+
+        w_t = min(pi_old(y_t) / pi_sampler(y_t), C) = min(exp(log pi_old - log pi_sampler), C)
+
+    The rollouts come from the inference engine's distribution pi_sampler (another kernel, dtype or
+    top-p), not from the trainer's pi_old; multiplying each token's policy-gradient loss by w_t makes the
+    update the one for samples of pi_old, and the cap C bounds its variance. Both log-probs are those of
+    the sampling distribution (logits / temperature). Detached: a weight, not a term to differentiate.
+    old_logprobs, sampler_logprobs: (batch, T). Returns (batch, T).
+    """
+    return torch.exp(old_logprobs.detach() - sampler_logprobs).clamp(max=cap)
+
+
+@torch.no_grad()
+def sampler_mismatch(
+    old_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor
+) -> tuple[float, float]:
+    """How far the trainer's log-probs of the sampled tokens are from the sampler's: (kl, max_ratio).
+
+        kl        = mean_t k3 = mean_t [(r_t - 1) - log r_t],  r_t = pi_old(y_t) / pi_sampler(y_t)
+                    (Schulman's k3 for KL(pi_sampler || pi_old): the tokens were drawn from pi_sampler)
+        max_ratio = max_t r_t                                 (the largest importance weight before any cap)
+
+    over the masked tokens; (0, 1) when the two agree. Both are what verl's rollout_is and TRL's
+    `sampling/importance_sampling_ratio/max` log to watch the mismatch.
+    """
+    kl = masked_mean(kl_k3(sampler_logprobs, old_logprobs), mask)
+    ratio = torch.exp(old_logprobs - sampler_logprobs)
+    masked = torch.where(mask.bool(), ratio, torch.zeros_like(ratio))
+    return kl.item(), (masked.max().item() if mask.bool().any() else 1.0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,15 +1,15 @@
 """Proximal Policy Optimization on completions with a value head and GAE, in one file (CleanRL style).
 
 Our own implementation: TRL removed its PPOTrainer in 1.13. The math lives in `rl.losses`; this file
-is the loop around it. One step (= one batch of rollouts, then `ppo.epochs` x `ppo.minibatches`
-optimiser updates):
+is the loop around it (rl.training.train runs steps 1, 7 and 8). One step (= one batch of rollouts, then
+`ppo.epochs` x `ppo.minibatches` optimiser updates):
 
  1. rollouts     prompts = prompt_set.batch(step); sample `samples_per_prompt` completions each from
-                 the engine (seed = sampling_seed(seed, step)), grade them, reward them (rl.rollouts.collect).
- 2. pi_old       one teacher-forced forward of the policy without gradient: per-token log-probs
-                 log pi_old(y_t), values V_old(s_t), and the routed-token counts of each completion
-                 (rl.routing.capture_routing; the recorder's expert_load).
- 3. reference    with beta > 0, the same forward of the frozen base model (ref_model): log pi_ref(y_t).
+                 the engine, grade them, reward them (rl.rollouts.collect).
+ 2. pi_old       one teacher-forced forward of the policy without gradient, the sequences packed into rows
+                 (rl.sequences.PackedBatch): per-token log-probs log pi_old(y_t), values V_old(s_t), and the
+                 routed-token counts of each completion (rl.routing.capture_routing; the recorder's expert_load).
+ 3. reference    with beta > 0, the same forward of the frozen base model (Run.reference): log pi_ref(y_t).
  4. rewards      r_t = R(x, y) on the last completion token, 0 elsewhere; with kl_estimator "k1"
                  minus beta * k1_t on every token ("KL in the reward": Ziegler et al. 2019,
                  arXiv:1909.08593; Ouyang et al. 2022, arXiv:2203.02155, eq. 2).
@@ -23,7 +23,9 @@ optimiser updates):
                        + aux_coef * L_aux                         router load balancing (Switch, arXiv:2101.03961)
                        + pretrain_replay_coef * NLL_pretrain      pretraining replay (PPO-ptx, rl.replay)
                  with Clip-Cov / KL-Cov (Cui et al. 2025, arXiv:2505.22617) acting on L_clip's tokens
-                 when switched on; gradient norms clipped to MAX_GRAD_NORM (policy and value head apart).
+                 when switched on, and each token of L_clip weighted by min(pi_old / pi_sampler, tis_cap)
+                 with rl.tis_cap (truncated importance sampling, Yao et al. 2025); gradient norms clipped to
+                 MAX_GRAD_NORM (policy and value head apart).
  7. sync         engine.sync_weights(model) once the step's updates are done (the engine is idle between
                  them): the next step samples from the updated policy.
  8. record       rollouts and metrics; a checkpoint every `checkpoint_every` steps and
@@ -38,19 +40,17 @@ Design choices, stated once:
 - Log-probabilities are those of the sampling distribution, logits / temperature (as TRL does).
 - The policy loss is the token-level mean over the minibatch (TRL PPOTrainer's `masked_mean`).
 - Optimiser: AdamW without weight decay and a constant learning rate, one instance for the whole run.
-- Step s's rollouts come from the model after s updates; the checkpoint "step s" holds the model
-  after s updates with the optimiser, value head and RNG state, so resuming at s redoes nothing twice.
+- Every step's metrics that describe a model (entropy, kl_to_reference, explained_variance, sampler_kl) are
+  those of the model that sampled, measured before the updates; loss statistics are means over the updates.
 """
 
 from __future__ import annotations
 
-import time
+import math
+from contextlib import ExitStack
 
 import torch
-from tqdm.auto import tqdm
 
-from rl.config import RLSettings
-from rl.engines import RolloutEngine
 from rl.losses import (
     aggregate,
     clip_cov_mask,
@@ -58,34 +58,32 @@ from rl.losses import (
     clipped_value_loss,
     explained_variance,
     gae,
+    importance_ratio,
     kl_cov_penalty,
     kl_k1,
     kl_k3,
     masked_mean,
-    token_entropy,
+    sampler_mismatch,
+    truncated_importance_weights,
 )
-from rl.recorder import Recorder
-from rl.replay import PretrainReplay, active_replay
-from rl.rollouts import PromptSet, Rewards, collect, pack_batch, record_step, sampling_seed, step_seed
-from rl.routing import capture_routing
-from rl.sequences import token_logprobs
-from rl.training import (
+from rl.recipe import (
     MAX_GRAD_NORM,
+    Run,
+    StepResult,
     aux_loss_coefficient,
-    check_mitigations,
+    frozen,
     frozen_router,
-    kl_reference,
+    mean_metrics,
+    measure_rollouts,
+    policy_forward,
+    pretrain_replay,
     require_finite,
-    restore_rng_state,
-    rng_state,
-    start_or_resume,
 )
+from rl.rollouts import StepBatch, sampler_logprobs, token_ids
+from rl.routing import capture_routing
+from rl.seeds import step_seed
+from rl.sequences import pack_rows
 
-# Means over a step's updates; loss is the minimised total; grad_norm is the policy's before clipping;
-# aux_loss is the unweighted load-balancing loss, replay_loss the unweighted pretraining-replay NLL
-# (each null when not computed).
-UPDATE_METRICS = ("loss", "policy_loss", "value_loss", "approx_kl", "clip_fraction", "entropy", "grad_norm", "aux_loss",
-                  "replay_loss")
 ADVANTAGE_EPSILON = 1e-8
 
 
@@ -99,42 +97,7 @@ class ValueHead(torch.nn.Module):
         torch.nn.init.zeros_(self.linear.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear(hidden.detach()).squeeze(-1)
-
-
-PPO_MITIGATIONS = {"entropy_coef", "clip_cov", "kl_cov", "format_diversity_coef", "freeze_router", "pretrain_replay_coef"}
-
-
-def _forward(model, input_ids, attention_mask, temperature: float, value_head=None, router_logits: bool = False):
-    """Teacher-forced forward: (log-probs (B, L-1), logits (B, L-1, V) / temperature, values (B, L-1) or None,
-    aux loss or None). Entry t-1 belongs to token t: the logits at t-1 predict it, and V is the value of
-    the state before it (the hidden state at t-1)."""
-    extra = {"output_router_logits": True} if router_logits else {}
-    output = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=value_head is not None,
-                   use_cache=False, **extra)
-    logits = output.logits.float() / temperature
-    logprobs = token_logprobs(logits, input_ids)
-    values = value_head(output.hidden_states[-1][:, :-1].float()) if value_head is not None else None
-    return logprobs, logits[:, :-1], values, (output.aux_loss if router_logits else None)
-
-
-@torch.no_grad()
-def _rollout_statistics(model, value_head, input_ids, attention_mask, completion_mask, temperature, chunk):
-    """Step 2: log pi_old, V_old and the routed-token counts per completion, in chunks of `chunk` rows."""
-    logprobs, values = [], []
-    with capture_routing(model, completion_mask) as routing:
-        for rows in torch.arange(input_ids.size(0)).split(chunk):
-            lp, _, v, _ = _forward(model, input_ids[rows], attention_mask[rows], temperature, value_head)
-            logprobs.append(lp)
-            values.append(v)
-    expert_load = routing[0] if routing else None
-    return torch.cat(logprobs), torch.cat(values), expert_load
-
-
-@torch.no_grad()
-def _reference_logprobs(reference, input_ids, attention_mask, temperature, chunk):
-    return torch.cat([_forward(reference, input_ids[rows], attention_mask[rows], temperature)[0]
-                      for rows in torch.arange(input_ids.size(0)).split(chunk)])
+        return self.linear(hidden.detach().float()).squeeze(-1)
 
 
 def _last_token_rewards(sequence_rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -154,96 +117,58 @@ def _whiten(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return ((advantages - mean) / (std + ADVANTAGE_EPSILON)) * mask
 
 
-def ppo_trainer_state(step: int, optimizer, value_head) -> dict:
-    return {"algorithm": "ppo", "step": step, "optimizer": optimizer.state_dict(),
-            "value_head": value_head.state_dict(), "rng": rng_state()}
+class PPO:
+    """The PPO recipe (rl.recipe.Recipe)."""
 
+    def __init__(self, run: Run):
+        self.run = run
 
-def train_ppo(
-    model,
-    tokenizer,
-    engine: RolloutEngine,
-    prompt_set: PromptSet,
-    rewards: Rewards,
-    settings: RLSettings,
-    recorder: Recorder,
-    seed: int,
-    start_step: int = 0,
-    progress: bool = True,
-    *,
-    ref_model=None,
-    trainer_state: dict | None = None,
-    replay: PretrainReplay | None = None,
-):
-    """Post-train `model` with PPO for steps start_step .. settings.steps - 1; returns the model (trained
-    in place). Every step writes rollouts/step_*.parquet and a metrics.jsonl line;
-    checkpoints (model after s updates; optimiser, value head and RNG state in trainer_state.pt) every
-    `checkpoint_every` steps and after the last. The caller owns `engine` (and closes it).
+    def setup(self, state: dict | None) -> None:
+        run, settings = self.run, self.run.settings
+        self._exit = ExitStack()
+        self._exit.enter_context(frozen_router(run.model, settings.mitigations.freeze_router))
+        device = next(run.model.parameters()).device
+        self.policy_parameters = [p for p in run.model.parameters() if p.requires_grad]
+        self.value_head = ValueHead(run.model.config.hidden_size).to(device)
+        self.optimizer = torch.optim.AdamW([{"params": self.policy_parameters},
+                                            {"params": list(self.value_head.parameters())}],
+                                           lr=settings.learning_rate, weight_decay=0.0)
+        if state is not None:
+            self.value_head.load_state_dict(state["value_head"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.reference = frozen(run.base_model()) if settings.beta > 0 else None
+        self.replay = pretrain_replay(run)
+        self.aux_coef = aux_loss_coefficient(run.model, settings)
 
-    Resuming (as rl.grpo.train_grpo): pass the model loaded from the checkpoint of `start_step`; anything
-    recorded at `start_step` or later is forgotten and the trainer state is read from that checkpoint
-    unless `trainer_state` is given. With beta > 0 the KL reference is `ref_model` (used as is, frozen),
-    defaulting to a frozen copy of `model` at a fresh start; a resumed run must pass the base model.
-    With mitigations.pretrain_replay_coef > 0, `replay` holds the pretraining texts (rl.replay).
-    """
-    check_mitigations(settings, PPO_MITIGATIONS, "PPO")
-    replay = active_replay(settings.mitigations.pretrain_replay_coef, replay)
-    reference = kl_reference(model, ref_model, settings, start_step, "PPO")
-    trainer_state = start_or_resume("ppo", settings, recorder, start_step, trainer_state)
-    if start_step == settings.steps:
-        return model
-
-    device = next(model.parameters()).device
-    with frozen_router(model, settings.mitigations.freeze_router):
-        _ppo_steps(model, tokenizer, engine, prompt_set, rewards, settings, recorder, seed, start_step, progress,
-                   trainer_state, reference, replay, device)
-    return model
-
-
-def _ppo_steps(model, tokenizer, engine, prompt_set, rewards, settings, recorder, seed, start_step, progress,
-               trainer_state, reference, replay, device):
-    ppo, mitigations = settings.ppo, settings.mitigations
-    policy_parameters = [p for p in model.parameters() if p.requires_grad]
-    value_head = ValueHead(model.config.hidden_size).to(device)
-    optimizer = torch.optim.AdamW([{"params": policy_parameters}, {"params": list(value_head.parameters())}],
-                                  lr=settings.learning_rate, weight_decay=0.0)
-    if trainer_state is not None:
-        value_head.load_state_dict(trainer_state["value_head"])
-        optimizer.load_state_dict(trainer_state["optimizer"])
-        restore_rng_state(trainer_state["rng"])
-
-    aux_coef = aux_loss_coefficient(model, settings)
-    temperature = settings.sampling.temperature or 1.0
-    # KL-Cov replaces the clipped surrogate by the unclipped one (the authors' code, see rl.losses.kl_cov_penalty).
-    eps_low, eps_high = (float("inf"), float("inf")) if mitigations.kl_cov else (settings.epsilon, settings.clip_high)
-    num_sequences = settings.prompts_per_step * settings.sampling.samples_per_prompt
-    chunk = -(-num_sequences // ppo.minibatches)
-
-    bar = tqdm(range(start_step, settings.steps), desc="ppo", disable=not progress, initial=start_step,
-               total=settings.steps)
-    for step in bar:
-        started = time.perf_counter()
-        epoch = prompt_set.epoch(step)
-
-        # 1. Rollouts from the current policy.
-        batch = collect(engine, prompt_set.prompter, prompt_set.batch(step), settings, rewards, sampling_seed(seed, step))
-        require_finite("reward", batch.rewards, step)
-        rollout_s = time.perf_counter() - started
-        rollout_tokens = sum(len(c.token_ids) for c in batch.flat_completions)
-
-        # 2-3. pi_old, V_old, routing; pi_ref.
+    def step(self, step: int, batch: StepBatch) -> StepResult:
+        run, settings = self.run, self.run.settings
+        ppo, mitigations, model = settings.ppo, settings.mitigations, run.model
+        temperature = settings.sampling.temperature or 1.0
+        device = next(model.parameters()).device
+        # KL-Cov replaces the clipped surrogate by the unclipped one (the authors' code, see rl.losses.kl_cov_penalty).
+        eps_low, eps_high = (math.inf, math.inf) if mitigations.kl_cov else (settings.epsilon, settings.clip_high)
+        num_sequences = len(batch.flat_completions)
         model.train()
-        input_ids, attention_mask, completion_mask = (t.to(device) for t in pack_batch(batch, tokenizer))
-        mask = completion_mask[:, 1:]  # aligned with token_logprobs: entry t-1 is token t
-        old_logprobs, old_values, expert_load = _rollout_statistics(
-            model, value_head, input_ids, attention_mask, completion_mask, temperature, chunk)
-        ref_logprobs = None
-        if reference is not None:
-            ref_logprobs = _reference_logprobs(reference, input_ids, attention_mask, temperature, chunk)
+
+        # 2-3. pi_old, V_old, routing; pi_ref. One forward without gradient each, all sequences packed.
+        prompt_ids, completion_ids = token_ids(batch, run.tokenizer)
+        sequences = pack_rows(prompt_ids, completion_ids, run.tokenizer.pad_token_id).to(device)
+        mask = sequences.mask  # (B, C) completion tokens
+        with torch.no_grad():
+            with capture_routing(model, sequences.owner, num_sequences) as routing:
+                old = policy_forward(model, sequences, temperature, hidden=True)
+            old_logprobs, old_values = old.logprobs, self.value_head(old.hidden)
+            ref_logprobs = None
+            if self.reference is not None:
+                ref_logprobs = policy_forward(self.reference, sequences, temperature).logprobs
+        sampler = sampler_logprobs(batch, mask)
+        tis_weights = None
+        if settings.tis_cap is not None:
+            tis_weights = truncated_importance_weights(old_logprobs, sampler, settings.tis_cap)
 
         # 4. Per-token rewards: R on the last token; KL in the reward with k1.
         token_rewards = _last_token_rewards(batch.rewards.flatten().to(device), mask)
-        if reference is not None and settings.kl_estimator == "k1":
+        if ref_logprobs is not None and settings.kl_estimator == "k1":
             token_rewards = token_rewards - settings.beta * kl_k1(old_logprobs, ref_logprobs) * mask
 
         # 5. GAE and advantage normalisation.
@@ -251,71 +176,79 @@ def _ppo_steps(model, tokenizer, engine, prompt_set, rewards, settings, recorder
         advantages = _whiten(advantages, mask)
 
         # 6. epochs x minibatches of clipped updates.
-        order_generator = torch.Generator().manual_seed(step_seed(seed, step, "minibatches"))
-        cov_generator = torch.Generator(device=device).manual_seed(step_seed(seed, step, "clip_cov"))
-        sums: dict[str, float] = {}
-        updates = 0
+        order_generator = torch.Generator().manual_seed(step_seed(run.seed, step, "minibatches"))
+        cov_generator = torch.Generator(device=device).manual_seed(step_seed(run.seed, step, "clip_cov"))
+        updates = []
         for _ in range(ppo.epochs):
             for rows in torch.randperm(num_sequences, generator=order_generator).chunk(ppo.minibatches):
+                minibatch = pack_rows([prompt_ids[i] for i in rows], [completion_ids[i] for i in rows],
+                                      run.tokenizer.pad_token_id, completion_width=mask.shape[1]).to(device)
                 rows = rows.to(device)
                 m = mask[rows]
-                logprobs, logits, values, aux_loss = _forward(
-                    model, input_ids[rows], attention_mask[rows], temperature, value_head, router_logits=aux_coef > 0)
+                new = policy_forward(model, minibatch, temperature, hidden=True, router_loss=self.aux_coef > 0)
+                logprobs, values = new.logprobs, self.value_head(new.hidden)
 
-                # PPO clipped surrogate (per token), with the Cui et al. covariance mitigations.
-                per_token, clip_fraction, approx_kl = clipped_policy_loss(
-                    logprobs, old_logprobs[rows], advantages[rows], m, eps_low, eps_high)
+                # PPO clipped surrogate (per token), with the Cui et al. covariance mitigations and TIS.
+                ratio = importance_ratio(logprobs, old_logprobs[rows], m)
+                per_token, clip_fraction = clipped_policy_loss(ratio, advantages[rows], m, eps_low, eps_high)
+                stats = {"clip_fraction": clip_fraction.item(),
+                         "approx_kl": masked_mean(kl_k3(old_logprobs[rows], logprobs.detach()), m).item()}
                 if mitigations.clip_cov:
-                    per_token = per_token * clip_cov_mask(
-                        logprobs, old_logprobs[rows], advantages[rows], m, clip_ratio=mitigations.cov_ratio,
-                        epsilon_low=settings.epsilon, epsilon_high=settings.clip_high, generator=cov_generator)
+                    keep = clip_cov_mask(logprobs, old_logprobs[rows], advantages[rows], m, clip_ratio=mitigations.cov_ratio,
+                                         epsilon_low=settings.epsilon, epsilon_high=settings.clip_high,
+                                         generator=cov_generator)
+                    per_token = per_token * keep
+                    stats["clip_cov_fraction"] = masked_mean(1 - keep, m).item()
                 if mitigations.kl_cov:
-                    per_token = per_token + kl_cov_penalty(
-                        logprobs, old_logprobs[rows], advantages[rows], m, kl_ratio=mitigations.cov_ratio,
-                        kl_coef=mitigations.kl_cov_coef)
+                    penalty = kl_cov_penalty(logprobs, old_logprobs[rows], advantages[rows], m,
+                                             kl_ratio=mitigations.cov_ratio, kl_coef=mitigations.kl_cov_coef)
+                    per_token = per_token + penalty
+                    stats["kl_cov_penalty"] = aggregate(penalty.detach(), m, "bnpo").item()
+                if tis_weights is not None:
+                    per_token = per_token * tis_weights[rows]
+                    stats["tis_capped_fraction"] = masked_mean((tis_weights[rows] >= settings.tis_cap).float(), m).item()
                 policy_loss = aggregate(per_token, m, "bnpo")
                 value_loss = clipped_value_loss(values, old_values[rows], returns[rows], m, ppo.value_clip)
-                entropy = masked_mean(token_entropy(logits), m)
-                loss = policy_loss + ppo.value_coef * value_loss - mitigations.entropy_coef * entropy
-                if reference is not None and settings.kl_estimator == "k3":
+                loss = policy_loss + ppo.value_coef * value_loss
+                if mitigations.entropy_coef:
+                    loss = loss - mitigations.entropy_coef * masked_mean(new.entropy, m)
+                if ref_logprobs is not None and settings.kl_estimator == "k3":
                     loss = loss + settings.beta * masked_mean(kl_k3(logprobs, ref_logprobs[rows]), m)
-                if aux_loss is not None:
-                    loss = loss + aux_coef * aux_loss
-                replay_loss = replay.loss(model, step, updates) if replay is not None else None
-                if replay_loss is not None:
+                if new.aux_loss is not None:
+                    loss = loss + self.aux_coef * new.aux_loss
+                    stats["aux_loss"] = new.aux_loss.item()
+                if self.replay is not None:
+                    replay_loss = self.replay.loss(model, step, len(updates))
                     loss = loss + mitigations.pretrain_replay_coef * replay_loss
+                    stats["replay_loss"] = replay_loss.item()
 
                 require_finite("loss", loss, step)
-                optimizer.zero_grad(set_to_none=True)
+                self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 # Policy and value head are clipped separately, as two networks would be.
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy_parameters, MAX_GRAD_NORM)
-                value_grad_norm = torch.nn.utils.clip_grad_norm_(value_head.parameters(), MAX_GRAD_NORM)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy_parameters, MAX_GRAD_NORM)
+                value_grad_norm = torch.nn.utils.clip_grad_norm_(self.value_head.parameters(), MAX_GRAD_NORM)
                 require_finite("gradient norm", torch.stack([grad_norm, value_grad_norm]), step)
-                optimizer.step()
+                self.optimizer.step()
+                updates.append({**stats, "loss": loss.item(), "policy_loss": policy_loss.item(),
+                                "value_loss": value_loss.item(), "grad_norm": grad_norm.item()})
 
-                for key, value in zip(UPDATE_METRICS, (loss, policy_loss, value_loss, approx_kl, clip_fraction,
-                                                       entropy, grad_norm, aux_loss, replay_loss)):
-                    if value is not None:  # aux_loss: MoE with a coefficient > 0 only; replay_loss: with replay
-                        sums[key] = sums.get(key, 0.0) + float(value.detach())
-                updates += 1
+        # Means over the step's updates; the rest describes the sampling model (before the updates).
+        metrics = mean_metrics(updates)
+        metrics["updates"] = len(updates)
+        metrics["explained_variance"] = explained_variance(old_values, returns, mask).item()
+        metrics["entropy"] = masked_mean(old.entropy, mask).item()
+        if ref_logprobs is not None:
+            metrics["kl_to_reference"] = masked_mean(kl_k3(old_logprobs, ref_logprobs), mask).item()
+        metrics["sampler_kl"], metrics["sampler_ratio_max"] = sampler_mismatch(old_logprobs, sampler, mask)
+        return StepResult((old.raw_logprobs * mask).sum(-1), routing[0] if routing else None, metrics)
 
-        # 7. The engine serves the updated weights from now on.
-        engine.sync_weights(model)
+    def measure(self, step: int, batch: StepBatch) -> StepResult:
+        return measure_rollouts(self.run.model, self.run.tokenizer, batch, self.run.settings.sampling.temperature or 1.0,
+                                self.reference)
 
-        # 8. Record. Loss statistics are means over the step's updates.
-        metrics = {key: sums[key] / updates if key in sums else None for key in UPDATE_METRICS}
-        metrics["explained_variance"] = float(explained_variance(old_values, returns, mask))
-        metrics["kl_to_reference"] = (float(masked_mean(kl_k3(old_logprobs, ref_logprobs), mask))
-                                      if ref_logprobs is not None else None)
-        metrics["updates"] = updates
-        metrics["rollout_tokens"] = rollout_tokens
-        metrics["rollout_tokens_per_s"] = rollout_tokens / max(rollout_s, 1e-9)  # sampling and grading
-        metrics["step_time_s"] = time.perf_counter() - started
-        record_step(recorder, step, epoch, batch, expert_load, metrics)
-        bar.set_postfix(reward=f"{batch.rewards.mean().item():.3f}")
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "value_head": self.value_head.state_dict()}
 
-        done = step + 1  # updates so far
-        if done % settings.checkpoint_every == 0 or done == settings.steps:
-            recorder.save_checkpoint(done, model, tokenizer, ppo_trainer_state(done, optimizer, value_head))
-    bar.close()
+    def close(self) -> None:
+        self._exit.close()

@@ -13,7 +13,7 @@ the raw logits (no sampling temperature). PPO-ptx sums log pi(x) over each seque
 keeps the coefficient on the scale of the pretraining loss whatever the lengths.
 
 The batch of optimiser step (step, update) is drawn without replacement by a generator seeded from
-(seed, step, update) (rl.rollouts.step_seed), so a resumed run replays what the uninterrupted one did
+(seed, step, update) (rl.seeds.step_seed), so a resumed run replays what the uninterrupted one did
 and the global RNG is untouched. Expert Iteration refuses the switch: its update is already supervised.
 """
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from rl.losses import masked_mean
-from rl.rollouts import step_seed
+from rl.seeds import step_seed
 from rl.sequences import pack, token_logprobs
 
 
@@ -59,12 +59,3 @@ class PretrainReplay:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         return -masked_mean(token_logprobs(logits, input_ids), attention_mask[:, 1:])
 
-
-def active_replay(coefficient: float, replay: PretrainReplay | None) -> PretrainReplay | None:
-    """The replay an algorithm uses: `replay` when pretrain_replay_coef > 0 (which needs it), else None."""
-    if coefficient <= 0:
-        return None
-    if replay is None:
-        raise ValueError("mitigations.pretrain_replay_coef > 0 needs the pretraining texts: pass replay "
-                         "(rl.train.train builds it from replay_texts)")
-    return replay

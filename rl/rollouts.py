@@ -2,41 +2,37 @@
 
 `PromptSet` walks the RL prompts in seeded epochs; `collect` samples `samples_per_prompt`
 completions per prompt from the engine, grades them (format, answer, reason) and turns them into
-rewards; `to_rollouts` makes the recorder's rows. The reward is a list of weighted terms: the
-correctness term always, plus the mitigations' format-level terms when switched on. Shared by the
-algorithms' step loops: `sampling_seed` and `step_seed` (per-step seeds), `pack_batch`
-(teacher-forcing tensors) and `record_step` (rollouts and metrics of one step).
+rewards; `to_rollouts` makes the recorder's rows; `pack_batch` the training forward's tensors. The reward
+is a list of weighted terms: the correctness term always, plus the mitigations' format-level terms when
+switched on.
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
 import functools
 import random
+import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from rl.config import RLSettings
 from rl.engines import Completion, RolloutEngine
 from rl.losses import format_diversity_bonus
-from rl.recorder import Recorder, Rollout
-from rl.sequences import pack
+from rl.recorder import Rollout
+from rl.seeds import derive_seed
+from rl.sequences import PackedBatch, pack_rows
 from specialists.formats import Format
 from specialists.grading import Grade, grade_completions
 from specialists.sandbox import Sandbox
 from specialists.prompting import Prompter
-from specialists.tasks import Problem, TaskConfig, generate_problems, load_gsm8k
-
-RL_PROMPT_SEED_OFFSET = 10_000  # RL prompts come from a different draw than the pretraining corpus
+from specialists.tasks import Problem, TaskSettings, generate_problems
 
 
-def load_prompt_problems(settings: RLSettings, seed: int, task: TaskConfig) -> list[Problem]:
+def load_prompt_problems(settings: RLSettings, seed: int, task: TaskSettings) -> list[Problem]:
     if settings.prompts == "synthetic":
-        return generate_problems(settings.num_prompts, seed + RL_PROMPT_SEED_OFFSET, "train", task)
-    return load_gsm8k(Path(settings.prompts), limit=settings.num_prompts)
+        return generate_problems(settings.num_prompts, derive_seed(seed, "rl_prompts"), "train", task)
+    return settings.prompt_split().train[:settings.num_prompts]  # a prompt file, its held-out problems set aside
 
 
 class PromptSet:
@@ -60,7 +56,7 @@ class PromptSet:
     @functools.lru_cache(maxsize=4)
     def _order(self, epoch: int) -> list[int]:
         order = list(range(len(self.problems)))
-        random.Random(f"{self.seed}:{epoch}").shuffle(order)
+        random.Random(derive_seed(self.seed, "prompt_order", epoch)).shuffle(order)
         return order
 
 
@@ -73,6 +69,8 @@ class StepBatch:
     completions: list[list[Completion]]
     grades: list[list[Grade]]
     rewards: torch.Tensor  # (prompts, samples)
+    sample_time_s: float = 0.0  # the engine's generate call
+    score_time_s: float = 0.0  # grading and rewards
 
     @property
     def flat_completions(self) -> list[Completion]:
@@ -101,19 +99,30 @@ class Rewards:
 
 def collect(engine: RolloutEngine, prompter: Prompter, problems: list[Problem], settings: RLSettings, rewards: Rewards,
             seed: int) -> StepBatch:
+    """Sample `samples_per_prompt` completions of each problem's prompt (`prompter`) with `seed`, grade and
+    reward them."""
     sampling = settings.sampling
     prompts = [prompter.text(p) for p in problems]
+    started = time.perf_counter()
     groups = engine.generate(prompts, sampling, seed)
+    sampled = time.perf_counter()
+    if len(groups) != len(problems) or any(len(group) != sampling.samples_per_prompt for group in groups):
+        raise RuntimeError(f"the engine returned {[len(g) for g in groups]} completions per prompt, "
+                           f"expected {sampling.samples_per_prompt} for each of {len(problems)} prompts")
     texts = [c.text for group in groups for c in group]
     gold = [p.answer for p in problems for _ in range(sampling.samples_per_prompt)]
     flat_rewards, flat_grades = rewards(texts, gold, sampling.samples_per_prompt)
     size = sampling.samples_per_prompt
     grades = [flat_grades[i:i + size] for i in range(0, len(flat_grades), size)]
-    return StepBatch(problems, prompts, groups, grades, flat_rewards.view(len(problems), size))
+    return StepBatch(problems, prompts, groups, grades, flat_rewards.view(len(problems), size),
+                     sample_time_s=sampled - started, score_time_s=time.perf_counter() - sampled)
 
 
-def to_rollouts(step: int, epoch: float, batch: StepBatch, expert_load: torch.Tensor | None) -> list[Rollout]:
-    """Recorder rows; `expert_load` is (completions, layers, experts) in flat completion order, or None."""
+def to_rollouts(step: int, epoch: float, batch: StepBatch, logprobs: torch.Tensor,
+                expert_load: torch.Tensor | None) -> list[Rollout]:
+    """Recorder rows. `logprobs` (completions,): each completion's summed log-probability under the raw
+    distribution of the model that sampled it; `expert_load` (completions, layers, experts) or None; both in
+    flat completion order."""
     rows, flat = [], 0
     for problem, prompt, group, grades, rewards in zip(batch.problems, batch.prompts, batch.completions, batch.grades,
                                                        batch.rewards):
@@ -122,33 +131,14 @@ def to_rollouts(step: int, epoch: float, batch: StepBatch, expert_load: torch.Te
                 step=step, epoch=epoch, prompt_id=problem.id, sample_index=index, prompt=prompt,
                 completion=completion.text, answer=problem.answer, reward=reward, correct=grade.correct,
                 format=grade.format, reason=grade.reason, num_tokens=len(completion.token_ids),
-                logprob=completion.logprob,
+                logprob=float(logprobs[flat]),
                 expert_load=None if expert_load is None else expert_load[flat].tolist()))
             flat += 1
     return rows
 
 
-# ---------------------------------------------------------------------------------------------
-# Shared by the step loops of PPO, GRPO and Expert Iteration
-# ---------------------------------------------------------------------------------------------
-
-
-def sampling_seed(seed: int, step: int) -> int:
-    """The engine's seed for the rollouts of `step`, below 2**31 (vLLM). The one formula PPO, GRPO and EI
-    use, so all three give the engine the same seed at the same step."""
-    return (seed * 1_000_003 + step) % (2**31 - 1)
-
-
-def step_seed(seed: int, step: int, stream: str) -> int:
-    """A 31-bit seed for one other use of randomness (`stream`: "minibatches", "sft", ...) at one step:
-    a pure function of (seed, step, stream), so a resumed run draws exactly what the uninterrupted one did."""
-    digest = hashlib.sha256(f"{seed}:{step}:{stream}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFF_FFFF
-
-
-def pack_batch(batch: StepBatch, tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Teacher-forcing tensors of every (prompt, completion) of the batch, in flat completion order:
-    (input_ids, attention_mask, completion_mask) as `rl.sequences.pack` makes them. The prompt text is
+def token_ids(batch: StepBatch, tokenizer) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, completion ids) of every completion of the batch, flat completion order. The prompt text is
     tokenised as the Prompter and the engines tokenise it (special tokens are in the text, none are added);
     completions keep the engine's token ids."""
     prompt_ids, completion_ids = [], []
@@ -157,32 +147,17 @@ def pack_batch(batch: StepBatch, tokenizer) -> tuple[torch.Tensor, torch.Tensor,
         for completion in group:
             prompt_ids.append(ids)
             completion_ids.append(list(completion.token_ids))
-    return pack(prompt_ids, completion_ids, tokenizer.pad_token_id)
+    return prompt_ids, completion_ids
 
 
-def _json_safe(value):
-    """NaN / inf (e.g. explained variance of constant returns) become null: metrics.jsonl stays strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+def pack_batch(batch: StepBatch, tokenizer) -> PackedBatch:
+    """The batch in the training forward's packed layout (rl.sequences.PackedBatch), flat completion order."""
+    return pack_rows(*token_ids(batch, tokenizer), tokenizer.pad_token_id)
 
 
-def record_step(recorder: Recorder, step: int, epoch: float, batch: StepBatch, expert_load: torch.Tensor | None,
-                metrics: dict) -> list[Rollout]:
-    """Write one step: its rollouts and one metrics line. The metrics line gets
-    `epoch`, `reward_mean`, `reward_std` (population) and `accuracy` (mean correctness) of the batch and
-    `truncated_fraction` (completions cut at max_new_tokens) added to the algorithm's own `metrics`. Returns the
-    rollout rows."""
-    rows = to_rollouts(step, epoch, batch, expert_load)
-    recorder.write_rollouts(step, rows)
-    rewards = batch.rewards.double().flatten()
-    line = {
-        "epoch": epoch,
-        "reward_mean": rewards.mean().item(),
-        "reward_std": rewards.std(unbiased=False).item(),
-        "accuracy": sum(g.correct for g in batch.flat_grades) / max(len(batch.flat_grades), 1),
-        "truncated_fraction": sum(not c.finished for c in batch.flat_completions) / max(len(batch.flat_completions), 1),
-        **metrics,
-    }
-    recorder.write_metrics(step, {key: _json_safe(value) for key, value in line.items()})
-    return rows
+def sampler_logprobs(batch: StepBatch, mask: torch.Tensor) -> torch.Tensor:
+    """The engine's per-token sampling log-probs in the completion layout of `mask` (B, C); 0 off the mask."""
+    values = torch.zeros(mask.shape)
+    for row, completion in enumerate(batch.flat_completions):
+        values[row, :len(completion.token_logprobs)] = torch.tensor(completion.token_logprobs)
+    return values.to(mask.device)

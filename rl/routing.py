@@ -28,11 +28,12 @@ def _routers(model) -> list[torch.nn.Module]:
 
 
 @contextmanager
-def capture_routing(model, token_mask: torch.Tensor):
-    """Yields a list that, after the forward pass, holds one (batch, layers, experts) int tensor: how
-    many of each sequence's tokens (positions where `token_mask` (batch, sequence) is 1) each layer
-    routed to each expert. The forward may run in chunks along the batch (as TRL does): the router
-    choices of all calls are concatenated in call order. For a dense model the list stays empty.
+def capture_routing(model, owner: torch.Tensor, num_sequences: int):
+    """Yields a list that, after the forward pass, holds one (num_sequences, layers, experts) int tensor: how
+    many of each sequence's counted tokens each layer routed to each expert. `owner` has the shape of the
+    forward's input ids and tells, per position, the sequence whose token is counted there, -1 for positions
+    not counted (rl.sequences.PackedBatch.owner counts completion tokens). For a dense model the list stays
+    empty.
     """
     choices: dict[torch.nn.Module, list[torch.Tensor]] = {router: [] for router in _routers(model)}
     top_k = TOP_K_INDICES.get(model.config.model_type)
@@ -48,10 +49,12 @@ def capture_routing(model, token_mask: torch.Tensor):
         for handle in handles:
             handle.remove()
     if choices and all(choices.values()):
-        batch, length = token_mask.shape
+        owner = owner.flatten()
+        counted = owner >= 0
         per_layer = []
         for router, calls in choices.items():
-            top_k = torch.cat(calls).reshape(batch, length, -1)
-            one_hot = torch.nn.functional.one_hot(top_k, router.num_experts).sum(dim=2)  # (batch, length, experts)
-            per_layer.append((one_hot * token_mask[..., None].to(one_hot.dtype)).sum(dim=1))
+            top_k = torch.cat(calls).reshape(owner.numel(), -1)  # (positions, k)
+            one_hot = torch.nn.functional.one_hot(top_k, router.num_experts).sum(dim=1)  # (positions, experts)
+            counts = torch.zeros(num_sequences, router.num_experts, dtype=one_hot.dtype, device=one_hot.device)
+            per_layer.append(counts.index_add_(0, owner[counted], one_hot[counted]))
         result.append(torch.stack(per_layer, dim=1).to(torch.int32))

@@ -1,142 +1,150 @@
-"""What PPO, GRPO and Expert Iteration share around their training loops.
+"""The training driver: one loop for PPO, GRPO and Expert Iteration.
 
-Each algorithm's file holds only that algorithm (rl/ppo.py, rl/grpo.py, rl/expert_iteration.py); the
-pieces they all need live here, so that no algorithm imports another and a rule (which mitigations are
-refused, how a run resumes, which model is the KL reference) is written once:
+`train(run, observers)` runs the recipe of `run.settings.algorithm` (rl.recipe: setup, step, measure,
+state_dict, close) over steps run.start_step .. N = settings.steps:
 
-- `check_mitigations`: refuse a mitigation switch the algorithm does not implement;
-- `kl_reference` / `frozen`: the frozen reference model of the KL term;
-- `start_or_resume`: the entry checks, and on a resume the checkpoint's trainer state;
-- `rng_state` / `restore_rng_state`: the RNG state a checkpoint carries;
-- `frozen_router`: mitigations.freeze_router for the duration of a run;
-- `aux_loss_coefficient`, `MAX_GRAD_NORM`: the router load-balancing weight and the gradient clip of
-  our own loops (PPO, EI; GRPO gets the same values through TRL's config);
-- `require_finite`: stop the run when a reward, loss or gradient norm turns NaN or infinite.
+    for step s:
+      1. sample      batch = collect(engine, prompt_set.prompter, prompt_set.batch(s), ...,
+                     seed = step_seed(seed, s, "sampling")): samples_per_prompt completions of each prompt (its
+                     text from the Prompter), graded and rewarded; rewards must be finite
+      2. update      result = recipe.step(s, batch): the algorithm's updates with them; at s = N (after the last
+                     update) recipe.measure(s, batch) instead: the final model is sampled and measured, not updated
+      3. sync        engine.sync_weights(model) after an update: step s + 1 samples the updated model
+      4. record      rollouts/step_s.parquet and one metrics.jsonl line (the vocabulary of
+                     specialists.run_directory.METRICS), then each observer's on_step(s, rollouts, metrics)
+      5. checkpoint  after the update of step s, when (s + 1) % checkpoint_every == 0 or s + 1 == N: the model
+                     after s + 1 updates, with the recipe's state (optimiser, value head) and the RNG states
 
-The per-step rollout work (prompts, sampling, rewards, recording) is in rl.rollouts; the loss math in
-rl.losses.
+So steps 0..N cover every model the run produced, and checkpoint N holds the model of step N.
+
+Resume: `run.model` is loaded from the checkpoint of `run.start_step` (0: the base model); the driver forgets
+what was recorded at start_step or later (a killed run may have left some), reads that checkpoint's
+trainer_state.pt, restores the RNG states and hands the state to `recipe.setup`. A run killed after
+checkpoint N but before step N's records resumes at N and only records the final model.
+
+Data parallelism (not implemented) stays a local change of this step structure: each rank would collect
+its share of `prompt_set.batch(s)` (whole prompt groups, so advantages stay per group), the recipes would
+all-reduce their gradients (and the token counts and batch statistics their losses normalise by) before
+each optimiser step, and rank 0 alone would record, checkpoint and call the observers.
 """
 
 from __future__ import annotations
 
-import copy
+import math
 import random
-from contextlib import contextmanager
+import time
+from collections.abc import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
-from rl.config import RLSettings
-from rl.recorder import Recorder
+from rl.expert_iteration import ExpertIteration
+from rl.grpo import GRPO
+from rl.losses import zero_std_fraction
+from rl.ppo import PPO
+from rl.recipe import Recipe, Run, StepObserver, StepResult, require_finite
+from rl.rollouts import StepBatch, collect, to_rollouts
+from rl.seeds import step_seed
 from specialists.errors import UserError
-from specialists.model import is_moe
+from specialists.run_directory import ALGORITHM_METRICS, METRICS
 
-# Gradients are clipped to this global norm before every optimiser step (TRL's default, also ours).
-MAX_GRAD_NORM = 1.0
-
-# Settings that only tune a switch; they are never refused on their own.
-MITIGATION_PARAMETERS = {"cov_ratio", "kl_cov_coef", "pretrain_replay_batch"}
+RECIPES: dict[str, type] = {"grpo": GRPO, "ppo": PPO, "ei": ExpertIteration}
 
 
-def check_mitigations(settings: RLSettings, supported: set[str], algorithm: str) -> None:
-    """Refuse mitigation switches an algorithm does not implement, rather than silently ignoring them
-    (a switch added to MitigationSettings later is refused until an algorithm supports it)."""
-    defaults = type(settings.mitigations)()
-    unsupported = [name for name in type(settings.mitigations).model_fields
-                   if name not in supported | MITIGATION_PARAMETERS
-                   and getattr(settings.mitigations, name) != getattr(defaults, name)]
-    if unsupported:
-        raise UserError(f"{algorithm} does not implement mitigations {unsupported}; "
-                        f"it supports {sorted(supported)}")
+def train(run: Run, observers: Sequence[StepObserver] = ()):
+    """Run (or resume) `run` to the end: the update steps start_step .. N - 1 and the final model's step N.
+    Returns the trained model (`run.model`, changed in place). The caller owns the engine."""
+    settings = run.settings
+    if not 0 <= run.start_step <= settings.steps:
+        raise ValueError(f"start_step must be in [0, {settings.steps}], got {run.start_step}")
+    state = _resume_state(run)
+    run.recorder.forget_from(run.start_step)
+    if state is not None:
+        restore_rng_state(state["rng"])
+    recipe: Recipe = RECIPES[settings.algorithm](run)
+    bar = tqdm(total=settings.steps + 1, initial=run.start_step, desc=settings.algorithm, disable=not run.progress)
+    try:
+        recipe.setup(state)
+        for step in range(run.start_step, settings.steps + 1):
+            started = time.perf_counter()
+            # 1. Sample the current model.
+            batch = collect(run.engine, run.prompt_set.prompter, run.prompt_set.batch(step), settings, run.rewards,
+                            step_seed(run.seed, step, "sampling"))
+            require_finite("reward", batch.rewards, step)
+
+            # 2-3. Update with the rollouts and serve the new weights; the last step measures the final model.
+            update = step < settings.steps
+            recipe_started = time.perf_counter()
+            result = recipe.step(step, batch) if update else recipe.measure(step, batch)
+            synced = time.perf_counter()
+            if update:
+                run.engine.sync_weights(run.model)
+            timings = {"update_time_s": synced - recipe_started, "sync_time_s": time.perf_counter() - synced}
+
+            # 4. Record.
+            rows = to_rollouts(step, run.prompt_set.epoch(step), batch, result.logprobs, result.expert_load)
+            run.recorder.write_rollouts(step, rows)
+            line = metrics_line(settings.algorithm, run.prompt_set.epoch(step), update, batch, result,
+                                {**timings, "step_time_s": time.perf_counter() - started})
+            run.recorder.write_metrics(step, line)
+            for observer in observers:
+                observer.on_step(step, rows, {"step": step, **line})
+            bar.update(1)
+            bar.set_postfix(reward=f"{line['reward_mean']:.3f}")
+
+            # 5. Checkpoint the model after step + 1 updates.
+            done = step + 1
+            if update and (done % settings.checkpoint_every == 0 or done == settings.steps):
+                state = {"algorithm": settings.algorithm, "step": done, "rng": rng_state(), **recipe.state_dict()}
+                run.recorder.save_checkpoint(done, run.model, run.tokenizer, state)
+    finally:
+        bar.close()
+        recipe.close()
+    return run.model
 
 
-def frozen(model):
-    """`model` in eval mode without gradients (a reference that is read, never trained)."""
-    model.eval()
-    return model.requires_grad_(False)
+def metrics_line(algorithm: str, epoch: float, update: bool, batch: StepBatch, result: StepResult,
+                 timings: dict) -> dict:
+    """One metrics.jsonl line (without `step`, which the recorder adds): every key of the vocabulary and of the
+    algorithm's own (specialists.run_directory.METRICS, ALGORITHM_METRICS; null where it does not apply), filled
+    from the recipe's result, the step's reward statistics and timings. NaN and infinities (e.g. explained
+    variance of constant returns) become null, so the file stays strict JSON."""
+    rewards = batch.rewards.double()
+    completions = batch.flat_completions
+    tokens = sum(len(c.token_ids) for c in completions)
+    line = dict.fromkeys(METRICS | ALGORITHM_METRICS[algorithm])
+    del line["step"]
+    line.update(result.metrics)
+    line.update(
+        epoch=epoch, update=update,
+        reward_mean=rewards.mean().item(), reward_std=rewards.std(unbiased=False).item(),
+        accuracy=sum(g.correct for g in batch.flat_grades) / max(len(completions), 1),
+        frac_reward_zero_std=zero_std_fraction(rewards),
+        truncated_fraction=sum(not c.finished for c in completions) / max(len(completions), 1),
+        rollout_tokens=tokens, sample_time_s=batch.sample_time_s, score_time_s=batch.score_time_s,
+        rollout_tokens_per_s=tokens / max(batch.sample_time_s, 1e-9), **timings)
+    return {key: None if isinstance(value, float) and not math.isfinite(value) else value for key, value in line.items()}
 
 
-def kl_reference(model, ref_model, settings: RLSettings, start_step: int, algorithm: str):
-    """The KL reference of PPO and GRPO: None with beta = 0, else `ref_model` (the base model) frozen, or a
-    frozen copy of `model` at a fresh start. A resumed run must pass the base model: a copy of the
-    checkpoint would be the wrong reference. Call before `start_or_resume`, which forgets records."""
-    if settings.beta <= 0:
+def _resume_state(run: Run) -> dict | None:
+    """The trainer state of the checkpoint a resumed run starts from (None at step 0)."""
+    if run.start_step == 0:
         return None
-    if ref_model is None:
-        if start_step > 0:
-            raise ValueError(f"resuming {algorithm} with beta > 0 needs ref_model (the base model), "
-                             "not a copy of the checkpoint")
-        ref_model = copy.deepcopy(model)
-    return frozen(ref_model)
-
-
-def start_or_resume(algorithm: str, settings: RLSettings, recorder: Recorder, start_step: int,
-                    trainer_state: dict | None) -> dict | None:
-    """Checks shared by the entry points. Forgets what was recorded at start_step or later (a run killed
-    before its first checkpoint restarts at 0 and may have left step 0 behind); on a resume (start_step > 0)
-    returns the checkpoint's trainer state (read from its trainer_state.pt unless given)."""
-    if settings.algorithm != algorithm:
-        raise ValueError(f"this trainer runs {algorithm!r}, but settings.algorithm is {settings.algorithm!r}")
-    if not 0 <= start_step <= settings.steps:
-        raise ValueError(f"start_step must be in [0, {settings.steps}], got {start_step}")
-    recorder.forget_from(start_step)
-    if start_step == 0:
-        return trainer_state
-    if trainer_state is None:
-        path = recorder.checkpoint_dir(start_step) / "trainer_state.pt"
-        if not path.exists():
-            raise UserError(f"cannot resume at step {start_step}: {path} is missing")
-        trainer_state = torch.load(path, map_location="cpu", weights_only=True)
-    if trainer_state.get("algorithm") != algorithm or trainer_state.get("step") != start_step:
-        raise UserError(f"trainer state of {trainer_state.get('algorithm')!r} step {trainer_state.get('step')} "
-                        f"cannot resume {algorithm!r} at step {start_step}")
-    return trainer_state
+    path = run.recorder.checkpoint_dir(run.start_step) / "trainer_state.pt"
+    if not path.exists():
+        raise UserError(f"cannot resume at step {run.start_step}: {path} is missing")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("algorithm") != run.settings.algorithm or state.get("step") != run.start_step:
+        raise UserError(f"trainer state of {state.get('algorithm')!r} step {state.get('step')} "
+                        f"cannot resume {run.settings.algorithm!r} at step {run.start_step}")
+    return state
 
 
 def rng_state() -> dict:
-    """The global RNG state a checkpoint stores, so that a resumed run draws what the uninterrupted one did."""
+    """The global RNG states a checkpoint stores, so that a resumed run draws what the uninterrupted one did."""
     return {"torch": torch.get_rng_state(), "python": random.getstate()}
 
 
 def restore_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-
-
-@contextmanager
-def frozen_router(model, enabled: bool):
-    """mitigations.freeze_router: while the block runs, every MoE router (`mlp.gate`) weight that had
-    requires_grad has it off, so the routing stays as pretrained (build optimisers inside the block);
-    afterwards they train again. Does nothing when not `enabled` (or for a dense model)."""
-    routers = [p for name, p in model.named_parameters() if name.endswith("mlp.gate.weight") and p.requires_grad]
-    routers = routers if enabled else []
-    for parameter in routers:
-        parameter.requires_grad_(False)
-    try:
-        yield routers
-    finally:
-        for parameter in routers:
-            parameter.requires_grad_(True)
-
-
-def aux_loss_coefficient(model, settings: RLSettings) -> float:
-    """Weight of the router load-balancing loss: the setting, else the model's own; 0 for dense models."""
-    if not is_moe(model):
-        return 0.0
-    if settings.router_aux_loss_coef is not None:
-        return settings.router_aux_loss_coef
-    return float(model.config.router_aux_loss_coef)
-
-
-class NonFiniteError(UserError):
-    """A reward, loss or gradient norm turned NaN or infinite. Raised before the value reaches the weights, so
-    the last checkpoint on disk is the last good model; the pipeline names it."""
-
-
-def require_finite(name: str, value: torch.Tensor, step: int) -> None:
-    """Raise NonFiniteError unless every entry of `value` is finite. Called on the step's rewards before the
-    update and on each loss before backward (and on PPO/EI gradient norms before the optimiser step)."""
-    value = value.detach()
-    bad = ~torch.isfinite(value)
-    if bad.any():
-        example = value[bad].flatten()[0].item()
-        raise NonFiniteError(f"step {step}: the {name} is {example} ({int(bad.sum())} of {value.numel()} values)")

@@ -79,7 +79,10 @@ def make_llm(model_dir: str | Path, *, seed: int = 0, max_model_len: int = 256, 
                   kv_cache_memory_bytes=int(kv_cache_gib * 2**30),
                   # Seeded requests must never be prefilled in chunks on CPU: vLLM rewinds a chunked request's
                   # generator with `set_offset`, which CPU generators lack ("CPU Generator does not use offset").
-                  enable_chunked_prefill=False)
+                  enable_chunked_prefill=False,
+                  # No "Loading safetensors checkpoint shards" bar: our checkpoints load in milliseconds (the
+                  # rest of what vLLM prints is silenced by experiments.console.silence_libraries).
+                  use_tqdm_on_load=False)
     kwargs.update(llm_kwargs)
     model_type = json.loads((Path(model_dir) / "config.json").read_text())["model_type"]
     _make_room_for_experts(model_type)

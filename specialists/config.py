@@ -6,12 +6,15 @@ in a TOML file names itself instead of being silently ignored.
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from specialists.formats import FORMAT_SETS, Difficulty
-from specialists.tasks import OPERATIONS, TaskConfig
+from specialists.corpus import file_digest, read_texts
+from specialists.errors import SettingsError, did_you_mean
+from specialists.formats import FORMAT_SETS, Difficulty, load_formats
+from specialists.tasks import SPLIT_SHARE, TaskSettings, count_problems
 
 # vLLM's attention backends accept only these head sizes.
 VLLM_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
@@ -19,33 +22,6 @@ VLLM_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TaskSettings(Strict):
-    """The synthetic word problems (see `specialists.tasks`)."""
-
-    min_operations: int = Field(1, ge=1)
-    max_operations: int = Field(2, ge=1)
-    max_value: int = Field(20, ge=2)
-    max_multiplier: int = Field(3, ge=2)
-    operations: tuple[str, ...] = ("add", "sub", "mul")
-
-    @field_validator("operations")
-    @classmethod
-    def _known_operations(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = sorted(set(value) - set(OPERATIONS))
-        if unknown:
-            raise ValueError(f"unknown operations {unknown}; allowed: {sorted(OPERATIONS)}")
-        return value
-
-    @model_validator(mode="after")
-    def _ordered(self) -> "TaskSettings":
-        if self.min_operations > self.max_operations:
-            raise ValueError("min_operations must be <= max_operations")
-        return self
-
-    def task_config(self) -> TaskConfig:
-        return TaskConfig(self.min_operations, self.max_operations, self.max_value, self.max_multiplier, self.operations)
 
 
 class FormatShare(Strict):
@@ -56,6 +32,22 @@ class FormatShare(Strict):
     difficulty: Difficulty = Field(
         "easy", description="easy: code lets the checker do the arithmetic / prose shows every step; "
         "hard: code carries precomputed constants / prose gives only the answer")
+    data: str | None = Field(
+        None, description="a JSONL file of this format's own texts (one {\"text\": ...} per line) to pretrain on "
+        "instead of rendered synthetic problems; a path relative to the working directory")
+
+    @field_validator("data")
+    @classmethod
+    def _readable_corpus(cls, value: str | None) -> str | None:
+        if value is not None:
+            read_texts(value)  # a missing, non-JSONL, text-less or empty file is refused now, naming file and line
+        return value
+
+    @model_validator(mode="after")
+    def _difficulty_is_for_rendering(self) -> "FormatShare":
+        if self.data is not None and self.difficulty != "easy":  # the default, which a resolved config repeats
+            raise ValueError("difficulty applies to rendered synthetic problems, not to a data file's texts")
+        return self
 
 
 def _default_mixture() -> dict[str, FormatShare]:
@@ -68,17 +60,25 @@ def _default_mixture() -> dict[str, FormatShare]:
 
 class MixtureSettings(Strict):
     formats: dict[str, FormatShare] = Field(default_factory=_default_mixture)
+    format_set: str = Field(
+        "synthetic", description="the format set the mixture's names come from and the base is evaluated with: "
+        "a built-in set name or a TOML/YAML format file (formats without `data` must be renderable synthetic ones)")
 
-    @field_validator("formats")
-    @classmethod
-    def _renderable_formats(cls, value: dict[str, FormatShare]) -> dict[str, FormatShare]:
-        allowed = [f.name for f in FORMAT_SETS["synthetic"]]
-        unknown = sorted(set(value) - set(allowed))
+    @model_validator(mode="after")
+    def _known_formats(self) -> "MixtureSettings":
+        if not self.formats:
+            raise SettingsError("the mixture needs at least one format", "formats")
+        known = [f.name for f in load_formats(self.format_set)]
+        unknown = [name for name in self.formats if name not in known]
         if unknown:
-            raise ValueError(f"unknown formats {unknown} in the mixture; allowed: {allowed}")
-        if not value:
-            raise ValueError("the mixture needs at least one format")
-        return value
+            raise SettingsError(f"unknown format {unknown[0]!r}{did_you_mean(unknown[0], known)}; format set "
+                                f"{self.format_set!r} has: {', '.join(known)}", f"formats.{unknown[0]}", "format_set")
+        renderable = [f.name for f in FORMAT_SETS["synthetic"]]
+        unrenderable = [name for name, share in self.formats.items() if share.data is None and name not in renderable]
+        if unrenderable:
+            raise SettingsError(f"formats {unrenderable} need a `data` file: only {renderable} can be rendered from "
+                                "synthetic problems", f"formats.{unrenderable[0]}")
+        return self
 
     def normalised_weights(self) -> dict[str, float]:
         total = sum(share.weight for share in self.formats.values())
@@ -86,13 +86,14 @@ class MixtureSettings(Strict):
 
 
 class ModelSettings(Strict):
-    """A Qwen3-MoE causal LM whose experts are the specialists, or a dense Qwen3 with matched active size,
-    pretrained here; or, with `path`, a local checkpoint of a supported family (specialists.families.FAMILIES)."""
+    """A Qwen3-MoE causal LM whose experts are the specialists (`moe`: trained jointly; `btx`: trained apart and
+    merged, see `BTXSettings`), or a dense Qwen3 with matched active size, pretrained here; or, with `path`, a
+    local checkpoint of a supported family (specialists.families.FAMILIES)."""
 
     path: str | None = Field(None, description=(
         "a local Hugging Face causal-LM checkpoint directory with its tokenizer, used as the RL base instead of "
         "pretraining one: Llama, Qwen2, Qwen3, OLMo2, Qwen3-MoE, OLMoE or Mixtral. Only max_length applies then"))
-    kind: Literal["moe", "dense"] = "moe"
+    kind: Literal["moe", "dense", "btx"] = "moe"
     hidden_size: int = Field(128, ge=32)
     num_layers: int = Field(3, ge=1)
     num_heads: int = Field(4, ge=1)
@@ -107,14 +108,35 @@ class ModelSettings(Strict):
     @model_validator(mode="after")
     def _valid_for_vllm(self) -> "ModelSettings":
         if self.hidden_size % 32:
-            raise ValueError(f"hidden_size must be a multiple of 32 (vLLM's CPU MoE kernel), got {self.hidden_size}")
+            raise SettingsError(f"hidden_size must be a multiple of 32 (vLLM's CPU MoE kernel), got {self.hidden_size}",
+                                "hidden_size")
         if self.head_dim not in VLLM_HEAD_DIMS:
-            raise ValueError(f"head_dim must be one of {VLLM_HEAD_DIMS} (vLLM attention), got {self.head_dim}")
+            raise SettingsError(f"head_dim must be one of {VLLM_HEAD_DIMS} (vLLM attention), got {self.head_dim}",
+                                "head_dim")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError("num_heads must be a multiple of num_kv_heads")
+            raise SettingsError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})",
+                                "num_kv_heads", "num_heads")
         if self.experts_per_token > self.num_experts:
-            raise ValueError("experts_per_token must be <= num_experts")
+            raise SettingsError(f"experts_per_token ({self.experts_per_token}) must be <= num_experts "
+                                f"({self.num_experts})", "experts_per_token", "num_experts")
         return self
+
+
+class BTXSettings(Strict):
+    """Branch-Train-MiX (Sukhbaatar et al. 2024, "Branch-Train-MiX: Mixing Expert LLMs into a Mixture-of-Experts
+    LLM", arXiv:2403.07816), for `model.kind = "btx"`: a dense seed model pretrained briefly on the whole mixture
+    is branched into one dense specialist per format, each pretrained on its format's share of the corpus; their
+    MLPs become the experts of one Qwen3-MoE (attention, norms and embeddings averaged) whose routers then learn
+    on the whole mixture. With the same [model] numbers the merged model has exactly the joint MoE's shape:
+    each specialist's MLP is num_experts / formats experts wide (see `specialists.btx`)."""
+
+    seed_fraction: float = Field(0.1, gt=0, le=1, description="share of pretrain.num_examples the shared seed "
+                                 "model is pretrained on (the first examples of the shuffled mixture corpus)")
+    mix_fraction: float = Field(0.1, gt=0, le=1, description="share of pretrain.num_examples the merged model "
+                                "trains on (the last examples of the shuffled mixture corpus)")
+    mix_train: Literal["router", "all"] = Field(
+        "router", description="what the mix phase trains: the routers only (the merged experts stay the specialists), "
+        "or every parameter (the paper's MoE finetuning)")
 
 
 class PretrainSettings(Strict):
@@ -141,6 +163,47 @@ class SpecialistsConfig(Strict):
     model: ModelSettings = ModelSettings()
     pretrain: PretrainSettings = PretrainSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
+    btx: BTXSettings = Field(BTXSettings(), description="Branch-Train-MiX phases, for model.kind = 'btx' only")
+
+    @model_validator(mode="after")
+    def _btx_fits(self) -> "SpecialistsConfig":
+        if self.model.kind != "btx":
+            if self.btx != BTXSettings():  # settings that would silently do nothing
+                raise ValueError(f"the [btx] section needs model.kind = \"btx\" (got {self.model.kind!r})")
+            return self
+        formats, experts = len(self.mixture.formats), self.model.num_experts
+        if experts % formats:
+            raise ValueError(f"model.num_experts = {experts} must be a multiple of the mixture's {formats} formats "
+                             "for kind = \"btx\": each specialist's MLP becomes num_experts / formats experts")
+        empty = [name for name, weight in self.mixture.normalised_weights().items()
+                 if round(self.pretrain.num_examples * weight) == 0]
+        if empty:
+            raise ValueError(f"formats {empty} get no pretraining examples, so their BTX specialists would stay the "
+                             "seed model: raise pretrain.num_examples or their weights")
+        return self
+
+    @model_validator(mode="after")
+    def _corpora_large_enough(self) -> "SpecialistsConfig":
+        """A data file must hold the distinct texts its share of the corpus needs (see pretrain.build_corpus)."""
+        weights = self.mixture.normalised_weights()
+        for name, share in self.mixture.formats.items():
+            if share.data is not None:
+                needed = math.ceil(round(self.pretrain.num_examples * weights[name]) / share.repeat)
+                available = len(read_texts(share.data))
+                if available < needed:
+                    raise ValueError(f"mixture.formats.{name}.data: {share.data} has {available} texts, the mixture "
+                                     f"needs {needed} distinct ones (pretrain.num_examples x share / repeat)")
+        return self
+
+    def corpus_sizes(self) -> dict[str, tuple[int, int]]:
+        """Per mixture format: (pretraining examples, distinct problems among them); with `repeat = k` a
+        format has 1/k as many distinct problems, each seen k times (specialists.pretrain.build_corpus)."""
+        weights = self.mixture.normalised_weights()
+        sizes = {}
+        for name, weight in weights.items():
+            examples = round(self.pretrain.num_examples * weight)
+            sizes[name] = (examples, math.ceil(examples / self.mixture.formats[name].repeat))
+        return sizes
 
     @model_validator(mode="after")
     def _no_pretraining_settings_with_a_path(self) -> "SpecialistsConfig":
@@ -152,7 +215,54 @@ class SpecialistsConfig(Strict):
         written += [f"{section}.{key}" for section in ("mixture", "pretrain", "evaluation")
                     for key in sorted(getattr(self, section).model_fields_set)]
         if written:
-            raise ValueError(f"model.path brings its own base, so these pretraining settings do not apply: "
-                             f"{', '.join(written)}; remove them")
+            raise SettingsError(f"model.path brings its own base, so these pretraining settings do not apply: "
+                                f"{', '.join(written)}; remove them", *written, "model.path")
         return self
+
+    def base_identity(self) -> dict:
+        """What determines the pretrained base, for its cache key: the config and the SHA-256 of each data file
+        (an edited corpus is a new base). Settings that do not apply stay out, so that bases cached before they
+        existed keep their key: unset optional keys (None: model.path, a format's data), the default format
+        set, and the [btx] section unless the model is a BTX one."""
+        identity = self.model_dump(mode="json", exclude_none=True, exclude={"btx"} if self.model.kind != "btx" else None)
+        if identity["mixture"]["format_set"] == MixtureSettings.model_fields["format_set"].default:
+            del identity["mixture"]["format_set"]
+        digests = {name: file_digest(share.data) for name, share in self.mixture.formats.items() if share.data is not None}
+        if digests:
+            identity["corpus_sha256"] = digests
+        return identity
+
+    @model_validator(mode="after")
+    def _enough_problems(self) -> "SpecialistsConfig":
+        """The task must have the distinct problems pretraining and evaluation draw (tasks.generate_problems would
+        otherwise give up only after drawing 50 times as many). A model.path base is neither pretrained nor
+        evaluated here."""
+        if self.model.path is not None:
+            return self
+        needs = [("train", sum(distinct for name, (_, distinct) in self.corpus_sizes().items()
+                               if self.mixture.formats[name].data is None), "pretrain.num_examples"),
+                 ("eval", self.evaluation.num_problems, "evaluation.num_problems")]
+        for split, count, key in needs:
+            check_problem_space(self.task, split, count, key)
+        return self
+
+
+def expert_specialists(formats: Sequence[str], num_experts: int) -> list[str]:
+    """The format whose specialist each expert of a BTX model came from. Specialists are taken in alphabetical
+    order of their formats (an order that survives a config written with sorted keys, as run directories'
+    config.json is); specialist f owns the num_experts / len(formats) consecutive experts from
+    f * num_experts / len(formats) on."""
+    ordered = sorted(formats)
+    per_specialist = num_experts // len(ordered)
+    return [ordered[expert // per_specialist] for expert in range(num_experts)]
+
+
+def check_problem_space(task: TaskSettings, split: str, count: int, key: str) -> None:
+    """Refuse `count` distinct `split` problems from a task that has fewer (about SPLIT_SHARE[split] of all it
+    can write), naming `key` (the setting asking for them) and the task settings that would widen it."""
+    available = int(count_problems(task, math.ceil(count / SPLIT_SHARE[split]) + 1) * SPLIT_SHARE[split])
+    if count > available:
+        raise SettingsError(f"{key} needs {count} distinct {split} problems, but the task has only about {available} "
+                            "(raise task.max_value, task.max_operations or task.max_multiplier, or add operations)",
+                            key, "task")
 

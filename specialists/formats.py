@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
-from specialists.errors import UserError
+from specialists.errors import UserError, did_you_mean
 from specialists.sandbox import Program
 from specialists.tasks import OPERATIONS, Problem
 
@@ -241,7 +241,8 @@ def load_formats(name_or_path: str | Path) -> tuple[Format, ...]:
         return FORMAT_SETS[key]
     path = Path(key)
     if not path.is_file():
-        raise UserError(f"unknown format set {key!r}: not a file, and not one of {sorted(FORMAT_SETS)}")
+        raise UserError(f"unknown format set {key!r}{did_you_mean(key, FORMAT_SETS)}: not a file, and not one of "
+                        f"{sorted(FORMAT_SETS)}")
     if path.suffix not in (".toml", ".yaml", ".yml"):
         raise UserError(f"{path}: format files must end in .toml, .yaml or .yml")
     document = _read_format_file(path)
@@ -253,9 +254,10 @@ def load_formats(name_or_path: str | Path) -> tuple[Format, ...]:
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise UserError(f"{path}: format #{index + 1} is not a table of keys")
-        unknown = set(entry) - allowed
+        unknown = sorted(set(entry) - allowed)
         if unknown:
-            raise UserError(f"{path}: format #{index + 1} has unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+            hints = ", ".join(repr(key) + did_you_mean(key, allowed) for key in unknown)
+            raise UserError(f"{path}: format #{index + 1} has unknown keys {hints}; allowed: {sorted(allowed)}")
         if "name" not in entry or "detect" not in entry:
             raise UserError(f"{path}: format #{index + 1} needs 'name' and 'detect'")
         try:
@@ -269,7 +271,9 @@ def load_formats(name_or_path: str | Path) -> tuple[Format, ...]:
             ))
         except re.error as error:
             raise UserError(f"{path}: format {entry['name']!r}: bad pattern ({error})") from None
-        except (ValueError, TypeError) as error:  # e.g. detect = 5
+        except ValueError as error:  # Format's own checks, which name the format
+            raise UserError(f"{path}: {error}") from None
+        except TypeError as error:  # e.g. detect = 5
             raise UserError(f"{path}: format {entry['name']!r}: {error}") from None
     names = [f.name for f in formats]
     if len(set(names)) != len(names):

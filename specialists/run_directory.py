@@ -7,12 +7,13 @@ Layout of a run directory:
 
     config.json                       the resolved experiment config
     rollouts/step_000000.parquet      one row per sampled completion (ROLLOUT_SCHEMA), one file per step
-    metrics.jsonl                     one JSON line per step
+    metrics.jsonl                     one JSON line per step (METRICS, ALGORITHM_METRICS)
     checkpoints/step_000010/          HF checkpoint (model + tokenizer) and trainer_state.pt
     summary.json, metrics.parquet     written by `echolab analyze`
     report.html                       written by `echolab report`
 
-Step s's rollouts come from the model after s updates; step 0 is the model before any update.
+Step s's rollouts come from the model after s updates; step 0 is the model before any update, and the
+last step, s = rl.steps, samples the final model without updating it (`update` false in its metrics line).
 """
 
 from __future__ import annotations
@@ -45,10 +46,59 @@ ROLLOUT_SCHEMA = pa.schema([
     ("format", pa.string()),  # the format the completion fits, or "other"
     ("reason", pa.string()),  # why it was graded so: correct, wrong, no_answer, timeout, forbidden, error
     ("num_tokens", pa.int32()),
-    ("logprob", pa.float64()),  # sum over the completion's tokens, sampling distribution before temperature
+    ("logprob", pa.float64()),  # sum over the completion's tokens, model that sampled, raw distribution (no temperature)
     ("expert_load", pa.list_(pa.list_(pa.int32()))),  # [layer][expert] routed-token counts; null for dense models
 ])
 OPTIONAL_COLUMNS = tuple(name for name in ROLLOUT_SCHEMA.names if name not in REQUIRED_COLUMNS)
+
+
+# The metrics vocabulary: every metrics.jsonl line holds every key of METRICS (null where the algorithm, or a
+# step without an update, has no such quantity), plus the keys of its algorithm in ALGORITHM_METRICS. The same
+# name means the same quantity in PPO, GRPO and Expert Iteration. Means over a step's updates unless said.
+METRICS = {
+    "step": "the RL step; its rollouts come from the model after `step` updates",
+    "epoch": "passes over the RL prompt set completed before this step's batch",
+    "update": "whether the model was updated with this step's rollouts (false for the last step, the final model)",
+    "reward_mean": "mean reward of the step's completions",
+    "reward_std": "population standard deviation of the step's rewards",
+    "accuracy": "share of the step's completions graded correct",
+    "frac_reward_zero_std": "share of prompts whose samples all got the same reward (no GRPO signal)",
+    "truncated_fraction": "share of completions cut at max_new_tokens",
+    "rollout_tokens": "completion tokens sampled in the step",
+    "loss": "the minimised total loss",
+    "policy_loss": "the policy-gradient term alone (PPO, GRPO)",
+    "kl_to_reference": "mean token k3 KL of the sampling policy to the pretrained model, on the step's rollouts",
+    "entropy": "mean token entropy of the sampling distribution (logits / temperature) on the step's rollouts",
+    "clip_fraction": "share of completion tokens whose gradient the PPO clip removed",
+    "approx_kl": "mean token k3 KL from pi_old to the updated policy over the updates: how far they moved",
+    "grad_norm": "gradient norm before clipping",
+    "aux_loss": "the router load-balancing loss, unweighted (MoE with a coefficient > 0)",
+    "replay_loss": "the pretraining-replay NLL, unweighted (pretrain_replay_coef > 0)",
+    "updates": "optimiser steps taken with the step's rollouts",
+    "sampler_kl": "mean token k3 KL from the sampler to the trainer on the sampled tokens: the train/inference mismatch",
+    "sampler_ratio_max": "largest trainer/sampler probability ratio of a sampled token (before any TIS cap)",
+    "tis_capped_fraction": "share of completion tokens whose TIS weight hit the cap (rl.tis_cap; PPO, GRPO)",
+    "clip_cov_fraction": "share of completion tokens Clip-Cov detached (mitigations.clip_cov; PPO, GRPO)",
+    "kl_cov_penalty": "KL-Cov's penalty term, aggregated like the policy loss (mitigations.kl_cov; PPO, GRPO)",
+    "sample_time_s": "seconds the engine took to sample the step",
+    "score_time_s": "seconds grading and rewarding took",
+    "update_time_s": "seconds of the recipe's work: forwards, backward, optimiser steps",
+    "sync_time_s": "seconds pushing the updated weights into the engine",
+    "step_time_s": "seconds from the start of sampling to the metrics line",
+    "rollout_tokens_per_s": "rollout_tokens / sample_time_s",
+}
+ALGORITHM_METRICS = {
+    "ppo": {
+        "value_loss": "the clipped value loss of the value head",
+        "explained_variance": "1 - Var[R - V] / Var[R] of the value head before the updates",
+    },
+    "grpo": {},
+    "ei": {
+        "sampled": "completions sampled",
+        "kept": "completions graded correct",
+        "kept_unique": "correct completions left after deduplication per prompt: the fine-tuning data",
+    },
+}
 
 
 def step_name(step: int) -> str:

@@ -8,14 +8,19 @@ every problem hashes to a bucket, and the evaluation split owns a fixed share of
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import json
 import random
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Literal
 
-from specialists.errors import UserError
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from specialists.errors import SettingsError, UserError
 
 NAMES = ("Mia", "Leo", "Ava", "Sam", "Zoe", "Max", "Ivy", "Ben")
 ITEMS = ("apples", "books", "coins", "cards", "pens", "shells", "stamps", "eggs")
@@ -37,16 +42,17 @@ class Step:
 
 @dataclass(frozen=True)
 class Problem:
-    """One problem. `answer` is the gold final number; `start`/`steps` exist for synthetic problems."""
+    """One problem. `answer` is the gold final answer: a number, or text for a MATH-style answer that is no
+    plain number ('\\frac{1}{2}', graded by math-verify); `start`/`steps` exist for synthetic problems."""
 
     id: str
     question: str
-    answer: float
+    answer: float | str
     name: str = ""
     item: str = ""
     start: int = 0
     steps: tuple[Step, ...] = ()
-    reference_solution: str = ""  # GSM8K's worked solution, when loaded from a file
+    reference_solution: str = ""  # the worked solution (GSM8K, MATH), when loaded from a file
 
     def intermediate_values(self) -> list[int]:
         """Value after each step: [start, after step 1, ..., final]."""
@@ -66,24 +72,26 @@ def apply(value: int, step: Step) -> int:
     raise ValueError(f"unknown operation {step.op!r}; allowed: {sorted(OPERATIONS)}")
 
 
-@dataclass(frozen=True)
-class TaskConfig:
-    """Difficulty of the synthetic task. Negative intermediate values are never generated."""
+Operation = Literal[tuple(OPERATIONS)]
 
-    min_operations: int = 1
-    max_operations: int = 2
-    max_value: int = 20  # start and add/sub operands are drawn from [1, max_value]
-    max_multiplier: int = 3  # mul operands are drawn from [2, max_multiplier]
-    operations: tuple[str, ...] = ("add", "sub", "mul")
 
-    def __post_init__(self) -> None:
-        unknown = set(self.operations) - set(OPERATIONS)
-        if unknown:
-            raise ValueError(f"unknown operations {sorted(unknown)}; allowed: {sorted(OPERATIONS)}")
-        if not 1 <= self.min_operations <= self.max_operations:
-            raise ValueError("need 1 <= min_operations <= max_operations")
-        if self.max_value < 2 or self.max_multiplier < 2:
-            raise ValueError("max_value and max_multiplier must be >= 2")
+class TaskSettings(BaseModel):
+    """Difficulty of the synthetic task (the `[task]` config section). Negative intermediate values are
+    never generated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)  # as specialists.config.Strict, which imports this module
+
+    min_operations: int = Field(1, ge=1)
+    max_operations: int = Field(2, ge=1)
+    max_value: int = Field(20, ge=2, description="start and add/sub operands are drawn from [1, max_value]")
+    max_multiplier: int = Field(3, ge=2, description="mul operands are drawn from [2, max_multiplier]")
+    operations: tuple[Operation, ...] = Field(("add", "sub", "mul"), min_length=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "TaskSettings":
+        if self.min_operations > self.max_operations:
+            raise SettingsError("min_operations must be <= max_operations", "min_operations", "max_operations")
+        return self
 
 
 PROMPT_TEMPLATE = "Question: {question}\nAnswer:\n"
@@ -97,6 +105,7 @@ def prompt_text(problem: Problem, template: str = PROMPT_TEMPLATE) -> str:
 
 
 EVAL_BUCKET_SHARE = 0.2  # a fifth of all possible problems belong to evaluation splits
+SPLIT_SHARE = {"train": 1 - EVAL_BUCKET_SHARE, "eval": EVAL_BUCKET_SHARE}
 
 
 def _is_eval_problem(question: str) -> bool:
@@ -104,7 +113,7 @@ def _is_eval_problem(question: str) -> bool:
     return int.from_bytes(digest[:4], "big") / 2**32 < EVAL_BUCKET_SHARE
 
 
-def _random_problem(rng: random.Random, config: TaskConfig) -> Problem:
+def _random_problem(rng: random.Random, config: TaskSettings) -> Problem:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     start = rng.randint(1, config.max_value)
     steps, value = [], start
@@ -130,10 +139,46 @@ def _random_problem(rng: random.Random, config: TaskConfig) -> Problem:
     return Problem(problem_id, question, float(value), name, item, start, tuple(steps))
 
 
-def generate_problems(count: int, seed: int, split: str, config: TaskConfig = TaskConfig()) -> list[Problem]:
+def count_problems(config: TaskSettings, at_most: int) -> int:
+    """How many distinct problems `_random_problem` can write with these settings, counted up to `at_most`
+    (the count stops there, so a vast space costs no more than a small one). About SPLIT_SHARE[split] of
+    them belong to each split. Every (name, item, start, steps) gives another question; from a value v the
+    next step can be: add 1..max_value (also what sub becomes below 2), mul 2..max_multiplier, or sub
+    1..min(v - 1, max_value), as far as `operations` allows."""
+    per_start = -(-at_most // (len(NAMES) * len(ITEMS)))  # chains per (name, item) that reach at_most
+
+    @functools.cache
+    def chains(value: int, length: int) -> int:  # distinct step chains of `length` from `value`, capped
+        if length == 0:
+            return 1
+        options = []  # the values after each possible next step, as ranges
+        if "add" in config.operations or ("sub" in config.operations and value < 2):
+            options.append(range(value + 1, value + config.max_value + 1))
+        if "mul" in config.operations:
+            options.append(range(value * 2, value * config.max_multiplier + 1, value))
+        if "sub" in config.operations and value >= 2:
+            options.append(range(value - 1, value - min(value - 1, config.max_value) - 1, -1))
+        total = 0
+        for after in itertools.chain(*options):  # every option starts at least one chain, so this loop ends by per_start
+            total += chains(after, length - 1)
+            if total >= per_start:
+                return per_start
+        return total
+
+    total = 0
+    for length in range(config.min_operations, config.max_operations + 1):
+        for start in range(1, config.max_value + 1):
+            total += chains(start, length)
+            if total >= per_start:
+                return at_most
+    return min(total * len(NAMES) * len(ITEMS), at_most)
+
+
+def generate_problems(count: int, seed: int, split: str, config: TaskSettings = TaskSettings()) -> list[Problem]:
     """`count` distinct problems of `split` ("train" or "eval"), the same for the same seed and config.
 
-    Raises ValueError when the configuration's problem space cannot supply `count` distinct problems.
+    Raises UserError when the configuration's problem space cannot supply `count` distinct problems (configs
+    are checked for that when loaded, with `count_problems`).
     """
     if split not in ("train", "eval"):
         raise ValueError(f"unknown split {split!r}; allowed: train, eval")
@@ -151,7 +196,9 @@ def generate_problems(count: int, seed: int, split: str, config: TaskConfig = Ta
 
 
 def easy_train_hard_eval(train_count: int, eval_count: int, seed: int,
-                         easy: TaskConfig = TaskConfig(1, 2), hard: TaskConfig = TaskConfig(3, 4)) -> tuple[list[Problem], list[Problem]]:
+                         easy: TaskSettings = TaskSettings(min_operations=1, max_operations=2),
+                         hard: TaskSettings = TaskSettings(min_operations=3, max_operations=4),
+                         ) -> tuple[list[Problem], list[Problem]]:
     """The paper's transfer split: train on short chains, evaluate on longer ones (disjoint by length and bucket)."""
     if hard.min_operations <= easy.max_operations:
         raise ValueError("hard problems must have more operations than easy ones")

@@ -49,7 +49,7 @@ def tiny_dense_dir(tmp_path_factory):
 def vllm_moe(tiny_moe_dir):
     """One vLLM engine on the tiny MoE for the whole session (an engine takes 10-40 s to start on CPU).
     Tests that push other weights into it must push the checkpoint's weights back when done."""
-    from rl.vllm_engine import VLLMEngine
+    from rl.engines import VLLMEngine
     from specialists.tokenizer import load_tokenizer
 
     engine = VLLMEngine(tiny_moe_dir, load_tokenizer(tiny_moe_dir), max_length=256, seed=0)

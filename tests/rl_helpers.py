@@ -1,6 +1,6 @@
 """Helpers shared by the RL test files (PPO, GRPO, Expert Iteration, the vLLM runs, the mitigations, the
-weight sync): a stand-in reward, the prompt set of a settings object, reading metrics, the SPEC run-directory
-check, and teacher-forced log-probabilities under transformers and under vLLM."""
+weight sync): a stand-in reward, the prompt set of a settings object, a Run as the pipeline builds it,
+reading metrics, the run-directory check, and teacher-forced log-probabilities under transformers and vLLM."""
 
 from __future__ import annotations
 
@@ -11,15 +11,21 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from specialists.run_directory import ROLLOUT_SCHEMA
+from rl.engines import HFEngine
+from rl.recipe import Run
+from rl.recorder import Recorder
+from rl.replay import PretrainReplay
 from rl.rollouts import PromptSet, load_prompt_problems
 from specialists.config import SpecialistsConfig
+from specialists.model import load_model
+from specialists.run_directory import METRICS, ROLLOUT_SCHEMA
+from specialists.tokenizer import load_tokenizer
 from specialists.formats import FORMAT_SETS, classify
 from specialists.prompting import Prompter
 from specialists.grading import Grade
 
 # Wall-clock measurements: they differ between otherwise identical runs.
-TIMING_KEYS = frozenset({"step_time", "step_time_s", "rollout_time_s", "rollout_tokens_per_s"})
+TIMING_KEYS = frozenset(key for key in METRICS if key.endswith("_s")) | {"rollout_tokens_per_s"}
 
 
 class ChecksumRewards:
@@ -37,11 +43,45 @@ class ChecksumRewards:
         return torch.tensor(correct, dtype=torch.float32), grades
 
 
+class RecordingEngine:
+    """An engine that keeps what each `generate` call returned (prompts, completions with token ids and the
+    sampler's log-probs); `close` is left to the wrapped engine's owner."""
+
+    def __init__(self, engine):
+        self.engine, self.calls = engine, []
+
+    def generate(self, prompts, sampling, seed):
+        groups = self.engine.generate(prompts, sampling, seed)
+        self.calls.append((prompts, groups))
+        return groups
+
+    def sync_weights(self, model) -> None:
+        self.engine.sync_weights(model)
+
+    def close(self) -> None:
+        pass
+
+
 def prompt_set_for(settings, tokenizer, seed: int = 0) -> PromptSet:
     """The RL prompt set the pipeline would build for `settings` (synthetic problems of the default task)."""
-    problems = load_prompt_problems(settings, seed, SpecialistsConfig().task.task_config())
+    problems = load_prompt_problems(settings, seed, SpecialistsConfig().task)
     return PromptSet(problems, settings.prompts_per_step, seed, Prompter(tokenizer, settings.prompt_template,
                                                                          settings.chat_template))
+
+
+def make_run(model_dir, run_dir, settings, *, engine=None, rewards=None, seed: int = 0, start_step: int = 0,
+             model=None, reference=None, replay_texts: list[str] | None = None) -> Run:
+    """A Run as experiments.pipeline builds it, by default with the transformers engine on `model` (loaded from
+    `model_dir`) and ChecksumRewards(2); `replay_texts` become the pretraining replay (seeded with `seed`)."""
+    model = load_model(model_dir) if model is None else model
+    tokenizer = load_tokenizer(model_dir)
+    replay = None
+    if replay_texts is not None:
+        replay = PretrainReplay.from_texts(replay_texts, tokenizer, settings.mitigations.pretrain_replay_batch, seed)
+    return Run(settings=settings, model=model, tokenizer=tokenizer,
+               engine=HFEngine(model, tokenizer) if engine is None else engine, prompt_set=prompt_set_for(settings, tokenizer, seed),
+               rewards=ChecksumRewards(2) if rewards is None else rewards, recorder=Recorder(run_dir), seed=seed,
+               start_step=start_step, reference=reference, replay=replay, progress=False)
 
 
 def read_metrics(run_dir: Path, drop=frozenset()) -> list[dict]:
@@ -56,21 +96,23 @@ def rollout_rows(run_dir: Path, step: int) -> list[dict]:
 
 def check_run_directory(run_dir: Path, model_config, *, steps: int, rows_per_step: int, checkpoints: list[int],
                         algorithm: str) -> list[dict]:
-    """Assert the SPEC run directory of an MoE run of `steps` recorded steps:
+    """Assert the run directory of an MoE run of `steps` update steps (rl.training.train):
 
-    - rollouts/step_000000 .. step_{steps-1}.parquet and no others, each with the recorder's schema and
-      `rows_per_step` rows of its own step;
+    - rollouts/step_000000 .. step_{steps}.parquet and no others (steps 0 .. steps - 1 with an update, step
+      `steps` the final model's), each with the recorder's schema and `rows_per_step` rows of its own step;
     - every expert_load has shape (layers, experts) and routes each completion token to experts_per_token
       experts in every layer;
-    - one metrics line per step, steps 0 .. steps-1 in order;
+    - one metrics line per step, steps 0 .. steps in order, each with every key of the metrics vocabulary;
+      `update` true but on the last line, whose update statistics are null;
     - checkpoints exactly at `checkpoints`, each with a trainer_state.pt of its algorithm and step.
     Returns the metrics lines.
     """
     run_dir = Path(run_dir)
     layers, experts, per_token = (model_config.num_hidden_layers, model_config.num_experts,
                                   model_config.num_experts_per_tok)
-    assert sorted(p.name for p in (run_dir / "rollouts").iterdir()) == [f"step_{s:06d}.parquet" for s in range(steps)]
-    for step in range(steps):
+    recorded = list(range(steps + 1))
+    assert sorted(p.name for p in (run_dir / "rollouts").iterdir()) == [f"step_{s:06d}.parquet" for s in recorded]
+    for step in recorded:
         table = pq.read_table(run_dir / "rollouts" / f"step_{step:06d}.parquet")
         assert table.schema.equals(ROLLOUT_SCHEMA)
         rows = table.to_pylist()
@@ -80,7 +122,11 @@ def check_run_directory(run_dir: Path, model_config, *, steps: int, rows_per_ste
             assert load.shape == (layers, experts)
             assert load.sum(dim=1).tolist() == [row["num_tokens"] * per_token] * layers
     metrics = read_metrics(run_dir)
-    assert [m["step"] for m in metrics] == list(range(steps))
+    assert [m["step"] for m in metrics] == recorded
+    for line in metrics:
+        assert METRICS.keys() <= line.keys(), METRICS.keys() - line.keys()
+    assert [m["update"] for m in metrics] == [True] * steps + [False]
+    assert all(metrics[-1][key] is None for key in ("loss", "policy_loss", "grad_norm", "clip_fraction", "updates"))
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"step_{s:06d}" for s in checkpoints]
     for step in checkpoints:
         state = torch.load(run_dir / "checkpoints" / f"step_{step:06d}" / "trainer_state.pt", weights_only=True)

@@ -103,3 +103,47 @@ def test_shift_decomposition_with_a_format_absent_at_one_step():
     assert parts.loc["total"].tolist() == pytest.approx([0.25, -0.25])
     drift = sm.within_format_routing_drift(counts, 0, 1).loc[0]
     assert drift["code"] == pytest.approx(0.25) and "prose" not in drift.index
+
+
+# ---------------------------------------------------------------- specialist dominance (BTX: experts trained apart)
+
+SPECIALISTS = ["a", "a", "b", "b"]  # experts 0, 1 came from format a's specialist; 2, 3 from b's
+
+
+def test_specialist_share_sums_each_specialists_experts():
+    # step 0: experts (3, 2, 2, 1) of 8 routed tokens -> a: 5/8, b: 3/8; step 1: all 8 on expert 0 -> a: 1, b: 0
+    counts = tokens({(0, "a"): [[3, 1, 0, 0]], (0, "b"): [[0, 1, 2, 1]], (1, "a"): [[8, 0, 0, 0]]})
+    table = sm.specialist_share(sm.expert_share(counts), SPECIALISTS)
+    assert list(table.columns) == ["a", "b"]
+    assert table.loc[(0, 0)].tolist() == [5 / 8, 3 / 8] and table.loc[(0, 1)].tolist() == [1.0, 0.0]
+
+
+def test_specialist_alignment_is_the_share_of_a_format_routed_to_its_own_specialist():
+    # step 0: a's 4 tokens all on experts 0-1 -> 1.0; b's 4 tokens: 1 on expert 1, 3 on experts 2-3 -> 0.75.
+    # step 1: only a sampled (2 of its 8 tokens on b's experts) -> a 0.75, b NaN
+    counts = tokens({(0, "a"): [[3, 1, 0, 0]], (0, "b"): [[0, 1, 2, 1]], (1, "a"): [[4, 2, 1, 1]]})
+    table = sm.specialist_alignment(counts, SPECIALISTS)
+    assert table.loc[(0, 0)].tolist() == [1.0, 0.75]
+    assert table.loc[(0, 1), "a"] == 0.75 and math.isnan(table.loc[(0, 1), "b"])
+
+
+def test_specialist_alignment_ignores_formats_without_a_specialist():
+    counts = tokens({(0, "a"): [[1, 1, 0, 0]], (0, "other"): [[0, 0, 4, 0]], (1, "other"): [[4, 0, 0, 0]]})
+    table = sm.specialist_alignment(counts, SPECIALISTS)
+    assert list(table.columns) == ["a", "b"] and table.loc[(0, 0), "a"] == 1.0 and math.isnan(table.loc[(0, 0), "b"])
+    assert table.loc[(0, 1)].isna().all()  # step 1 has only `other`: a row, but nothing to align
+    only_other = sm.specialist_alignment(tokens({(0, "other"): [[4, 0, 0, 0], [0, 4, 0, 0]]}), SPECIALISTS)
+    assert list(only_other.index) == [(0, 0), (1, 0)] and only_other.isna().all().all()
+
+
+def test_dominant_expert_is_winner_specialist_compares_with_the_steps_dominant_format():
+    # step 0: expert 0 dominates (specialist a) while format b won the step -> 0; step 1: expert 2 (b), b won -> 1
+    table = shares([3, 2, 2, 1], [1, 1, 5, 1])
+    winners = pd.Series(["b", "b"], index=pd.Index([0, 1], name="step"))
+    assert sm.dominant_expert_is_winner_specialist(table, winners, SPECIALISTS).tolist() == [0.0, 1.0]
+
+
+def test_a_specialist_map_of_the_wrong_size_is_a_user_error():
+    table = shares([1, 1, 1, 1])
+    with pytest.raises(UserError, match="4 experts per layer but the run's config names specialists for 2"):
+        sm.specialist_share(table, ["a", "b"])

@@ -186,3 +186,36 @@ def test_bad_paths_and_format_sets(tmp_path):
     path = write_jsonl(pd.DataFrame({"step": [0], "prompt_id": [1], "completion": ["x"]}), tmp_path / "r.jsonl")
     with pytest.raises(UserError, match="unknown format set 'nonsense'"):
         analyze(path, formats="nonsense", progress=False)
+
+
+def test_a_btx_run_config_adds_specialist_dominance(tmp_path):
+    """A BTX run: expert i is format i's specialist (3 formats, 3 experts; the map named in the config) and each
+    format routes 85% of its tokens there (`synthetic_rollouts`), while python_function takes over the completions."""
+    config = {"model": {"kind": "btx", "num_experts": 3},
+              "expert_specialists": ["python_function", "llm_code", "natural_language"]}
+    run = write_run_dir(synthetic_rollouts(experts=3), tmp_path / "run", config)
+    dominance = analyze(run, formats=None, progress=False)["specialist_dominance"]
+    assert dominance["expert_specialists"] == ["python_function", "llm_code", "natural_language"]
+    share = dominance["specialist_share"]["0"]
+    assert set(share) == {"0", "4"}  # the headline keeps the first and last step; every step is in metrics.parquet
+    assert share["4"]["python_function"] > share["0"]["python_function"] + 0.3  # the winner's specialist takes over
+    for layer in ("0", "1"):
+        assert dominance["dominant_expert_is_winner_specialist"][layer]["4"] is True
+        assert all(0.7 < value < 1.0 for value in dominance["specialist_alignment"][layer]["0"].values())
+    metrics = pd.read_parquet(run / METRICS_TABLE_FILE)
+    assert {"specialist_share", "specialist_alignment", "dominant_expert_is_winner_specialist"} <= set(metrics["metric"])
+    rows = metrics[(metrics["metric"] == "specialist_share") & (metrics["step"] == 4) & (metrics["layer"] == 0)]
+    assert rows.set_index("format")["value"].to_dict() == pytest.approx(share["4"])
+    (run / "config.json").write_text(json.dumps({"model": {"kind": "moe", "num_experts": 3}}))
+    assert "specialist_dominance" not in analyze(run, formats=None, progress=False)  # a joint MoE has no specialists
+
+
+def test_the_expert_specialist_map_from_a_run_config():
+    from analysis.load import read_expert_specialists
+
+    btx = {"model": {"kind": "btx", "num_experts": 6}, "mixture": {"formats": {"b": {}, "a": {}, "c": {}}}}
+    assert read_expert_specialists(btx) == ["a", "a", "b", "b", "c", "c"]  # alphabetical, 2 experts each
+    assert read_expert_specialists({"expert_specialists": ["x", "y"]}) == ["x", "y"]  # e.g. a BTX checkpoint's config
+    assert read_expert_specialists({"model": {"kind": "moe"}}) is None and read_expert_specialists({}) is None
+    with pytest.raises(UserError, match="non-empty list of format names"):
+        read_expert_specialists({"expert_specialists": "python_function"})

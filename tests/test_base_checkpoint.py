@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from experiments.config import ExperimentConfig, validate
+from experiments.config import ExperimentConfig, load_experiment_config, validate
 from specialists.errors import UserError
 from specialists.prompting import Prompter
 from specialists.tasks import PROMPT_TEMPLATE, generate_problems, prompt_text
@@ -19,7 +19,14 @@ PROBLEM = generate_problems(1, seed=4, split="eval")[0]
 
 
 def load(document: dict) -> ExperimentConfig:
-    return validate(document, ExperimentConfig, "config.toml")
+    return validate(document, ExperimentConfig, lambda keys: "config.toml")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict:
+    """Tiny checkpoints: a Qwen3 (a chat template), an OLMo2 (none) and an OLMoE (a router)."""
+    root = tmp_path_factory.mktemp("bases")
+    return {family: str(build_checkpoint(family, root / family)) for family in ("qwen3", "olmo2", "olmoe")}
 
 
 @pytest.mark.parametrize("document, message", [
@@ -29,6 +36,7 @@ def load(document: dict) -> ExperimentConfig:
     ({"model": {"path": "base"}, "mixture": {"formats": {"llm_code": {"weight": 1}}}}, "mixture.formats"),
     ({"model": {"path": "base"}, "evaluation": {"num_problems": 8}}, "evaluation.num_problems"),
     ({"model": {"path": "base"}, "rl": {"mitigations": {"pretrain_replay_coef": 0.5}}}, "pretrain_replay_coef replays"),
+    ({"model": {"path": "base"}}, "model.path: base is no Hugging Face checkpoint (no config.json)"),
     ({"rl": {"chat_template": True}}, "rl.chat_template needs a model.path base"),
     ({"rl": {"prompt_template": "Solve: {question} = {answer}"}}, "unknown fields ['answer']"),
     ({"rl": {"prompt_template": "Solve it."}}, "it must contain {question}"),
@@ -41,11 +49,41 @@ def test_config_rules_are_refused_when_loaded(document, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
-def test_a_path_keeps_the_rl_settings_and_max_length():
-    config = load({"model": {"path": "base", "max_length": 512}, "seed": 3, "task": {"max_value": 50},
+def test_a_path_keeps_the_rl_settings_and_max_length(checkpoints):
+    base = checkpoints["qwen3"]
+    config = load({"model": {"path": base, "max_length": 128}, "seed": 3, "task": {"max_value": 50},
                    "rl": {"prompt_template": "Q: {question} ({name})\nA:", "chat_template": True,
                           "engine": {"dtype": "bfloat16"}}})
-    assert (config.model.path, config.model.max_length, config.rl.engine.dtype) == ("base", 512, "bfloat16")
+    assert (config.model.path, config.model.max_length, config.rl.engine.dtype) == (base, 128, "bfloat16")
+
+
+@pytest.mark.parametrize("family, rl, message", [
+    ("olmo2", {"chat_template": True}, "rl.chat_template: the tokenizer in {base} has no chat template"),
+    ("olmo2", {"mitigations": {"freeze_router": True}},
+     "rl.mitigations.freeze_router needs a model with a router (model.path is a dense OLMo2)"),
+    ("qwen3", {"router_aux_loss_coef": 0.01}, "rl.router_aux_loss_coef needs a model with a router (model.path is a dense Qwen3)"),
+    ("olmoe", {"max_length": 512}, "model.max_length (512) exceeds the 256 positions of the checkpoint at model.path"),
+])
+def test_rules_that_read_the_checkpoint_are_refused_when_loaded(checkpoints, family, rl, message):
+    base = checkpoints[family]
+    model = {"max_length": rl.pop("max_length")} if "max_length" in rl else {}
+    with pytest.raises(UserError) as error:
+        load({"model": {"path": base, **model}, "rl": rl})
+    assert message.format(base=base) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_router_setting_is_kept_with_a_mixture_of_experts_base(checkpoints):
+    config = load({"model": {"path": checkpoints["olmoe"]}, "rl": {"router_aux_loss_coef": 0.01,
+                                                                   "mitigations": {"freeze_router": True}}})
+    assert config.rl.mitigations.freeze_router and config.rl.router_aux_loss_coef == 0.01
+
+
+def test_a_bad_base_is_named_at_its_toml_line(tmp_path):
+    (tmp_path / "config.toml").write_text(f'name = "x"\n[rl]\nsteps = 2\n[model]\npath = "{tmp_path}"\n')
+    with pytest.raises(UserError) as error:
+        load_experiment_config(tmp_path / "config.toml")
+    assert str(error.value) == (f"{tmp_path / 'config.toml'} line 5: model.path: {tmp_path} is no Hugging Face "
+                                "checkpoint (no config.json)")
 
 
 @pytest.mark.parametrize("setup, fragments", [
@@ -99,8 +137,10 @@ def test_the_chat_template_wraps_the_prompt_as_the_user_turn(tmp_path):
     assert tokenizer.decode(ids) == text
 
 
-def test_echolab_pretrain_refuses_a_path_config(tmp_path):
-    (tmp_path / "config.toml").write_text('[model]\npath = "base"\n')
-    result = run_cli("pretrain", str(tmp_path / "config.toml"), "--out", str(tmp_path / "out"))
-    assert_one_line_error(result, "model.path names a base that is not pretrained here")
+@pytest.mark.parametrize("command", ["pretrain", "evaluate"])
+def test_echolab_pretrain_and_evaluate_refuse_a_path_config(command, checkpoints, tmp_path):
+    (tmp_path / "config.toml").write_text(f'[model]\npath = "{checkpoints["olmo2"]}"\n')
+    arguments = [checkpoints["olmo2"]] if command == "evaluate" else []
+    result = run_cli(command, str(tmp_path / "config.toml"), *arguments, "--out", str(tmp_path / "out"))
+    assert_one_line_error(result, "model.path names a base that is not pretrained here", f"`echolab {command}`")
     assert not (tmp_path / "out").exists()

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from processes import echolab_command, on_a_small_disk, pinned_environment
+from specialists.errors import UserError
 
 COMMANDS = ("pretrain", "evaluate", "run", "analyze", "report", "sweep")
 ROLLOUT = {"step": 0, "prompt_id": 1, "completion": "The answer is 3."}
@@ -59,21 +60,28 @@ def test_bad_arguments_are_one_line_too_with_exit_code_2(args, fragments):
 
 # ---------------------------------------------------------------- configs: pretrain, run, and a sweep's base
 
-CONFIG_ERRORS = [  # every command that reads an experiment config gives these
+CONFIG_ERRORS = [  # every command that reads an experiment config gives these: file, line, key, what is wrong
     ('[model\n', ["config.toml: not valid TOML", "line 1"]),
     ('seed = 1\nseed = 2\n', ["config.toml: not valid TOML", "line 2"]),
-    ('seed = 0\nsede = 1\n', ["config.toml: unknown key sede", "allowed in the top level", "seed"]),
-    ('[pretrain]\nlearning_rte = 0.1\n', ["config.toml: unknown key pretrain.learning_rte", "learning_rate"]),
-    ('seed = "x"\n', ["config.toml: seed: ", "integer", "got 'x'"]),
-    ('[rl]\nsteps = -1\n', ["config.toml: rl.steps: ", "greater than or equal to 1", "got -1"]),
-    ('[rl]\nalgorithm = "dpo"\n', ["config.toml: rl.algorithm: ", "'grpo', 'ppo' or 'ei'", "got 'dpo'"]),
+    ('seed = 0\nsede = 1\n', ["config.toml line 2: unknown key sede (did you mean seed?); allowed in the top level:",
+                               "seed"]),
+    ('[pretrain]\nlearning_rte = 0.1\n', ["config.toml line 2: unknown key pretrain.learning_rte (did you mean "
+                                          "pretrain.learning_rate?); allowed in pretrain:"]),
+    ('seed = "x"\n', ["config.toml line 1: seed: ", "integer", "(got 'x')"]),
+    ('[rl]\nsteps = -1\n', ["config.toml line 2: rl.steps: ", "greater than or equal to 1", "(got -1)"]),
+    ('[rl]\nalgorithm = "gpro"\n', ["config.toml line 2: rl.algorithm: ", "'grpo', 'ppo' or 'ei'",
+                                    "(got 'gpro'; did you mean 'grpo'?)"]),
+    ('[logging]\nreport_to = ["trackio"]\n', ["config.toml line 2: logging.report_to", "'tensorboard', 'wandb' or "
+                                             "'mlflow'", "got 'trackio'"]),
 ]
 SPECIALISTS_CONFIG_ERRORS = [  # the model's own constraints (checked by the same validation, so pretrain only)
-    ('[model]\nkind = "transformer"\n', ["model.kind", "'moe' or 'dense'"]),
-    ('[mixture.formats.python_function]\nweight = -1\n', ["weight", "greater than 0"]),
-    ('[mixture.formats.latex]\nweight = 1\n', ["unknown formats", "latex"]),
-    ('[model]\nhidden_size = 100\n', ["model: hidden_size must be a multiple of 32"]),
-    ('[model]\nhead_dim = 48\n', ["head_dim"]),
+    ('[model]\nkind = "transformer"\n', ["line 2: model.kind", "'moe', 'dense' or 'btx'"]),
+    ('[mixture.formats.python_function]\nweight = -1\n', ["line 2: mixture.formats.python_function.weight",
+                                                          "greater than 0"]),
+    ('[mixture.formats.latex]\nweight = 1\n', ["line 1: mixture: unknown format 'latex'; format set 'synthetic' has:"]),
+    ('[mixture.formats.natural_langauge]\nweight = 1\n', ["(did you mean 'natural_language'?)"]),
+    ('[model]\nhidden_size = 100\n', ["line 2: model: hidden_size must be a multiple of 32"]),
+    ('[model]\nhead_dim = 48\n', ["line 2: model: head_dim"]),
 ]
 
 
@@ -118,20 +126,30 @@ def test_config_files_that_cannot_be_read(tmp_path, command, make, fragments):
 # ---------------------------------------------------------------- sweep files
 
 @pytest.mark.parametrize("sweep, fragments", [
-    ('base = "base.toml"\nfoo = 1\n', ["sweep.toml: unknown key foo", "allowed in the top level: base, grid"]),
+    ('base = "base.toml"\nfoo = 1\n', ["sweep.toml line 2: unknown key foo", "allowed in the top level: base, grid"]),
     ('name = "x"\n', ["sweep.toml: base: Field required"]),
-    ('base = "base.toml"\n[grid]\n"rl.stepz" = [1]\n', ["sweep.toml: grid: unknown key rl.stepz", "steps"]),
-    ('base = "base.toml"\n[grid]\nseed = []\n', ["sweep.toml: grid key 'seed' needs at least one value"]),
-    ('base = "base.toml"\n[grid]\nseed = 3\n', ["sweep.toml: grid.seed", "list", "got 3"]),
-    ('base = "base.toml"\n[grid]\n"seed.x" = [1]\n', ["sweep.toml: key 'seed.x': 'seed' is not a section"]),
-    ('base = "base.toml"\n[variants.kl]\n"rl.betta" = 0.1\n', ["sweep.toml: variants.kl: unknown key rl.betta", "beta"]),
-    ('base = "base.toml"\nvariants = {}\n', ["sweep.toml: [variants] needs at least one variant"]),
+    ('base = "base.toml"\n[grid]\n"rl.stepz" = [1]\n',
+     ["sweep.toml line 3: grid: unknown key rl.stepz (did you mean rl.steps?)"]),
+    ('base = "base.toml"\n[grid]\nseed = []\n', ["sweep.toml line 3: grid key 'seed' needs at least one value"]),
+    ('base = "base.toml"\n[grid]\nseed = 3\n', ["sweep.toml line 3: grid.seed", "list", "got 3"]),
+    ('base = "base.toml"\n[grid]\n"seed.x" = [1]\n', ["sweep.toml line 3: key 'seed.x': 'seed' is not a section"]),
+    ('base = "base.toml"\n[variants.kl]\n"rl.betta" = 0.1\n',
+     ["sweep.toml line 3: variants.kl: unknown key rl.betta (did you mean rl.beta?)"]),
+    ('base = "base.toml"\nvariants = {}\n', ["sweep.toml line 2: [variants] needs at least one variant"]),
     # the first run is valid, the second is not: still no run config may be written
-    ('base = "base.toml"\n[grid]\n"rl.steps" = [1, 0]\n', ["sweep.toml run steps=0: rl.steps", "got 0"]),
-    ('base = "."\n', ["sweep.toml: base '.': no config file at"]),
+    ('base = "base.toml"\n[grid]\n"rl.steps" = [1, 0]\n', ["sweep.toml line 3 (run steps=0): rl.steps", "got 0"]),
+    # a rule of two settings names the line of the one to change first: here set by the grid ...
+    ('base = "base.toml"\n[grid]\n"rl.sampling.samples_per_prompt" = [4, 1]\n',
+     ["sweep.toml line 3 (run samples_per_prompt=1): rl: GRPO needs sampling.samples_per_prompt >= 2"]),
+    # ... and here by the base config (beta; the grid sets the algorithm)
+    ('base = "base.toml"\n[grid]\n"rl.algorithm" = ["grpo", "ei"]\n',
+     ["base.toml line 3 (run algorithm=ei of sweep.toml): rl: Expert Iteration has no KL term"]),
+    ('base = "base.toml"\n[grid]\n"rl.grpo.num_iterations" = [2, 1]\n',
+     ["base.toml line 4 (run num_iterations=1 of sweep.toml): rl: epsilon_high needs grpo.num_iterations > 1"]),
+    ('base = "."\n', ["sweep.toml line 1: base '.': no config file at"]),
 ])
 def test_bad_sweeps_fail_before_anything_is_written(tmp_path, sweep, fragments):
-    (tmp_path / "base.toml").write_text("seed = 0\n")
+    (tmp_path / "base.toml").write_text("seed = 0\n[rl]\nbeta = 0.1\nepsilon_high = 0.28\n[rl.grpo]\nnum_iterations = 2\n")
     (tmp_path / "sweep.toml").write_text(sweep)
     assert_one_line_error(run_cli("sweep", "sweep.toml", "--out", "out", cwd=tmp_path), *fragments)
     assert not (tmp_path / "out").exists()
@@ -142,7 +160,7 @@ def test_a_relative_base_starts_from_the_sweep_files_folder(tmp_path):
     (tmp_path / "sweeps").mkdir()
     (tmp_path / "sweeps" / "sweep.toml").write_text('base = "base.toml"\n')
     assert_one_line_error(run_cli("sweep", "sweeps/sweep.toml", "--out", "out", cwd=tmp_path),
-                          f"sweeps/sweep.toml: base 'base.toml': no config file at {tmp_path.resolve() / 'sweeps' / 'base.toml'}",
+                          f"sweeps/sweep.toml line 1: base 'base.toml': no config file at {tmp_path.resolve() / 'sweeps' / 'base.toml'}",
                           "a relative base starts from the sweep file's folder")
 
 
@@ -170,6 +188,16 @@ def test_run_names_a_missing_data_file_before_any_work(tmp_path):
     config.write_text(f'[analysis]\nformats = "{tmp_path / "formats.toml"}"\n')
     assert_one_line_error(run_cli("run", str(config), "--out", str(tmp_path / "run")), "formats.toml: not valid TOML")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_tracker_that_is_not_installed_is_refused_with_the_config(tmp_path, monkeypatch):
+    from experiments import config as experiment_config
+
+    monkeypatch.setitem(experiment_config.TRACKER_MODULES, "wandb", "echolab_no_such_tracker_module")
+    config = tmp_path / "config.toml"
+    config.write_text('[logging]\nreport_to = ["tensorboard", "wandb"]\n')
+    with pytest.raises(UserError, match=r"config.toml line 2: logging.report_to: wandb is not installed"):
+        experiment_config.load_experiment_config(config)
 
 
 # ---------------------------------------------------------------- analyze: rollout files (in-process: the loader)
@@ -255,12 +283,16 @@ def test_analyze_with_bad_formats_keeps_the_old_summary(tmp_path):
 
 
 @pytest.mark.parametrize("formats, message", [
-    ("nonsense", r"unknown format set 'nonsense'.*synthetic"),
+    ("nonsense", r"unknown format set 'nonsense': .*synthetic"),
+    ("echo_chamber", r"unknown format set 'echo_chamber' \(did you mean 'echo-chamber'\?\): not a file"),
+    ("keys.toml", r"keys\.toml: format #1 has unknown keys 'detcet' \(did you mean 'detect'\?\); allowed"),
     ("formats.txt", r"formats\.txt: format files must end in \.toml, \.yaml or \.yml"),
     ("formats.toml", r"formats\.toml: not valid TOML \(.*line 1"),
     ("formats.yaml", r"formats\.yaml line 3: not valid YAML"),
     ("entries.toml", r"entries\.toml: format #1 is not a table of keys"),
     ("detect.toml", r"detect\.toml: format 'x': "),
+    # the format's own check names it once, not "format 'x': format 'x': ..."
+    ("group.toml", r"group\.toml: format 'x': the answer pattern needs a named group \(\?P<answer>\.\.\.\)$"),
 ])
 def test_bad_format_sets_are_named(tmp_path, formats, message):
     from analysis.summary import resolve_formats
@@ -271,7 +303,9 @@ def test_bad_format_sets_are_named(tmp_path, formats, message):
     (tmp_path / "formats.yaml").write_text("format:\n  - name: x\n   detect: [\n")
     (tmp_path / "entries.toml").write_text("format = [1]\n")
     (tmp_path / "detect.toml").write_text('[[format]]\nname = "x"\ndetect = 5\n')
-    name = formats if formats == "nonsense" else str(tmp_path / formats)
+    (tmp_path / "keys.toml").write_text('[[format]]\nname = "x"\ndetcet = "x"\n')
+    (tmp_path / "group.toml").write_text('[[format]]\nname = "x"\ndetect = "x"\nanswer = "[0-9]+"\n')
+    name = formats if formats in ("nonsense", "echo_chamber") else str(tmp_path / formats)
     with pytest.raises(UserError, match=message) as error:
         resolve_formats(name, None)
     assert "\n" not in str(error.value)

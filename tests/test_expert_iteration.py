@@ -1,4 +1,5 @@
-"""Expert Iteration (rl/expert_iteration.py): the filter by hand, then rounds on a tiny pretrained MoE."""
+"""Expert Iteration (rl/expert_iteration.py): the filter by hand, then rounds on a tiny pretrained MoE through
+the training driver (rl/training.py)."""
 
 import shutil
 
@@ -6,16 +7,15 @@ import pytest
 import torch
 
 import rl.expert_iteration as ei
-from rl.config import EngineSettings, ExpertIterationSettings, MitigationSettings, RLSettings, SamplingSettings
-from rl.engines import Completion, HFEngine
-from rl.recorder import Recorder
+from rl.config import EngineSettings, ExpertIterationSettings, RLSettings, SamplingSettings
+from rl.engines import Completion
 from rl.rollouts import StepBatch
+from rl.training import train
 from specialists.grading import Grade
 from specialists.model import load_model
 from specialists.tasks import Problem
-from specialists.tokenizer import load_tokenizer
 
-from rl_helpers import TIMING_KEYS, ChecksumRewards, check_run_directory, prompt_set_for, read_metrics, weights_equal
+from rl_helpers import TIMING_KEYS, check_run_directory, make_run, read_metrics, weights_equal
 
 
 def _grade(correct: bool) -> Grade:
@@ -23,7 +23,7 @@ def _grade(correct: bool) -> Grade:
 
 
 def _completion(text: str) -> Completion:
-    return Completion(text=text, token_ids=[1, 2], logprob=-1.0, finished=True)
+    return Completion(text=text, token_ids=[1, 2], token_logprobs=[-0.5, -0.5], finished=True)
 
 
 def test_select_for_sft_keeps_correct_and_deduplicates_per_prompt():
@@ -77,31 +77,29 @@ def _run_with_spy(moe_dir, run_dir, settings, monkeypatch, model=None, **kwargs)
         return result
 
     monkeypatch.setattr(ei, "supervised_finetune", spy)
-    model, tokenizer = model or load_model(moe_dir), load_tokenizer(moe_dir)
-    # half of the completions count as correct, so the barely trained model has data to keep
-    ei.train_expert_iteration(model, tokenizer, HFEngine(model, tokenizer), prompt_set_for(settings, tokenizer), ChecksumRewards(2),
-                              settings, Recorder(run_dir), seed=0, progress=False, **kwargs)
+    # ChecksumRewards(2) (make_run's default): half of the completions count as correct, so the barely trained
+    # model has data to keep
+    model = train(make_run(moe_dir, run_dir, settings, model=model, **kwargs))
     return model, at_start, at_end
 
 
 def test_two_rounds_from_base(moe_dir, tmp_path, monkeypatch):
     model, at_start, at_end = _run_with_spy(moe_dir, tmp_path, _settings("base"), monkeypatch)
     base = load_model(moe_dir).state_dict()
-    metrics = read_metrics(tmp_path)
-    assert [m["step"] for m in metrics] == [0, 1]
-    for line in metrics:
+    # rollouts with expert loads of the sampling model; a checkpoint per round; step 2 samples the final model
+    metrics = check_run_directory(tmp_path, load_model(moe_dir).config, steps=2, rows_per_step=12,
+                                  checkpoints=[1, 2], algorithm="ei")
+    for line in metrics[:2]:
         assert line["sampled"] == 3 * 4
         assert 0 < line["kept"] <= line["sampled"] and line["kept_unique"] <= line["kept"]
         assert line["kept"] == round(line["accuracy"] * line["sampled"])
-        assert isinstance(line["sft_loss"], float) and line["sft_updates"] == 2 * -(-line["kept_unique"] // 16)
-        assert {"reward_mean", "reward_std", "step_time_s", "rollout_tokens_per_s"} <= line.keys()
+        assert isinstance(line["loss"], float) and line["updates"] == 2 * -(-line["kept_unique"] // 16)
+        assert isinstance(line["entropy"], float) and line["policy_loss"] is None and line["kl_to_reference"] is None
+    assert metrics[2]["kept"] is None and metrics[2]["reward_mean"] is not None
     # every round fine-tunes the base model, and the fine-tuned weights are what the run returns
     assert len(at_start) == 2 and all(weights_equal(start, base) for start in at_start)
     assert not weights_equal(at_end[0], base) and not weights_equal(at_end[1], at_end[0])
     assert weights_equal(model.state_dict(), at_end[1])
-    # rollouts with expert loads of the sampling model; a checkpoint per round
-    check_run_directory(tmp_path, load_model(moe_dir).config, steps=2, rows_per_step=12, checkpoints=[1, 2],
-                        algorithm="ei")
     assert weights_equal(load_model(tmp_path / "checkpoints" / "step_000001").state_dict(), at_end[0])
 
 
@@ -111,12 +109,6 @@ def test_start_from_latest_continues(moe_dir, tmp_path, monkeypatch):
     assert weights_equal(at_start[1], at_end[0])  # round 2 starts where round 1 ended
 
 
-def test_policy_gradient_mitigations_are_refused(moe_dir, tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match="entropy_coef"):
-        settings = _settings("base", mitigations=MitigationSettings(entropy_coef=0.1))
-        _run_with_spy(moe_dir, tmp_path, settings, monkeypatch)
-
-
 def test_resume_redoes_the_lost_round(moe_dir, tmp_path, monkeypatch):
     first = tmp_path / "first"
     _, _, at_end = _run_with_spy(moe_dir, first, _settings("base"), monkeypatch)
@@ -124,7 +116,7 @@ def test_resume_redoes_the_lost_round(moe_dir, tmp_path, monkeypatch):
     shutil.rmtree(first / "checkpoints" / "step_000002")  # the run died after checkpoint 1
     resumed, at_start, _ = _run_with_spy(moe_dir, first, _settings("base"), monkeypatch,
                                          model=load_model(first / "checkpoints" / "step_000001"), start_step=1,
-                                         ref_model=load_model(moe_dir))
+                                         reference=load_model(moe_dir))
     assert weights_equal(at_start[0], load_model(moe_dir).state_dict())  # the redone round starts from the base again
     assert read_metrics(first, TIMING_KEYS) == lines
     assert weights_equal(resumed.state_dict(), at_end[1])

@@ -7,6 +7,7 @@ import torch
 
 from rl.losses import (
     aggregate,
+    bias_corrected_kl,
     clip_cov_mask,
     clipped_policy_loss,
     clipped_value_loss,
@@ -14,14 +15,17 @@ from rl.losses import (
     format_diversity_bonus,
     gae,
     group_advantages,
+    importance_ratio,
     kl_cov_penalty,
     kl_k1,
-    kl_k2,
     kl_k3,
     masked_mean,
     pass_at_k_advantages,
+    sampler_mismatch,
     token_entropy,
+    truncated_importance_weights,
     unlikeliness_rewards,
+    zero_std_fraction,
 )
 
 LN2 = math.log(2)
@@ -63,7 +67,6 @@ def test_kl_estimators_on_one_token():
     # p = 0.5, q = 0.25: log p - log q = ln 2; r = q/p = 1/2.
     logp, ref = t([math.log(0.5)]), t([math.log(0.25)])
     assert close(kl_k1(logp, ref), [LN2])
-    assert close(kl_k2(logp, ref), [0.5 * LN2**2])
     assert close(kl_k3(logp, ref), [0.5 - 1 - math.log(0.5)])  # (r - 1) - log r = ln 2 - 1/2
 
 
@@ -130,6 +133,29 @@ def test_group_advantages_edge_cases():
     assert close(group_advantages(t([1.0, 5.0]), 1, "group"), [0.0, 0.0])  # one sample per group
     with pytest.raises(ValueError):
         group_advantages(t([1.0, 0.0]), 2, "std")
+    with pytest.raises(ValueError):
+        group_advantages(t([1.0, 0.0]), 2, baseline="median")
+
+
+def test_leave_one_out_baseline_hand_computed():
+    rewards = t([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 3.0, 1.0])
+    # Group 1: b_0 = (0 + 0 + 1) / 3 = 1/3, so A_0 = 1 - 1/3 = 2/3; b_1 = (1 + 0 + 1) / 3 = 2/3, A_1 = -2/3.
+    # Group 2: b_4 = (0 + 3 + 1) / 3 = 4/3 -> -4/3; b_6 = (0 + 0 + 1) / 3 -> 3 - 1/3 = 8/3; b_7 = 1 - 1 = 0.
+    loo = [2 / 3, -2 / 3, -2 / 3, 2 / 3, -4 / 3, -4 / 3, 8 / 3, 0.0]
+    assert close(group_advantages(rewards, 4, "none", "leave_one_out"), loo)
+    # Scaled by the group's unbiased std: group 1 sqrt(1/3) as above; group 2 rewards 0, 0, 3, 1 (mean 1,
+    # squared deviations 1 + 1 + 4 + 0 = 6, / 3 = 2).
+    std = [math.sqrt(1 / 3)] * 4 + [math.sqrt(2)] * 4
+    assert close(group_advantages(rewards, 4, "group", "leave_one_out"), [a / (s + 1e-4) for a, s in zip(loo, std)])
+    # RLOO's advantage is G / (G - 1) times GRPO's mean-centred one
+    assert close(group_advantages(rewards, 4, "batch", "leave_one_out"), group_advantages(rewards, 4, "batch") * 4 / 3)
+    with pytest.raises(ValueError):
+        group_advantages(rewards, 1, baseline="leave_one_out")
+
+
+def test_zero_std_fraction():
+    # prompt 1 all equal, prompt 2 mixed, prompt 3 all equal (at another value): 2 of 3
+    assert zero_std_fraction(t([[1.0, 1.0], [0.0, 1.0], [0.5, 0.5]])) == pytest.approx(2 / 3)
 
 
 # ----- policy and value losses -----------------------------------------------------------------
@@ -142,28 +168,82 @@ def test_clipped_policy_loss_clips_exactly_one_token():
     logprobs = (old + t([[math.log(r) for r in ratios]])).requires_grad_()
     advantages = t([[1.0, 1.0, -1.0, -1.0, 1.0]])
     mask = t([[1, 1, 1, 1, 0]])
-    loss, clip_fraction, approx_kl = clipped_policy_loss(logprobs, old, advantages, mask, 0.2, 0.28)
+    ratio = importance_ratio(logprobs, old, mask)
+    assert close(ratio.detach(), [ratios])
+    loss, clip_fraction = clipped_policy_loss(ratio, advantages, mask, 0.2, 0.28)
     # token 0: A > 0, ratio 1.5 > 1.28 -> clipped: -min(1.5, 1.28) = -1.28
     # token 1: A > 0, ratio 1.25 < 1.28 -> kept by clip-higher (PPO's 1.2 would clip it): -1.25
     # token 2: A < 0, ratio 1.5: -min(-1.5, -1.28) = 1.5 (the pessimistic bound, not clipped)
     # token 3: A < 0, ratio 0.9 > 0.8: -min(-0.9, -0.8) = 0.9
     assert close(loss[0, :4].detach(), [-1.28, -1.25, 1.5, 0.9])
     assert close(clip_fraction, 1 / 4)
-    k3 = [(r - 1) - math.log(r) for r in ratios[:4]]  # KL(old || new), k3 with r = new/old
-    assert close(approx_kl, sum(k3) / 4)
     # The clipped token has no gradient; the others have d/dlogp (-ratio * A) = -ratio * A.
     (loss * mask).sum().backward()
     assert close(logprobs.grad[0, :4], [0.0, -1.25, 1.5, 0.9])
 
 
 def test_clipped_policy_loss_low_side_and_sequence_advantages():
-    old = t([[0.0, 0.0]])
+    old, mask = t([[0.0, 0.0]]), t([[1, 1]])
     logprobs = t([[math.log(0.75), math.log(1.1)]])
     # Per-sequence advantage -2 broadcast over tokens. Token 0: ratio 0.75 < 0.8 with A < 0 -> clipped,
     # -min(-1.5, -1.6) = 1.6. Token 1: ratio 1.1: -min(-2.2, -2.2) = 2.2.
-    loss, clip_fraction, _ = clipped_policy_loss(logprobs, old, t([-2.0]), t([[1, 1]]))
+    loss, clip_fraction = clipped_policy_loss(importance_ratio(logprobs, old, mask), t([-2.0]), mask)
     assert close(loss, [[1.6, 2.2]])
     assert close(clip_fraction, 0.5)
+
+
+def test_sequence_level_ratio_is_gspo():
+    # GSPO: s = exp(mean of the log ratios over the sequence's tokens). Row 0: log ratios ln 2 and 0 -> s = sqrt 2;
+    # row 1: one token with log ratio ln 0.5, a padded one (ignored) -> s = 0.5.
+    old = t([[0.0, 0.0], [0.0, 0.0]])
+    logprobs = t([[LN2, 0.0], [-LN2, 7.0]]).requires_grad_()
+    mask = t([[1, 1], [1, 0]])
+    ratio = importance_ratio(logprobs, old, mask, "sequence")
+    assert close(ratio.detach(), [[math.sqrt(2)], [0.5]])
+    # A = +1 and -1: row 0 clipped above at 1.28 (-1.28 per token, no gradient); row 1 below 0.8 with A < 0,
+    # clipped: -min(-0.5, -0.8) = 0.8 per token. Every token of a sequence shares its ratio and its clip.
+    loss, clip_fraction = clipped_policy_loss(ratio, t([1.0, -1.0]), mask, 0.2, 0.28)
+    assert close(loss.detach(), [[-1.28, -1.28], [0.8, 0.8]])
+    assert close(clip_fraction, 1.0)
+    # Unclipped, the gradient of -s A flows to every token: d(-s)/dlogp_t = -s / |y|.
+    loss, _ = clipped_policy_loss(ratio, t([1.0, -1.0]), mask, math.inf, math.inf)
+    (loss * mask).sum().backward()  # row 0 counts twice (two tokens), row 1 once
+    assert close(logprobs.grad, [[-2 * math.sqrt(2) / 2] * 2, [0.5, 0.0]])
+    with pytest.raises(ValueError):
+        importance_ratio(logprobs, old, mask, "word")
+
+
+def test_bias_corrected_kl_value_and_gradient():
+    # k3 = (r - 1) - log r with r = q / p; weighted by rho = p / p_old. One token: log p = log p_old = 0 (rho = 1),
+    # log q = -ln 2 (r = 1/2): value k3 = ln 2 - 1/2. Gradient in log p: d/dlogp [rho k3] = rho k3 + rho dk3/dlogp,
+    # dk3/dlogp = -r + 1 = 1/2, so ln 2 - 1/2 + 1/2 = ln 2 (plain k3 would give 1/2).
+    logprobs = t([[0.0]]).requires_grad_()
+    ratio = torch.exp(logprobs - t([[0.0]]))
+    term = bias_corrected_kl(logprobs, t([[-LN2]]), ratio)
+    assert close(term.detach(), [[LN2 - 0.5]])
+    term.sum().backward()
+    assert close(logprobs.grad, [[LN2]])
+
+
+# ----- train / inference mismatch --------------------------------------------------------------
+
+
+def test_truncated_importance_weights_hand_computed():
+    # trainer / sampler probability ratios 2, 1, 0.25 and 5 (capped at 3); a padded position is whatever it is.
+    sampler = t([[math.log(0.2), math.log(0.5), math.log(0.8), math.log(0.1)]])
+    old = t([[math.log(0.4), math.log(0.5), math.log(0.2), math.log(0.5)]])
+    assert close(truncated_importance_weights(old, sampler, cap=3.0), [[2.0, 1.0, 0.25, 3.0]])
+    assert not truncated_importance_weights(old.requires_grad_(), sampler, 3.0).requires_grad
+
+
+def test_sampler_mismatch_kl_and_max_ratio():
+    sampler = t([[math.log(0.2), math.log(0.5), math.log(0.9)]])
+    old = t([[math.log(0.4), math.log(0.5), math.log(0.01)]])
+    mask = t([[1, 1, 0]])  # the last token (ratio 1/90) is padding
+    # k3 with r = old / sampler: token 0 r = 2 -> 1 - ln 2; token 1 r = 1 -> 0. Mean (1 - ln 2) / 2; max ratio 2.
+    kl, max_ratio = sampler_mismatch(old, sampler, mask)
+    assert kl == pytest.approx((1 - LN2) / 2) and max_ratio == pytest.approx(2.0)
+    assert sampler_mismatch(old, old, mask) == (0.0, 1.0)  # float32 rollouts: no mismatch
 
 
 def test_clipped_value_loss():

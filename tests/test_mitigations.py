@@ -3,21 +3,23 @@
 Where each switch is tested (`here` = this file):
 
 - entropy_coef: here, the GRPO and the PPO loss change by exactly -coef * mean token entropy;
-  test_losses::test_token_entropy.
+  test_losses::test_token_entropy; test_grpo_parity (TRL's entropy bonus).
 - clip_cov (with cov_ratio): test_losses::test_clip_cov_*; test_grpo::test_freeze_router_with_entropy_bonus_and_clip_cov;
   test_ppo::test_mitigations_and_frozen_router.
 - kl_cov (with cov_ratio, kl_cov_coef): test_losses::test_kl_cov_*; test_grpo::test_kl_cov_with_two_iterations_per_batch;
   test_ppo::test_mitigations_and_frozen_router.
 - format_diversity_coef: test_losses::test_format_diversity_bonus; here, rl.rollouts.Rewards adds it to the reward.
-- unlikeliness_beta: test_losses::test_unlikeliness_rewards_*; test_grpo::test_advantage_mitigations_replace_trl_advantages.
-- pass_at_k: test_losses::test_pass_at_k_*; test_grpo::test_advantage_mitigations_replace_trl_advantages.
+- unlikeliness_beta, pass_at_k: test_losses::test_unlikeliness_rewards_* / test_pass_at_k_*;
+  test_grpo::test_advantages_of_each_setting_hand_computed and test_each_setting_reaches_the_first_update.
 - freeze_router: test_grpo::test_freeze_router_with_entropy_bonus_and_clip_cov; test_ppo::test_mitigations_and_frozen_router;
   here for Expert Iteration.
 - pretrain_replay_coef (with pretrain_replay_batch): here, the NLL by hand, the GRPO and the PPO loss change by exactly
-  coef * NLL, 2-step runs log replay_loss, Expert Iteration refuses it.
+  coef * NLL, 2-step runs log replay_loss.
+Which algorithm accepts which switch is a rule of the config (refused when it is loaded), not of the loops.
 
-The loss checks compare the first update of two runs that differ only in the switch: same seed, same rollouts,
-same weights, so the losses differ by the switch's term alone, which the test computes itself from the base model.
+The loss checks compare the first update of two runs that differ only in the switch (one optimiser step per
+step: its `loss` metric is the minimised loss): same seed, same rollouts, same weights, so the losses differ by
+the switch's term alone, which the test computes itself from the base model.
 """
 
 from __future__ import annotations
@@ -30,19 +32,19 @@ import torch
 
 from rl.config import ExpertIterationSettings, MitigationSettings, PPOSettings, RLSettings, SamplingSettings
 from rl.engines import HFEngine
-from rl.recorder import Recorder
 from rl.replay import PretrainReplay
-from rl.rollouts import Rewards, collect, pack_batch, sampling_seed
-from rl.train import train
+from rl.rollouts import Rewards, collect, token_ids
+from rl.seeds import step_seed
+from rl.sequences import pack
+from rl.training import train
 from specialists.config import PretrainSettings, SpecialistsConfig
-from specialists.errors import UserError
 from specialists.formats import FORMAT_SETS
 from specialists.model import load_model
 from specialists.pretrain import build_corpus
-from specialists.tasks import TaskConfig, generate_problems
+from specialists.tasks import TaskSettings, generate_problems
 from specialists.tokenizer import load_tokenizer
 
-from rl_helpers import ChecksumRewards, prompt_set_for, read_metrics
+from rl_helpers import ChecksumRewards, make_run, prompt_set_for, read_metrics
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -67,11 +69,9 @@ def replay_texts():
 
 
 def run(model_dir, run_dir, settings, replay_texts=None):
-    """rl.train.train as the pipeline calls it, with the transformers engine; returns the trained model."""
-    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
-    return train(settings, model=model, tokenizer=tokenizer, engine=HFEngine(model, tokenizer),
-                 prompt_set=prompt_set_for(settings, tokenizer), rewards=ChecksumRewards(2), recorder=Recorder(run_dir), seed=0,
-                 base_model_dir=model_dir, progress=False, replay_texts=replay_texts)
+    """rl.training.train as the pipeline calls it, with the transformers engine and ChecksumRewards(2); returns
+    the trained model."""
+    return train(make_run(model_dir, run_dir, settings, replay_texts=replay_texts))
 
 
 @torch.no_grad()
@@ -95,7 +95,7 @@ def mean_entropy_by_hand(logits: torch.Tensor, mask: torch.Tensor) -> float:
 def step0_replay_nll(model_dir, replay_texts) -> float:
     """The replay NLL of the first update (step 0, update 0) under the base model, computed by hand."""
     tokenizer = load_tokenizer(model_dir)
-    replay = PretrainReplay.from_texts(replay_texts, tokenizer, REPLAY_BATCH, seed=0)  # rl.train uses the run seed
+    replay = PretrainReplay.from_texts(replay_texts, tokenizer, REPLAY_BATCH, seed=0)  # seeded with the run's seed
     return nll_by_hand(load_model(model_dir), [replay.token_ids[i] for i in replay.indices(0, 0)])
 
 
@@ -127,17 +127,22 @@ def ppo_runs(tiny_moe_dir, replay_texts, tmp_path_factory):
     return {name: read_metrics(directory / name) for name in ("baseline", "entropy", "replay")}
 
 
-def test_entropy_bonus_changes_the_ppo_loss_by_minus_coef_times_entropy(ppo_runs, tiny_moe_dir):
-    # The first update's minibatch is the whole step-0 batch: rebuild it and compute its mean token entropy.
-    settings, model, tokenizer = rl_settings("ppo"), load_model(tiny_moe_dir), load_tokenizer(tiny_moe_dir)
+def step0_entropy(model_dir, settings) -> float:
+    """Mean token entropy of the base model over the step-0 batch, sampled again with the run's seed (the first
+    update of PPO with one minibatch, and of GRPO, sees that whole batch)."""
+    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
     prompt_set = prompt_set_for(settings, tokenizer)
     batch = collect(HFEngine(model, tokenizer), prompt_set.prompter, prompt_set.batch(0), settings, ChecksumRewards(2),
-                    sampling_seed(0, 0))
-    input_ids, attention_mask, completion_mask = pack_batch(batch, tokenizer)
+                    step_seed(0, 0, "sampling"))
+    # a plain right-padded forward, not the loop's packed one
+    input_ids, attention_mask, completion_mask = pack(*token_ids(batch, tokenizer), tokenizer.pad_token_id)
     with torch.no_grad():
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
-    entropy = mean_entropy_by_hand(logits / settings.sampling.temperature, completion_mask[:, 1:])
+    return mean_entropy_by_hand(logits / settings.sampling.temperature, completion_mask[:, 1:])
 
+
+def test_entropy_bonus_changes_the_ppo_loss_by_minus_coef_times_entropy(ppo_runs, tiny_moe_dir):
+    entropy = step0_entropy(tiny_moe_dir, rl_settings("ppo"))
     baseline, bonus = ppo_runs["baseline"][0], ppo_runs["entropy"][0]
     assert bonus["entropy"] == pytest.approx(entropy, abs=TOLERANCE) == baseline["entropy"]
     assert bonus["loss"] - baseline["loss"] == pytest.approx(-ENTROPY_COEF * entropy, abs=TOLERANCE)
@@ -150,74 +155,48 @@ def test_pretrain_replay_changes_the_ppo_loss_by_coef_times_nll(ppo_runs, tiny_m
     assert replay[0]["replay_loss"] == pytest.approx(nll, abs=TOLERANCE)
     assert replay[0]["loss"] - baseline[0]["loss"] == pytest.approx(REPLAY_COEF * nll, abs=TOLERANCE)
     assert replay[0]["policy_loss"] == baseline[0]["policy_loss"]
-    # every step of the 2-step run logs its replay loss; without the switch it is null
-    assert len(replay) == 2 and all(math.isfinite(m["replay_loss"]) and m["replay_loss"] > 0 for m in replay)
-    assert all(m["replay_loss"] is None for m in baseline)
+    # every update step of the 2-step run logs its replay loss; without the switch, or without an update, it is null
+    assert len(replay) == 3 and all(math.isfinite(m["replay_loss"]) and m["replay_loss"] > 0 for m in replay[:2])
+    assert all(m["replay_loss"] is None for m in baseline) and replay[2]["replay_loss"] is None
 
 
-# ----- GRPO: the same, reading the loss TRL minimises -------------------------------------------
+# ----- GRPO: the same --------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def grpo_runs(tiny_moe_dir, replay_texts, tmp_path_factory):
-    """{name: (metrics lines, [(first update's loss, its inputs)])}: the loss _compute_loss returned to TRL."""
-    from rl.grpo import trainer_class
-
     directory = tmp_path_factory.mktemp("grpo-mitigations")
-    trainer = trainer_class()
-    original = trainer._compute_loss
-    first: list[tuple[float, dict]] = []
-
-    def spy(self, model, inputs):
-        loss = original(self, model, inputs)
-        if self.state.global_step == 0:
-            first.append((float(loss.detach()), dict(inputs)))
-        return loss
-
-    runs = {"baseline": (rl_settings("grpo"), None),
-            "entropy": (rl_settings("grpo", steps=1, entropy_coef=ENTROPY_COEF), None),
-            "replay": (rl_settings("grpo", pretrain_replay_coef=REPLAY_COEF), replay_texts)}
-    results = {}
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(trainer, "_compute_loss", spy)
-        for name, (settings, texts) in runs.items():
-            first.clear()
-            run(tiny_moe_dir, directory / name, settings, texts)
-            assert len(first) == 1
-            results[name] = (read_metrics(directory / name), first[0])
-    return results
+    run(tiny_moe_dir, directory / "baseline", rl_settings("grpo"))
+    run(tiny_moe_dir, directory / "entropy", rl_settings("grpo", steps=1, entropy_coef=ENTROPY_COEF))
+    run(tiny_moe_dir, directory / "replay", rl_settings("grpo", pretrain_replay_coef=REPLAY_COEF), replay_texts)
+    return {name: read_metrics(directory / name) for name in ("baseline", "entropy", "replay")}
 
 
 def test_entropy_bonus_changes_the_grpo_loss_by_minus_coef_times_entropy(grpo_runs, tiny_moe_dir):
-    _, (baseline_loss, inputs) = grpo_runs["baseline"]
-    metrics, (bonus_loss, bonus_inputs) = grpo_runs["entropy"]
-    assert torch.equal(bonus_inputs["completion_ids"], inputs["completion_ids"])  # the same rollouts
-    # TRL's entropy: mean over the completion tokens of the entropy of pi(. | prompt, y_<t) at temperature 1.
-    prompt_length = inputs["prompt_ids"].size(1)
-    with torch.no_grad():
-        logits = load_model(tiny_moe_dir)(
-            input_ids=torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1),
-            attention_mask=torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)).logits
-    entropy = mean_entropy_by_hand(logits[:, prompt_length - 1:-1], inputs["completion_mask"])
-    assert metrics[0]["entropy"] == pytest.approx(entropy, abs=TOLERANCE)
-    assert bonus_loss - baseline_loss == pytest.approx(-ENTROPY_COEF * entropy, abs=TOLERANCE)
+    # GRPO's entropy, as TRL's: mean over the completion tokens of the entropy of pi(. | prompt, y_<t) at the
+    # sampling temperature (test_grpo_parity checks the term against TRL's)
+    entropy = step0_entropy(tiny_moe_dir, rl_settings("grpo"))
+    baseline, bonus = grpo_runs["baseline"][0], grpo_runs["entropy"][0]
+    assert bonus["entropy"] == pytest.approx(entropy, abs=TOLERANCE) == baseline["entropy"]
+    assert bonus["loss"] - baseline["loss"] == pytest.approx(-ENTROPY_COEF * entropy, abs=TOLERANCE)
+    assert bonus["policy_loss"] == baseline["policy_loss"]
 
 
 def test_pretrain_replay_changes_the_grpo_loss_by_coef_times_nll(grpo_runs, tiny_moe_dir, replay_texts):
     nll = step0_replay_nll(tiny_moe_dir, replay_texts)
-    baseline_metrics, (baseline_loss, _) = grpo_runs["baseline"]
-    metrics, (replay_loss, _) = grpo_runs["replay"]
-    assert replay_loss - baseline_loss == pytest.approx(REPLAY_COEF * nll, abs=TOLERANCE)
-    assert metrics[0]["replay_loss"] == pytest.approx(nll, abs=TOLERANCE)
-    assert len(metrics) == 2 and all(math.isfinite(m["replay_loss"]) and m["replay_loss"] > 0 for m in metrics)
-    assert all("replay_loss" not in m for m in baseline_metrics)
+    baseline, replay = grpo_runs["baseline"], grpo_runs["replay"]
+    assert replay[0]["replay_loss"] == pytest.approx(nll, abs=TOLERANCE)
+    assert replay[0]["loss"] - baseline[0]["loss"] == pytest.approx(REPLAY_COEF * nll, abs=TOLERANCE)
+    assert replay[0]["policy_loss"] == baseline[0]["policy_loss"]
+    updated = replay[:2]  # the last line is the final model's, without an update
+    assert len(replay) == 3 and all(math.isfinite(m["replay_loss"]) and m["replay_loss"] > 0 for m in updated)
+    assert all(m["replay_loss"] is None for m in baseline) and replay[2]["replay_loss"] is None
 
 
-def test_pretrain_replay_needs_texts_and_expert_iteration_refuses_it(tiny_moe_dir, replay_texts, tmp_path):
-    with pytest.raises(UserError, match="replay_texts"):
-        run(tiny_moe_dir, tmp_path / "ppo", rl_settings("ppo", pretrain_replay_coef=REPLAY_COEF))
-    with pytest.raises(UserError, match="pretrain_replay_coef"):
-        run(tiny_moe_dir, tmp_path / "ei", rl_settings("ei", pretrain_replay_coef=REPLAY_COEF), replay_texts)
+def test_pretrain_replay_needs_the_texts(tiny_moe_dir, tmp_path):
+    for algorithm in ("ppo", "grpo"):
+        with pytest.raises(ValueError, match="Run.replay"):
+            run(tiny_moe_dir, tmp_path / algorithm, rl_settings(algorithm, pretrain_replay_coef=REPLAY_COEF))
 
 
 # ----- freeze_router in Expert Iteration; the format-diversity reward -----------------------------
@@ -236,7 +215,7 @@ def test_freeze_router_keeps_the_router_in_expert_iteration(tiny_moe_dir, tmp_pa
 def test_format_diversity_bonus_is_added_to_the_reward():
     formats = FORMAT_SETS["synthetic"]
     language = next(f for f in formats if f.name == "natural_language")
-    problem = generate_problems(1, 0, "train", TaskConfig())[0]
+    problem = generate_problems(1, 0, "train", TaskSettings())[0]
     solution = language.render(problem, "easy")
     texts = [solution, solution, solution, "no idea"]
     gold = [problem.answer, problem.answer, problem.answer + 1, problem.answer]  # the third is graded wrong

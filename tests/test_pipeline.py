@@ -68,12 +68,39 @@ def rollouts(run_dir):
 def test_run_directory_follows_the_spec(smoke_run):
     names = {p.name for p in smoke_run.iterdir()}
     assert {"config.json", "rollouts", "metrics.jsonl", "checkpoints", "summary.json", "report.html"} <= names
-    assert sorted(p.name for p in (smoke_run / "rollouts").iterdir()) == [f"step_00000{i}.parquet" for i in range(3)]
-    assert len(metrics_without_timing(smoke_run)) == 3
+    # 3 update steps, then the final model's step 3 (checkpoint 3 holds that model)
+    assert sorted(p.name for p in (smoke_run / "rollouts").iterdir()) == [f"step_00000{i}.parquet" for i in range(4)]
+    assert [line["update"] for line in metrics_without_timing(smoke_run)] == [True, True, True, False]
+    assert sorted(p.name for p in (smoke_run / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
     summary = json.loads((smoke_run / "summary.json").read_text())
     assert SPEC_SUMMARY_KEYS <= set(summary)
-    assert list(summary["format_share"]) == ["0", "1", "2"]
+    assert list(summary["format_share"]) == ["0", "1", "2", "3"]
     assert (smoke_run / "report.html").read_text().lstrip().lower().startswith("<!doctype html")
+
+
+def tensorboard_scalars(run_dir) -> dict[str, dict[int, float]]:
+    """RUN/tensorboard's scalars as {tag: {step: value}} (the last value of a step, as TensorBoard shows it)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir / "tensorboard"))
+    accumulator.Reload()
+    return {tag: {event.step: event.value for event in accumulator.Scalars(tag)} for tag in accumulator.Tags()["scalars"]}
+
+
+def test_each_step_is_logged_to_tensorboard_as_analyze_computes_it(smoke_run):
+    """[logging] report_to defaults to tensorboard: the driver's tracker observer logs every step live."""
+    logged = tensorboard_scalars(smoke_run)
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    metrics = [json.loads(line) for line in (smoke_run / "metrics.jsonl").read_text().splitlines()]
+    for line in metrics:
+        step = line["step"]
+        for name, share in summary["format_share"][str(step)].items():
+            assert logged[f"format_share/{name}"][step] == pytest.approx(share, abs=1e-6), (step, name)
+        assert logged["accuracy/mean"][step] == pytest.approx(summary["accuracy"][str(step)], abs=1e-6)
+        assert logged["train/reward_mean"][step] == pytest.approx(line["reward_mean"], abs=1e-6)
+        assert logged["time/step_time_s"][step] == pytest.approx(line["step_time_s"], rel=1e-6)
+    assert sorted(logged["train/reward_mean"]) == [0, 1, 2, 3]
+    assert sorted(logged["train/loss"]) == [0, 1, 2]  # the final model's step has no update
 
 
 def test_same_config_and_seed_give_the_same_metrics(smoke_run, tmp_path):
@@ -105,9 +132,12 @@ def test_a_run_killed_twice_and_resumed_equals_the_uninterrupted_one(smoke_run, 
     # reloaded from disk can sum in another order than the one kept in memory).
     assert rollouts(killed).equals(rollouts(smoke_run))
     resumed_metrics = metrics_without_timing(killed)
-    assert [line["step"] for line in resumed_metrics] == [0, 1, 2]
+    assert [line["step"] for line in resumed_metrics] == [0, 1, 2, 3]
     for resumed, uninterrupted in zip(resumed_metrics, metrics_without_timing(smoke_run), strict=True):
-        assert resumed == pytest.approx(uninterrupted, rel=1e-5, abs=1e-7)
+        assert resumed.keys() == uninterrupted.keys()
+        for key, value in uninterrupted.items():  # null where a metric does not apply, in both
+            expected = pytest.approx(value, rel=1e-5, abs=1e-7) if isinstance(value, float) else value
+            assert resumed[key] == expected, (resumed["step"], key)
     # Counted from the completions: exact. Token entropy sums vLLM's sampling log-probs, which can differ in the
     # last digits between processes with other thread counts (tests/processes.py pins them for every process).
     resumed, uninterrupted = (flat(json.loads((run / "summary.json").read_text())) for run in (killed, smoke_run))
@@ -116,6 +146,8 @@ def test_a_run_killed_twice_and_resumed_equals_the_uninterrupted_one(smoke_run, 
         assert value == (pytest.approx(uninterrupted[key], rel=1e-6) if key.startswith("token_entropy") else
                          uninterrupted[key]), key
     assert not list(killed.rglob("*.tmp"))
+    # TensorBoard: each step once (the resumed run purged the redone steps' earlier events), with its final value
+    assert tensorboard_scalars(killed)["accuracy/mean"] == tensorboard_scalars(smoke_run)["accuracy/mean"]
 
 
 def test_an_existing_run_is_kept_unless_resumed_or_overwritten(smoke_run, tmp_path):
@@ -125,7 +157,7 @@ def test_an_existing_run_is_kept_unless_resumed_or_overwritten(smoke_run, tmp_pa
     other.write_text(SMOKE_TEXT.replace("steps = 3", "steps = 4"))
     with pytest.raises(UserError, match="different config"):
         run_experiment(load_experiment_config(other), smoke_run, resume=True, progress=False)
-    assert len(metrics_without_timing(smoke_run)) == 3  # untouched
+    assert len(metrics_without_timing(smoke_run)) == 4  # untouched
 
     overwritten = tmp_path / "overwritten"
     shutil.copytree(smoke_run, overwritten)
@@ -170,9 +202,15 @@ def test_a_nan_reward_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path,
 
 
 def poison_grpo_loss(monkeypatch):
-    from rl.grpo import trainer_class
+    import rl.grpo
 
-    monkeypatch.setattr(trainer_class(), "extra_loss", lambda self, logps, *args: logps.sum() * float("inf"))
+    clipped = rl.grpo.clipped_policy_loss
+
+    def infinite(*args):
+        loss, clip_fraction = clipped(*args)
+        return loss * float("inf"), clip_fraction
+
+    monkeypatch.setattr(rl.grpo, "clipped_policy_loss", infinite)
 
 
 def poison_ppo_loss(monkeypatch):

@@ -15,7 +15,7 @@ import pytest
 
 from analysis.load import InputWarning
 from analysis.report import write_report
-from analysis.sources import ReadOptions, prompt_id, read_rollouts
+from analysis.sources import ReadOptions, first_and_last_steps, open_input, prompt_id, read_rollouts
 from analysis.summary import analyze
 from processes import echolab_command, pinned_environment
 from real_runs import (PLAN, PROMPTS, SAMPLES, chat_prompt_as_decoded, expected, problems, write_rollout_file,
@@ -96,6 +96,22 @@ def test_trl_output_directory_with_an_answer_column_and_repeated_batches(tmp_pat
         [expected(1)["accuracy"][str(step)] for step in (1, 2, 3, 4)])
 
 
+@pytest.mark.parametrize("repeat_batches", [False, True])
+def test_first_and_last_steps_of_a_trl_output_directory(tmp_path, repeat_batches):
+    """Only the first and the last two step files are read; a last batch logged twice counts at its first step,
+    as `analyze` counts it (batches at steps 1, 3, 5, 7 when repeated)."""
+    output = write_trl_output(tmp_path / "grpo", repeat_batches=repeat_batches)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InputWarning)
+        whole = read_rollouts(output)
+        first, last = first_and_last_steps(open_input(output))
+    last_step = 7 if repeat_batches else 4
+    assert set(first["step"]) == {1} and set(last["step"]) == {last_step}
+    for table, step in ((first, 1), (last, last_step)):
+        expected_rows = whole[whole["step"] == step].reset_index(drop=True)
+        pd.testing.assert_frame_equal(table.reset_index(drop=True), expected_rows)
+
+
 def test_without_gold_or_a_correct_column_accuracy_is_null_and_the_report_says_why(runs, tmp_path):
     path, _, _ = runs["trl"]
     summary = analyze(path, formats=ECHO, out_dir=tmp_path / "out", progress=False)
@@ -135,6 +151,10 @@ def test_report_renders_in_headless_chromium(runs, kind, tmp_path):
     accuracy = expected(first_step)["accuracy"]
     first, last = accuracy[str(first_step)], accuracy[str(first_step + 3)]
     assert f"Accuracy {first:.2f} → {last:.2f}" in head
+    # no metrics.jsonl in another trainer's output: one line says so; its samples are still shown, escaped
+    assert "<h2>Training</h2><p>No RL metrics for " in text and "RL metrics over steps" not in text
+    assert f"<h4>First step ({first_step})</h4>" in text and f"<h4>Last step ({first_step + 3})</h4>" in text
+    assert "&lt;llm-code&gt;" in text and "<llm-code>" not in text
     probe = tmp_path / "probe.html"
     probe.write_text(text.replace("</body>", PROBE + "</body>"), encoding="utf-8")
     dom = _chromium("--dump-dom", probe.as_uri()).stdout

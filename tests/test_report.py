@@ -1,22 +1,35 @@
 """`write_report`: a self-contained HTML file that renders with its figures in headless Chromium, seeds pooled
-into groups with confidence bands, summaries recomputed only when stale, and clear errors."""
+into groups with confidence bands, the training story (settings, RL metrics, escaped sample completions),
+summaries recomputed only when stale, and clear errors."""
 
 from __future__ import annotations
 
 import base64
+import html
+import json
 import os
+import shutil
 import re
 import subprocess
 import tempfile
 from pathlib import Path
 
 import matplotlib.image
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from transformers import AutoModelForCausalLM
 
 from analysis import report
 from analysis.load import read_run_config
 from analysis.report import group_runs, load_run, write_report
-from specialists.run_directory import SUMMARY_FILE
+from experiments.config import load_experiment_config
+from model_families import build_checkpoint
+from real_runs import PLAN, planned_rows
+from specialists.formats import FORMAT_SETS, classify
+from specialists.run_directory import (CONFIG_FILE, METRICS_FILE, ROLLOUT_SCHEMA, SUMMARY_FILE, checkpoint_dir,
+                                       rollout_file)
 from specialists.errors import UserError
 from test_analysis_summary import synthetic_rollouts, write_run_dir
 
@@ -169,3 +182,154 @@ def test_sweep_runs_pool_across_rl_seeds_despite_their_names(tmp_path):
     configs.append({"name": "core/kl-seed=0", "seed": 0, "rl": {"seed": 0, "beta": 0.01}})
     loaded = [report.Run(tmp_path / str(index), config, {}) for index, config in enumerate(configs)]
     assert [group.label for group in group_runs(loaded)] == ["rl.beta=0.0 (3 seeds)", "rl.beta=0.01"]
+
+
+def test_btx_runs_get_the_specialist_dominance_finding_and_figure(tmp_path):
+    """Two seeds of a BTX run (expert i = format i's specialist, 85% of each format routed there) collapsing onto
+    python_function: its specialist takes over the routing, and the report says so and draws it."""
+    config = {"model": {"kind": "btx", "num_experts": 3},
+              "expert_specialists": ["python_function", "llm_code", "natural_language"]}
+    runs = [write_run_dir(synthetic_rollouts(seed=seed, steps=4, experts=3), tmp_path / f"btx-{seed}",
+                          {**config, "seed": seed}) for seed in range(2)]
+    text = write_report(runs, tmp_path / "r.html", progress=False).read_text(encoding="utf-8")
+    finding = re.search(r"Specialists trained apart \(means over layers\): at step 3 the python_function specialist "
+                        r"carries (\d+)% of the routed tokens \(step 0: (\d+)%\)", text)
+    assert finding and int(finding.group(1)) > int(finding.group(2)) + 30
+    assert "alignment of each format with its own specialist: python_function 0." in text
+    assert "Specialist dominance (experts trained apart)" in text
+    without = write_report([write_run_dir(synthetic_rollouts(steps=4, experts=3), tmp_path / "moe", {"seed": 0})],
+                           tmp_path / "moe.html", progress=False).read_text(encoding="utf-8")
+    assert "Specialist" not in without
+    # A BTX base that writes no known format yet (as barely trained ones do): no alignment to measure, no crash.
+    unformatted = synthetic_rollouts(steps=2, experts=3).assign(completion="I do not know.")
+    run = write_run_dir(unformatted, tmp_path / "btx-other", {**config, "seed": 0})
+    text = write_report([run], tmp_path / "other.html", progress=False).read_text(encoding="utf-8")
+    assert "alignment of each format with its own specialist: python_function n/a → n/a" in text
+
+
+# ---------------------------------------------------------------- the training story, on realistic runs
+
+SEEDS = (0, 1, 2)
+SCRIPT = "I cannot solve this. <script>alert('pwned')</script>"  # no answer: format `other`
+FINAL = len(PLAN) - 1  # steps 0..3; the last samples the final model without an update
+
+
+def metrics_line(step: int, seed: int, rows: list[dict]) -> dict:
+    """A metrics.jsonl line in the run directory's vocabulary (specialists.run_directory.METRICS, the keys and
+    magnitudes of a real tiny GRPO run's line): reward from the step's rows, the update's statistics drifting
+    with the step and differing by seed; the final step (no update) has nulls for them."""
+    rewards = np.array([row["reward"] for row in rows])
+    tokens = sum(row["num_tokens"] for row in rows)
+    update = step < FINAL
+    drift = (lambda value: value) if update else (lambda value: None)
+    return {"step": step, "epoch": step / 4, "update": update, "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std()), "accuracy": float(rewards.mean()), "frac_reward_zero_std": 0.25,
+            "truncated_fraction": 0.0, "rollout_tokens": tokens, "loss": drift(-0.03 + 0.01 * step + 0.002 * seed),
+            "policy_loss": drift(-0.05 + 0.01 * step), "kl_to_reference": 0.01 * step + 0.001 * seed,
+            "entropy": 5.5 - 0.3 * step - 0.05 * seed, "clip_fraction": drift(0.2 - 0.04 * step + 0.01 * seed),
+            "approx_kl": drift(0.03), "grad_norm": drift(1.3 - 0.2 * step + 0.1 * seed), "aux_loss": drift(2.0),
+            "replay_loss": None, "updates": 2 if update else 0, "sample_time_s": 0.25, "score_time_s": 0.0003,
+            "update_time_s": drift(0.22), "sync_time_s": drift(1e-5), "step_time_s": 1.0 + 0.1 * seed,
+            "rollout_tokens_per_s": tokens / (0.25 + 0.01 * seed)}
+
+
+def write_trained_run(run_dir: Path, seed: int, checkpoint: Path) -> Path:
+    """An echolab run directory as `echolab run` writes it: the resolved config (the smoke preset with a KL
+    penalty and KL-Cov, RL seed `seed`), rollouts in ROLLOUT_SCHEMA with the real datasets' shapes (OpenMath's
+    <llm-code> cells among them; one completion holding a <script> tag), metrics.jsonl, a checkpoint."""
+    config = load_experiment_config("experiments/configs/smoke.toml").model_dump(mode="json")
+    config["rl"].update(seed=seed, beta=0.04)
+    config["rl"]["mitigations"]["kl_cov"] = True
+    config["analysis"]["formats"] = "echo-chamber"
+    (run_dir / "rollouts").mkdir(parents=True)
+    (run_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
+    formats = FORMAT_SETS["echo-chamber"]
+    lines = []
+    for step in range(len(PLAN)):
+        planned = [row for row in planned_rows(first_step=0, seed=seed) if row["step"] == step]
+        if step == FINAL:  # the last step's one prose completion becomes our script tag
+            next(row for row in planned if row["shape"] == "prose")["completion"] = SCRIPT
+        rows = [{"step": step, "epoch": step / 4, "prompt_id": str(row["problem"].id), "sample_index": index % 8,
+                 "prompt": row["problem"].question, "completion": row["completion"], "answer": row["problem"].answer,
+                 "reward": float(row["correct"]), "correct": row["correct"],
+                 "format": classify(row["completion"], formats), "reason": "correct" if row["correct"] else "wrong",
+                 "num_tokens": len(row["completion"].split()), "logprob": -0.5 * len(row["completion"]),
+                 "expert_load": None} for index, row in enumerate(planned)]
+        pq.write_table(pa.Table.from_pylist(rows, schema=ROLLOUT_SCHEMA), rollout_file(run_dir, step))
+        lines.append(json.dumps(metrics_line(step, seed, rows)))
+    (run_dir / METRICS_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    shutil.copytree(checkpoint, checkpoint_dir(run_dir, FINAL))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return build_checkpoint("qwen3_moe", tmp_path_factory.mktemp("ckpt") / "qwen3_moe")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, checkpoint) -> tuple[list[Path], str]:
+    root = tmp_path_factory.mktemp("trained")
+    runs = [write_trained_run(root / f"grpo-{seed}", seed, checkpoint) for seed in SEEDS]
+    out = write_report(runs, root / "report.html", progress=False)
+    return runs, out.read_text(encoding="utf-8")
+
+
+def _section(text: str, heading: str) -> str:
+    start = text.index(f"<h2>{heading}</h2>")
+    return text[start: text.find("<h2>", start + 4)]
+
+
+def test_report_tells_the_training_story_with_bands_across_seeds(trained):
+    runs, text = trained
+    section = _section(text, "Training")
+    assert "RL metrics over steps from metrics.jsonl" in section and section.count("<img ") == 1
+    assert "No RL metrics" not in section and "Not recorded" not in section  # all eight vocabulary metrics drawn
+    group = group_runs([load_run(path, progress=False) for path in runs])[0]
+    bands = report.training_bands([group])
+    assert list(bands) == list(report.TRAINING_METRICS)
+    loss = bands["loss"][group.label]
+    # step 1: loss -0.03 + 0.01 + 0.002 * seed over seeds 0, 1, 2 -> mean -0.018, a band around it
+    assert loss.loc[1, "mean"] == pytest.approx(-0.018) and loss.loc[1, "low"] < -0.018 < loss.loc[1, "high"]
+    assert np.isnan(loss.loc[FINAL, "mean"])  # the final step made no update
+    # reward_mean is the step's rollouts' mean reward: plan step 0 has 16 of 32 right
+    assert bands["reward_mean"][group.label].loc[0, "mean"] == pytest.approx(16 / 32)
+
+
+def test_settings_table_names_algorithm_hyperparameters_model_and_seeds(trained, checkpoint):
+    _, text = trained
+    section = _section(text, "Settings")
+    parameters = AutoModelForCausalLM.from_pretrained(checkpoint).num_parameters()
+    for setting, value in [("algorithm", "grpo (loss grpo)"), ("learning rate", "0.0001"),
+                           ("KL coefficient (beta)", "0.04"), ("clip range (epsilon low / high)", "0.2"),
+                           ("samples per prompt", "4"), ("steps", "3"), ("temperature", "1"),
+                           ("max_new_tokens", "64"), ("mitigations on", "kl_cov (cov_ratio=0.002, kl_cov_coef=1)"),
+                           ("model", "moe (built-in)"), ("engine", "vllm (float32)"),
+                           ("model size", f"{parameters:,} parameters, 4 experts (2 per token), 2 layers (qwen3_moe)"),
+                           ("seeds", "seed 0; rl.seed 0, 1, 2")]:
+        assert f"<tr><td>{html.escape(setting)}</td><td>{html.escape(value)}</td></tr>" in section, setting
+    runs_table = _section(text, "Runs")
+    assert "seed=0, rl.seed=2" in runs_table and "None" not in runs_table
+
+
+def test_samples_per_format_at_the_first_and_last_steps_are_escaped(trained):
+    _, text = trained
+    assert "<llm-code>" not in text and "&lt;llm-code&gt;" in text
+    assert "<script" not in text and html.escape(SCRIPT) in text
+    samples = text[text.index("<h3>Sample completions per format</h3>"):]
+    first, last = samples.split("<h4>Last step")
+    assert "<h4>First step (0)</h4>" in first and last.startswith(" (3)</h4>")
+    # plan: at step 0, 8 of each run's 32 completions are TinyGSM functions; at step 3, 30 of 32
+    assert "<details><summary>python_function: 24 of 96 completions (3 shown)</summary>" in first
+    assert "<details><summary>python_function: 90 of 96 completions (3 shown)</summary>" in last
+    assert "<details><summary>other: 3 of 96 completions (1 shown)</summary>" in last  # one script tag per run
+
+
+def test_seeds_are_shown_by_name_and_a_seed_left_unset_is_not_one():
+    # rl.seed None means "the top-level seed": the old label was "None, 0"
+    unset, own = {"seed": 0, "rl": {"seed": None, "beta": 0.0}}, {"seed": 0, "rl": {"seed": 2, "beta": 0.0}}
+    assert report.seed_labels(unset) == ["seed=0"]
+    assert report.seed_labels(own) == ["seed=0", "rl.seed=2"]
+    runs = [report.Run(Path(str(seed)), {"seed": seed, "rl": {"seed": None}}, {}) for seed in (3, 4)]
+    assert report._group_seeds(report.Group("g", tuple(runs))) == "seed 3, 4"
+    assert report._group_seeds(report.Group("g", (report.Run(Path("x"), own, {}),) * 2)) == "seed 0; rl.seed 2"

@@ -61,12 +61,21 @@ def test_smoke_sweep_on_a_local_ray_cluster(tmp_path, monkeypatch):
 
 def test_a_failed_run_is_reported_with_its_error(tmp_path, monkeypatch):
     monkeypatch.setenv("ECHOLAB_CACHE", str(tmp_path / "cache"))
-    missing = tmp_path / "no-such-gsm8k.jsonl"
-    sweep_file = write_sweep(tmp_path, f'"rl.prompts" = ["{missing}"]\n')
+    sweep_file = write_sweep(tmp_path, 'seed = [0]\n')  # a config problem would stop the sweep before it starts
+    (tmp_path / "out" / "runs").mkdir(parents=True)
+    (tmp_path / "out" / "runs" / "seed=0").write_text("a file where the run directory goes")
     with pytest.raises(UserError, match="every run of the sweep failed"):
         run_sweep(sweep_file, tmp_path / "out", backend="local", progress=False)
     [result] = json.loads((tmp_path / "out" / "sweep.json").read_text())["runs"]
-    assert result["status"] == "failed" and "not found" in result["error"]
+    assert result["status"] == "failed" and "is a file, not a run directory" in result["error"]
+
+
+def test_a_config_problem_stops_the_sweep_before_any_run(tmp_path):
+    missing = tmp_path / "no-such-gsm8k.jsonl"
+    sweep_file = write_sweep(tmp_path, f'"rl.prompts" = ["{missing}"]\n')
+    with pytest.raises(UserError, match=r"sweep\.toml line 4 \(run prompts=.*\): rl\.prompts: GSM8K file not found"):
+        run_sweep(sweep_file, tmp_path / "out", backend="local", progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_variants_cross_the_grid_and_every_shipped_sweep_validates(tmp_path):

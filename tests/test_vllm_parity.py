@@ -1,4 +1,8 @@
-"""The same checkpoint in transformers and in vLLM: same greedy tokens, same float32 log-probabilities."""
+"""The same checkpoint in transformers and in vLLM: same greedy tokens, same float32 log-probabilities, and
+per-token sampling log-probabilities of the distribution each engine samples from (temperature, top-p)."""
+
+import pytest
+import torch
 
 from rl.config import SamplingSettings
 from rl.engines import HFEngine
@@ -6,9 +10,23 @@ from specialists.model import load_model
 from specialists.tasks import generate_problems, prompt_text
 from specialists.tokenizer import load_tokenizer
 
-from rl_helpers import completion_logprob
-
 PROMPTS = [prompt_text(p) for p in generate_problems(6, seed=5, split="eval")]
+TOLERANCE = 1e-3  # |log-prob difference| vLLM vs transformers, both float32 (they agree to ~1e-5)
+
+
+@torch.no_grad()
+def sampling_logprobs(model, prompt_ids: list[int], completion_ids: list[int], temperature: float, top_p: float) -> list[float]:
+    """Teacher-forced log-probs of the completion's tokens under logits / temperature restricted to the top-p
+    nucleus and renormalised: the distribution the engines sample from."""
+    ids = torch.tensor([prompt_ids + completion_ids])
+    logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1:-1].float() / temperature
+    probs = logits.softmax(-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    # keep the smallest set of most likely tokens whose mass reaches top_p (the token crossing it included)
+    keep_sorted = (sorted_probs.cumsum(-1) - sorted_probs) < top_p
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    logprobs = logits.masked_fill(~keep, float("-inf")).log_softmax(-1)
+    return logprobs.gather(-1, torch.tensor(completion_ids)[:, None]).squeeze(-1).tolist()
 
 
 def test_greedy_tokens_and_logprobs_match(tiny_moe_dir, vllm_moe):
@@ -16,16 +34,35 @@ def test_greedy_tokens_and_logprobs_match(tiny_moe_dir, vllm_moe):
     greedy = SamplingSettings(temperature=0.0, max_new_tokens=32, samples_per_prompt=1)
     from_vllm = vllm_moe.generate(PROMPTS, greedy, seed=0)
     from_hf = HFEngine(model, tokenizer).generate(PROMPTS, greedy, seed=0)
-    assert [len(group) for group in from_vllm] == [len(group) for group in from_hf] == [1] * len(PROMPTS)
-    for vllm_group, hf_group in zip(from_vllm, from_hf, strict=True):
+    assert len(from_vllm) == len(from_hf) == len(PROMPTS)
+    for prompt, vllm_group, hf_group in zip(PROMPTS, from_vllm, from_hf, strict=True):
         assert vllm_group[0].token_ids == hf_group[0].token_ids
         assert vllm_group[0].text == hf_group[0].text
-        assert abs(vllm_group[0].logprob - hf_group[0].logprob) <= 1e-3
-
-    # Per token, on the completions vLLM chose: teacher-forced transformers vs vLLM's own logprobs.
-    for prompt, group in zip(PROMPTS, from_vllm, strict=True):
+        # greedy: both report the raw log-probs, which teacher forcing reproduces token by token
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        assert abs(completion_logprob(model, prompt_ids, group[0].token_ids) - group[0].logprob) <= 1e-3
+        forced = sampling_logprobs(model, prompt_ids, vllm_group[0].token_ids, temperature=1.0, top_p=1.0)
+        assert len(vllm_group[0].token_logprobs) == len(hf_group[0].token_logprobs) == len(forced)
+        for engine_group in (vllm_group, hf_group):
+            assert max(abs(a - b) for a, b in zip(engine_group[0].token_logprobs, forced)) <= TOLERANCE
+
+
+@pytest.mark.parametrize("temperature, top_p", [(0.7, 1.0), (1.0, 0.6)])
+def test_sampling_logprobs_are_of_the_sampling_distribution(temperature, top_p, tiny_moe_dir, vllm_moe):
+    """Both engines report log pi_T,p(y_t): the logits divided by the temperature, then top-p's nucleus
+    renormalised (vLLM's processed_logprobs; transformers' scores after its logits processors)."""
+    model, tokenizer = load_model(tiny_moe_dir), load_tokenizer(tiny_moe_dir)
+    sampling = SamplingSettings(temperature=temperature, top_p=top_p, max_new_tokens=24, samples_per_prompt=2)
+    for engine in (vllm_moe, HFEngine(model, tokenizer)):
+        groups = engine.generate(PROMPTS[:3], sampling, seed=1)
+        assert len(groups) == 3
+        for prompt, group in zip(PROMPTS[:3], groups, strict=True):
+            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            for sample in group:
+                forced = sampling_logprobs(model, prompt_ids, sample.token_ids, temperature, top_p)
+                assert len(sample.token_logprobs) == len(forced) > 0
+                assert max(abs(a - b) for a, b in zip(sample.token_logprobs, forced)) <= TOLERANCE
+                raw = sampling_logprobs(model, prompt_ids, sample.token_ids, 1.0, 1.0)
+                assert max(abs(a - b) for a, b in zip(sample.token_logprobs, raw)) > 10 * TOLERANCE  # not the raw ones
 
 
 def test_seeded_batches_larger_than_one_prefill_budget(vllm_moe):

@@ -2,10 +2,11 @@
 
 The RL batches hold 8 samples of 8 prompts per step, too few to see pass@k for large k. Here each model
 samples `--samples` completions (temperature 1, the run's max_new_tokens) for each of `--problems`
-held-out problems (the task generator's eval split, never an RL prompt); every completion is graded as
-in RL (format detection, sandboxed code), and pass@k is the unbiased estimator of Chen et al. 2021
-(analysis.sampling.pass_at_k) averaged over problems. One vLLM engine serves every model in turn (weights
-pushed in place). Prints one JSON line per model: pass@k and the held-out format shares.
+held-out problems (the task generator's eval split, or with a prompt file as rl.prompts its held-out
+split; never an RL prompt); every completion is graded as in RL (format detection, sandboxed code), and
+pass@k is the unbiased estimator of Chen et al. 2021 (analysis.sampling.pass_at_k) averaged over problems.
+One vLLM engine serves every model in turn (weights pushed in place). Prints one JSON line per model:
+pass@k and the held-out format shares.
 
     python experiments/studies/echo_chamber/heldout_pass_at_k.py RUN_DIR [RUN_DIR ...] [--problems 64]
                                                                   [--samples 64] [--seed 0]
@@ -51,13 +52,13 @@ def main() -> None:
     parser.add_argument("run_dirs", nargs="+", type=Path)
     parser.add_argument("--problems", type=int, default=64)
     parser.add_argument("--samples", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0, help="problem draw and sampling seed")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed, and the draw of synthetic problems")
     args = parser.parse_args()
 
     from experiments.config import ExperimentConfig
     from experiments.pipeline import base_model_dir
     from rl.config import SamplingSettings
-    from rl.vllm_engine import VLLMEngine
+    from rl.engines import VLLMEngine
     from specialists.model import load_model
     from specialists.sandbox import Sandbox
     from specialists.tasks import generate_problems
@@ -68,7 +69,13 @@ def main() -> None:
     if len(bases) != 1:
         raise SystemExit(f"the runs have {len(bases)} different pretrained bases; give runs of one base")
     base, config = bases.pop(), configs[0]
-    problems = generate_problems(args.problems, args.seed, "eval", config.task.task_config())
+    if config.rl.prompts == "synthetic":
+        problems = generate_problems(args.problems, args.seed, "eval", config.task)
+    else:  # the prompt file's held-out split (specialists.prompt_data): never an RL prompt
+        problems = config.rl.prompt_split().heldout[:args.problems]
+        if not problems:
+            raise SystemExit(f"{config.rl.prompts} has no held-out split: the runs need rl.heldout_prompts or "
+                             "rl.heldout_fraction")
     sampling = SamplingSettings(temperature=1.0, max_new_tokens=config.rl.sampling.max_new_tokens,
                                 samples_per_prompt=args.samples)
     tokenizer = load_tokenizer(base)
