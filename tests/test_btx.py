@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 
 import pytest
 import torch
@@ -175,7 +174,6 @@ def test_evaluation_reports_each_experts_format_affinity(btx_base):
 def test_vllm_serves_the_merged_checkpoint_and_weight_sync_after_updates(btx_base):
     """vLLM log-probs match transformers on the merged model, and again after updates pushed into the live engine;
     the training forward records expert load over all 6 experts of both layers."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     pytest.importorskip("vllm")
     from rl.routing import capture_routing
     from rl.weight_sync import make_llm, push_weights
