@@ -258,11 +258,8 @@ def nan_gradients_in_training():
         handle.remove()
 
 
-@pytest.mark.parametrize("algorithm", [  # not EI: the smoke model's rounds have no correct sample to fine-tune on
-    "ppo",
-    pytest.param("grpo", marks=pytest.mark.xfail(strict=True, reason="GRPO checks its loss, not its gradient norm "
-                                                 "(TRL's optimiser step takes a NaN gradient): issue 17, for the GRPO loop")),
-])
+# not EI: the smoke model's rounds have no correct sample to fine-tune on
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
 def test_a_nan_gradient_norm_stops_the_run_with_one_line(tmp_path, capsys, algorithm):
     """Through the CLI's entry point (in this process, so that the poison reaches the model): exit code 1 and
     one line naming the step, before the update (no checkpoint, no analysis)."""
