@@ -47,6 +47,12 @@ def _evaluate(args: argparse.Namespace) -> None:
     if config.model.path:
         raise UserError(f"{args.config}: model.path names a base that is not pretrained here; `echolab evaluate` "
                         "needs the config a built-in model was pretrained with")
+    heldout = None
+    if experiment.rl.prompts != "synthetic":  # a prompt file: its held-out split, never an RL prompt
+        heldout = experiment.rl.prompt_split().heldout
+        if not heldout:
+            raise UserError(f"rl.prompts is a file ({experiment.rl.prompts}) without a held-out split: set "
+                            "rl.heldout_prompts or rl.heldout_fraction")
     model_dir = Path(args.model)
     if not model_dir.is_dir():
         raise UserError(f"{model_dir}: no such model directory")
@@ -58,12 +64,6 @@ def _evaluate(args: argparse.Namespace) -> None:
     mismatches = _model_mismatches(config.model, model_dir)
     if mismatches:
         raise UserError(f"{model_dir} was not built from {args.config}: {'; '.join(mismatches)}")
-    heldout = None
-    if experiment.rl.prompts != "synthetic":  # a prompt file: its held-out split, never an RL prompt
-        heldout = experiment.rl.prompt_split().heldout
-        if not heldout:
-            raise UserError(f"rl.prompts is a file ({experiment.rl.prompts}) without a held-out split: set "
-                            "rl.heldout_prompts or rl.heldout_fraction")
     from specialists.evaluate import evaluate
 
     result = evaluate(model_dir, config, out, progress=not args.quiet, heldout=heldout)

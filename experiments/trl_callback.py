@@ -59,7 +59,7 @@ from rl.recorder import Recorder, Rollout
 from rl.routing import capture_routing
 from rl.sequences import pack, token_logprobs
 from specialists.errors import UserError
-from specialists.formats import load_formats, parse_answer
+from specialists.formats import load_formats
 from specialists.grading import answer_text, grade_completions
 from specialists.model import is_moe
 from specialists.run_directory import is_run_dir
@@ -169,7 +169,7 @@ class CollapseCallback(TrainerCallback):
                 zip(prompts, texts, completion_ids, prompt_ids, gold, grades, strict=True)):
             rows.append(Rollout(step=step, epoch=float(trainer_state.epoch or 0.0), prompt_id=key,
                                 sample_index=seen[key], prompt=_text(prompt), completion=text,
-                                answer=_number(answer),
+                                answer=answer_text(answer),
                                 reward=None, correct=grade.correct, format=grade.format, reason=grade.reason,
                                 num_tokens=len(ids), logprob=None if logprobs is None else logprobs[index],
                                 expert_load=None if expert_load is None else expert_load[index].tolist()))
@@ -194,7 +194,9 @@ class CollapseCallback(TrainerCallback):
         device = next(self.model.parameters()).device
         sums = []
         chunk = max(self.args.per_device_train_batch_size, 1)
-        with torch.no_grad(), capture_routing(self.model, completion_mask) as routed:
+        rows_index = torch.arange(input_ids.size(0))[:, None].expand_as(completion_mask)
+        owner = torch.where(completion_mask.bool(), rows_index, -1)  # (rows, length): whose completion token is counted
+        with torch.no_grad(), capture_routing(self.model, owner, input_ids.size(0)) as routed:
             for rows in torch.arange(input_ids.size(0)).split(chunk):
                 ids = input_ids[rows].to(device)
                 logits = self.model(input_ids=ids, attention_mask=attention_mask[rows].to(device)).logits
@@ -243,8 +245,3 @@ def _gold(value) -> float | str | None:
     if isinstance(value, bool) or value is None or (isinstance(value, float) and not math.isfinite(value)):
         return None
     return float(value) if isinstance(value, (int, float)) else str(value)
-
-
-def _number(gold: float | str | None) -> float | None:
-    """The gold answer for the record's numeric `answer` column; None for one that is not a number (LaTeX)."""
-    return gold if isinstance(gold, float) or gold is None else parse_answer(answer_text(gold) or "")

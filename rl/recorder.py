@@ -37,7 +37,7 @@ class Rollout:
     sample_index: int
     prompt: str
     completion: str
-    answer: float | None
+    answer: str | None
     reward: float | None  # None: not known to the recorder (experiments.trl_callback)
     correct: bool
     format: str

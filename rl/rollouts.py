@@ -23,7 +23,7 @@ from rl.recorder import Rollout
 from rl.seeds import derive_seed
 from rl.sequences import PackedBatch, pack_rows
 from specialists.formats import Format
-from specialists.grading import Grade, grade_completions
+from specialists.grading import Grade, answer_text, grade_completions
 from specialists.sandbox import Sandbox
 from specialists.prompting import Prompter
 from specialists.tasks import Problem, TaskSettings, generate_problems
@@ -138,7 +138,7 @@ def to_rollouts(step: int, epoch: float, batch: StepBatch, logprobs: torch.Tenso
         for index, (completion, grade, reward) in enumerate(zip(group, grades, rewards.tolist())):
             rows.append(Rollout(
                 step=step, epoch=epoch, prompt_id=problem.id, sample_index=index, prompt=prompt,
-                completion=completion.text, answer=problem.answer, reward=reward, correct=grade.correct,
+                completion=completion.text, answer=answer_text(problem.answer), reward=reward, correct=grade.correct,
                 format=grade.format, reason=grade.reason, num_tokens=len(completion.token_ids),
                 logprob=None if logprobs is None else float(logprobs[flat]),
                 expert_load=None if expert_load is None else expert_load[flat].tolist()))

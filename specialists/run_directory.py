@@ -42,7 +42,7 @@ ROLLOUT_SCHEMA = pa.schema([
     ("sample_index", pa.int32()),  # position of the completion among its prompt's samples at this step
     ("prompt", pa.string()),
     ("completion", pa.string()),
-    ("answer", pa.float64()),  # gold final answer (files from other trainers may hold text: LaTeX, "#### N")
+    ("answer", pa.string()),  # gold final answer as text: "42", "\\frac{1}{2}" (specialists.grading.answer_text)
     ("reward", pa.float64()),
     ("correct", pa.bool_()),
     ("format", pa.string()),  # the format the completion fits, or "other"

@@ -1,4 +1,4 @@
-"""Math word problems: a seeded procedural generator and a GSM8K-style JSONL loader.
+"""Math word problems: a seeded procedural generator (prompt files are read by specialists.prompt_data).
 
 A synthetic problem is a start quantity followed by a chain of operations on it
 ("Mia has 7 apples. Mia buys 5 more. ..."). Difficulty is the number of operations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
-import json
 import random
 import re
 from dataclasses import dataclass, fields
@@ -205,44 +204,12 @@ def easy_train_hard_eval(train_count: int, eval_count: int, seed: int,
     return generate_problems(train_count, seed, "train", easy), generate_problems(eval_count, seed, "eval", hard)
 
 
-# ---------------------------------------------------------------- GSM8K-style JSONL
-
-_GSM8K_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)\s*$")
+# ---------------------------------------------------------------- numbers and the bundled GSM8K excerpt
 
 
 def parse_number(text: str) -> float:
     """'1,234' -> 1234.0; '$5' is not accepted (strip units before)."""
     return float(text.replace(",", ""))
-
-
-def load_gsm8k(path: str | Path, limit: int | None = None) -> list[Problem]:
-    """Read GSM8K-style JSONL ({"question", "answer"}, answer ending in `#### N`; the Socratic variant too).
-
-    Raises FileNotFoundError for a missing file and ValueError naming the first bad line.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"GSM8K file not found: {path}")
-    problems = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                question, solution = record["question"], record["answer"]
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise UserError(f"{path}:{line_number}: not a GSM8K record ({error})") from None
-            match = _GSM8K_ANSWER.search(solution.strip())
-            if match is None:
-                raise UserError(f"{path}:{line_number}: answer does not end in '#### N'")
-            problem_id = f"{path.stem}-{line_number - 1}"
-            problems.append(Problem(problem_id, question, parse_number(match.group(1)), reference_solution=solution))
-            if limit is not None and len(problems) >= limit:
-                break
-    if not problems:
-        raise UserError(f"{path}: no problems in file")
-    return problems
 
 
 BUNDLED_GSM8K_EXCERPT = Path(__file__).parent / "data" / "gsm8k_excerpt.jsonl"

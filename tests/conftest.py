@@ -1,8 +1,22 @@
-"""Shared fixtures: one tiny pretrained model per kind per test session (pretraining takes seconds)."""
+"""Shared fixtures: one tiny pretrained model per kind per test session (pretraining takes seconds); thread
+counts pinned for this process and every process it starts (`processes.py`)."""
+
+import os
 
 import pytest
 
+from processes import TEST_THREADS, THREAD_VARIABLES
 from specialists.config import EvaluationSettings, ModelSettings, PretrainSettings, SpecialistsConfig
+
+
+def pytest_configure(config):
+    """Before any test module is imported: the same thread count in this process (torch) and in every
+    subprocess (the OpenMP/MKL/OpenBLAS variables it inherits; helpers also pass them explicitly)."""
+    os.environ.update({name: str(TEST_THREADS) for name in THREAD_VARIABLES})
+    import torch
+
+    torch.set_num_threads(TEST_THREADS)
+
 
 TINY_PRETRAIN = PretrainSettings(num_examples=600, batch_size=32)
 

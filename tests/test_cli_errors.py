@@ -6,12 +6,12 @@ function (the rollout loader, the atomic writer) are also tested in-process, whi
 
 import json
 import subprocess
-import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from processes import echolab_command, on_a_small_disk, pinned_environment
 from specialists.errors import UserError
 
 COMMANDS = ("pretrain", "evaluate", "run", "analyze", "report", "sweep")
@@ -19,11 +19,13 @@ ROLLOUT = {"step": 0, "prompt_id": 1, "completion": "The answer is 3."}
 
 
 def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "experiments.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+    return subprocess.run(echolab_command(*args), capture_output=True, text=True, cwd=cwd, timeout=120,
+                          env=pinned_environment())
 
 
-def assert_one_line_error(result, *fragments):
-    assert result.returncode != 0
+def assert_one_line_error(result, *fragments, exit_code=1):
+    """README's promise ("Bad input"): one line on stderr, no traceback, exit code 1 (2 for bad arguments)."""
+    assert result.returncode == exit_code, (result.returncode, result.stderr)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert "Traceback" not in result.stderr
@@ -50,9 +52,10 @@ def test_help_works_for_every_command():
     (["analyze", "r.jsonl", "--threshold", "abc"], ["echolab analyze: error", "--threshold", "'abc'"]),
     (["sweep", "s.toml", "--backend", "slurm"], ["--backend", "'slurm'"]),
     (["run", "c.toml", "--resume", "--overwrite"], ["not allowed with"]),
+    (["run"], ["echolab run: error: the following arguments are required: config"]),
 ])
-def test_bad_arguments_are_one_line_too(args, fragments):
-    assert_one_line_error(run_cli(*args), *fragments)
+def test_bad_arguments_are_one_line_too_with_exit_code_2(args, fragments):
+    assert_one_line_error(run_cli(*args), *fragments, exit_code=2)
 
 
 # ---------------------------------------------------------------- configs: pretrain, run, and a sweep's base
@@ -375,3 +378,29 @@ def test_replace_atomically_keeps_the_old_files_when_a_write_fails(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.parquet", "summary.json"]  # no temporary left
     replace_atomically({summary: lambda path: path.write_text("new summary")})
     assert summary.read_text() == "new summary"
+
+
+def test_a_full_disk_ends_analyze_with_the_systems_message_and_keeps_the_earlier_results(tmp_path):
+    """A real full file system (a small tmpfs; see processes.on_a_small_disk) under `analyze --out`: the
+    earlier summary.json and metrics.parquet there stay whole, no partial file is left, and the command ends
+    with exit code 1 and one line: the system's words and the file's name."""
+    from analysis.summary import analyze
+    from test_analysis_summary import synthetic_rollouts, write_run_dir
+
+    run = write_run_dir(synthetic_rollouts(seed=0, steps=8), tmp_path / "run", {"formats": "synthetic", "seed": 0})
+    earlier = tmp_path / "earlier"
+    analyze(run, out_dir=earlier, collapse_threshold=0.8, progress=False)  # other results than the new ones
+    # The earlier results, then the disk filled up but for room for the new summary.json (written first) and one
+    # page: too little for the new metrics.parquet, so the new summary must not replace the earlier one either.
+    page = 4096
+    room = -(-(earlier / "summary.json").stat().st_size // page) * page + page
+    script = ('cp -a "$EARLIER"/. "$DISK"/ && '
+              f'head -c $(( $(df --output=avail -B1 "$DISK" | tail -1) - {room} )) /dev/zero > "$DISK/filler"; '
+              f'{" ".join(echolab_command("analyze", str(run), "--out", "$DISK", "--quiet"))}; '
+              'code=$?; rm "$DISK/filler"; exit $code')
+    disk, after = tmp_path / "disk", tmp_path / "after"
+    result = on_a_small_disk(script, disk, "512k", after, EARLIER=str(earlier))
+    assert_one_line_error(result, "echolab analyze: error: No space left on device: ", str(disk / "metrics.parquet"))
+    assert sorted(path.name for path in after.iterdir()) == ["metrics.parquet", "summary.json"]  # nothing partial
+    for name in ("metrics.parquet", "summary.json"):
+        assert (after / name).read_bytes() == (earlier / name).read_bytes()

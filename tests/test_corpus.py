@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 
 from corpora import write_corpora
 from experiments.config import load_experiment_config
+from processes import echolab_command, pinned_environment
 from specialists.errors import UserError
 from specialists.tasks import TaskSettings
 
@@ -59,8 +59,8 @@ def test_a_bad_corpus_file_is_refused_when_the_config_loads(tmp_path, corpora, c
 def test_the_cli_refuses_a_bad_corpus_in_one_line_before_any_work(tmp_path, corpora):
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"txt": "b"}\n')
     config = corpus_config(tmp_path, {**corpora, "gsm8k": str(tmp_path / "bad.jsonl")})
-    result = subprocess.run([sys.executable, "-m", "experiments.cli", "pretrain", config, "--out", str(tmp_path / "out")],
-                            capture_output=True, text=True)
+    result = subprocess.run(echolab_command("pretrain", config, "--out", str(tmp_path / "out")),
+                            capture_output=True, text=True, env=pinned_environment())
     assert result.returncode == 1 and not (tmp_path / "out").exists()
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("echolab pretrain: error: ")
     assert "bad.jsonl line 2" in result.stderr

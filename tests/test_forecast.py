@@ -31,7 +31,7 @@ def simulate(shares: np.ndarray, seed: int, accuracy=ACCURACY) -> pd.DataFrame:
         for prompt in range(PROMPTS):
             formats = rng.choice(len(NAMES), size=SAMPLES, p=step_shares)
             correct = rng.random(SAMPLES) < np.asarray(accuracy)[formats]
-            rows += [(step, f"p{step}-{prompt}", NAMES[f], float(c)) for f, c in zip(formats, correct)]
+            rows += [(step, f"p{step}-{prompt}", NAMES[f], float(c)) for f, c in zip(formats, correct, strict=True)]
     return pd.DataFrame(rows, columns=["step", "prompt_id", "format", "correct"])
 
 

@@ -5,7 +5,8 @@ from specialists.formats import (DIFFICULTIES, FORMAT_SETS, GSM8K, LLM_CODE, NAT
                                  load_formats, parse_answer)
 from specialists.grading import answer_key, answer_text, answers_equal, grade_completions
 from specialists.sandbox import Sandbox
-from specialists.tasks import BUNDLED_GSM8K_EXCERPT, generate_problems, load_gsm8k
+from specialists.prompt_data import read_problems
+from specialists.tasks import BUNDLED_GSM8K_EXCERPT, generate_problems
 
 SYNTHETIC = FORMAT_SETS["synthetic"]
 ECHO = FORMAT_SETS["echo-chamber"]
@@ -63,7 +64,7 @@ def test_natural_language_answer_forms():
 
 
 def test_gsm8k_reference_solutions_are_gsm8k_format_with_their_answers():
-    problems = load_gsm8k(BUNDLED_GSM8K_EXCERPT)
+    problems = read_problems(BUNDLED_GSM8K_EXCERPT)
     for problem in problems:
         assert classify(problem.reference_solution, ECHO) == "gsm8k"
         assert parse_answer(GSM8K.written_answer(problem.reference_solution)) == problem.answer

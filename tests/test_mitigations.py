@@ -25,7 +25,6 @@ the switch's term alone, which the test computes itself from the base model.
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -46,7 +45,6 @@ from specialists.tokenizer import load_tokenizer
 
 from rl_helpers import ChecksumRewards, make_run, prompt_set_for, read_metrics
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 pytestmark = pytest.mark.integration
 

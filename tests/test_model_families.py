@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 
 import pytest
 import torch
@@ -25,8 +24,6 @@ from specialists.tokenizer import load_tokenizer
 
 from model_families import EXPERTS, EXPERTS_PER_TOKEN, LAYERS, build_checkpoint
 from rl_helpers import completion_logprob, hf_token_logprobs, vllm_token_logprobs
-
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 TOLERANCE = 1e-3  # max |logprob difference| vLLM vs transformers (float32 both)
 STALE = 1e-2  # a difference this large means the engine is not serving the model's weights
@@ -144,12 +141,13 @@ def test_seeded_rollouts_carry_the_served_logprobs(engine, checkpoint):
 
     def sample():
         outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=False)
-        return [(ids, s) for ids, out in zip(prompts, outputs) for s in out.outputs]
+        return [(ids, s) for ids, out in zip(prompts, outputs, strict=True) for s in out.outputs]
 
     samples = sample()
+    assert len(samples) == len(prompts) * params.n
     assert [list(s.token_ids) for _, s in sample()] == [list(s.token_ids) for _, s in samples]
     for prompt_ids, sample_ in samples:
-        served = sum(step[token].logprob for step, token in zip(sample_.logprobs, sample_.token_ids))
+        served = sum(step[token].logprob for step, token in zip(sample_.logprobs, sample_.token_ids, strict=True))
         assert abs(completion_logprob(model, prompt_ids, list(sample_.token_ids)) - served) <= TOLERANCE
 
 
@@ -161,9 +159,9 @@ def test_expert_load_per_layer(model_type, tmp_path):
 
     model = load_model(build_checkpoint(model_type, tmp_path)).eval()
     ids = torch.tensor(sequences(model.config.vocab_size, seed=3))  # (4, 24)
-    mask = torch.ones_like(ids)
-    mask[:, :5] = 0  # a prompt of 5 tokens is not counted
-    with torch.no_grad(), capture_routing(model, mask) as loads:
+    owner = torch.arange(4)[:, None].expand_as(ids).clone()  # each row its own sequence
+    owner[:, :5] = -1  # a prompt of 5 tokens is not counted
+    with torch.no_grad(), capture_routing(model, owner, 4) as loads:
         router_logits = model(input_ids=ids, output_router_logits=True).router_logits  # per layer (4 * 24, E)
     (load,) = loads
     assert load.shape == (4, LAYERS, EXPERTS)

@@ -1,12 +1,10 @@
 """`echolab run` end to end on the smoke config: the run directory, determinism, and resume after a kill."""
 
 import json
-import os
+import re
 import shutil
-import signal
 import subprocess
-import sys
-import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -15,6 +13,7 @@ import torch
 
 from experiments.config import load_experiment_config
 from experiments.pipeline import run_experiment
+from processes import echolab_command, kill_when_written, pinned_environment
 from rl.recorder import Recorder
 from specialists.errors import UserError
 from specialists.model import load_model
@@ -114,20 +113,9 @@ def test_same_config_and_seed_give_the_same_metrics(smoke_run, tmp_path):
 
 def start_run(run_dir, *flags, config=SMOKE):
     """`echolab run` in its own process group (its vLLM and sandbox workers included), as a user starts it."""
-    return subprocess.Popen([sys.executable, "-m", "experiments.cli", "run", str(config), "--out", str(run_dir),
-                             "--quiet", *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-
-
-def kill_when_written(process, path, timeout=600):
-    """SIGKILL the whole run the moment `path` exists."""
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert process.poll() is None, f"the run ended before {path} appeared: {process.stderr.read()}"
-        assert time.monotonic() < deadline, f"{path} did not appear within {timeout} s"
-        time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    return subprocess.Popen(echolab_command("run", str(config), "--out", str(run_dir), "--quiet", *flags),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=pinned_environment())
 
 
 def test_a_run_killed_twice_and_resumed_equals_the_uninterrupted_one(smoke_run, tmp_path):
@@ -152,7 +140,7 @@ def test_a_run_killed_twice_and_resumed_equals_the_uninterrupted_one(smoke_run, 
             expected = pytest.approx(value, rel=1e-5, abs=1e-7) if isinstance(value, float) else value
             assert resumed[key] == expected, (resumed["step"], key)
     # Counted from the completions: exact. Token entropy sums vLLM's sampling log-probs, which can differ in the
-    # last digits between processes with other thread counts (the tests set OMP_NUM_THREADS for subprocesses).
+    # last digits between processes with other thread counts (tests/processes.py pins them for every process).
     resumed, uninterrupted = (flat(json.loads((run / "summary.json").read_text())) for run in (killed, smoke_run))
     assert resumed.keys() == uninterrupted.keys()
     for key, value in resumed.items():
@@ -263,11 +251,64 @@ def test_a_non_finite_loss_stops_the_run_before_the_update(tmp_path, monkeypatch
     assert not list((run_dir / "checkpoints").iterdir())
 
 
+class NaNGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: a gradient that turns NaN while the loss stays finite (as sqrt or
+    a norm at zero do)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+@contextmanager
+def nan_gradients_in_training():
+    """Every embedding's output, in a training forward with gradients, passes through NaNGradient. A global
+    module hook (torch's public API), so it reaches the model whatever algorithm builds and trains it;
+    rollouts (no grad) and the loss values are untouched."""
+    def poison(module, inputs, output):
+        if isinstance(module, torch.nn.Embedding) and module.training and torch.is_grad_enabled() and output.requires_grad:
+            return NaNGradient.apply(output)
+        return None
+
+    handle = torch.nn.modules.module.register_module_forward_hook(poison)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# not EI: the smoke model's rounds have no correct sample to fine-tune on
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_a_nan_gradient_norm_stops_the_run_with_one_line(tmp_path, capsys, algorithm):
+    """Through the CLI's entry point (in this process, so that the poison reaches the model): exit code 1 and
+    one line naming the step, before the update (no checkpoint, no analysis)."""
+    from experiments.cli import main
+    from experiments.pipeline import base_model
+
+    config = tmp_path / "config.toml"
+    config.write_text(SMOKE_TEXT.replace('kind = "vllm"', 'kind = "hf"').replace('algorithm = "grpo"', f'algorithm = "{algorithm}"'))
+    base_model(load_experiment_config(config), progress=False)  # pretrained before the poison: RL's gradients only
+    run_dir = tmp_path / "run"
+    with nan_gradients_in_training():
+        assert main(["run", str(config), "--out", str(run_dir), "--quiet"]) == 1
+    # the last line (transformers' own "Loading weights" bars come before it, --quiet or not)
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and err.count("echolab run: error") == 1
+    assert re.fullmatch(r"echolab run: error: step 0: the gradient norm is nan \(.*\); the run stopped and no "
+                        r"checkpoint was written .*", line), line
+    assert not list((run_dir / "checkpoints").iterdir()) and not (run_dir / "summary.json").exists()
+
+
 def test_an_unwritable_run_directory_is_named_before_any_work(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    result = subprocess.run([sys.executable, "-m", "experiments.cli", "run", SMOKE, "--out", str(blocker / "run")],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(echolab_command("run", SMOKE, "--out", str(blocker / "run")),
+                            capture_output=True, text=True, timeout=120, env=pinned_environment())
     assert result.returncode == 1 and "Traceback" not in result.stderr
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(f"echolab run: error: Not a directory: {blocker / 'run'}")

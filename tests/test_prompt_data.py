@@ -16,7 +16,7 @@ from experiments.config import ExperimentConfig, validate
 from rl.config import RLSettings
 from specialists.errors import UserError
 from specialists.formats import FORMAT_SETS
-from specialists.grading import grade_completions
+from specialists.grading import answer_text, grade_completions
 from specialists.prompt_data import (PromptColumns, gold_answer, last_boxed, normalised_question, prompt_split,
                                      read_problems)
 from specialists.sandbox import Sandbox
@@ -98,7 +98,7 @@ def test_a_row_without_an_answer_is_named(tmp_path):
 
 
 def load(rl: dict) -> ExperimentConfig:
-    return validate({"rl": rl}, ExperimentConfig, "config.toml")
+    return validate({"rl": rl}, ExperimentConfig, lambda keys: "config.toml")
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "parquet", "dataset"])
@@ -126,7 +126,8 @@ def test_wrong_columns_are_refused_in_one_line_when_the_config_is_loaded(kind, t
     ({"prompts": str(BUNDLED_GSM8K_EXCERPT), "heldout_prompts": "no/such.parquet"}, "rl.heldout_prompts: file not found"),
     ({"prompts": str(BUNDLED_GSM8K_EXCERPT), "heldout_fraction": 1.0}, "rl.heldout_fraction: Input should be less than 1"),
     ({"prompts": str(BUNDLED_GSM8K_EXCERPT), "prompt_columns": {"question": "q", "solution": "s"}},
-     "unknown key rl.prompt_columns.solution; allowed in rl.prompt_columns: answer, question"),
+     "unknown key rl.prompt_columns.solution (did you mean rl.prompt_columns.question?); allowed in "
+     "rl.prompt_columns: answer, question"),
 ])
 def test_bad_prompt_settings_are_refused_when_loaded(rl, fragment):
     with pytest.raises(UserError) as error:
@@ -238,7 +239,7 @@ def test_echolab_run_samples_the_prompt_file_and_evaluates_its_heldout_split(tmp
     by_id = {p.id: p for p in split.train[:6]}  # num_prompts: the first 6 RL prompts in file order
     for row in rollouts:
         problem = by_id[row["prompt_id"]]
-        assert row["prompt"].endswith(f"Q: {problem.question}\nA:") and row["answer"] == problem.answer
+        assert row["prompt"].endswith(f"Q: {problem.question}\nA:") and row["answer"] == answer_text(problem.answer)
     assert len({row["prompt_id"] for row in rollouts}) >= 3
     heldout_questions = {p.question for p in split.heldout}
     assert not any(question in row["prompt"] for row in rollouts for question in heldout_questions)

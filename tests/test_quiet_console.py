@@ -2,9 +2,10 @@
 our progress bars and one line per step, and nothing of vLLM's, TRL's or torch's logging."""
 
 import subprocess
-import sys
 
 import pytest
+
+from processes import echolab_command, pinned_environment
 
 SMOKE = "experiments/configs/smoke.toml"
 pytestmark = pytest.mark.integration
@@ -16,11 +17,8 @@ def cache(tmp_path_factory):
 
 
 def echolab_run(cache, out, *flags) -> subprocess.CompletedProcess:
-    import os
-
-    environment = {**os.environ, "ECHOLAB_CACHE": str(cache)}
-    return subprocess.run([sys.executable, "-m", "experiments.cli", "run", SMOKE, "--out", str(out), *flags],
-                          capture_output=True, text=True, env=environment, timeout=1800)
+    return subprocess.run(echolab_command("run", SMOKE, "--out", str(out), *flags), capture_output=True, text=True,
+                          env=pinned_environment(ECHOLAB_CACHE=str(cache)), timeout=1800)
 
 
 @pytest.fixture(scope="module")

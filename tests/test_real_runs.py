@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from analysis.load import InputWarning
 from analysis.report import write_report
 from analysis.sources import ReadOptions, first_and_last_steps, open_input, prompt_id, read_rollouts
 from analysis.summary import analyze
+from processes import echolab_command, pinned_environment
 from real_runs import (PLAN, PROMPTS, SAMPLES, chat_prompt_as_decoded, expected, problems, write_rollout_file,
                        write_trl_output, write_verl_dump)
 from specialists.errors import UserError
@@ -166,15 +166,15 @@ def test_report_renders_in_headless_chromium(runs, kind, tmp_path):
 def test_the_commands_on_a_verl_dump_and_a_rollout_file(runs, tmp_path):
     verl, _, _ = runs["verl"]
     plain, _, _ = runs["file"]
-    command = [sys.executable, "-m", "experiments.cli"]
-    analysed = subprocess.run([*command, "analyze", str(verl), "--formats", ECHO, "--out", str(tmp_path / "a")],
-                              capture_output=True, text=True, timeout=300)
+    analysed = subprocess.run(echolab_command("analyze", str(verl), "--formats", ECHO, "--out", str(tmp_path / "a")),
+                              capture_output=True, text=True, timeout=300, env=pinned_environment())
     assert analysed.returncode == 0, analysed.stderr
     assert json.loads(analysed.stdout) == {"formats": ["python_function", "llm_code", "gsm8k", "natural_language", "other"],
                                            "dominant_format": "python_function", "collapse_step": 4}
     out = tmp_path / "both.html"
-    reported = subprocess.run([*command, "report", str(plain), str(verl), "--formats", ECHO, "--baseline", "verl_dump",
-                               "--out", str(out), "--quiet"], capture_output=True, text=True, timeout=300)
+    reported = subprocess.run(echolab_command("report", str(plain), str(verl), "--formats", ECHO, "--baseline", "verl_dump",
+                                              "--out", str(out), "--quiet"),
+                              capture_output=True, text=True, timeout=300, env=pinned_environment())
     assert reported.returncode == 0, reported.stderr
     text = out.read_text(encoding="utf-8")
     assert "difference vs baseline (verl_dump) [95% CI]" in text
@@ -272,8 +272,8 @@ def test_the_cli_prints_a_skipped_cut_line_as_one_warning_line(tmp_path):
     dump = write_verl_dump(tmp_path / "dump")
     newest = dump / "4.jsonl"
     newest.write_text(newest.read_text()[:-40])
-    result = subprocess.run([sys.executable, "-m", "experiments.cli", "analyze", str(dump), "--formats", ECHO],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(echolab_command("analyze", str(dump), "--formats", ECHO),
+                            capture_output=True, text=True, timeout=300, env=pinned_environment())
     assert result.returncode == 0, result.stderr
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("echolab analyze: warning: ") and "4.jsonl line 32: skipped a cut last line" in line

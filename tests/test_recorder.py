@@ -10,7 +10,7 @@ from rl.recorder import Recorder, Rollout
 
 
 def rollout(step: int) -> Rollout:
-    return Rollout(step=step, epoch=0.0, prompt_id="p0", sample_index=0, prompt="q", completion="42", answer=42.0,
+    return Rollout(step=step, epoch=0.0, prompt_id="p0", sample_index=0, prompt="q", completion="42", answer="42",
                    reward=1.0, correct=True, format="natural_language", reason="correct", num_tokens=2, logprob=-1.0)
 
 

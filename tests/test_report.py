@@ -28,6 +28,7 @@ from experiments.config import load_experiment_config
 from model_families import build_checkpoint
 from real_runs import PLAN, planned_rows
 from specialists.formats import FORMAT_SETS, classify
+from specialists.grading import answer_text
 from specialists.run_directory import (CONFIG_FILE, METRICS_FILE, ROLLOUT_SCHEMA, SUMMARY_FILE, checkpoint_dir,
                                        rollout_file)
 from specialists.errors import UserError
@@ -36,9 +37,21 @@ from test_analysis_summary import synthetic_rollouts, write_run_dir
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]
-# Appended to a copy of the report: after load, record how each image decoded.
-PROBE = ('<script>window.addEventListener("load", () => { for (const image of document.images) '
-         '{ image.setAttribute("data-natural-width", image.naturalWidth); } '
+# Appended to a copy of the report: after load, record how each image decoded and what the reader sees: each
+# figure's laid-out width and its share of drawn (not blank white) pixels, and the headings on the page.
+PROBE = ('<script>window.addEventListener("load", () => { for (const image of document.images) { '
+         'image.setAttribute("data-natural-width", image.naturalWidth); '
+         'image.setAttribute("data-shown-width", image.getBoundingClientRect().width); '
+         'let ink = 0, pixels = 0; if (image.naturalWidth > 0) { const canvas = document.createElement("canvas"); '
+         'canvas.width = image.naturalWidth; canvas.height = image.naturalHeight; const context = canvas.getContext("2d"); '
+         'context.drawImage(image, 0, 0); const data = context.getImageData(0, 0, canvas.width, canvas.height).data; '
+         'pixels = data.length / 4; for (let i = 0; i < data.length; i += 4) { '
+         'if (data[i + 3] > 0 && Math.min(data[i], data[i + 1], data[i + 2]) < 240) ink++; } } '
+         'image.setAttribute("data-ink", pixels ? ink / pixels : 0); } '
+         'const shown = (element) => element.getBoundingClientRect().height > 0; '
+         'document.body.setAttribute("data-headings", [...document.querySelectorAll("h1, h2")].filter(shown)'
+         '.map((heading) => heading.textContent).join("|")); '
+         'document.body.setAttribute("data-findings", [...document.querySelectorAll(".findings")].filter(shown).length); '
          'document.body.setAttribute("data-probed", "yes"); });</script>')
 
 
@@ -96,13 +109,24 @@ def test_report_renders_with_its_figures_in_headless_chromium(comparison_report,
     probe.write_text(comparison_report.read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"), encoding="utf-8")
     dom = _chromium("--dump-dom", probe.as_uri()).stdout
     assert 'data-probed="yes"' in dom
+    figures = comparison_report.read_text(encoding="utf-8").count("<img ")
     widths = [int(width) for width in re.findall(r'data-natural-width="(\d+)"', dom)]
-    assert len(widths) == comparison_report.read_text(encoding="utf-8").count("<img ")
+    assert len(widths) == figures
     assert all(width > 300 for width in widths)  # decoded figures, not broken-image placeholders
+    # laid out on the page, and drawn: axes, lines and labels cover a part of each figure, never all of it
+    assert [float(width) > 300 for width in re.findall(r'data-shown-width="([\d.]+)"', dom)] == [True] * figures
+    ink = [float(share) for share in re.findall(r'data-ink="([\d.e-]+)"', dom)]
+    assert len(ink) == figures and all(0.01 < share < 0.9 for share in ink), ink
+    [headings] = re.findall(r'data-headings="([^"]*)"', dom)
+    assert headings.split("|")[0] == "echolab report"
+    assert {"Runs", "Comparison", "rl.kl_coef=0.0 (3 seeds)", "rl.kl_coef=0.1 (2 seeds)",
+            "Entropy and accuracy"} <= set(headings.split("|"))
+    assert re.findall(r'data-findings="(\d+)"', dom) == ["2"]  # one box of findings per group
+    # what a reader's browser window shows of it: not a blank page (the size is the browser's to choose)
     screenshot = tmp_path / "report.png"
     _chromium(f"--screenshot={screenshot}", "--window-size=1200,2400", comparison_report.as_uri())
     pixels = matplotlib.image.imread(screenshot)
-    assert pixels.shape[:2] == (2400, 1200) and pixels.std() > 0.05
+    assert min(pixels.shape[:2]) > 300 and pixels.std() > 0.05
 
 
 def test_single_run_report(runs, tmp_path):
@@ -228,7 +252,8 @@ def write_trained_run(run_dir: Path, seed: int, checkpoint: Path) -> Path:
         if step == FINAL:  # the last step's one prose completion becomes our script tag
             next(row for row in planned if row["shape"] == "prose")["completion"] = SCRIPT
         rows = [{"step": step, "epoch": step / 4, "prompt_id": str(row["problem"].id), "sample_index": index % 8,
-                 "prompt": row["problem"].question, "completion": row["completion"], "answer": row["problem"].answer,
+                 "prompt": row["problem"].question, "completion": row["completion"],
+                 "answer": answer_text(row["problem"].answer),
                  "reward": float(row["correct"]), "correct": row["correct"],
                  "format": classify(row["completion"], formats), "reason": "correct" if row["correct"] else "wrong",
                  "num_tokens": len(row["completion"].split()), "logprob": -0.5 * len(row["completion"]),

@@ -12,7 +12,6 @@ returned model.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 
@@ -25,7 +24,6 @@ from specialists.tokenizer import load_tokenizer
 from rl_helpers import (RecordingEngine, check_run_directory, completion_logprob, hf_token_logprobs, make_run,
                         prompt_set_for, read_metrics, vllm_token_logprobs, weights_equal)
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 pytest.importorskip("vllm")
 
 pytestmark = pytest.mark.integration

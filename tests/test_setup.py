@@ -4,11 +4,14 @@ import importlib.util
 import subprocess
 import sys
 
+from processes import pinned_environment
+
 
 def test_stack_imports_together():
     # A fresh interpreter, as a user's script would be: a broken torchvision makes `import transformers` fail.
     code = "import torch, transformers, trl, vllm; print(torch.__version__, transformers.__version__, trl.__version__, vllm.__version__)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env=pinned_environment())
     assert result.returncode == 0, result.stderr[-2000:]
     torch_version, transformers_version, trl_version, _ = result.stdout.split()[-4:]
     assert torch_version.startswith("2.13.0")

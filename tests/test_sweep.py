@@ -1,11 +1,13 @@
 """Sweeps: planning a grid, and the smoke sweep on a local Ray cluster (one failed run loses only itself)."""
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from experiments.sweep import plan, run_sweep, to_toml
+from processes import echolab_command, kill_when_written, pinned_environment
 from specialists.errors import UserError
 
 SMOKE_SWEEP = Path("experiments/sweeps/smoke.toml")
@@ -95,3 +97,50 @@ def test_resume_keeps_finished_runs_and_starts_the_others(tmp_path):
     started = run_one(missing_config, str(fresh), resume=True)  # not begun: started without --resume
     assert started["status"] == "failed" and "config file not found" in started["error"]
     assert run_one(missing_config, str(finished), resume=False)["status"] == "failed"
+
+
+def files_with_identity(directory: Path) -> dict[str, tuple[int, int, int]]:
+    """Each file under `directory` as (inode, mtime in ns, size): any rewrite, even with the same bytes, shows."""
+    return {str(path.relative_to(directory)): (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+            for path in sorted(directory.rglob("*")) if path.is_file() for stat in [path.stat()]}
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.integration
+def test_resume_finishes_exactly_the_missing_runs_of_a_killed_sweep(tmp_path):
+    """`echolab sweep` SIGKILLed while its second run is mid-way (right after that run's checkpoint of step 2):
+    the first run finished, the second interrupted, the third never started. `--resume` finishes exactly those
+    two: the first run's files untouched, the second resumed from its checkpoint (the files of the steps
+    before it untouched, each step logged once), the third run from the start."""
+    (tmp_path / "base.toml").write_text(Path("experiments/configs/smoke.toml").read_text().replace('kind = "vllm"', 'kind = "hf"'))
+    sweep_file = tmp_path / "sweep.toml"
+    sweep_file.write_text('base = "base.toml"\nname = "mixed"\n[grid]\n"rl.seed" = [0, 1, 2]\n')
+    out = tmp_path / "out"
+    environment = pinned_environment(ECHOLAB_CACHE=str(tmp_path / "cache"))
+    first, second, third = (out / "runs" / f"seed={seed}" for seed in range(3))
+
+    killed = subprocess.Popen(echolab_command("sweep", str(sweep_file), "--out", str(out), "--quiet"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                              env=environment)
+    kill_when_written(killed, second / "checkpoints" / "step_000002")
+    assert (first / "report.html").is_file() and not (second / "report.html").exists() and not third.exists()
+    first_before, second_before = files_with_identity(first), files_with_identity(second)
+    kept = [name for name in second_before if name.startswith(("checkpoints/step_000002/", "rollouts/step_000000",
+                                                                 "rollouts/step_000001"))]
+    assert len(kept) > 3
+
+    resumed = subprocess.run(echolab_command("sweep", str(sweep_file), "--out", str(out), "--resume", "--quiet"),
+                             capture_output=True, text=True, timeout=1200, env=environment)
+    assert resumed.returncode == 0, resumed.stderr
+    assert files_with_identity(first) == first_before  # finished: not run again
+    second_after = files_with_identity(second)
+    assert {name: second_after.get(name) for name in kept} == {name: second_before[name] for name in kept}
+    for run in (second, third):
+        assert logged_steps(run) == [0, 1, 2] and (run / "report.html").is_file()
+        assert sorted(path.name for path in (run / "rollouts").iterdir()) == [f"step_00000{i}.parquet" for i in range(3)]
+    results = json.loads((out / "sweep.json").read_text())["runs"]
+    assert [(Path(r["run_dir"]).name, r["status"]) for r in results] == [("seed=0", "ok"), ("seed=1", "ok"), ("seed=2", "ok")]
+    assert "3 seeds" in (out / "report.html").read_text()

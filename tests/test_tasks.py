@@ -5,7 +5,8 @@ import pytest
 
 from specialists.errors import UserError
 from specialists.tasks import (BUNDLED_GSM8K_EXCERPT, TaskSettings, _random_problem, count_problems, easy_train_hard_eval,
-                               generate_problems, load_gsm8k, parse_number)
+                               generate_problems, parse_number)
+from specialists.prompt_data import read_problems
 
 
 def test_generation_is_seeded_and_answers_follow_the_steps():
@@ -60,25 +61,25 @@ def test_count_problems_of_the_default_task_is_vast():
 
 
 def test_gsm8k_loader_reads_answers_and_commas():
-    problems = load_gsm8k(BUNDLED_GSM8K_EXCERPT)
+    problems = read_problems(BUNDLED_GSM8K_EXCERPT)
     assert len(problems) == 64
     assert problems[0].answer == 18  # Janet's ducks
     assert parse_number("70,000") == 70000
 
 
 def test_gsm8k_loader_reads_the_socratic_variant():
-    problems = load_gsm8k(BUNDLED_GSM8K_EXCERPT.with_name("gsm8k_socratic_excerpt.jsonl"))
+    problems = read_problems(BUNDLED_GSM8K_EXCERPT.with_name("gsm8k_socratic_excerpt.jsonl"))
     assert [p.answer for p in problems[:2]] == [18, 3]
     assert "**" in problems[0].reference_solution
 
 
 def test_gsm8k_loader_errors_name_the_problem(tmp_path):
     with pytest.raises(UserError, match="not found"):
-        load_gsm8k(tmp_path / "missing.jsonl")
+        read_problems(tmp_path / "missing.jsonl")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n{oops\n")
     with pytest.raises(UserError, match=":2:"):
-        load_gsm8k(bad)
+        read_problems(bad)
     bad.write_text(json.dumps({"question": "q", "answer": "no marker"}) + "\n")
-    with pytest.raises(UserError, match="####"):
-        load_gsm8k(bad)
+    with pytest.raises(UserError, match="holds no answer"):
+        read_problems(bad)

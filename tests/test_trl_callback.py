@@ -20,7 +20,6 @@ from specialists.run_directory import METRICS_FILE, SUMMARY_FILE, rollout_files
 from specialists.tasks import generate_problems, prompt_text
 from specialists.tokenizer import load_tokenizer
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 pytestmark = pytest.mark.integration
 
 PROMPTS, GENERATIONS, STEPS = 2, 4, 3
@@ -125,7 +124,8 @@ def test_records_every_step_in_the_rollout_schema(trained, tiny_moe_dir):
     model, tokenizer = load_model(tiny_moe_dir), load_tokenizer(tiny_moe_dir)
     seen = reward.calls[0]
     assert [r["completion"] for r in rows] == seen["completions"]
-    for row, prompt, completion in zip(rows[:3], seen["prompts"], seen["completion_ids"]):
+    assert len(seen["prompts"]) == len(seen["completion_ids"]) == len(rows)
+    for row, prompt, completion in zip(rows[:3], seen["prompts"][:3], seen["completion_ids"][:3], strict=True):
         assert row["num_tokens"] == len(completion)
         expected = recomputed_logprob(model, tokenizer(text=[prompt])["input_ids"][0], completion)
         assert row["logprob"] == pytest.approx(expected, abs=1e-3)
@@ -200,4 +200,4 @@ def test_resuming_from_a_checkpoint_redoes_its_steps_once(tiny_moe_dir, tmp_path
     assert [f.name for f in rollout_files(run)] == ["step_000000.parquet", "step_000001.parquet"]
     lines = [json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines()]
     assert [line["step"] for line in lines] == [0, 1]  # step 1's first record was dropped, its redo kept
-    assert sorted(collapse.watch.history["step"].unique()) == [0, 1]  # step 0 restored from disk, step 1 observed
+    assert collapse.watch.steps_seen == [0, 1]  # step 0 restored from disk, step 1 observed

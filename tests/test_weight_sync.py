@@ -11,12 +11,10 @@ differ, so these tests can fail.
 from __future__ import annotations
 
 import gc
-import os
 
 import pytest
 import torch
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 pytest.importorskip("vllm")
 
 from rl.weight_sync import _driver_worker, make_llm, push_weights  # noqa: E402
