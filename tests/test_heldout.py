@@ -23,6 +23,7 @@ from rl.seeds import step_seed
 from rl.training import evaluates, heldout_sampling, train
 from specialists.config import SpecialistsConfig
 from specialists.formats import FORMAT_SETS
+from specialists.grading import answer_text
 from specialists.model import load_model
 from specialists.run_directory import METRICS_TABLE_FILE, ROLLOUT_SCHEMA, heldout_file, heldout_files, step_of
 from specialists.tasks import generate_problems
@@ -107,7 +108,8 @@ def test_the_evaluated_steps_write_heldout_rollouts_of_held_out_problems(whole, 
             (pid, index) for pid in problems for index in range(SAMPLES))
         for row in rows:
             problem = problems[row["prompt_id"]]
-            assert row["prompt"] == built.prompt_set.prompter.text(problem) and row["answer"] == problem.answer
+            assert row["prompt"] == built.prompt_set.prompter.text(problem)
+            assert row["answer"] == answer_text(problem.answer)
             assert row["reward"] == float(row["correct"])  # graded and rewarded as RL's rollouts (ChecksumRewards)
             assert row["logprob"] is None and row["expert_load"] is None  # sampled, not scored
             assert row["epoch"] == built.prompt_set.epoch(step)
@@ -183,7 +185,7 @@ def test_a_resume_forgets_the_heldout_files_of_the_redone_steps(tmp_path):
 
 def rollout(step: int, problem, sample: int, fmt, text: str, correct: bool) -> Rollout:
     return Rollout(step=step, epoch=0.0, prompt_id=problem.id, sample_index=sample, prompt=problem.question,
-                   completion=text, answer=problem.answer, reward=float(correct), correct=correct,
+                   completion=text, answer=answer_text(problem.answer), reward=float(correct), correct=correct,
                    format=fmt.name, reason="correct" if correct else "wrong", num_tokens=len(text.split()), logprob=None)
 
 
