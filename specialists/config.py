@@ -169,17 +169,19 @@ class SpecialistsConfig(Strict):
     def _btx_fits(self) -> "SpecialistsConfig":
         if self.model.kind != "btx":
             if self.btx != BTXSettings():  # settings that would silently do nothing
-                raise ValueError(f"the [btx] section needs model.kind = \"btx\" (got {self.model.kind!r})")
+                raise SettingsError(f"the [btx] section needs model.kind = \"btx\" (got {self.model.kind!r})", "btx",
+                                    "model.kind")
             return self
         formats, experts = len(self.mixture.formats), self.model.num_experts
         if experts % formats:
-            raise ValueError(f"model.num_experts = {experts} must be a multiple of the mixture's {formats} formats "
-                             "for kind = \"btx\": each specialist's MLP becomes num_experts / formats experts")
+            raise SettingsError(f"model.num_experts = {experts} must be a multiple of the mixture's {formats} formats "
+                                "for kind = \"btx\": each specialist's MLP becomes num_experts / formats experts",
+                                "model.num_experts")
         empty = [name for name, weight in self.mixture.normalised_weights().items()
                  if round(self.pretrain.num_examples * weight) == 0]
         if empty:
-            raise ValueError(f"formats {empty} get no pretraining examples, so their BTX specialists would stay the "
-                             "seed model: raise pretrain.num_examples or their weights")
+            raise SettingsError(f"formats {empty} get no pretraining examples, so their BTX specialists would stay "
+                                "the seed model: raise pretrain.num_examples or their weights", "pretrain.num_examples")
         return self
 
     @model_validator(mode="after")
@@ -191,8 +193,9 @@ class SpecialistsConfig(Strict):
                 needed = math.ceil(round(self.pretrain.num_examples * weights[name]) / share.repeat)
                 available = len(read_texts(share.data))
                 if available < needed:
-                    raise ValueError(f"mixture.formats.{name}.data: {share.data} has {available} texts, the mixture "
-                                     f"needs {needed} distinct ones (pretrain.num_examples x share / repeat)")
+                    raise SettingsError(f"mixture.formats.{name}.data: {share.data} has {available} texts, the "
+                                        f"mixture needs {needed} distinct ones (pretrain.num_examples x share / repeat)",
+                                        f"mixture.formats.{name}.data")
         return self
 
     def corpus_sizes(self) -> dict[str, tuple[int, int]]:

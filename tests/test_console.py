@@ -11,6 +11,7 @@ from experiments.cli import main
 from experiments.console import StepLine, StepZeroCheck, final_lines, step_zero_problem
 from rl.recorder import Recorder, Rollout
 from specialists.formats import FORMAT_SETS, OTHER
+from specialists.grading import answer_text
 from specialists.tasks import generate_problems, prompt_text
 
 FORMATS = {f.name: f for f in FORMAT_SETS["synthetic"]}
@@ -25,7 +26,7 @@ def rollouts(step: int, formats: list[str], rewards: list[float]) -> list[Rollou
         for index, (name, reward) in enumerate(zip(formats, rewards)):
             text = GARBAGE if name == OTHER else FORMATS[name].render(problem, "easy")
             rows.append(Rollout(step=step, epoch=step / 4, prompt_id=problem.id, sample_index=index,
-                                prompt=prompt_text(problem), completion=text, answer=problem.answer, reward=reward,
+                                prompt=prompt_text(problem), completion=text, answer=answer_text(problem.answer), reward=reward,
                                 correct=reward > 0, format=name, reason="ok" if reward > 0 else "wrong",
                                 num_tokens=len(text.split()), logprob=-10.0))
     return rows

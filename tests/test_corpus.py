@@ -68,7 +68,7 @@ def test_the_cli_refuses_a_bad_corpus_in_one_line_before_any_work(tmp_path, corp
 
 @pytest.mark.parametrize("formats, extra, message", [
     ({"python_function": "data", "gsm8k": None}, "", "formats ['gsm8k'] need a `data` file"),
-    ({"python_function": "data", "boxed": None}, "", "unknown formats ['boxed'] in the mixture; format set 'echo-chamber' has"),
+    ({"python_function": "data", "boxed": None}, "", "unknown format 'boxed'; format set 'echo-chamber' has"),
     ({"python_function": "data"}, "", "has 20 texts, the mixture needs 30 distinct ones"),  # 30 examples, 1 format
     ({"python_function": "data", "llm_code": "data", "gsm8k": "data"}, '\n[btx]\nmix_train = "all"\n',
      'the [btx] section needs model.kind = "btx"'),
@@ -82,7 +82,7 @@ def test_bad_combinations_are_refused_when_the_config_loads(tmp_path, corpora, f
     path.write_text(HEADER + body + extra)
     with pytest.raises(UserError) as error:
         load_experiment_config(path)
-    assert message in str(error.value) and str(error.value).startswith(f"{path}: ")
+    assert message in str(error.value) and str(error.value).startswith(f"{path} line ")
 
 
 def test_difficulty_is_refused_with_a_data_file(tmp_path, corpora):

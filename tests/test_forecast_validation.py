@@ -15,6 +15,7 @@ from analysis.report import write_report
 from analysis.summary import analyze
 from rl.recorder import Recorder, Rollout
 from specialists.formats import FORMAT_SETS, OTHER
+from specialists.grading import answer_text
 from specialists.tasks import generate_problems, prompt_text
 
 FORMATS = FORMAT_SETS["synthetic"]
@@ -38,7 +39,7 @@ def write_run(run_dir: Path, eta: float, accuracy: list[float], seed: int) -> No
                 text = "no idea" if choice == 3 else FORMATS[choice].render(problem, "easy")
                 correct = bool(rng.random() < accuracy[choice])
                 rows.append(Rollout(step=step, epoch=step / STEPS, prompt_id=problem.id, sample_index=index,
-                                    prompt=prompt_text(problem), completion=text, answer=problem.answer,
+                                    prompt=prompt_text(problem), completion=text, answer=answer_text(problem.answer),
                                     reward=float(correct), correct=correct, format=None, reason="",
                                     num_tokens=len(text.split()), logprob=None))
         recorder.write_rollouts(step, rows)

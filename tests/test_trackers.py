@@ -18,6 +18,7 @@ from analysis.summary import analyze
 from experiments.trackers import TrackerObserver, algorithm_metrics, open_trackers
 from rl.recorder import Recorder, Rollout
 from specialists.formats import FORMAT_SETS
+from specialists.grading import answer_text
 from specialists.tasks import generate_problems, prompt_text
 
 FORMATS = FORMAT_SETS["synthetic"]
@@ -41,7 +42,7 @@ def step_rows(step: int, rng: np.random.Generator) -> list[Rollout]:
             tokens = len(completion.split()) + 1
             load = [rng.multinomial(tokens * TOP_K, np.ones(EXPERTS) / EXPERTS).tolist() for _ in range(LAYERS)]
             rows.append(Rollout(step=step, epoch=step / 10, prompt_id=problem.id, sample_index=index,
-                                prompt=prompt_text(problem), completion=completion, answer=problem.answer,
+                                prompt=prompt_text(problem), completion=completion, answer=answer_text(problem.answer),
                                 reward=float(correct), correct=bool(correct), format=NAMES[choice],
                                 reason="correct" if correct else "wrong", num_tokens=tokens,
                                 logprob=-0.7 * tokens, expert_load=load))
