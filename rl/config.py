@@ -100,6 +100,11 @@ class MitigationSettings(Strict):
         "loss += coef * mean token NLL of a batch of pretraining texts each optimiser step (PPO-ptx, Ouyang et al. "
         "2022, arXiv:2203.02155, eq. 2; rl.replay). PPO, GRPO"))
     pretrain_replay_batch: int = Field(8, ge=1, description="pretraining texts per replay batch")
+    prefix_kl_coef: float = Field(0.0, ge=0, description=(
+        "prefix KL: loss += coef * k3 KL to the reference on the first prefix_kl_tokens completion tokens only, "
+        "aggregated as the policy loss (rl.losses.prefix_mask); echolab's own, no paper: the format is decided "
+        "there (issue 14), while rl.beta spreads the same penalty over every token. PPO, GRPO"))
+    prefix_kl_tokens: int = Field(3, ge=1, description="K, the completion tokens prefix_kl_coef acts on")
 
 
 # The algorithms that implement each switch of MitigationSettings (its other fields only tune a switch). A
@@ -113,6 +118,7 @@ MITIGATION_ALGORITHMS = {
     "pass_at_k": {"grpo"},
     "freeze_router": {"grpo", "ppo", "ei"},
     "pretrain_replay_coef": {"grpo", "ppo"},
+    "prefix_kl_coef": {"grpo", "ppo"},
 }
 
 
@@ -263,6 +269,11 @@ class RLSettings(Strict):
         """The RL prompts and held-out problems of the prompt file (`prompts` not 'synthetic')."""
         return prompt_split(self.prompts, self.prompt_columns, self.heldout_prompts, self.heldout_fraction,
                             self.heldout_seed)
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the loss or the reward reads log pi_ref, the frozen base model's log-probs."""
+        return self.beta > 0 or self.mitigations.prefix_kl_coef > 0
 
     @property
     def clip_high(self) -> float:

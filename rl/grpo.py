@@ -17,16 +17,17 @@ The maths is in rl.losses; this file is the loop around it. One step (rl.trainin
                  batch or none (Dr. GRPO); the unlikeliness reward first lowers the reward of likely correct
                  samples (He et al. 2025, arXiv:2506.02355); pass@k training replaces A by its closed form
                  (Chen et al. 2025, arXiv:2508.10751).
- 4. reference    with beta > 0: log pi_ref(y_t) under the frozen base model, no gradient.
+ 4. reference    with a KL term (beta > 0, prefix_kl_coef > 0): log pi_ref(y_t) under the frozen base model, no gradient.
  5. updates      `num_iterations` (mu) passes over the batch, one AdamW step each, minimising
-                   L = agg_loss_type( w_t * l_t + beta rho_t k3_t ) - entropy_coef * H + aux_coef * L_aux
-                       + pretrain_replay_coef * NLL_pretrain
+                   L = agg_loss_type( w_t * l_t + (beta + prefix_kl_coef [t < K]) rho_t k3_t ) - entropy_coef * H
+                       + aux_coef * L_aux + pretrain_replay_coef * NLL_pretrain
                    l_t   = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)   (x 0 on Clip-Cov's tokens,
                            + KL-Cov's penalty; Cui et al. 2025, arXiv:2505.22617)
                    rho   = pi_theta / pi_old per token, or GSPO's per-sequence ratio (Zheng et al. 2025,
                            arXiv:2507.18071)
                    w_t   = min(pi_old / pi_sampler, tis_cap): truncated importance sampling (Yao et al. 2025),
                            1 when rl.tis_cap is None
+                   [t < K] = 1 on the first K = prefix_kl_tokens completion tokens: the prefix KL (rl.losses.prefix_mask)
                  pi_old is the first pass's own log-probs, detached: the first pass runs on the weights that
                  sampled, so no extra forward is needed (TRL computes the same with one). The first pass also
                  gives the routed-token counts, the rollouts' log-probs, the entropy and the KL of the sampling
@@ -57,6 +58,7 @@ from rl.losses import (
     kl_k3,
     masked_mean,
     pass_at_k_advantages,
+    prefix_mask,
     sampler_mismatch,
     truncated_importance_weights,
     unlikeliness_rewards,
@@ -89,7 +91,7 @@ class PolicyBatch:
     sequences: PackedBatch  # prompt + completion token ids, packed for the forward (rl.sequences)
     advantages: torch.Tensor  # (B,)
     old_logprobs: torch.Tensor | None = None  # (B, C) pi_old; None: the loss's own log-probs, detached
-    ref_logprobs: torch.Tensor | None = None  # (B, C) pi_ref, with beta > 0
+    ref_logprobs: torch.Tensor | None = None  # (B, C) pi_ref, with settings.needs_reference
     sampler_logprobs: torch.Tensor | None = None  # (B, C) the engine's, for truncated importance sampling
 
 
@@ -121,8 +123,12 @@ def grpo_loss(model, batch: PolicyBatch, settings: RLSettings, aux_coef: float,
         per_token = per_token * weights
         stats["tis_capped_fraction"] = masked_mean((weights >= settings.tis_cap).float(), mask).item()
     stats["policy_loss"] = _aggregate(per_token.detach(), mask, settings).item()
-    if batch.ref_logprobs is not None:
+    if settings.beta > 0:
         per_token = per_token + settings.beta * bias_corrected_kl(logprobs, batch.ref_logprobs, ratio)
+    if mitigations.prefix_kl_coef > 0:
+        prefix_kl = bias_corrected_kl(logprobs, batch.ref_logprobs, ratio) * prefix_mask(mask, mitigations.prefix_kl_tokens)
+        per_token = per_token + mitigations.prefix_kl_coef * prefix_kl
+        stats["prefix_kl"] = _aggregate(prefix_kl.detach(), mask, settings).item()
 
     loss = _aggregate(per_token, mask, settings)
     if mitigations.entropy_coef:
@@ -170,7 +176,7 @@ class GRPO:
                                            weight_decay=0.0)
         if state is not None:
             self.optimizer.load_state_dict(state["optimizer"])
-        self.reference = frozen(run.base_model()) if settings.beta > 0 else None
+        self.reference = frozen(run.base_model()) if settings.needs_reference else None
         self.replay = pretrain_replay(run)
         self.aux_coef = aux_loss_coefficient(run.model, settings)
 

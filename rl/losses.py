@@ -512,6 +512,21 @@ def pass_at_k_advantages(correct: torch.Tensor, group_size: int, k: int) -> torc
     return advantages.view(-1)
 
 
+def prefix_mask(mask: torch.Tensor, tokens: int) -> torch.Tensor:
+    """The first `tokens` (K) completion tokens of each row: prefix_t = m_t and (number of m_s = 1 for s <= t) <= K.
+
+    Prefix KL, echolab's own mitigation (no paper): in the Echo Chamber study the format is settled in the first
+    few completion tokens while a per-token KL (rl.beta) is averaged over all of them, so the penalty is weighted
+    onto the deciding tokens instead. The loops add coef * k3_t * prefix_t (`kl_k3`; GRPO also weights it by
+    the importance ratio, as its beta term, `bias_corrected_kl`) to the per-token loss and aggregate it as the
+    policy loss: a prefix token weighs what it weighs in the policy loss, the other tokens nothing.
+    Positions count completion tokens only (rows may hold padding anywhere). mask: (batch, T). Returns bool
+    (batch, T).
+    """
+    mask = mask.bool()
+    return mask & (mask.long().cumsum(-1) <= tokens)
+
+
 def format_diversity_bonus(
     formats: Sequence[str], correct: torch.Tensor, group_size: int, coefficient: float
 ) -> torch.Tensor:

@@ -9,7 +9,7 @@ is the loop around it (rl.training.train runs steps 1, 7 and 8). One step (= one
  2. pi_old       one teacher-forced forward of the policy without gradient, the sequences packed into rows
                  (rl.sequences.PackedBatch): per-token log-probs log pi_old(y_t), values V_old(s_t), and the
                  routed-token counts of each completion (rl.routing.capture_routing; the recorder's expert_load).
- 3. reference    with beta > 0, the same forward of the frozen base model (Run.reference): log pi_ref(y_t).
+ 3. reference    with a KL term (beta > 0, prefix_kl_coef > 0), the same forward of the frozen base model (Run.reference): log pi_ref(y_t).
  4. rewards      r_t = R(x, y) on the last completion token, 0 elsewhere; with kl_estimator "k1"
                  minus beta * k1_t on every token ("KL in the reward": Ziegler et al. 2019,
                  arXiv:1909.08593; Ouyang et al. 2022, arXiv:2203.02155, eq. 2).
@@ -20,6 +20,7 @@ is the loop around it (rl.training.train runs steps 1, 7 and 8). One step (= one
                        + value_coef * L_value(clip)               clipped value loss (OpenAI baselines PPO2)
                        - entropy_coef * H                         entropy bonus (Mnih et al. 2016, arXiv:1602.01783)
                        + beta * k3                                with kl_estimator "k3" (GRPO, arXiv:2402.03300, eq. 4)
+                       + prefix_kl_coef * k3 [t < K]              prefix KL on the first K completion tokens (rl.losses.prefix_mask)
                        + aux_coef * L_aux                         router load balancing (Switch, arXiv:2101.03961)
                        + pretrain_replay_coef * NLL_pretrain      pretraining replay (PPO-ptx, rl.replay)
                  with Clip-Cov / KL-Cov (Cui et al. 2025, arXiv:2505.22617) acting on L_clip's tokens
@@ -63,6 +64,7 @@ from rl.losses import (
     kl_k1,
     kl_k3,
     masked_mean,
+    prefix_mask,
     sampler_mismatch,
     truncated_importance_weights,
 )
@@ -136,7 +138,7 @@ class PPO:
         if state is not None:
             self.value_head.load_state_dict(state["value_head"])
             self.optimizer.load_state_dict(state["optimizer"])
-        self.reference = frozen(run.base_model()) if settings.beta > 0 else None
+        self.reference = frozen(run.base_model()) if settings.needs_reference else None
         self.replay = pretrain_replay(run)
         self.aux_coef = aux_loss_coefficient(run.model, settings)
 
@@ -212,8 +214,13 @@ class PPO:
                 loss = policy_loss + ppo.value_coef * value_loss
                 if mitigations.entropy_coef:
                     loss = loss - mitigations.entropy_coef * masked_mean(new.entropy, m)
-                if ref_logprobs is not None and settings.kl_estimator == "k3":
+                if settings.beta > 0 and settings.kl_estimator == "k3":
                     loss = loss + settings.beta * masked_mean(kl_k3(logprobs, ref_logprobs[rows]), m)
+                if mitigations.prefix_kl_coef > 0:
+                    prefix_kl = aggregate(kl_k3(logprobs, ref_logprobs[rows]) * prefix_mask(m, mitigations.prefix_kl_tokens),
+                                          m, "bnpo")
+                    loss = loss + mitigations.prefix_kl_coef * prefix_kl
+                    stats["prefix_kl"] = prefix_kl.item()
                 if new.aux_loss is not None:
                     loss = loss + self.aux_coef * new.aux_loss
                     stats["aux_loss"] = new.aux_loss.item()

@@ -80,6 +80,7 @@ METRICS = {
     "tis_capped_fraction": "share of completion tokens whose TIS weight hit the cap (rl.tis_cap; PPO, GRPO)",
     "clip_cov_fraction": "share of completion tokens Clip-Cov detached (mitigations.clip_cov; PPO, GRPO)",
     "kl_cov_penalty": "KL-Cov's penalty term, aggregated like the policy loss (mitigations.kl_cov; PPO, GRPO)",
+    "prefix_kl": "k3 KL to the reference on the first prefix_kl_tokens completion tokens, aggregated like the policy loss, unweighted (mitigations.prefix_kl_coef; PPO, GRPO)",
     "sample_time_s": "seconds the engine took to sample the step",
     "score_time_s": "seconds grading and rewarding took",
     "update_time_s": "seconds of the recipe's work: forwards, backward, optimiser steps",

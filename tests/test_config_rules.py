@@ -37,7 +37,8 @@ def run_refuses(tmp_path, capsys, toml: str, *fragments: str) -> str:
 
 UNSUPPORTED = [(algorithm, switch, value) for switch, value in [
     ("entropy_coef", 0.01), ("clip_cov", "true"), ("kl_cov", "true"), ("unlikeliness_beta", 0.25), ("pass_at_k", 2),
-    ("pretrain_replay_coef", 0.5), ("format_diversity_coef", 0.5), ("freeze_router", "true")]
+    ("pretrain_replay_coef", 0.5), ("format_diversity_coef", 0.5), ("freeze_router", "true"),
+    ("prefix_kl_coef", 0.1)]
     for algorithm in ("grpo", "ppo", "ei") if algorithm not in MITIGATION_ALGORITHMS[switch]]
 
 
@@ -54,7 +55,7 @@ def test_the_unsupported_cases_cover_ppo_and_ei():  # the table above is built f
 
 def test_every_mitigation_switch_names_its_algorithms():
     """A switch added to MitigationSettings must say which algorithms implement it (else nothing refuses it)."""
-    parameters = {"cov_ratio", "kl_cov_coef", "pretrain_replay_batch"}  # they tune a switch; never refused alone
+    parameters = {"cov_ratio", "kl_cov_coef", "pretrain_replay_batch", "prefix_kl_tokens"}  # they tune a switch; never refused alone
     assert set(MITIGATION_ALGORITHMS) == set(MitigationSettings.model_fields) - parameters
 
 
