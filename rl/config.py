@@ -53,6 +53,13 @@ class GRPOSettings(Strict):
     baseline: Literal["mean", "leave_one_out"] = Field("mean", description=(
         "mean: the group mean (GRPO); leave_one_out: the mean of the other samples of the prompt (RLOO, "
         "Ahmadian et al. 2024, arXiv:2402.14740; rl.losses.group_advantages)"))
+    dynamic_sampling: bool = Field(False, description=(
+        "DAPO dynamic sampling (Yu et al. 2025, arXiv:2503.14476, sec. 3.2; verl's filter_groups): groups whose "
+        "rewards are all equal are dropped and refilled with groups of further seeded prompts, up to "
+        "dynamic_sampling_rounds more engine calls; short of groups after them, the batch is topped up with "
+        "dropped groups (rl.rollouts.dynamic_sampling). GRPO"))
+    dynamic_sampling_rounds: int = Field(3, ge=1, description=(
+        "dynamic sampling's most extra engine calls per step, each of prompts_per_step further prompts"))
 
 
 class PPOSettings(Strict):
@@ -224,6 +231,9 @@ class RLSettings(Strict):
         if self.kl_estimator == "k1" and algorithm != "ppo" and self.beta > 0:
             raise SettingsError("kl_estimator 'k1' (KL in the reward) is PPO's; GRPO and EI use 'k3'", "kl_estimator",
                                 "algorithm")
+        if algorithm != "grpo" and self.grpo.dynamic_sampling:
+            raise SettingsError(f"algorithm {algorithm!r} does not implement grpo.dynamic_sampling (only grpo does)",
+                                "grpo.dynamic_sampling", "algorithm")
         if algorithm == "grpo" and sampling.samples_per_prompt < 2:
             raise SettingsError("GRPO needs sampling.samples_per_prompt >= 2: its advantages compare the samples of "
                                 "a prompt", "sampling.samples_per_prompt", "algorithm")

@@ -8,8 +8,10 @@ one did, two purposes never share a random stream, and no draw depends on how ma
   request then gets `request_seed(that, prompt_index)` (vLLM: `SamplingParams(seed=...)`, a private
   generator per request; transformers: the seed of the batch starting at that prompt);
 - `step_seed(seed, step, "minibatches" | "clip_cov" | "sft" | "replay:U")`: the other draws of one step;
+- `step_seed(seed, step, "dynamic_sampling:R")`: the engine's seed of dynamic sampling's round R at `step`;
 - `derive_seed(seed, "prompt_order", epoch)` and `derive_seed(seed, "rl_prompts")`: the prompt set's order
-  per epoch and the draw of the synthetic RL prompts.
+  per epoch and the draw of the synthetic RL prompts; `derive_seed(seed, "dynamic_sampling", step)`: the order of
+  the further prompts dynamic sampling draws at `step`.
 """
 
 from __future__ import annotations

@@ -65,6 +65,7 @@ METRICS = {
     "frac_reward_zero_std": "share of prompts whose samples all got the same reward (no GRPO signal)",
     "truncated_fraction": "share of completions cut at max_new_tokens",
     "rollout_tokens": "completion tokens sampled in the step",
+    "sampling_rounds": "engine calls that made the step's batch: 1, more with grpo.dynamic_sampling",
     "loss": "the minimised total loss",
     "policy_loss": "the policy-gradient term alone (PPO, GRPO)",
     "kl_to_reference": "mean token k3 KL of the sampling policy to the pretrained model, on the step's rollouts",

@@ -60,6 +60,8 @@ def test_every_mitigation_switch_names_its_algorithms():
 
 
 RULES = [  # (what, TOML, fragments of the one line); the line named is the setting to change first
+    ("dynamic sampling is GRPO's", '[rl]\nalgorithm = "ppo"\n[rl.grpo]\ndynamic_sampling = true\n',
+     ["line 4: rl: algorithm 'ppo' does not implement grpo.dynamic_sampling (only grpo does)"]),
     ("EI has no KL", '[rl]\nalgorithm = "ei"\nbeta = 0.1\n',
      ["line 3: rl: Expert Iteration has no KL term: set beta = 0"]),
     ("EI has no clip", '[rl]\nalgorithm = "ei"\nepsilon_high = 0.28\n',

@@ -17,6 +17,8 @@ Where each switch is tested (`here` = this file):
   coef * NLL, 2-step runs log replay_loss.
 - prefix_kl_coef (with prefix_kl_tokens): test_losses::test_prefix_*; here, the GRPO and the PPO loss of the second
   update change by exactly coef * the prefix KL of the once-updated model, computed by hand (the first update's is 0).
+- grpo.dynamic_sampling (with dynamic_sampling_rounds): tests/test_dynamic_sampling.py, the selection on scripted
+  outcomes and the first update's gradient norm on the refilled batch by hand.
 Which algorithm accepts which switch is a rule of the config (refused when it is loaded), not of the loops.
 
 The loss checks compare the first update of two runs that differ only in the switch (one optimiser step per
