@@ -112,6 +112,10 @@ class MitigationSettings(Strict):
         "aggregated as the policy loss (rl.losses.prefix_mask); echolab's own, no paper: the format is decided "
         "there (issue 14), while rl.beta spreads the same penalty over every token. PPO, GRPO"))
     prefix_kl_tokens: int = Field(3, ge=1, description="K, the completion tokens prefix_kl_coef acts on")
+    sequence_kl_coef: float = Field(0.0, ge=0, description=(
+        "sequence KL in the reward: r <- r - coef * sum_t (log pi_old(y_t) - log pi_ref(y_t)) over the completion "
+        "(rl.losses.sequence_log_ratio; the KL-in-the-reward of Ziegler et al. 2019, arXiv:1909.08593, summed per "
+        "sequence). PPO, GRPO"))
 
 
 # The algorithms that implement each switch of MitigationSettings (its other fields only tune a switch). A
@@ -126,6 +130,7 @@ MITIGATION_ALGORITHMS = {
     "freeze_router": {"grpo", "ppo", "ei"},
     "pretrain_replay_coef": {"grpo", "ppo"},
     "prefix_kl_coef": {"grpo", "ppo"},
+    "sequence_kl_coef": {"grpo", "ppo"},
 }
 
 
@@ -248,8 +253,10 @@ class RLSettings(Strict):
             raise SettingsError(f"mitigations.pass_at_k ({mitigations.pass_at_k}) must be <= sampling.samples_per_prompt "
                                 f"({sampling.samples_per_prompt}): pass@k is estimated within a prompt's samples",
                                 "mitigations.pass_at_k", "sampling.samples_per_prompt")
-        if mitigations.pass_at_k and (mitigations.unlikeliness_beta > 0 or mitigations.format_diversity_coef > 0):
-            other = "unlikeliness_beta" if mitigations.unlikeliness_beta > 0 else "format_diversity_coef"
+        if mitigations.pass_at_k and (mitigations.unlikeliness_beta > 0 or mitigations.format_diversity_coef > 0
+                                      or mitigations.sequence_kl_coef > 0):
+            other = next(name for name in ("unlikeliness_beta", "format_diversity_coef", "sequence_kl_coef")
+                         if getattr(mitigations, name) > 0)
             raise SettingsError(f"mitigations.pass_at_k replaces the advantages by pass@k ones computed from correctness "
                                 f"alone; it does not combine with mitigations.{other}", "mitigations.pass_at_k",
                                 f"mitigations.{other}")
@@ -283,7 +290,7 @@ class RLSettings(Strict):
     @property
     def needs_reference(self) -> bool:
         """Whether the loss or the reward reads log pi_ref, the frozen base model's log-probs."""
-        return self.beta > 0 or self.mitigations.prefix_kl_coef > 0
+        return self.beta > 0 or self.mitigations.prefix_kl_coef > 0 or self.mitigations.sequence_kl_coef > 0
 
     @property
     def clip_high(self) -> float:

@@ -12,12 +12,13 @@ The maths is in rl.losses; this file is the loop around it. One step (rl.trainin
  2. pack         prompt + completion sequences packed into rows without padding between them, the LM head
                  run only where a completion token is predicted (rl.sequences.PackedBatch); per-token
                  tensors (B = prompts x G, C = longest completion), TRL's completion layout.
- 3. advantages   A_i = (r_i - b_i) / (std + 1e-4) within each prompt's group (GRPO, Shao et al. 2024,
+ 3. advantages   r_i minus sequence_kl_coef * log pi_old(y_i) / pi_ref(y_i) when that is on (one extra forward);
+                 A_i = (r_i - b_i) / (std + 1e-4) within each prompt's group (GRPO, Shao et al. 2024,
                  arXiv:2402.03300), b_i the group mean or the leave-one-out mean (RLOO), std of the group or the
                  batch or none (Dr. GRPO); the unlikeliness reward first lowers the reward of likely correct
                  samples (He et al. 2025, arXiv:2506.02355); pass@k training replaces A by its closed form
                  (Chen et al. 2025, arXiv:2508.10751).
- 4. reference    with a KL term (beta > 0, prefix_kl_coef > 0): log pi_ref(y_t) under the frozen base model, no gradient.
+ 4. reference    with a KL term (beta, prefix_kl_coef or sequence_kl_coef > 0): log pi_ref(y_t) under the frozen base model, no gradient.
  5. updates      `num_iterations` (mu) passes over the batch, one AdamW step each, minimising
                    L = agg_loss_type( w_t * l_t + (beta + prefix_kl_coef [t < K]) rho_t k3_t ) - entropy_coef * H
                        + aux_coef * L_aux + pretrain_replay_coef * NLL_pretrain
@@ -60,6 +61,7 @@ from rl.losses import (
     pass_at_k_advantages,
     prefix_mask,
     sampler_mismatch,
+    sequence_log_ratio,
     truncated_importance_weights,
     unlikeliness_rewards,
 )
@@ -146,10 +148,13 @@ def _aggregate(per_token: torch.Tensor, mask: torch.Tensor, settings: RLSettings
                      global_token_count=mask.sum())
 
 
-def advantages_of(batch: StepBatch, settings: RLSettings) -> torch.Tensor:
-    """Step 3: one advantage per completion (flat order)."""
+def advantages_of(batch: StepBatch, settings: RLSettings, sequence_kl: torch.Tensor | None = None) -> torch.Tensor:
+    """Step 3: one advantage per completion (flat order). `sequence_kl` (completions,): log pi_old(y) / pi_ref(y),
+    with mitigations.sequence_kl_coef > 0."""
     mitigations, grpo, group = settings.mitigations, settings.grpo, settings.sampling.samples_per_prompt
     rewards = batch.rewards.flatten()
+    if mitigations.sequence_kl_coef > 0:
+        rewards = rewards - mitigations.sequence_kl_coef * sequence_kl.cpu()
     correct = torch.tensor([grade.correct for grade in batch.flat_grades])
     if mitigations.pass_at_k:
         return pass_at_k_advantages(correct, group, mitigations.pass_at_k)
@@ -192,11 +197,15 @@ class GRPO:
         sampler = sampler_logprobs(batch, mask)
 
         # 3-4. Advantages; the reference's log-probs.
-        ref_logprobs = None
+        ref_logprobs = sequence_kl = None
         if self.reference is not None:
             with torch.no_grad():
                 ref_logprobs = policy_forward(self.reference, sequences, temperature).logprobs
-        policy = PolicyBatch(sequences, advantages_of(batch, settings).to(device), ref_logprobs=ref_logprobs,
+        if settings.mitigations.sequence_kl_coef > 0:
+            # the reward needs pi_old before the first pass: one extra forward without gradient (PPO has it anyway)
+            with torch.no_grad():
+                sequence_kl = sequence_log_ratio(policy_forward(model, sequences, temperature).logprobs, ref_logprobs, mask)
+        policy = PolicyBatch(sequences, advantages_of(batch, settings, sequence_kl).to(device), ref_logprobs=ref_logprobs,
                              sampler_logprobs=sampler)
 
         # 5. mu passes, one optimiser step each.
@@ -226,6 +235,8 @@ class GRPO:
         metrics["entropy"] = masked_mean(first.entropy.detach(), mask).item()
         if ref_logprobs is not None:
             metrics["kl_to_reference"] = masked_mean(kl_k3(policy.old_logprobs, ref_logprobs), mask).item()
+        if sequence_kl is not None:
+            metrics["sequence_kl"] = sequence_kl.mean().item()
         metrics["sampler_kl"], metrics["sampler_ratio_max"] = sampler_mismatch(policy.old_logprobs, sampler, mask)
         return StepResult((first.raw_logprobs * mask).sum(-1), expert_load, metrics)
 

@@ -82,6 +82,7 @@ METRICS = {
     "clip_cov_fraction": "share of completion tokens Clip-Cov detached (mitigations.clip_cov; PPO, GRPO)",
     "kl_cov_penalty": "KL-Cov's penalty term, aggregated like the policy loss (mitigations.kl_cov; PPO, GRPO)",
     "prefix_kl": "k3 KL to the reference on the first prefix_kl_tokens completion tokens, aggregated like the policy loss, unweighted (mitigations.prefix_kl_coef; PPO, GRPO)",
+    "sequence_kl": "mean over the step's completions of sum_t (log pi_old - log pi_ref), the sequence KL subtracted from their rewards x sequence_kl_coef (PPO, GRPO)",
     "sample_time_s": "seconds the engine took to sample the step",
     "score_time_s": "seconds grading and rewarding took",
     "update_time_s": "seconds of the recipe's work: forwards, backward, optimiser steps",

@@ -38,7 +38,7 @@ def run_refuses(tmp_path, capsys, toml: str, *fragments: str) -> str:
 UNSUPPORTED = [(algorithm, switch, value) for switch, value in [
     ("entropy_coef", 0.01), ("clip_cov", "true"), ("kl_cov", "true"), ("unlikeliness_beta", 0.25), ("pass_at_k", 2),
     ("pretrain_replay_coef", 0.5), ("format_diversity_coef", 0.5), ("freeze_router", "true"),
-    ("prefix_kl_coef", 0.1)]
+    ("prefix_kl_coef", 0.1), ("sequence_kl_coef", 0.1)]
     for algorithm in ("grpo", "ppo", "ei") if algorithm not in MITIGATION_ALGORITHMS[switch]]
 
 
@@ -84,6 +84,8 @@ RULES = [  # (what, TOML, fragments of the one line); the line named is the sett
      ["line 4: rl: mitigations.pass_at_k (8) must be <= sampling.samples_per_prompt (4)"]),
     ("pass@k vs unlikeliness", '[rl.mitigations]\nunlikeliness_beta = 0.25\npass_at_k = 4\n',
      ["line 3: rl: mitigations.pass_at_k replaces the advantages", "mitigations.unlikeliness_beta"]),
+    ("pass@k vs sequence KL", '[rl.mitigations]\npass_at_k = 4\nsequence_kl_coef = 0.1\n',
+     ["line 2: rl: mitigations.pass_at_k replaces the advantages", "mitigations.sequence_kl_coef"]),
     ("pass@k vs format diversity", '[rl.mitigations]\npass_at_k = 4\nformat_diversity_coef = 0.5\n',
      ["line 2: rl: mitigations.pass_at_k replaces the advantages", "mitigations.format_diversity_coef"]),
     ("Clip-Cov or KL-Cov", '[rl.grpo]\nnum_iterations = 2\n[rl.mitigations]\nclip_cov = true\nkl_cov = true\n',

@@ -16,15 +16,14 @@ import torch
 from rl.config import GRPOSettings, RLSettings, SamplingSettings
 from rl.engines import Completion, HFEngine
 from rl.losses import GROUP_STD_EPSILON
-from rl.rollouts import PromptSet, collect, dynamic_sampling, token_ids
+from rl.rollouts import PromptSet, collect, dynamic_sampling
 from rl.seeds import step_seed
-from rl.sequences import pack
 from specialists.grading import Grade
 from specialists.model import load_model
 from specialists.tasks import TaskSettings, generate_problems
 from specialists.tokenizer import load_tokenizer
 
-from rl_helpers import ChecksumRewards, make_run, prompt_set_for, read_metrics, rollout_rows
+from rl_helpers import ChecksumRewards, grpo_grad_norm_by_hand, make_run, prompt_set_for, read_metrics, rollout_rows
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -147,8 +146,8 @@ def expected_step0_batch(model_dir, config: RLSettings):
 
 
 def grad_norm_by_hand(model, tokenizer, prompt_set, kept) -> float:
-    """The first GRPO update's gradient norm on the kept groups: on the first pass rho = 1, so
-    d loss = mean_i (-A_i / |o_i|) sum_t d log pi(y_it), A_i = (r_i - mean_g r) / (std_g r + 1e-4) (Bessel std)."""
+    """The first GRPO update's gradient norm on the kept groups (rl_helpers.grpo_grad_norm_by_hand), with
+    A_i = (r_i - mean_g r) / (std_g r + 1e-4) (Bessel std)."""
     prompt_ids, completion_ids, advantages = [], [], []
     for problem, completions, rewards in kept:
         ids = tokenizer(prompt_set.prompter.text(problem), add_special_tokens=False)["input_ids"]
@@ -157,14 +156,7 @@ def grad_norm_by_hand(model, tokenizer, prompt_set, kept) -> float:
             prompt_ids.append(ids)
             completion_ids.append(list(completion.token_ids))
             advantages.append(advantage.item())
-    input_ids, attention_mask, completion_mask = pack(prompt_ids, completion_ids, tokenizer.pad_token_id)
-    model.train()
-    logprobs = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].log_softmax(-1)
-    logprobs = logprobs.gather(-1, input_ids[:, 1:, None]).squeeze(-1) * completion_mask[:, 1:]
-    lengths = completion_mask[:, 1:].sum(-1).clamp(min=1)
-    loss = (-torch.tensor(advantages) * logprobs.sum(-1) / lengths).mean()
-    loss.backward()
-    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])).item()
+    return grpo_grad_norm_by_hand(model, prompt_ids, completion_ids, tokenizer.pad_token_id, advantages)
 
 
 @pytest.mark.integration

@@ -23,6 +23,7 @@ from rl.losses import (
     pass_at_k_advantages,
     prefix_mask,
     sampler_mismatch,
+    sequence_log_ratio,
     token_entropy,
     truncated_importance_weights,
     unlikeliness_rewards,
@@ -248,6 +249,15 @@ def test_prefix_kl_aggregated_as_the_policy_loss():
     # bnpo (PPO): sum / 4 tokens = (ln 2 - 1/2 + 1 - ln 2) / 4 = 1/8.
     assert close(aggregate(term, mask, "grpo"), ((LN2 - 0.5) / 3 + (1 - LN2)) / 2)
     assert close(aggregate(term, mask, "bnpo"), 0.125)
+
+
+def test_sequence_log_ratio_sums_the_completion_and_is_detached():
+    # row 0: (0 - (-ln 2)) + (-1 - (-1)) + (0 - 0.5) = ln 2 - 0.5; row 1: one token, -ln 2 - 0; padding ignored
+    logprobs = t([[0.0, -1.0, 0.0], [-LN2, 7.0, 7.0]]).requires_grad_()
+    ref = t([[-LN2, -1.0, 0.5], [0.0, 0.0, 0.0]])
+    mask = t([[1, 1, 1], [1, 0, 0]])
+    ratio = sequence_log_ratio(logprobs, ref, mask)
+    assert close(ratio, [LN2 - 0.5, -LN2]) and not ratio.requires_grad
 
 
 # ----- train / inference mismatch --------------------------------------------------------------

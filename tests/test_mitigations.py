@@ -17,6 +17,8 @@ Where each switch is tested (`here` = this file):
   coef * NLL, 2-step runs log replay_loss.
 - prefix_kl_coef (with prefix_kl_tokens): test_losses::test_prefix_*; here, the GRPO and the PPO loss of the second
   update change by exactly coef * the prefix KL of the once-updated model, computed by hand (the first update's is 0).
+- sequence_kl_coef: test_losses::test_sequence_log_ratio_*; tests/test_sequence_kl.py, the second update of GRPO
+  (gradient norm by hand) and PPO (the logged sequence KL by hand).
 - grpo.dynamic_sampling (with dynamic_sampling_rounds): tests/test_dynamic_sampling.py, the selection on scripted
   outcomes and the first update's gradient norm on the refilled batch by hand.
 Which algorithm accepts which switch is a rule of the config (refused when it is loaded), not of the loops.
