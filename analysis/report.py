@@ -572,6 +572,8 @@ def _mitigations(flat: dict[str, object]) -> str:
         shown.append(f"{name}{value}" + (f" ({', '.join(parameters)})" if parameters else ""))
     if flat.get("rl.epsilon_high") is not None:
         shown.append(f"clip-higher (epsilon_high={_shown(flat['rl.epsilon_high'])})")
+    if flat.get("rl.grpo.dynamic_sampling"):
+        shown.append(f"dynamic sampling (dynamic_sampling_rounds={_shown(flat.get('rl.grpo.dynamic_sampling_rounds'))})")
     return ", ".join(shown) or "none"
 
 

@@ -321,3 +321,5 @@ def test_mitigation_parameters_are_shown_beside_their_switch_only():
     assert report._mitigations(defaults) == "none"  # e.g. prefix_kl_tokens = 3 and cov_ratio are on by default
     prefix = defaults | {"rl.mitigations.prefix_kl_coef": 0.1, "rl.mitigations.prefix_kl_tokens": 2}
     assert report._mitigations(prefix) == "prefix_kl_coef=0.1 (prefix_kl_tokens=2)"
+    dynamic = prefix | {"rl.grpo.dynamic_sampling": True, "rl.grpo.dynamic_sampling_rounds": 3}
+    assert report._mitigations(dynamic) == "prefix_kl_coef=0.1 (prefix_kl_tokens=2), dynamic sampling (dynamic_sampling_rounds=3)"
