@@ -8,8 +8,6 @@ rollouts and the gradient norm of the first update against a gradient computed b
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -24,8 +22,6 @@ from specialists.tasks import TaskSettings, generate_problems
 from specialists.tokenizer import load_tokenizer
 
 from rl_helpers import ChecksumRewards, grpo_grad_norm_by_hand, make_run, prompt_set_for, read_metrics, rollout_rows
-
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 GROUP = 2
 

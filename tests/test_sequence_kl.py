@@ -8,8 +8,6 @@ checked by hand and the update only shown to change (its value head makes the by
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -24,8 +22,6 @@ from specialists.model import load_model
 from specialists.tokenizer import load_tokenizer
 
 from rl_helpers import ChecksumRewards, grpo_grad_norm_by_hand, make_run, prompt_set_for, read_metrics
-
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 pytestmark = pytest.mark.integration
 
