@@ -543,7 +543,7 @@ def forecast_section(runs: list[Run]) -> str:
 # Tuning parameters of rl.mitigations switches (analysis does not import rl): shown beside their switch when it
 # is on, never as mitigations of their own.
 MITIGATION_PARAMETERS = {"cov_ratio": ("clip_cov", "kl_cov"), "kl_cov_coef": ("kl_cov",),
-                         "pretrain_replay_batch": ("pretrain_replay_coef",)}
+                         "pretrain_replay_batch": ("pretrain_replay_coef",), "prefix_kl_tokens": ("prefix_kl_coef",)}
 
 
 def seed_labels(config: dict) -> list[str]:
@@ -583,6 +583,8 @@ def _mitigations(flat: dict[str, object]) -> str:
         shown.append(f"{name}{value}" + (f" ({', '.join(parameters)})" if parameters else ""))
     if flat.get("rl.epsilon_high") is not None:
         shown.append(f"clip-higher (epsilon_high={_shown(flat['rl.epsilon_high'])})")
+    if flat.get("rl.grpo.dynamic_sampling"):
+        shown.append(f"dynamic sampling (dynamic_sampling_rounds={_shown(flat.get('rl.grpo.dynamic_sampling_rounds'))})")
     return ", ".join(shown) or "none"
 
 

@@ -53,6 +53,13 @@ class GRPOSettings(Strict):
     baseline: Literal["mean", "leave_one_out"] = Field("mean", description=(
         "mean: the group mean (GRPO); leave_one_out: the mean of the other samples of the prompt (RLOO, "
         "Ahmadian et al. 2024, arXiv:2402.14740; rl.losses.group_advantages)"))
+    dynamic_sampling: bool = Field(False, description=(
+        "DAPO dynamic sampling (Yu et al. 2025, arXiv:2503.14476, sec. 3.2; verl's filter_groups): groups whose "
+        "rewards are all equal are dropped and refilled with groups of further seeded prompts, up to "
+        "dynamic_sampling_rounds more engine calls; short of groups after them, the batch is topped up with "
+        "dropped groups (rl.rollouts.dynamic_sampling). GRPO"))
+    dynamic_sampling_rounds: int = Field(3, ge=1, description=(
+        "dynamic sampling's most extra engine calls per step, each of prompts_per_step further prompts"))
 
 
 class PPOSettings(Strict):
@@ -100,6 +107,15 @@ class MitigationSettings(Strict):
         "loss += coef * mean token NLL of a batch of pretraining texts each optimiser step (PPO-ptx, Ouyang et al. "
         "2022, arXiv:2203.02155, eq. 2; rl.replay). PPO, GRPO"))
     pretrain_replay_batch: int = Field(8, ge=1, description="pretraining texts per replay batch")
+    prefix_kl_coef: float = Field(0.0, ge=0, description=(
+        "prefix KL: loss += coef * k3 KL to the reference on the first prefix_kl_tokens completion tokens only, "
+        "aggregated as the policy loss (rl.losses.prefix_mask); echolab's own, no paper: the format is decided "
+        "there (issue 14), while rl.beta spreads the same penalty over every token. PPO, GRPO"))
+    prefix_kl_tokens: int = Field(3, ge=1, description="K, the completion tokens prefix_kl_coef acts on")
+    sequence_kl_coef: float = Field(0.0, ge=0, description=(
+        "sequence KL in the reward: r <- r - coef * sum_t (log pi_old(y_t) - log pi_ref(y_t)) over the completion "
+        "(rl.losses.sequence_log_ratio; the KL-in-the-reward of Ziegler et al. 2019, arXiv:1909.08593, summed per "
+        "sequence). PPO, GRPO"))
 
 
 class HeldoutEvaluationSettings(Strict):
@@ -127,6 +143,8 @@ MITIGATION_ALGORITHMS = {
     "pass_at_k": {"grpo"},
     "freeze_router": {"grpo", "ppo", "ei"},
     "pretrain_replay_coef": {"grpo", "ppo"},
+    "prefix_kl_coef": {"grpo", "ppo"},
+    "sequence_kl_coef": {"grpo", "ppo"},
 }
 
 
@@ -239,6 +257,9 @@ class RLSettings(Strict):
         if self.kl_estimator == "k1" and algorithm != "ppo" and self.beta > 0:
             raise SettingsError("kl_estimator 'k1' (KL in the reward) is PPO's; GRPO and EI use 'k3'", "kl_estimator",
                                 "algorithm")
+        if algorithm != "grpo" and self.grpo.dynamic_sampling:
+            raise SettingsError(f"algorithm {algorithm!r} does not implement grpo.dynamic_sampling (only grpo does)",
+                                "grpo.dynamic_sampling", "algorithm")
         if algorithm == "grpo" and sampling.samples_per_prompt < 2:
             raise SettingsError("GRPO needs sampling.samples_per_prompt >= 2: its advantages compare the samples of "
                                 "a prompt", "sampling.samples_per_prompt", "algorithm")
@@ -253,8 +274,10 @@ class RLSettings(Strict):
             raise SettingsError(f"mitigations.pass_at_k ({mitigations.pass_at_k}) must be <= sampling.samples_per_prompt "
                                 f"({sampling.samples_per_prompt}): pass@k is estimated within a prompt's samples",
                                 "mitigations.pass_at_k", "sampling.samples_per_prompt")
-        if mitigations.pass_at_k and (mitigations.unlikeliness_beta > 0 or mitigations.format_diversity_coef > 0):
-            other = "unlikeliness_beta" if mitigations.unlikeliness_beta > 0 else "format_diversity_coef"
+        if mitigations.pass_at_k and (mitigations.unlikeliness_beta > 0 or mitigations.format_diversity_coef > 0
+                                      or mitigations.sequence_kl_coef > 0):
+            other = next(name for name in ("unlikeliness_beta", "format_diversity_coef", "sequence_kl_coef")
+                         if getattr(mitigations, name) > 0)
             raise SettingsError(f"mitigations.pass_at_k replaces the advantages by pass@k ones computed from correctness "
                                 f"alone; it does not combine with mitigations.{other}", "mitigations.pass_at_k",
                                 f"mitigations.{other}")
@@ -289,6 +312,11 @@ class RLSettings(Strict):
         """The RL prompts and held-out problems of the prompt file (`prompts` not 'synthetic')."""
         return prompt_split(self.prompts, self.prompt_columns, self.heldout_prompts, self.heldout_fraction,
                             self.heldout_seed)
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the loss or the reward reads log pi_ref, the frozen base model's log-probs."""
+        return self.beta > 0 or self.mitigations.prefix_kl_coef > 0 or self.mitigations.sequence_kl_coef > 0
 
     @property
     def clip_high(self) -> float:

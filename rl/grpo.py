@@ -12,21 +12,23 @@ The maths is in rl.losses; this file is the loop around it. One step (rl.trainin
  2. pack         prompt + completion sequences packed into rows without padding between them, the LM head
                  run only where a completion token is predicted (rl.sequences.PackedBatch); per-token
                  tensors (B = prompts x G, C = longest completion), TRL's completion layout.
- 3. advantages   A_i = (r_i - b_i) / (std + 1e-4) within each prompt's group (GRPO, Shao et al. 2024,
+ 3. advantages   r_i minus sequence_kl_coef * log pi_old(y_i) / pi_ref(y_i) when that is on (one extra forward);
+                 A_i = (r_i - b_i) / (std + 1e-4) within each prompt's group (GRPO, Shao et al. 2024,
                  arXiv:2402.03300), b_i the group mean or the leave-one-out mean (RLOO), std of the group or the
                  batch or none (Dr. GRPO); the unlikeliness reward first lowers the reward of likely correct
                  samples (He et al. 2025, arXiv:2506.02355); pass@k training replaces A by its closed form
                  (Chen et al. 2025, arXiv:2508.10751).
- 4. reference    with beta > 0: log pi_ref(y_t) under the frozen base model, no gradient.
+ 4. reference    with a KL term (beta, prefix_kl_coef or sequence_kl_coef > 0): log pi_ref(y_t) under the frozen base model, no gradient.
  5. updates      `num_iterations` (mu) passes over the batch, one AdamW step each, minimising
-                   L = agg_loss_type( w_t * l_t + beta rho_t k3_t ) - entropy_coef * H + aux_coef * L_aux
-                       + pretrain_replay_coef * NLL_pretrain
+                   L = agg_loss_type( w_t * l_t + (beta + prefix_kl_coef [t < K]) rho_t k3_t ) - entropy_coef * H
+                       + aux_coef * L_aux + pretrain_replay_coef * NLL_pretrain
                    l_t   = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)   (x 0 on Clip-Cov's tokens,
                            + KL-Cov's penalty; Cui et al. 2025, arXiv:2505.22617)
                    rho   = pi_theta / pi_old per token, or GSPO's per-sequence ratio (Zheng et al. 2025,
                            arXiv:2507.18071)
                    w_t   = min(pi_old / pi_sampler, tis_cap): truncated importance sampling (Yao et al. 2025),
                            1 when rl.tis_cap is None
+                   [t < K] = 1 on the first K = prefix_kl_tokens completion tokens: the prefix KL (rl.losses.prefix_mask)
                  pi_old is the first pass's own log-probs, detached: the first pass runs on the weights that
                  sampled, so no extra forward is needed (TRL computes the same with one). The first pass also
                  gives the routed-token counts, the rollouts' log-probs, the entropy and the KL of the sampling
@@ -57,7 +59,9 @@ from rl.losses import (
     kl_k3,
     masked_mean,
     pass_at_k_advantages,
+    prefix_mask,
     sampler_mismatch,
+    sequence_log_ratio,
     truncated_importance_weights,
     unlikeliness_rewards,
 )
@@ -89,7 +93,7 @@ class PolicyBatch:
     sequences: PackedBatch  # prompt + completion token ids, packed for the forward (rl.sequences)
     advantages: torch.Tensor  # (B,)
     old_logprobs: torch.Tensor | None = None  # (B, C) pi_old; None: the loss's own log-probs, detached
-    ref_logprobs: torch.Tensor | None = None  # (B, C) pi_ref, with beta > 0
+    ref_logprobs: torch.Tensor | None = None  # (B, C) pi_ref, with settings.needs_reference
     sampler_logprobs: torch.Tensor | None = None  # (B, C) the engine's, for truncated importance sampling
 
 
@@ -121,8 +125,12 @@ def grpo_loss(model, batch: PolicyBatch, settings: RLSettings, aux_coef: float,
         per_token = per_token * weights
         stats["tis_capped_fraction"] = masked_mean((weights >= settings.tis_cap).float(), mask).item()
     stats["policy_loss"] = _aggregate(per_token.detach(), mask, settings).item()
-    if batch.ref_logprobs is not None:
+    if settings.beta > 0:
         per_token = per_token + settings.beta * bias_corrected_kl(logprobs, batch.ref_logprobs, ratio)
+    if mitigations.prefix_kl_coef > 0:
+        prefix_kl = bias_corrected_kl(logprobs, batch.ref_logprobs, ratio) * prefix_mask(mask, mitigations.prefix_kl_tokens)
+        per_token = per_token + mitigations.prefix_kl_coef * prefix_kl
+        stats["prefix_kl"] = _aggregate(prefix_kl.detach(), mask, settings).item()
 
     loss = _aggregate(per_token, mask, settings)
     if mitigations.entropy_coef:
@@ -140,10 +148,13 @@ def _aggregate(per_token: torch.Tensor, mask: torch.Tensor, settings: RLSettings
                      global_token_count=mask.sum())
 
 
-def advantages_of(batch: StepBatch, settings: RLSettings) -> torch.Tensor:
-    """Step 3: one advantage per completion (flat order)."""
+def advantages_of(batch: StepBatch, settings: RLSettings, sequence_kl: torch.Tensor | None = None) -> torch.Tensor:
+    """Step 3: one advantage per completion (flat order). `sequence_kl` (completions,): log pi_old(y) / pi_ref(y),
+    with mitigations.sequence_kl_coef > 0."""
     mitigations, grpo, group = settings.mitigations, settings.grpo, settings.sampling.samples_per_prompt
     rewards = batch.rewards.flatten()
+    if mitigations.sequence_kl_coef > 0:
+        rewards = rewards - mitigations.sequence_kl_coef * sequence_kl.cpu()
     correct = torch.tensor([grade.correct for grade in batch.flat_grades])
     if mitigations.pass_at_k:
         return pass_at_k_advantages(correct, group, mitigations.pass_at_k)
@@ -170,7 +181,7 @@ class GRPO:
                                            weight_decay=0.0)
         if state is not None:
             self.optimizer.load_state_dict(state["optimizer"])
-        self.reference = frozen(run.base_model()) if settings.beta > 0 else None
+        self.reference = frozen(run.base_model()) if settings.needs_reference else None
         self.replay = pretrain_replay(run)
         self.aux_coef = aux_loss_coefficient(run.model, settings)
 
@@ -186,11 +197,15 @@ class GRPO:
         sampler = sampler_logprobs(batch, mask)
 
         # 3-4. Advantages; the reference's log-probs.
-        ref_logprobs = None
+        ref_logprobs = sequence_kl = None
         if self.reference is not None:
             with torch.no_grad():
                 ref_logprobs = policy_forward(self.reference, sequences, temperature).logprobs
-        policy = PolicyBatch(sequences, advantages_of(batch, settings).to(device), ref_logprobs=ref_logprobs,
+        if settings.mitigations.sequence_kl_coef > 0:
+            # the reward needs pi_old before the first pass: one extra forward without gradient (PPO has it anyway)
+            with torch.no_grad():
+                sequence_kl = sequence_log_ratio(policy_forward(model, sequences, temperature).logprobs, ref_logprobs, mask)
+        policy = PolicyBatch(sequences, advantages_of(batch, settings, sequence_kl).to(device), ref_logprobs=ref_logprobs,
                              sampler_logprobs=sampler)
 
         # 5. mu passes, one optimiser step each.
@@ -220,6 +235,8 @@ class GRPO:
         metrics["entropy"] = masked_mean(first.entropy.detach(), mask).item()
         if ref_logprobs is not None:
             metrics["kl_to_reference"] = masked_mean(kl_k3(policy.old_logprobs, ref_logprobs), mask).item()
+        if sequence_kl is not None:
+            metrics["sequence_kl"] = sequence_kl.mean().item()
         metrics["sampler_kl"], metrics["sampler_ratio_max"] = sampler_mismatch(policy.old_logprobs, sampler, mask)
         return StepResult((first.raw_logprobs * mask).sum(-1), expert_load, metrics)
 

@@ -512,6 +512,32 @@ def pass_at_k_advantages(correct: torch.Tensor, group_size: int, k: int) -> torc
     return advantages.view(-1)
 
 
+def prefix_mask(mask: torch.Tensor, tokens: int) -> torch.Tensor:
+    """The first `tokens` (K) completion tokens of each row: prefix_t = m_t and (number of m_s = 1 for s <= t) <= K.
+
+    Prefix KL, echolab's own mitigation (no paper): in the Echo Chamber study the format is settled in the first
+    few completion tokens while a per-token KL (rl.beta) is averaged over all of them, so the penalty is weighted
+    onto the deciding tokens instead. The loops add coef * k3_t * prefix_t (`kl_k3`; GRPO also weights it by
+    the importance ratio, as its beta term, `bias_corrected_kl`) to the per-token loss and aggregate it as the
+    policy loss: a prefix token weighs what it weighs in the policy loss, the other tokens nothing.
+    Positions count completion tokens only (rows may hold padding anywhere). mask: (batch, T). Returns bool
+    (batch, T).
+    """
+    mask = mask.bool()
+    return mask & (mask.long().cumsum(-1) <= tokens)
+
+
+def sequence_log_ratio(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The sequence-level KL estimate of each completion: sum_t m_t (log pi(y_t) - log pi_ref(y_t)) = log pi(y) /
+    pi_ref(y), whose expectation over y ~ pi is KL(pi || pi_ref) of whole sequences (the k1 estimator summed, see
+    `kl_k1`). As a reward penalty, r <- r - coef * this, it is the KL-in-the-reward of Ziegler et al. 2019
+    (arXiv:1909.08593) and Ouyang et al. 2022 (arXiv:2203.02155, eq. 2) at sequence level: one number per
+    completion that weighs every token's log-ratio the same, whatever the length, so the few tokens where the
+    format is decided are not diluted by a mean. Detached: a reward, not a loss term. Returns (batch,).
+    """
+    return torch.where(mask.bool(), logprobs.detach() - ref_logprobs, torch.zeros_like(ref_logprobs)).sum(-1)
+
+
 def format_diversity_bonus(
     formats: Sequence[str], correct: torch.Tensor, group_size: int, coefficient: float
 ) -> torch.Tensor:

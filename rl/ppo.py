@@ -9,8 +9,9 @@ is the loop around it (rl.training.train runs steps 1, 7 and 8). One step (= one
  2. pi_old       one teacher-forced forward of the policy without gradient, the sequences packed into rows
                  (rl.sequences.PackedBatch): per-token log-probs log pi_old(y_t), values V_old(s_t), and the
                  routed-token counts of each completion (rl.routing.capture_routing; the recorder's expert_load).
- 3. reference    with beta > 0, the same forward of the frozen base model (Run.reference): log pi_ref(y_t).
- 4. rewards      r_t = R(x, y) on the last completion token, 0 elsewhere; with kl_estimator "k1"
+ 3. reference    with a KL term (beta, prefix_kl_coef or sequence_kl_coef > 0), the same forward of the frozen base model (Run.reference): log pi_ref(y_t).
+ 4. rewards      r_t = R(x, y) on the last completion token, 0 elsewhere, minus sequence_kl_coef *
+                 sum_t (log pi_old - log pi_ref) there when that is on (rl.losses.sequence_log_ratio); with kl_estimator "k1"
                  minus beta * k1_t on every token ("KL in the reward": Ziegler et al. 2019,
                  arXiv:1909.08593; Ouyang et al. 2022, arXiv:2203.02155, eq. 2).
  5. advantages   GAE(gamma, lam) (Schulman et al. 2016, arXiv:1506.02438), then normalised over the
@@ -20,6 +21,7 @@ is the loop around it (rl.training.train runs steps 1, 7 and 8). One step (= one
                        + value_coef * L_value(clip)               clipped value loss (OpenAI baselines PPO2)
                        - entropy_coef * H                         entropy bonus (Mnih et al. 2016, arXiv:1602.01783)
                        + beta * k3                                with kl_estimator "k3" (GRPO, arXiv:2402.03300, eq. 4)
+                       + prefix_kl_coef * k3 [t < K]              prefix KL on the first K completion tokens (rl.losses.prefix_mask)
                        + aux_coef * L_aux                         router load balancing (Switch, arXiv:2101.03961)
                        + pretrain_replay_coef * NLL_pretrain      pretraining replay (PPO-ptx, rl.replay)
                  with Clip-Cov / KL-Cov (Cui et al. 2025, arXiv:2505.22617) acting on L_clip's tokens
@@ -63,7 +65,9 @@ from rl.losses import (
     kl_k1,
     kl_k3,
     masked_mean,
+    prefix_mask,
     sampler_mismatch,
+    sequence_log_ratio,
     truncated_importance_weights,
 )
 from rl.recipe import (
@@ -136,7 +140,7 @@ class PPO:
         if state is not None:
             self.value_head.load_state_dict(state["value_head"])
             self.optimizer.load_state_dict(state["optimizer"])
-        self.reference = frozen(run.base_model()) if settings.beta > 0 else None
+        self.reference = frozen(run.base_model()) if settings.needs_reference else None
         self.replay = pretrain_replay(run)
         self.aux_coef = aux_loss_coefficient(run.model, settings)
 
@@ -166,8 +170,13 @@ class PPO:
         if settings.tis_cap is not None:
             tis_weights = truncated_importance_weights(old_logprobs, sampler, settings.tis_cap)
 
-        # 4. Per-token rewards: R on the last token; KL in the reward with k1.
-        token_rewards = _last_token_rewards(batch.rewards.flatten().to(device), mask)
+        # 4. Per-token rewards: R on the last token (minus the sequence KL); KL in the reward with k1.
+        sequence_rewards = batch.rewards.flatten().to(device)
+        sequence_kl = None
+        if mitigations.sequence_kl_coef > 0:
+            sequence_kl = sequence_log_ratio(old_logprobs, ref_logprobs, mask)
+            sequence_rewards = sequence_rewards - mitigations.sequence_kl_coef * sequence_kl
+        token_rewards = _last_token_rewards(sequence_rewards, mask)
         if ref_logprobs is not None and settings.kl_estimator == "k1":
             token_rewards = token_rewards - settings.beta * kl_k1(old_logprobs, ref_logprobs) * mask
 
@@ -212,8 +221,13 @@ class PPO:
                 loss = policy_loss + ppo.value_coef * value_loss
                 if mitigations.entropy_coef:
                     loss = loss - mitigations.entropy_coef * masked_mean(new.entropy, m)
-                if ref_logprobs is not None and settings.kl_estimator == "k3":
+                if settings.beta > 0 and settings.kl_estimator == "k3":
                     loss = loss + settings.beta * masked_mean(kl_k3(logprobs, ref_logprobs[rows]), m)
+                if mitigations.prefix_kl_coef > 0:
+                    prefix_kl = aggregate(kl_k3(logprobs, ref_logprobs[rows]) * prefix_mask(m, mitigations.prefix_kl_tokens),
+                                          m, "bnpo")
+                    loss = loss + mitigations.prefix_kl_coef * prefix_kl
+                    stats["prefix_kl"] = prefix_kl.item()
                 if new.aux_loss is not None:
                     loss = loss + self.aux_coef * new.aux_loss
                     stats["aux_loss"] = new.aux_loss.item()
@@ -240,6 +254,8 @@ class PPO:
         metrics["entropy"] = masked_mean(old.entropy, mask).item()
         if ref_logprobs is not None:
             metrics["kl_to_reference"] = masked_mean(kl_k3(old_logprobs, ref_logprobs), mask).item()
+        if sequence_kl is not None:
+            metrics["sequence_kl"] = sequence_kl.mean().item()
         metrics["sampler_kl"], metrics["sampler_ratio_max"] = sampler_mismatch(old_logprobs, sampler, mask)
         return StepResult((old.raw_logprobs * mask).sum(-1), routing[0] if routing else None, metrics)
 

@@ -49,8 +49,8 @@ MAX_GRAD_NORM = 1.0
 class Run:
     """Everything one RL run trains with. `start_step` is 0, or the step of the checkpoint `model` was loaded
     from (its trainer_state.pt is read by the driver). `reference` is the pretrained base model: the KL
-    reference when beta > 0 and the starting point of every Expert Iteration round with start_from "base";
-    it may be None at a fresh start (a copy of `model` is taken), never on a resume. `replay` holds the
+    reference (settings.needs_reference) and the starting point of every Expert Iteration round with start_from
+    "base"; it may be None at a fresh start (a copy of `model` is taken), never on a resume. `replay` holds the
     pretraining texts when mitigations.pretrain_replay_coef > 0; `heldout` the problems of rl.evaluation
     (rl.rollouts.load_heldout_problems) when evaluation.every > 0. The caller owns (and closes) `engine`."""
 
@@ -78,9 +78,9 @@ class Run:
 
 
 def needs_base_model(settings: RLSettings) -> bool:
-    """Whether a run of these settings reads Run.reference: the KL term (beta > 0) or Expert Iteration rounds that
-    start from the base model."""
-    return settings.beta > 0 or (settings.algorithm == "ei" and settings.expert_iteration.start_from == "base")
+    """Whether a run of these settings reads Run.reference: a KL term to it (RLSettings.needs_reference) or Expert
+    Iteration rounds that start from the base model."""
+    return settings.needs_reference or (settings.algorithm == "ei" and settings.expert_iteration.start_from == "base")
 
 
 @dataclass

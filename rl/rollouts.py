@@ -20,7 +20,7 @@ from rl.config import RLSettings, SamplingSettings
 from rl.engines import Completion, RolloutEngine
 from rl.losses import format_diversity_bonus
 from rl.recorder import Rollout
-from rl.seeds import derive_seed
+from rl.seeds import derive_seed, step_seed
 from rl.sequences import PackedBatch, pack_rows
 from specialists.formats import Format
 from specialists.grading import Grade, answer_text, grade_completions
@@ -63,6 +63,15 @@ class PromptSet:
             chosen.append(self.problems[self._order(epoch)[index]])
         return chosen
 
+    def extra(self, step: int, round_: int) -> list[Problem]:
+        """The `round_`-th (1, 2, ...) batch of further prompts of dynamic sampling at `step`: consecutive slices of
+        one seeded order of the problems not in `batch(step)`, so no prompt repeats within a step; fewer (or none)
+        once they run out. A pure function of (seed, step, round_), like `batch`."""
+        taken = {id(problem) for problem in self.batch(step)}
+        others = [problem for problem in self.problems if id(problem) not in taken]
+        random.Random(derive_seed(self.seed, "dynamic_sampling", step)).shuffle(others)
+        return others[(round_ - 1) * self.prompts_per_step:round_ * self.prompts_per_step]
+
     @functools.lru_cache(maxsize=4)
     def _order(self, epoch: int) -> list[int]:
         order = list(range(len(self.problems)))
@@ -79,8 +88,9 @@ class StepBatch:
     completions: list[list[Completion]]
     grades: list[list[Grade]]
     rewards: torch.Tensor  # (prompts, samples)
-    sample_time_s: float = 0.0  # the engine's generate call
+    sample_time_s: float = 0.0  # the engine's generate calls
     score_time_s: float = 0.0  # grading and rewards
+    sampling_rounds: int = 1  # engine calls that made the batch (more with grpo.dynamic_sampling)
 
     @property
     def flat_completions(self) -> list[Completion]:
@@ -125,6 +135,47 @@ def collect(engine: RolloutEngine, prompter: Prompter, problems: list[Problem], 
     grades = [flat_grades[i:i + size] for i in range(0, len(flat_grades), size)]
     return StepBatch(problems, prompts, groups, grades, flat_rewards.view(len(problems), size),
                      sample_time_s=sampled - started, score_time_s=time.perf_counter() - sampled)
+
+
+def dynamic_sampling(first: StepBatch, engine: RolloutEngine, prompt_set: PromptSet, step: int, settings: RLSettings,
+                     rewards: Rewards, seed: int) -> StepBatch:
+    """DAPO's dynamic sampling, Yu et al. 2025 (arXiv:2503.14476, sec. 3.2, eq. 11's constraint
+    0 < |{correct outputs}| < G; verl's `filter_groups`): a group whose G rewards are all equal has zero advantage
+    under every GRPO scale and baseline, so it is dropped and replaced by the group of a further prompt, sampled
+    until the batch holds `prompts_per_step` groups with reward spread.
+
+    `first` is the step's own batch; round r = 1 .. grpo.dynamic_sampling_rounds samples `prompt_set.extra(step, r)`
+    with seed step_seed(seed, step, "dynamic_sampling:r"), until enough groups have spread. The batch keeps the
+    groups with spread in sampling order (the step's own first); if the rounds (or the prompts) run out before
+    there are enough, it is topped up with dropped groups, first sampled first, so it always holds prompts_per_step
+    groups (the topped-up ones train only through the KL and entropy terms, as without dynamic sampling). The
+    batch is what the update uses and what the step records: a step's rollouts then over-represent prompts of
+    mixed outcome (analyses of format shares should read a run without it, or its final step, which is never
+    filtered)."""
+    wanted = len(first.problems)
+    batches = [first]
+    for round_ in range(1, settings.grpo.dynamic_sampling_rounds + 1):
+        if sum(_has_spread(batch).sum().item() for batch in batches) >= wanted:
+            break
+        problems = prompt_set.extra(step, round_)
+        if not problems:
+            break
+        batches.append(collect(engine, prompt_set.prompter, problems, settings.sampling, rewards,
+                               step_seed(seed, step, f"dynamic_sampling:{round_}")))
+    groups = [(batch, g) for batch in batches for g in range(len(batch.problems))]
+    spread = torch.cat([_has_spread(batch) for batch in batches]).tolist()
+    chosen = ([group for group, ok in zip(groups, spread) if ok] + [group for group, ok in zip(groups, spread) if not ok])
+    chosen = chosen[:wanted]
+    return StepBatch([b.problems[g] for b, g in chosen], [b.prompts[g] for b, g in chosen],
+                     [b.completions[g] for b, g in chosen], [b.grades[g] for b, g in chosen],
+                     torch.stack([b.rewards[g] for b, g in chosen]),
+                     sample_time_s=sum(b.sample_time_s for b in batches), score_time_s=sum(b.score_time_s for b in batches),
+                     sampling_rounds=len(batches))
+
+
+def _has_spread(batch: StepBatch) -> torch.Tensor:
+    """(prompts,) bool: the group's rewards are not all equal."""
+    return batch.rewards.max(dim=1).values != batch.rewards.min(dim=1).values
 
 
 def to_rollouts(step: int, epoch: float, batch: StepBatch, logprobs: torch.Tensor | None,

@@ -9,9 +9,11 @@ one did, two purposes never share a random stream, and no draw depends on how ma
   generator per request; transformers: the seed of the batch starting at that prompt);
 - `step_seed(seed, step, "minibatches" | "clip_cov" | "sft" | "replay:U")`: the other draws of one step;
 - `step_seed(seed, step, "heldout")`: the engine's seed for the held-out evaluation of `step` (rl.evaluation);
+- `step_seed(seed, step, "dynamic_sampling:R")`: the engine's seed of dynamic sampling's round R at `step`;
 - `derive_seed(seed, "prompt_order", epoch)` and `derive_seed(seed, "rl_prompts")`: the prompt set's order
   per epoch and the draw of the synthetic RL prompts; `derive_seed(seed, "heldout_problems")` the draw of the
-  synthetic held-out problems (with the experiment's top-level seed, so runs over rl.seed share them).
+  synthetic held-out problems (with the experiment's top-level seed, so runs over rl.seed share them);
+  `derive_seed(seed, "dynamic_sampling", step)`: the order of the further prompts dynamic sampling draws at `step`.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ state_dict, close) over steps run.start_step .. N = settings.steps:
                      resets what the engine draws from, so the RL steps are the same with evaluation on or off
       1. sample      batch = collect(engine, prompt_set.prompter, prompt_set.batch(s), ...,
                      seed = step_seed(seed, s, "sampling")): samples_per_prompt completions of each prompt (its
-                     text from the Prompter), graded and rewarded; rewards must be finite
+                     text from the Prompter), graded and rewarded; with grpo.dynamic_sampling (s < N) groups
+                     without reward spread are replaced (rl.rollouts.dynamic_sampling); rewards must be finite
       2. update      result = recipe.step(s, batch): the algorithm's updates with them; at s = N (after the last
                      update) recipe.measure(s, batch) instead: the final model is sampled and measured, not updated
       3. sync        engine.sync_weights(model) after an update: step s + 1 samples the updated model
@@ -50,7 +51,7 @@ from rl.grpo import GRPO
 from rl.losses import zero_std_fraction
 from rl.ppo import PPO
 from rl.recipe import Recipe, Run, StepObserver, StepResult, require_finite
-from rl.rollouts import StepBatch, collect, to_rollouts
+from rl.rollouts import StepBatch, collect, dynamic_sampling, to_rollouts
 from rl.seeds import step_seed
 from specialists.errors import UserError
 from specialists.run_directory import ALGORITHM_METRICS, METRICS
@@ -82,12 +83,14 @@ def train(run: Run, observers: Sequence[StepObserver] = ()):
                 run.recorder.write_heldout(step, to_rollouts(step, run.prompt_set.epoch(step), evaluation, None, None))
             started = time.perf_counter()
             # 1. Sample the current model.
+            update = step < settings.steps
             batch = collect(run.engine, run.prompt_set.prompter, run.prompt_set.batch(step), settings.sampling,
                             run.rewards, step_seed(run.seed, step, "sampling"))
+            if update and settings.grpo.dynamic_sampling:
+                batch = dynamic_sampling(batch, run.engine, run.prompt_set, step, settings, run.rewards, run.seed)
             require_finite("reward", batch.rewards, step)
 
             # 2-3. Update with the rollouts and serve the new weights; the last step measures the final model.
-            update = step < settings.steps
             recipe_started = time.perf_counter()
             result = recipe.step(step, batch) if update else recipe.measure(step, batch)
             synced = time.perf_counter()
@@ -150,6 +153,7 @@ def metrics_line(algorithm: str, epoch: float, update: bool, batch: StepBatch, r
         frac_reward_zero_std=zero_std_fraction(rewards),
         truncated_fraction=sum(not c.finished for c in completions) / max(len(completions), 1),
         rollout_tokens=tokens, sample_time_s=batch.sample_time_s, score_time_s=batch.score_time_s,
+        sampling_rounds=batch.sampling_rounds,
         rollout_tokens_per_s=tokens / max(batch.sample_time_s, 1e-9), **timings)
     return {key: None if isinstance(value, float) and not math.isfinite(value) else value for key, value in line.items()}
 

@@ -16,6 +16,7 @@ from rl.recipe import Run
 from rl.recorder import Recorder
 from rl.replay import PretrainReplay
 from rl.rollouts import PromptSet, load_prompt_problems
+from rl.sequences import pack
 from specialists.config import SpecialistsConfig
 from specialists.model import load_model
 from specialists.run_directory import METRICS, ROLLOUT_SCHEMA
@@ -161,3 +162,17 @@ def vllm_token_logprobs(llm, sequences: list[list[int]]) -> torch.Tensor:
                            use_tqdm=False)
     return torch.tensor([[out.prompt_logprobs[i][s[i]].logprob for i in range(1, len(s))]
                          for s, out in zip(sequences, outputs)])
+
+
+def grpo_grad_norm_by_hand(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int,
+                           advantages: list[float]) -> float:
+    """The gradient norm of a first GRPO pass (loss_type grpo, temperature 1, no KL, entropy or router loss) on
+    these completions, by hand: rho = 1 there, so d loss = mean_i (-A_i / |o_i|) sum_t d log pi(y_it). A plain
+    right-padded forward of `model` in train mode; leaves its gradients set."""
+    input_ids, attention_mask, completion_mask = pack(prompt_ids, completion_ids, pad_id)
+    model.train()
+    logprobs = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].log_softmax(-1)
+    logprobs = logprobs.gather(-1, input_ids[:, 1:, None]).squeeze(-1) * completion_mask[:, 1:]
+    lengths = completion_mask[:, 1:].sum(-1).clamp(min=1)
+    (-torch.tensor(advantages) * logprobs.sum(-1) / lengths).mean().backward()
+    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])).item()

@@ -21,7 +21,9 @@ from rl.losses import (
     kl_k3,
     masked_mean,
     pass_at_k_advantages,
+    prefix_mask,
     sampler_mismatch,
+    sequence_log_ratio,
     token_entropy,
     truncated_importance_weights,
     unlikeliness_rewards,
@@ -223,6 +225,39 @@ def test_bias_corrected_kl_value_and_gradient():
     assert close(term.detach(), [[LN2 - 0.5]])
     term.sum().backward()
     assert close(logprobs.grad, [[LN2]])
+
+
+def test_prefix_mask_counts_completion_tokens_only():
+    # K = 2. Row 0: four completion tokens -> the first two. Row 1: one token -> only it. Row 2: padding first
+    # (positions 0, 2 off the mask) -> completion tokens at positions 1 and 3 are the first two. Row 3: empty.
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [0, 1, 0, 1], [0, 0, 0, 0]])
+    assert prefix_mask(mask, 2).tolist() == [[True, True, False, False], [True, False, False, False],
+                                             [False, True, False, True], [False] * 4]
+    assert prefix_mask(mask.bool(), 10).tolist() == mask.bool().tolist()  # K beyond the row: every token
+
+
+def test_prefix_kl_aggregated_as_the_policy_loss():
+    # The loops' prefix-KL term, K = 1, on two rows of 3 and 1 completion tokens: k3 per token with
+    # r = q / p: ln 2 - 1/2 at (0, 0) (r = 1/2), 0 at (0, 1) (p = q), and (1, 0) with r = 2: 2 - 1 - ln 2 = 1 - ln 2.
+    # Only (0, 0) and (1, 0) are in the prefix, (0, 2)'s k3 = ln 2 - 1/2 too but it is token 3.
+    logprobs = t([[0.0, -1.0, 0.0], [-LN2, 0.0, 0.0]])
+    ref = t([[-LN2, -1.0, -LN2], [0.0, 5.0, 5.0]])
+    mask = t([[1, 1, 1], [1, 0, 0]])
+    term = kl_k3(logprobs, ref) * prefix_mask(mask, 1)
+    assert close(term, [[LN2 - 0.5, 0.0, 0.0], [1 - LN2, 0.0, 0.0]])
+    # grpo: mean over rows of (row sum / row length) = ((ln 2 - 1/2) / 3 + (1 - ln 2) / 1) / 2;
+    # bnpo (PPO): sum / 4 tokens = (ln 2 - 1/2 + 1 - ln 2) / 4 = 1/8.
+    assert close(aggregate(term, mask, "grpo"), ((LN2 - 0.5) / 3 + (1 - LN2)) / 2)
+    assert close(aggregate(term, mask, "bnpo"), 0.125)
+
+
+def test_sequence_log_ratio_sums_the_completion_and_is_detached():
+    # row 0: (0 - (-ln 2)) + (-1 - (-1)) + (0 - 0.5) = ln 2 - 0.5; row 1: one token, -ln 2 - 0; padding ignored
+    logprobs = t([[0.0, -1.0, 0.0], [-LN2, 7.0, 7.0]]).requires_grad_()
+    ref = t([[-LN2, -1.0, 0.5], [0.0, 0.0, 0.0]])
+    mask = t([[1, 1, 1], [1, 0, 0]])
+    ratio = sequence_log_ratio(logprobs, ref, mask)
+    assert close(ratio, [LN2 - 0.5, -LN2]) and not ratio.requires_grad
 
 
 # ----- train / inference mismatch --------------------------------------------------------------

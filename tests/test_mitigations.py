@@ -15,6 +15,12 @@ Where each switch is tested (`here` = this file):
   here for Expert Iteration.
 - pretrain_replay_coef (with pretrain_replay_batch): here, the NLL by hand, the GRPO and the PPO loss change by exactly
   coef * NLL, 2-step runs log replay_loss.
+- prefix_kl_coef (with prefix_kl_tokens): test_losses::test_prefix_*; here, the GRPO and the PPO loss of the second
+  update change by exactly coef * the prefix KL of the once-updated model, computed by hand (the first update's is 0).
+- sequence_kl_coef: test_losses::test_sequence_log_ratio_*; tests/test_sequence_kl.py, the second update of GRPO
+  (gradient norm by hand) and PPO (the logged sequence KL by hand).
+- grpo.dynamic_sampling (with dynamic_sampling_rounds): tests/test_dynamic_sampling.py, the selection on scripted
+  outcomes and the first update's gradient norm on the refilled batch by hand.
 Which algorithm accepts which switch is a rule of the config (refused when it is loaded), not of the loops.
 
 The loss checks compare the first update of two runs that differ only in the switch (one optimiser step per
@@ -49,12 +55,14 @@ from rl_helpers import ChecksumRewards, make_run, prompt_set_for, read_metrics
 pytestmark = pytest.mark.integration
 
 ENTROPY_COEF, REPLAY_COEF, REPLAY_BATCH = 0.1, 0.5, 4
+PREFIX_KL_COEF, PREFIX_KL_TOKENS = 10.0, 3  # a large coefficient: one update's KL is small
 TOLERANCE = 1e-5  # float32 losses of order 1
 
 
-def rl_settings(algorithm: str, steps: int = 2, **mitigations) -> RLSettings:
+def rl_settings(algorithm: str, steps: int = 2, checkpoint_every: int = 10, **mitigations) -> RLSettings:
     return RLSettings(algorithm=algorithm, steps=steps, prompts_per_step=2, num_prompts=8, learning_rate=1e-3,
-                      checkpoint_every=10, sampling=SamplingSettings(samples_per_prompt=4, max_new_tokens=24),
+                      checkpoint_every=checkpoint_every,
+                      sampling=SamplingSettings(samples_per_prompt=4, max_new_tokens=24),
                       ppo=PPOSettings(epochs=1, minibatches=1),  # one update per PPO step
                       expert_iteration=ExpertIterationSettings(sft_epochs=1, start_from="latest"),
                       mitigations=MitigationSettings(pretrain_replay_batch=REPLAY_BATCH, **mitigations))
@@ -113,6 +121,48 @@ def test_replay_batches_are_seeded_and_the_loss_is_the_mean_token_nll(tiny_moe_d
     assert sorted(small.indices(0)) == [0, 1]  # fewer texts than a batch: all of them
 
 
+@torch.no_grad()
+def step1_prefix_kl(model_dir, run_dir, settings, per_sequence: bool) -> float:
+    """The prefix KL of the step-1 update, by hand: the model after one update (checkpoint 1) samples the step-1
+    batch again with the run's seed; k3 = exp(log q - log p) - (log q - log p) - 1 of each of the first
+    PREFIX_KL_TOKENS completion tokens, p that model and q the base, at the sampling temperature; then averaged as
+    the policy loss is: per_sequence (GRPO's loss_type grpo) the mean over completions of (prefix sum / completion
+    length), else (PPO) the prefix sum over all completion tokens."""
+    model, base, tokenizer = load_model(run_dir / "checkpoints" / "step_000001"), load_model(model_dir), load_tokenizer(model_dir)
+    prompt_set = prompt_set_for(settings, tokenizer)
+    batch = collect(HFEngine(model, tokenizer), prompt_set.prompter, prompt_set.batch(1), settings.sampling,
+                    ChecksumRewards(2), step_seed(0, 1, "sampling"))
+    input_ids, attention_mask, completion_mask = pack(*token_ids(batch, tokenizer), tokenizer.pad_token_id)
+    targets, mask = input_ids[:, 1:], completion_mask[:, 1:].bool()
+    temperature = settings.sampling.temperature
+    p, q = ((m(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].double() / temperature)
+            .log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1) for m in (model, base))
+    k3 = torch.exp(q - p) - (q - p) - 1
+    per_row, tokens = [], 0
+    for row in range(len(input_ids)):
+        positions = mask[row].nonzero().squeeze(-1).tolist()
+        per_row.append(sum(k3[row, t].item() for t in positions[:PREFIX_KL_TOKENS]) / (len(positions) if per_sequence else 1))
+        tokens += len(positions)
+    return sum(per_row) / len(per_row) if per_sequence else sum(per_row) / tokens
+
+
+def check_prefix_kl(baseline: list[dict], prefix: list[dict], by_hand: float) -> None:
+    # Step 0: the policy is the base, so k3 = 0 and so is its gradient (dk3/dlog p = 1 - q/p): both runs make the
+    # same first update (up to float noise between the policy's and the frozen copy's forwards) and sample the same
+    # step-1 batch. Step 1: the loss differs by coef x the prefix KL of the updated policy.
+    assert prefix[0]["prefix_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert prefix[0]["loss"] == pytest.approx(baseline[0]["loss"], abs=TOLERANCE)
+    assert by_hand > 1e-4  # the update moved the prefix tokens measurably
+    assert prefix[1]["prefix_kl"] == pytest.approx(by_hand, abs=TOLERANCE)
+    assert prefix[1]["loss"] - baseline[1]["loss"] == pytest.approx(PREFIX_KL_COEF * by_hand, abs=TOLERANCE * PREFIX_KL_COEF)
+    assert prefix[1]["policy_loss"] == pytest.approx(baseline[1]["policy_loss"], abs=TOLERANCE)
+    assert baseline[1]["prefix_kl"] is None and prefix[2]["prefix_kl"] is None  # off, and no update at the end
+
+
+def prefix_kl_settings(algorithm: str) -> RLSettings:
+    return rl_settings(algorithm, checkpoint_every=1, prefix_kl_coef=PREFIX_KL_COEF, prefix_kl_tokens=PREFIX_KL_TOKENS)
+
+
 # ----- PPO: three runs that differ only in a switch ---------------------------------------------
 
 
@@ -122,7 +172,9 @@ def ppo_runs(tiny_moe_dir, replay_texts, tmp_path_factory):
     run(tiny_moe_dir, directory / "baseline", rl_settings("ppo"))
     run(tiny_moe_dir, directory / "entropy", rl_settings("ppo", steps=1, entropy_coef=ENTROPY_COEF))
     run(tiny_moe_dir, directory / "replay", rl_settings("ppo", pretrain_replay_coef=REPLAY_COEF), replay_texts)
-    return {name: read_metrics(directory / name) for name in ("baseline", "entropy", "replay")}
+    run(tiny_moe_dir, directory / "prefix_kl", prefix_kl_settings("ppo"))
+    return {name: read_metrics(directory / name) for name in ("baseline", "entropy", "replay", "prefix_kl")} | {
+        "directory": directory}
 
 
 def step0_entropy(model_dir, settings) -> float:
@@ -158,6 +210,13 @@ def test_pretrain_replay_changes_the_ppo_loss_by_coef_times_nll(ppo_runs, tiny_m
     assert all(m["replay_loss"] is None for m in baseline) and replay[2]["replay_loss"] is None
 
 
+def test_prefix_kl_changes_the_ppo_loss_by_coef_times_the_prefix_kl(ppo_runs, tiny_moe_dir):
+    # PPO's policy loss is the token mean over the minibatch (here the whole batch): so is the prefix KL
+    by_hand = step1_prefix_kl(tiny_moe_dir, ppo_runs["directory"] / "prefix_kl", prefix_kl_settings("ppo"), per_sequence=False)
+    check_prefix_kl(ppo_runs["baseline"], ppo_runs["prefix_kl"], by_hand)
+    assert ppo_runs["prefix_kl"][1]["value_loss"] == pytest.approx(ppo_runs["baseline"][1]["value_loss"], abs=TOLERANCE)
+
+
 # ----- GRPO: the same --------------------------------------------------------------------------
 
 
@@ -167,7 +226,9 @@ def grpo_runs(tiny_moe_dir, replay_texts, tmp_path_factory):
     run(tiny_moe_dir, directory / "baseline", rl_settings("grpo"))
     run(tiny_moe_dir, directory / "entropy", rl_settings("grpo", steps=1, entropy_coef=ENTROPY_COEF))
     run(tiny_moe_dir, directory / "replay", rl_settings("grpo", pretrain_replay_coef=REPLAY_COEF), replay_texts)
-    return {name: read_metrics(directory / name) for name in ("baseline", "entropy", "replay")}
+    run(tiny_moe_dir, directory / "prefix_kl", prefix_kl_settings("grpo"))
+    return {name: read_metrics(directory / name) for name in ("baseline", "entropy", "replay", "prefix_kl")} | {
+        "directory": directory}
 
 
 def test_entropy_bonus_changes_the_grpo_loss_by_minus_coef_times_entropy(grpo_runs, tiny_moe_dir):
@@ -189,6 +250,13 @@ def test_pretrain_replay_changes_the_grpo_loss_by_coef_times_nll(grpo_runs, tiny
     updated = replay[:2]  # the last line is the final model's, without an update
     assert len(replay) == 3 and all(math.isfinite(m["replay_loss"]) and m["replay_loss"] > 0 for m in updated)
     assert all(m["replay_loss"] is None for m in baseline) and replay[2]["replay_loss"] is None
+
+
+def test_prefix_kl_changes_the_grpo_loss_by_coef_times_the_prefix_kl(grpo_runs, tiny_moe_dir):
+    # loss_type grpo: each completion's mean over its tokens, then the mean over completions; on the first pass the
+    # importance ratio weighting the KL is 1
+    by_hand = step1_prefix_kl(tiny_moe_dir, grpo_runs["directory"] / "prefix_kl", prefix_kl_settings("grpo"), per_sequence=True)
+    check_prefix_kl(grpo_runs["baseline"], grpo_runs["prefix_kl"], by_hand)
 
 
 def test_pretrain_replay_needs_the_texts(tiny_moe_dir, tmp_path):

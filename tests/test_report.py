@@ -336,3 +336,15 @@ def test_seeds_are_shown_by_name_and_a_seed_left_unset_is_not_one():
     runs = [report.Run(Path(str(seed)), {"seed": seed, "rl": {"seed": None}}, {}) for seed in (3, 4)]
     assert report._group_seeds(report.Group("g", tuple(runs))) == "seed 3, 4"
     assert report._group_seeds(report.Group("g", (report.Run(Path("x"), own, {}),) * 2)) == "seed 0; rl.seed 2"
+
+
+def test_mitigation_parameters_are_shown_beside_their_switch_only():
+    """A switch's tuning parameter (MITIGATION_PARAMETERS) is never a mitigation of its own, whatever its default."""
+    from rl.config import MitigationSettings  # the tests may import rl; analysis itself may not
+
+    defaults = {f"rl.mitigations.{name}": value for name, value in MitigationSettings().model_dump().items()}
+    assert report._mitigations(defaults) == "none"  # e.g. prefix_kl_tokens = 3 and cov_ratio are on by default
+    prefix = defaults | {"rl.mitigations.prefix_kl_coef": 0.1, "rl.mitigations.prefix_kl_tokens": 2}
+    assert report._mitigations(prefix) == "prefix_kl_coef=0.1 (prefix_kl_tokens=2)"
+    dynamic = prefix | {"rl.grpo.dynamic_sampling": True, "rl.grpo.dynamic_sampling_rounds": 3}
+    assert report._mitigations(dynamic) == "prefix_kl_coef=0.1 (prefix_kl_tokens=2), dynamic sampling (dynamic_sampling_rounds=3)"
