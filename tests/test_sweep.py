@@ -73,7 +73,7 @@ def test_a_failed_run_is_reported_with_its_error(tmp_path, monkeypatch):
 def test_a_config_problem_stops_the_sweep_before_any_run(tmp_path):
     missing = tmp_path / "no-such-gsm8k.jsonl"
     sweep_file = write_sweep(tmp_path, f'"rl.prompts" = ["{missing}"]\n')
-    with pytest.raises(UserError, match=r"sweep\.toml line 4 \(run prompts=.*\): rl\.prompts: GSM8K file not found"):
+    with pytest.raises(UserError, match=r"sweep\.toml line 4 \(run prompts=.*\): rl\.prompts: file not found"):
         run_sweep(sweep_file, tmp_path / "out", backend="local", progress=False)
     assert not (tmp_path / "out").exists()
 
@@ -139,8 +139,8 @@ def test_resume_finishes_exactly_the_missing_runs_of_a_killed_sweep(tmp_path):
     second_after = files_with_identity(second)
     assert {name: second_after.get(name) for name in kept} == {name: second_before[name] for name in kept}
     for run in (second, third):
-        assert logged_steps(run) == [0, 1, 2] and (run / "report.html").is_file()
-        assert sorted(path.name for path in (run / "rollouts").iterdir()) == [f"step_00000{i}.parquet" for i in range(3)]
+        assert logged_steps(run) == [0, 1, 2, 3] and (run / "report.html").is_file()  # step 3: the final model
+        assert sorted(path.name for path in (run / "rollouts").iterdir()) == [f"step_00000{i}.parquet" for i in range(4)]
     results = json.loads((out / "sweep.json").read_text())["runs"]
     assert [(Path(r["run_dir"]).name, r["status"]) for r in results] == [("seed=0", "ok"), ("seed=1", "ok"), ("seed=2", "ok")]
     assert "3 seeds" in (out / "report.html").read_text()
