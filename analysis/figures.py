@@ -22,6 +22,17 @@ DPI = 100
 PALETTE = plt.get_cmap("tab10").colors
 
 
+def _panel_grid(count: int, per_row: int, height: float, extra: float = 0.0, **subplots) -> tuple[plt.Figure, np.ndarray]:
+    """A figure of `count` panels, up to `per_row` a row, each row `height` inches (+ `extra` for titles); the
+    grid's unused cells hidden. Returns (figure, grid of axes, rows x columns)."""
+    columns = min(count, per_row)
+    rows = -(-count // columns)
+    figure, grid = plt.subplots(rows, columns, figsize=(WIDTH, height * rows + extra), squeeze=False, **subplots)
+    for axes in grid.ravel()[count:]:
+        axes.set_visible(False)
+    return figure, grid
+
+
 def _png(figure: plt.Figure) -> str:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": None})
@@ -41,11 +52,7 @@ def format_share_panels(shares_by_group: dict[str, pd.DataFrame], collapse_steps
     two panels a row, one legend."""
     names = list(dict.fromkeys(name for shares in shares_by_group.values() for name in shares.columns))
     colours = dict(zip(names, PALETTE * 4))
-    columns = min(len(shares_by_group), 2)
-    rows = -(-len(shares_by_group) // columns)
-    figure, grid = plt.subplots(rows, columns, figsize=(WIDTH, 2.6 * rows + 0.3), squeeze=False, sharey=True)
-    for axes in grid.ravel()[len(shares_by_group):]:
-        axes.set_visible(False)
+    figure, grid = _panel_grid(len(shares_by_group), 2, 2.6, 0.3, sharey=True)
     for axes, (label, shares) in zip(grid.ravel(), shares_by_group.items()):
         steps = shares.index.to_numpy()
         if len(steps) == 1:  # one step: a bar, not an invisible area
@@ -59,7 +66,7 @@ def format_share_panels(shares_by_group: dict[str, pd.DataFrame], collapse_steps
     for axes in grid[:, 0]:
         axes.set_ylabel("share of completions")
     handles = [plt.Rectangle((0, 0), 1, 1, color=colours[name], alpha=0.85) for name in names]
-    figure.legend(handles, names, loc="upper center", ncol=min(len(names), 5), fontsize=8, bbox_to_anchor=(0.5, 1.0 + 0.1 / rows))
+    figure.legend(handles, names, loc="upper center", ncol=min(len(names), 5), fontsize=8, bbox_to_anchor=(0.5, 1.0 + 0.1 / grid.shape[0]))
     figure.tight_layout()
     return _png(figure)
 
@@ -84,12 +91,8 @@ def metric_panels(panels: dict[str, dict[str, pd.DataFrame]]) -> str:
     high; rows steps), shaded where there is a band; a group keeps its colour across panels, one legend on top."""
     groups = list(dict.fromkeys(label for bands in panels.values() for label in bands))
     colours = dict(zip(groups, PALETTE * 4))
-    columns = min(len(panels), 2)
-    rows = -(-len(panels) // columns)
     # one step axis for all panels, though a metric may be missing at some steps (no update at the last)
-    figure, grid = plt.subplots(rows, columns, figsize=(WIDTH, 2.1 * rows + 0.4), squeeze=False, sharex=True)
-    for axes in grid.ravel()[len(panels):]:
-        axes.set_visible(False)
+    figure, grid = _panel_grid(len(panels), 2, 2.1, 0.4, sharex=True)
     for axes, (metric, bands) in zip(grid.ravel(), panels.items()):
         for label, band in bands.items():
             axes.plot(band.index, band["mean"], marker="o", markersize=2.5, linewidth=1.2, color=colours[label])
@@ -102,7 +105,7 @@ def metric_panels(panels: dict[str, dict[str, pd.DataFrame]]) -> str:
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     handles = [plt.Line2D([], [], color=colours[label]) for label in groups]
     figure.legend(handles, groups, loc="upper center", ncol=min(len(groups), 3), fontsize=8,
-                  bbox_to_anchor=(0.5, 1.0 + 0.12 / rows))
+                  bbox_to_anchor=(0.5, 1.0 + 0.12 / grid.shape[0]))
     figure.tight_layout()
     return _png(figure)
 
@@ -127,11 +130,7 @@ def entropy_accuracy_scatter(points: dict[str, pd.DataFrame], fits: dict[str, di
 def expert_share_heatmaps(shares_by_layer: dict[str, pd.DataFrame], title: str) -> str:
     """One heatmap per layer: rows experts, columns steps, colour = share of the layer's routed tokens."""
     layers = list(shares_by_layer)
-    columns = min(len(layers), 4)
-    rows = -(-len(layers) // columns)
-    figure, grid = plt.subplots(rows, columns, figsize=(WIDTH, 2.4 * rows), squeeze=False)
-    for axes in grid.ravel()[len(layers):]:
-        axes.set_visible(False)
+    figure, grid = _panel_grid(len(layers), 4, 2.4)
     image = None
     for axes, layer in zip(grid.ravel(), layers):
         frame = shares_by_layer[layer]
@@ -150,11 +149,7 @@ def expert_share_heatmaps(shares_by_layer: dict[str, pd.DataFrame], title: str) 
 def affinity_heatmaps(affinity_by_layer: dict[str, pd.DataFrame], title: str) -> str:
     """One heatmap per layer: rows formats, columns experts, cell = P(expert | format), annotated."""
     layers = list(affinity_by_layer)
-    columns = min(len(layers), 3)
-    rows = -(-len(layers) // columns)
-    figure, grid = plt.subplots(rows, columns, figsize=(WIDTH, 2.2 * rows + 0.4), squeeze=False)
-    for axes in grid.ravel()[len(layers):]:
-        axes.set_visible(False)
+    figure, grid = _panel_grid(len(layers), 3, 2.2, 0.4)
     for axes, layer in zip(grid.ravel(), layers):
         frame = affinity_by_layer[layer]
         axes.imshow(frame.to_numpy(), aspect="auto", vmin=0, vmax=1, cmap="magma")

@@ -176,3 +176,23 @@ def grpo_grad_norm_by_hand(model, prompt_ids: list[list[int]], completion_ids: l
     lengths = completion_mask[:, 1:].sum(-1).clamp(min=1)
     (-torch.tensor(advantages) * logprobs.sum(-1) / lengths).mean().backward()
     return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])).item()
+
+
+def untimed(metrics: list[dict]) -> list[dict]:
+    """metrics.jsonl lines without the wall-clock keys (TIMING_KEYS): what must repeat exactly."""
+    return [{k: v for k, v in line.items() if k not in TIMING_KEYS} for line in metrics]
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAt:
+    """An observer that kills the run right after step `step` is recorded."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step(self, step, rollouts, metrics):
+        if step == self.step:
+            raise Crash

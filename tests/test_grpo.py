@@ -33,8 +33,8 @@ from specialists.sandbox import Sandbox
 from specialists.tasks import Problem
 from specialists.tokenizer import load_tokenizer
 
-from rl_helpers import (TIMING_KEYS, ChecksumRewards, RecordingEngine, check_run_directory, completion_logprob,
-                        make_run, prompt_set_for, read_metrics, rollout_rows, weights_equal)
+from rl_helpers import (ChecksumRewards, Crash, CrashAt, RecordingEngine, check_run_directory, completion_logprob,
+                        make_run, prompt_set_for, read_metrics, rollout_rows, untimed, weights_equal)
 
 pytestmark = pytest.mark.integration
 
@@ -64,10 +64,6 @@ def run(model_dir, run_dir, rl_settings, observers=(), **kwargs):
     """rl.training.train on a Run built as the pipeline builds it; returns (trained model, metrics lines)."""
     trained = train(make_run(model_dir, run_dir, rl_settings, **kwargs), observers)
     return trained, read_metrics(run_dir)
-
-
-def untimed(metrics):
-    return [{k: v for k, v in line.items() if k not in TIMING_KEYS} for line in metrics]
 
 
 @pytest.fixture(scope="module")
@@ -170,21 +166,6 @@ def test_same_seed_same_metrics_and_rollouts(three_steps, tiny_moe_dir, sandbox,
     for step in range(4):
         assert rollout_rows(tmp_path, step) == rollout_rows(run_dir, step)
     assert weights_equal(again.state_dict(), trained.state_dict())
-
-
-class Crash(Exception):
-    pass
-
-
-class CrashAt:
-    """An observer that kills the run right after step `step` is recorded."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step(self, step, rollouts, metrics):
-        if step == self.step:
-            raise Crash
 
 
 def test_resume_after_a_crash_equals_the_uninterrupted_run(tiny_moe_dir, tmp_path):

@@ -27,7 +27,7 @@ from specialists.grading import answer_text
 from specialists.model import load_model
 from specialists.run_directory import METRICS_TABLE_FILE, ROLLOUT_SCHEMA, heldout_file, heldout_files, step_of
 from specialists.tasks import generate_problems
-from rl_helpers import TIMING_KEYS, make_run, read_metrics, rollout_rows
+from rl_helpers import Crash, CrashAt, make_run, read_metrics, rollout_rows, untimed
 from test_analysis_summary import synthetic_rollouts, write_run_dir
 
 PROBLEMS, SAMPLES = 3, 2
@@ -55,25 +55,6 @@ def run(model_dir, run_dir, rl_settings, observers=(), **kwargs):
 
 def heldout_rows(run_dir, step: int) -> list[dict]:
     return pq.read_table(heldout_file(run_dir, step)).to_pylist()
-
-
-def untimed(metrics):
-    return [{k: v for k, v in line.items() if k not in TIMING_KEYS} for line in metrics]
-
-
-class Crash(Exception):
-    pass
-
-
-class CrashAt:
-    """An observer that kills the run right after step `step` is recorded."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step(self, step, rollouts, metrics):
-        if step == self.step:
-            raise Crash
 
 
 @pytest.fixture(scope="module")
