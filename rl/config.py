@@ -123,8 +123,9 @@ class MitigationSettings(Strict):
         "statistic and G samples estimate a share too noisily. PPO, GRPO (not with grpo.dynamic_sampling)"))
     outcome_exploration_coef: float = Field(0.0, ge=0, description=(
         "outcome-based exploration: r <- r + coef * (b - p), b = 1/sqrt(N(x, a)) for a final answer a seen N times "
-        "on the prompt in earlier steps (1 if never), p = the share of the group's other samples with the same answer (Song, Kempe & Munos "
-        "2025, arXiv:2509.06941; rl.losses.historical_exploration_bonus, batch_exploration_penalty). PPO, GRPO"))
+        "on the prompt in earlier steps (1 if never), p = the share of the group's other samples with the same "
+        "answer (Song, Kempe & Munos 2025, arXiv:2509.06941; rl.losses.historical_exploration_bonus, "
+        "batch_exploration_penalty). PPO, GRPO"))
     outcome_exploration_mode: Literal["historical", "batch", "both"] = Field("both", description=(
         "which terms outcome_exploration_coef adds: the historical bonus b, the batch penalty p, or both"))
 

@@ -11,8 +11,8 @@ b_i the historical bonus (rl.losses.historical_exploration_bonus), p_i the batch
 Its state is what the terms need from the past: q, the format counts of the step-0 batch (the model is still
 the base there; the format KL is measured against them from step 0 on), and N(x, a), the final answers sampled
 per prompt in every earlier update step (with grpo.dynamic_sampling: in the groups it kept, the ones trained on).
-Both travel in the checkpoint's trainer state (`state_dict`), so a
-resumed run shapes exactly as the uninterrupted one.
+Both travel in the checkpoint's trainer state (`state_dict`), so a resumed run shapes exactly as the uninterrupted
+one.
 """
 
 from __future__ import annotations
