@@ -79,8 +79,10 @@ def maj_at_k_by_step(table: pd.DataFrame, budgets: list[int]) -> pd.DataFrame:
     prompt_step[prompt] = judged["step"].to_numpy()
     # one code per (prompt, answer) pair; samples without an answer abstain
     has_vote = judged["final_answer"].notna().to_numpy()
-    pair, pair_index = np.unique(np.stack([prompt[has_vote], pd.factorize(judged["final_answer"][has_vote])[0]]),
-                                 axis=1, return_inverse=True)
+    answer, answers = pd.factorize(judged["final_answer"].to_numpy(dtype=object)[has_vote])
+    # a pair as one integer, prompt * answers + answer: np.unique sorts them as (prompt, answer) pairs
+    pairs, pair_index = np.unique(prompt[has_vote] * max(len(answers), 1) + answer, return_inverse=True)
+    pair_prompt = pairs // max(len(answers), 1)
     pair_index = pair_index.ravel()
     voter_rank, voter_correct = rank[has_vote], judged["correct"].to_numpy()[has_vote]
     first_giver = np.unique(pair_index, return_index=True)[1]  # samples are in rank order within each prompt
@@ -88,11 +90,11 @@ def maj_at_k_by_step(table: pd.DataFrame, budgets: list[int]) -> pd.DataFrame:
     steps = pd.Index(sorted(table["step"].unique()), name="step")
     columns = {}
     for k in budgets:
-        votes = np.bincount(pair_index[voter_rank < k], minlength=pair.shape[1])
+        votes = np.bincount(pair_index[voter_rank < k], minlength=len(pairs))
         counted = votes > 0
         # per prompt the most voted answer, ties to the one given first
-        order = np.lexsort((first[counted], -votes[counted], pair[0][counted]))
-        owners = pair[0][counted][order]
+        order = np.lexsort((first[counted], -votes[counted], pair_prompt[counted]))
+        owners = pair_prompt[counted][order]
         winners = np.zeros(len(n))
         leading = np.concatenate([[True], owners[1:] != owners[:-1]]) if len(owners) else np.array([], dtype=bool)
         winners[owners[leading]] = pair_correct[counted][order][leading]
