@@ -91,13 +91,15 @@ SENTENCES = (
 
 def reasoning(rng: np.random.Generator, characters: int) -> list[str]:
     """Lines of worked-reasoning prose, about `characters` long in all."""
+    most = max(characters, 0) // 40 + 1  # every sentence is longer than 40 characters
+    sentences, names, items = (rng.integers(count, size=most) for count in (len(SENTENCES), len(NAMES), len(ITEMS)))
+    numbers = rng.integers(1, 1000, size=(most, 2)).tolist()
     lines, size = [], 0
-    while size < characters:
-        a, b = (int(value) for value in rng.integers(1, 1000, 2))
-        line = SENTENCES[int(rng.integers(len(SENTENCES)))].format(
-            name=NAMES[int(rng.integers(len(NAMES)))], item=ITEMS[int(rng.integers(len(ITEMS)))], a=a, b=b, c=a + b)
-        lines.append(line)
-        size += len(line) + 1
+    for sentence, name, item, (a, b) in zip(sentences.tolist(), names.tolist(), items.tolist(), numbers):
+        if size >= characters:
+            break
+        lines.append(SENTENCES[sentence].format(name=NAMES[name], item=ITEMS[item], a=a, b=b, c=a + b))
+        size += len(lines[-1]) + 1
     return lines
 
 
