@@ -130,7 +130,8 @@ def distinct_n(table: pd.DataFrame, orders: tuple[int, ...] = (1, 2)) -> pd.Data
     codes, texts = pd.factorize(table["completion"].to_numpy(dtype=object))
     split = pc.utf8_split_whitespace(pa.array(texts, pa.string()))
     pieces = split.flatten()
-    kept = pc.not_equal(pieces, "").to_numpy(zero_copy_only=False)  # Arrow keeps empty pieces at the ends; str.split() does not
+    # Arrow keeps empty pieces at the ends; str.split() does not
+    kept = pc.not_equal(pieces, "").to_numpy(zero_copy_only=False)
     empty_owners = np.searchsorted(split.offsets.to_numpy(), np.flatnonzero(~kept), side="right") - 1
     lengths = (pc.list_value_length(split).to_numpy(zero_copy_only=False).astype(np.int64)
                - np.bincount(empty_owners, minlength=len(texts)))

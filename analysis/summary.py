@@ -131,7 +131,7 @@ class StepMetrics:
     distinct_n: pd.DataFrame
     token_entropy: pd.Series | None
     expert_tokens: pd.DataFrame
-    format_outcomes: pd.DataFrame  # per (step, prompt, format): the collapse forecast's input (first steps only)
+    format_outcomes: pd.DataFrame | None  # per (step, prompt, format): the collapse forecast's input (first steps only)
 
 
 def _per_batch(tables, format_set: tuple[Format, ...], progress: bool) -> list[StepMetrics]:
@@ -156,8 +156,8 @@ def _per_batch(tables, format_set: tuple[Format, ...], progress: bool) -> list[S
             table = grading.table
             table[["final_answer", "correct", "grade_reason", "correct_source"]] = finish_grading(
                 grading, results.result(), format_set)
-            # the forecast reads the run's first steps only
-            pieces.append(step_metrics(table, forecast_input=sum(len(earlier.epochs) for earlier in pieces) < FORECAST_STEPS))
+            seen_steps = sum(len(earlier.epochs) for earlier in pieces)
+            pieces.append(step_metrics(table, forecast_input=seen_steps < FORECAST_STEPS))  # it reads the first steps
             bar.update(len(table))
             bar.set_postfix(step=int(table["step"].iloc[-1]), refresh=False)
 
@@ -188,7 +188,7 @@ def _per_batch(tables, format_set: tuple[Format, ...], progress: bool) -> list[S
 def step_metrics(table: pd.DataFrame, forecast_input: bool = True) -> StepMetrics:
     """The metrics of some steps' labelled, judged rows (columns of `analysis.load.normalise` plus `format`,
     `final_answer`, `correct`, `grade_reason`, `correct_source`). forecast_input: False leaves `format_outcomes`
-    empty (steps after the ones the collapse forecast is fitted to)."""
+    None (steps after the ones the collapse forecast is fitted to)."""
     names = sorted(table["format"].unique())
     by_prompt = _with_prompt_codes(table)
     samples = sampling.samples_per_prompt(by_prompt)
@@ -212,7 +212,7 @@ def step_metrics(table: pd.DataFrame, forecast_input: bool = True) -> StepMetric
         distinct_n=sampling.distinct_n(table, (1, 2)),
         token_entropy=sampling.token_entropy(table) if _has_token_entropy(table) else None,
         expert_tokens=sm.expert_token_counts(table),
-        format_outcomes=format_outcomes(table if forecast_input else table.iloc[:0]),
+        format_outcomes=format_outcomes(table) if forecast_input else None,
     )
 
 
@@ -319,7 +319,8 @@ def _collapse_forecast(pieces: list[StepMetrics], names: list[str], steps: list[
     those (nothing to check the forecast against) or nothing to fit."""
     if len(steps) <= FORECAST_STEPS:
         return None
-    outcomes = pd.concat([piece.format_outcomes for piece in pieces], ignore_index=True)
+    outcomes = pd.concat([piece.format_outcomes for piece in pieces if piece.format_outcomes is not None],
+                         ignore_index=True)
     forecast = forecast_collapse(outcomes[outcomes["step"].isin(steps[:FORECAST_STEPS])], names, threshold,
                                  horizon=int(steps[-1]))
     if forecast is None:
