@@ -8,7 +8,7 @@ Engine start is reported apart from generation. Besides wall seconds, the CPU se
 while each engine generates (`time.process_time`, all its threads), which a loaded machine inflates far
 less than the wall clock (`cpu_speedup`). Prints one JSON line.
 
-    python bench/rollout_throughput.py [--model DIR] [--dtype float32|bfloat16]   # default model: the default config's, untrained
+    python bench/rollout_throughput.py [--model DIR] [--dtype float32|bfloat16] [--hf-batch N]   # default model: the default config's, untrained
 """
 
 from __future__ import annotations
