@@ -58,8 +58,8 @@ class StepClock:
         self.steps: list[dict] = []  # per step: {"wall": {phase: s}, "cpu": {phase: s}}
         self.start()
 
-    def start(self):
-        self._last = (time.perf_counter(), time.process_time())
+    def start(self, now: tuple[float, float] | None = None):
+        self._last = now or (time.perf_counter(), time.process_time())
         self._phases = {"wall": dict.fromkeys(PHASES, 0.0), "cpu": dict.fromkeys(PHASES, 0.0)}
 
     def _tick(self):
@@ -69,8 +69,7 @@ class StepClock:
             step[kind]["step"] = total
             step[kind]["rest"] = total - sum(step[kind][phase] for phase in PHASES)
         self.steps.append(step)
-        self.start()
-        self._last = now
+        self.start(now)  # the next step starts where this one ended
 
     def phase(self, name: str, function):
         """`function`, with the seconds of each call added to phase `name` of the current step."""
