@@ -7,17 +7,26 @@ sandboxed `rl.rollouts.Rewards` for both), the loss forward/backward, the optimi
 weight sync and the recording of rollouts, router statistics and metrics: ours between consecutive step
 observer calls (rl.recipe.StepObserver), TRL's between consecutive `on_step_end` callbacks. Each side runs
 `--warmup` steps, then `--steps` measured ones, then one unmeasured step (ours writes its final checkpoint
-and samples the final model there); the median of the measured ones is reported, with ours split into
-sampling, scoring, the update (forwards, backward, optimiser) and the sync, from its metrics lines. The
-machine is shared and its load moves, so the two sides alternate in `--rounds` rounds (ours, stock, ours,
-stock, ...): `ratio` is the median over rounds of each round's ratio of medians (a paired comparison of
-runs minutes apart), the step times are medians over all rounds. Prints one JSON line.
+and samples the final model there); the median of the measured ones is reported. The machine is shared and
+its load moves, so the two sides alternate in `--rounds` rounds (ours, stock, ours, stock, ...): `ratio` is
+the median over rounds of each round's ratio of medians (a paired comparison of runs minutes apart), the step
+times are medians over all rounds.
+
+Each step is also split into phases, timed around the calls both sides make: `rollout` (our engine's
+`generate`; TRL's `model.generate`), `score` (the shared Rewards), `loss_forward` (rl.grpo.grpo_loss; TRL's
+`compute_loss`), `backward` (`Tensor.backward`), `optimizer` (torch's global optimiser-step hooks: AdamW, the
+gradient clip is in `rest`), `sync` (our engine's `sync_weights`; TRL has none) and `rest` (packing, advantages,
+routing counts, recording; TRL's tokenisation and input preparation). Every figure is given twice: wall
+seconds, and CPU seconds of this process (`time.process_time`: the in-process vLLM engine and the training,
+not the sandbox workers), which a loaded machine inflates far less than the wall clock (`cpu_ratio`). The
+phase medians are taken phase by phase, so they need not add up to the step median. Prints one JSON line.
 
     python bench/rl_step.py [--engine vllm|hf] [--model DIR] [--prompts 8] [--samples 8] [--max-new-tokens 96]
                             [--warmup 2] [--steps 5] [--rounds 1]
 
 Without `--model`, a tiny MoE is pretrained first (`--pretrain-examples`, default 2000; not timed).
-`--engine vllm` builds the engine with `rl.engines.make_engine`.
+`--engine vllm` builds the engine with `rl.engines.make_engine`. Torch runs one intra-op thread on both sides
+(OMP_NUM_THREADS=1 unless set), as the earlier figures were taken.
 """
 
 from __future__ import annotations
@@ -29,29 +38,75 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SPLIT = ("sample_time_s", "score_time_s", "update_time_s", "sync_time_s")
+PHASES = ("rollout", "score", "loss_forward", "backward", "optimizer", "sync")
 
 
 class StepClock:
-    """Seconds between consecutive step ends (the first from `start`); as a step observer and a TRL callback."""
+    """Wall and CPU seconds (this process: the in-process vLLM engine and the training, not the sandbox workers)
+    of each step, from the end of one step to the end of the next (the first from `start`), split into the
+    PHASES timed by `phase` plus "rest" (packing, advantages, routing counts, recording, TRL's input
+    preparation). A step observer (rl.recipe.StepObserver) and, through `callback`, a TRL callback."""
 
     def __init__(self):
-        self.times: list[float] = []
+        self.steps: list[dict] = []  # per step: {"wall": {phase: s}, "cpu": {phase: s}}
         self.start()
 
-    def start(self):
-        self._last = time.perf_counter()
+    def start(self, now: tuple[float, float] | None = None):
+        self._last = now or (time.perf_counter(), time.process_time())
+        self._phases = {"wall": dict.fromkeys(PHASES, 0.0), "cpu": dict.fromkeys(PHASES, 0.0)}
 
     def _tick(self):
-        now = time.perf_counter()
-        self.times.append(now - self._last)
-        self._last = now
+        now = (time.perf_counter(), time.process_time())
+        step = self._phases
+        for kind, total in zip(("wall", "cpu"), (now[0] - self._last[0], now[1] - self._last[1])):
+            step[kind]["step"] = total
+            step[kind]["rest"] = total - sum(step[kind][phase] for phase in PHASES)
+        self.steps.append(step)
+        self.start(now)  # the next step starts where this one ended
+
+    def phase(self, name: str, function):
+        """`function`, with the seconds of each call added to phase `name` of the current step."""
+        def timed(*args, **kwargs):
+            wall, cpu = time.perf_counter(), time.process_time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self._phases["wall"][name] += time.perf_counter() - wall
+                self._phases["cpu"][name] += time.process_time() - cpu
+        return timed
+
+    @contextmanager
+    def backward_and_optimizer(self):
+        """Time every `Tensor.backward` and optimiser step (torch's global optimiser hooks) inside the block."""
+        import torch
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+        backward = torch.Tensor.backward
+        torch.Tensor.backward = self.phase("backward", backward)
+        started = {}
+
+        def pre(optimizer, args, kwargs):
+            started["at"] = (time.perf_counter(), time.process_time())
+
+        def post(optimizer, args, kwargs):
+            wall, cpu = started.pop("at")
+            self._phases["wall"]["optimizer"] += time.perf_counter() - wall
+            self._phases["cpu"]["optimizer"] += time.process_time() - cpu
+
+        handles = [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]
+        try:
+            yield
+        finally:
+            torch.Tensor.backward = backward
+            for handle in handles:
+                handle.remove()
 
     def on_step(self, step, rollouts, metrics):  # rl.recipe.StepObserver
         self._tick()
@@ -71,7 +126,18 @@ class StepClock:
         return Tick()
 
 
+class TimedRewards:
+    """`rewards` with each call's seconds in phase "score" of `clock`."""
+
+    def __init__(self, rewards, clock: StepClock):
+        self._call = clock.phase("score", rewards.__call__)
+
+    def __call__(self, *args, **kwargs):
+        return self._call(*args, **kwargs)
+
+
 def run_ours(model_dir: Path, settings, problems, rewards, engine_kind: str, seed: int):
+    import rl.grpo
     from rl.config import EngineSettings
     from rl.engines import make_engine
     from rl.recipe import Run
@@ -86,17 +152,22 @@ def run_ours(model_dir: Path, settings, problems, rewards, engine_kind: str, see
     engine = make_engine(EngineSettings(kind=engine_kind), model_dir, model, tokenizer,
                          max_length=model.config.max_position_embeddings, seed=seed)
     clock = StepClock()
+    engine.generate = clock.phase("rollout", engine.generate)
+    engine.sync_weights = clock.phase("sync", engine.sync_weights)
+    grpo_loss = rl.grpo.grpo_loss
+    rl.grpo.grpo_loss = clock.phase("loss_forward", grpo_loss)
     try:
-        with tempfile.TemporaryDirectory(prefix="rl-step-bench-") as run_dir:
+        with tempfile.TemporaryDirectory(prefix="rl-step-bench-") as run_dir, clock.backward_and_optimizer():
             run = Run(settings=settings, model=model, tokenizer=tokenizer, engine=engine,
-                      prompt_set=PromptSet(problems, len(problems), seed, Prompter(tokenizer)), rewards=rewards,
-                      recorder=Recorder(run_dir), seed=seed, progress=False)
+                      prompt_set=PromptSet(problems, len(problems), seed, Prompter(tokenizer)),
+                      rewards=TimedRewards(rewards, clock), recorder=Recorder(run_dir), seed=seed, progress=False)
             clock.start()
             train(run, observers=[clock])
             metrics = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     finally:
+        rl.grpo.grpo_loss = grpo_loss
         engine.close()
-    return clock.times, metrics
+    return clock.steps, metrics
 
 
 def run_stock_trl(model_dir: Path, settings, problems, rewards, seed: int, steps: int):
@@ -110,13 +181,15 @@ def run_stock_trl(model_dir: Path, settings, problems, rewards, seed: int, steps
 
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
     samples = settings.sampling.samples_per_prompt
+    clock = StepClock()
+    model.generate = clock.phase("rollout", model.generate)  # TRL generates with the model it trains (no sync)
+    timed_rewards = TimedRewards(rewards, clock)
 
     def echolab_reward(prompts, completions, answer, **kwargs):
-        return rewards(list(completions), list(answer), samples)[0].tolist()
+        return timed_rewards(list(completions), list(answer), samples)[0].tolist()
 
     dataset = datasets.Dataset.from_dict({"prompt": [prompt_text(p) for p in problems],
                                           "answer": [float(p.answer) for p in problems]})
-    clock = StepClock()
     with tempfile.TemporaryDirectory(prefix="rl-step-bench-trl-") as out:
         # The same GRPO as ours: one optimiser step per generation batch of prompts x samples, float32 on CPU.
         args = GRPOConfig(
@@ -131,9 +204,11 @@ def run_stock_trl(model_dir: Path, settings, problems, rewards, seed: int, steps
         trainer = GRPOTrainer(model=model, reward_funcs=[echolab_reward], args=args, train_dataset=dataset,
                               processing_class=tokenizer, callbacks=[clock.callback()])
         trainer.remove_callback(PrinterCallback)  # keep stdout to the one JSON line
-        trainer.train()
+        trainer.compute_loss = clock.phase("loss_forward", trainer.compute_loss)
+        with clock.backward_and_optimizer():
+            trainer.train()
     lengths = [entry["completions/mean_length"] for entry in trainer.state.log_history if "completions/mean_length" in entry]
-    return clock.times, lengths
+    return clock.steps, lengths
 
 
 def main() -> None:
@@ -188,40 +263,51 @@ def measure(options) -> dict:
                               sampling=SamplingSettings(samples_per_prompt=options.samples,
                                                         max_new_tokens=options.max_new_tokens))
         problems = generate_problems(options.prompts, derive_seed(options.seed, "rl_prompts"), "train", TaskSettings())
-        ours, stock, our_metrics, stock_lengths, ratios = [], [], [], [], []
+        ours, stock, our_metrics, stock_lengths = [], [], [], []
+        ratios = {"wall": [], "cpu": []}
+        load_before = os.getloadavg()[0]
         with Sandbox(workers=1) as sandbox:
             rewards = Rewards(FORMAT_SETS["synthetic"], sandbox, settings.reward_scale, 0.0)
             for _ in range(options.rounds):
-                times, metrics = run_ours(model_dir, settings, problems, rewards, options.engine, options.seed)
-                ours += times[measured]
-                our_metrics += metrics[measured]
-                stock_times, lengths = run_stock_trl(model_dir, settings, problems, rewards, options.seed,
+                our_steps, metrics = run_ours(model_dir, settings, problems, rewards, options.engine, options.seed)
+                stock_steps, lengths = run_stock_trl(model_dir, settings, problems, rewards, options.seed,
                                                      settings.steps + 1)
-                stock += stock_times[measured]
+                ours += our_steps[measured]
+                our_metrics += metrics[measured]
+                stock += stock_steps[measured]
                 stock_lengths += lengths[measured]
-                ratios.append(statistics.median(times[measured]) / statistics.median(stock_times[measured]))
+                for kind in ratios:
+                    ratios[kind].append(statistics.median(s[kind]["step"] for s in our_steps[measured])
+                                        / statistics.median(s[kind]["step"] for s in stock_steps[measured]))
 
     def median(values):
         return round(statistics.median(values), 3)
 
-    split = {f"echolab_{key}": median([m[key] for m in our_metrics]) for key in SPLIT}
-    split["echolab_record_and_rest_s"] = median([t - sum(m[key] for key in SPLIT) for t, m in zip(ours, our_metrics)])
+    def split(steps, kind):
+        return {phase: median([s[kind][phase] for s in steps]) for phase in (*PHASES, "rest")}
+
     return {
-        "echolab_step_s": median(ours),
-        "trl_step_s": median(stock),
-        "ratio": round(statistics.median(ratios), 2),
-        "ratio_per_round": [round(r, 2) for r in ratios],
+        "echolab_step_s": median([s["wall"]["step"] for s in ours]),
+        "trl_step_s": median([s["wall"]["step"] for s in stock]),
+        "ratio": round(statistics.median(ratios["wall"]), 2),
+        "ratio_per_round": [round(r, 2) for r in ratios["wall"]],
+        "echolab_step_cpu_s": median([s["cpu"]["step"] for s in ours]),
+        "trl_step_cpu_s": median([s["cpu"]["step"] for s in stock]),
+        "cpu_ratio": round(statistics.median(ratios["cpu"]), 2),
+        "cpu_ratio_per_round": [round(r, 2) for r in ratios["cpu"]],
         "engine": options.engine,
-        **split,
+        "echolab_split_s": split(ours, "wall"), "trl_split_s": split(stock, "wall"),
+        "echolab_split_cpu_s": split(ours, "cpu"), "trl_split_cpu_s": split(stock, "cpu"),
         "echolab_rollout_tokens_per_s": round(statistics.median(m["rollout_tokens_per_s"] for m in our_metrics), 1),
         "echolab_mean_completion_tokens": round(statistics.mean(m["rollout_tokens"] for m in our_metrics)
                                                 / (options.prompts * options.samples), 1),
         "trl_mean_completion_tokens": round(statistics.mean(stock_lengths), 1),
-        "echolab_step_s_all": [round(t, 3) for t in ours],
-        "trl_step_s_all": [round(t, 3) for t in stock],
+        "echolab_step_s_all": [round(s["wall"]["step"], 3) for s in ours],
+        "trl_step_s_all": [round(s["wall"]["step"], 3) for s in stock],
         "prompts": options.prompts, "samples": options.samples, "max_new_tokens": options.max_new_tokens,
         "warmup": options.warmup, "steps": options.steps, "rounds": options.rounds,
-        "torch_threads": torch.get_num_threads(), "loadavg_1min": round(os.getloadavg()[0], 2),
+        "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
 
 
