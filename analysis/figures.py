@@ -211,3 +211,23 @@ def collapse_forecast(observed: pd.DataFrame, forecast: pd.DataFrame, fitted_unt
     axes.set(xlabel="RL step", ylabel="share of completions", ylim=(0, 1), title=title)
     axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     return _png(figure)
+
+
+def position_panels(panels: dict[str, pd.DataFrame]) -> str:
+    """Panels two a row (e.g. KL and entropy of each format), each a table rows completion positions x columns RL
+    steps, one line per step coloured from early (dark) to late (light) in every panel, one legend on top."""
+    steps = sorted({step for frame in panels.values() for step in frame.columns})
+    colours = dict(zip(steps, plt.get_cmap("viridis")(np.linspace(0, 0.85, max(len(steps), 1)))))
+    figure, grid = _panel_grid(len(panels), 2, 2.1, 0.4)
+    for axes, (title, frame) in zip(grid.ravel(), panels.items()):
+        for step in frame.columns:
+            axes.plot(frame.index, frame[step], marker="o", markersize=2, linewidth=1.2, color=colours[step])
+        axes.set_title(title, fontsize=9)
+        axes.set_xlabel("completion position (token)", fontsize=8)
+        axes.tick_params(labelsize=7)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    handles = [plt.Line2D([], [], color=colours[step]) for step in steps]
+    figure.legend(handles, [f"RL step {step}" for step in steps], loc="upper center", ncol=min(len(steps), 6),
+                  fontsize=8, bbox_to_anchor=(0.5, 1.0 + 0.12 / grid.shape[0]))
+    figure.tight_layout()
+    return _png(figure)

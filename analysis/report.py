@@ -10,7 +10,9 @@ plain language, then tables and the other figures; figures are drawn from each r
 baseline (`--baseline NAME`, default the first given) is the one the others are compared with. The training
 story follows: each group's settings (from config.json), its RL metrics over steps (from metrics.jsonl, in the
 run directory's metrics vocabulary), its held-out pass@k over the evaluated steps (runs with rl.evaluation) and
-sample completions per format at the first and last steps. Each input's analysis is (re)computed with `analyze`
+sample completions per format at the first and last steps, and where the policy left its base (the KL to the base
+and token entropy by completion position, analysis.base_divergence, for echolab runs whose base is at hand; cached in
+the run directory). Each input's analysis is (re)computed with `analyze`
 when missing, unreadable, older than its rollouts, held-out evaluations or config, without the `heldout` block
 its held-out evaluations call for, or made with other settings (formats, source, columns, --correct-from). The
 HTML file is replaced atomically.
@@ -30,9 +32,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from analysis import figures
+from analysis.base_divergence import read_base_divergence
 from analysis.classify import label_formats
 from analysis.load import CONFIG_FILES, InputWarning, read_run_config
 from analysis.output import check_output_file
+from analysis.position_metrics import kl_concentration, position_profile
 from analysis.run_files import checkpoint_model_size, read_training_metrics
 from analysis.sources import Input, ReadOptions, first_and_last_steps, open_input
 from analysis.statistics import bootstrap_band, combined_format_change_test, compare_groups, entropy_accuracy_fit
@@ -58,6 +62,7 @@ class Run:
     training: pd.DataFrame | None = None  # metrics.jsonl: rows steps, columns metrics (None: the run has none)
     samples: tuple[pd.DataFrame, pd.DataFrame] | None = None  # the first and last steps' rows (SAMPLE_COLUMNS)
     model_size: dict | None = None  # analysis.run_files.checkpoint_model_size (None: no checkpoint)
+    divergence: pd.DataFrame | None = None  # analysis.base_divergence's per-token table (None: no base or checkpoint)
 
     @property
     def name(self) -> str:
@@ -147,7 +152,8 @@ def load_run(item: Input | str | Path, formats: str | None = None, progress: boo
     training = read_training_metrics(item.run_dir) if item.run_dir else None
     model_size = checkpoint_model_size(item.run_dir) if item.run_dir else None
     samples = _samples(item, wanted["formats"])
-    return Run(item.path, config, summary, metrics, item.name, training, samples, model_size)
+    divergence = read_base_divergence(item.run_dir, wanted["formats"], progress=progress) if item.run_dir else None
+    return Run(item.path, config, summary, metrics, item.name, training, samples, model_size, divergence)
 
 
 def _samples(item: Input, format_set: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -306,6 +312,8 @@ def findings(group: Group) -> list[str]:
         sentences += _expert_findings(group)
     if _has_specialists(group):
         sentences.append(_specialist_finding(group))
+    if _has_divergence(group):
+        sentences.append(_divergence_finding(group))
     return sentences
 
 
@@ -390,7 +398,53 @@ def group_figures(group: Group) -> list[tuple[str, str]]:
                                figures.affinity_heatmaps(affinity, f"{group.label}, {which} step")))
     if _has_specialists(group):
         result.append(_specialist_figure(group))
+    if _has_divergence(group):
+        result += _divergence_figure(group)
     return result
+
+
+# ---------------------------------------------------------------- where the policy leaves its base
+
+FIRST_TOKENS = 3  # the completion positions counted as where a completion commits to its format
+MIN_COMPLETIONS = 4  # a position is drawn for a format and step when at least this many completions reach it
+
+
+def _has_divergence(group: Group) -> bool:
+    return all(run.divergence is not None and len(run.divergence) for run in group.runs)
+
+
+def _divergence_finding(group: Group) -> str:
+    """The sequence KL to the base at the last step every run measured, and how much of it is in the first tokens
+    (analysis.position_metrics.kl_concentration; formats pooled, means over runs)."""
+    per_run = [kl_concentration(run.divergence, FIRST_TOKENS, by=("step",)).set_index("step") for run in group.runs]
+    step = max(set.intersection(*(set(frame.index) for frame in per_run)))
+    mean = pd.concat([frame.loc[[step]] for frame in per_run]).mean()
+    runs = " per run" if len(group.runs) > 1 else ""
+    return (f"KL to the base at step {step} (exact, {int(mean['completions'])} sampled completions{runs}): "
+            f"{_num(mean['kl_per_sequence'])} nats per completion, {_pct(mean['share_first'])} of it in the first "
+            f"{FIRST_TOKENS} of about {mean['mean_tokens']:.0f} tokens; the per-token mean a KL penalty sees is "
+            f"{_num(mean['kl_per_token'], 3)}.")
+
+
+def _divergence_figure(group: Group) -> list[tuple[str, str]]:
+    """KL to the base and token entropy by completion position, a pair of panels per format, a line per measured
+    step (the group's runs pooled); nothing when no format has MIN_COMPLETIONS completions at any position."""
+    profile = position_profile(pd.concat([run.divergence for run in group.runs], ignore_index=True))
+    profile = profile[profile["completions"] >= MIN_COMPLETIONS]
+    order = list(dict.fromkeys([*group.runs[0].summary["formats"], *profile["format"]]))
+    panels = {}
+    for name in (name for name in order if (profile["format"] == name).any()):
+        rows = profile[profile["format"] == name]
+        panels[f"KL to base (nats) · {name}"] = rows.pivot(index="position", columns="step", values="kl")
+        panels[f"token entropy (nats) · {name}"] = rows.pivot(index="position", columns="step", values="entropy")
+    if not panels:
+        return []
+    sampled = kl_concentration(group.runs[0].divergence, FIRST_TOKENS, by=("step",))["completions"].max()
+    return [("Where the policy leaves its base: exact KL(policy of the step || base) and the policy's token entropy at "
+             f"each completion position, per format; means over the completions sampled at each measured step (up to "
+             f"{int(sampled)} per step{' and run' if len(group.runs) > 1 else ''}; step 0 is the base itself, KL 0); "
+             f"positions fewer than {MIN_COMPLETIONS} completions reach are left out",
+             figures.position_panels(panels))]
 
 
 # ---------------------------------------------------------------- specialist dominance (experts trained apart)
