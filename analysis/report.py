@@ -12,7 +12,8 @@ story follows: each group's settings (from config.json), its RL metrics over ste
 run directory's metrics vocabulary), its held-out pass@k over the evaluated steps (runs with rl.evaluation) and
 sample completions per format at the first and last steps, and where the policy left its base (the KL to the base
 and token entropy by completion position, analysis.base_divergence, for echolab runs whose base is at hand; cached in
-the run directory). Each input's analysis is (re)computed with `analyze`
+the run directory). When the groups differ in exactly two config keys crossed as a grid (a sweep over two keys), a
+phase diagram shows each cell's winning format (the majority over its seeds) and mean collapse step. Each input's analysis is (re)computed with `analyze`
 when missing, unreadable, older than its rollouts, held-out evaluations or config, without the `heldout` block
 its held-out evaluations call for, or made with other settings (formats, source, columns, --correct-from). The
 HTML file is replaced atomically.
@@ -565,6 +566,107 @@ def entropy_accuracy_figure(groups: list[Group]) -> str:
     return figures.entropy_accuracy_scatter(points, fits)
 
 
+# ---------------------------------------------------------------- phase diagram: a sweep over two keys
+
+@dataclass(frozen=True)
+class PhaseCell:
+    """One cell of a two-key sweep: the group of runs with those two values (its seeds)."""
+
+    winners: dict[str, int]  # format -> runs whose dominant format at the last step it is, most runs first
+    collapse_steps: tuple[int, ...]  # the collapse steps of the runs that collapsed
+
+    @property
+    def runs(self) -> int:
+        return sum(self.winners.values())
+
+    @property
+    def winner(self) -> str | None:
+        """The format most runs end on; None when two or more tie for the most."""
+        counts = list(self.winners.values())
+        return next(iter(self.winners)) if len(counts) == 1 or counts[0] > counts[1] else None
+
+    @property
+    def mean_collapse_step(self) -> float | None:
+        return float(np.mean(self.collapse_steps)) if self.collapse_steps else None
+
+
+def _axis_values(values: list) -> list:
+    """An axis' distinct values: ascending when all are numbers, else in order of first appearance."""
+    distinct = list(dict.fromkeys(values))
+    numbers = all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in distinct)
+    return sorted(distinct) if numbers else distinct
+
+
+def phase_grid(groups: list[Group]) -> tuple[str, list, str, list, dict[tuple, PhaseCell]] | None:
+    """The groups as the cells of a sweep over two config keys, when they are one: every group has a config and
+    the groups differ in exactly two keys (seeds and names aside) with scalar values, and some value of each key
+    is crossed with two values of the other (a grid, maybe with holes; not a diagonal). Returns (x key, its values,
+    y key, its values, cells keyed (x value, y value)); x is the key with more values. None otherwise."""
+    if len(groups) < 3 or not all(run.config for group in groups for run in group.runs):
+        return None
+    flats = [_without_seeds(group.runs[0].config) for group in groups]
+    keys = sorted({key for flat in flats for key in flat
+                   if len({json.dumps(other.get(key), sort_keys=True, default=str) for other in flats}) > 1})
+    if len(keys) != 2 or not all(isinstance(flat.get(key), (str, int, float)) for flat in flats for key in keys):
+        return None
+    if any(pd.Series([flat[key] for flat in flats]).value_counts().max() < 2 for key in keys):
+        return None  # no value of this key has two cells: a diagonal
+    values = {key: _axis_values([flat[key] for flat in flats]) for key in keys}
+    x_key, y_key = sorted(keys, key=lambda key: -len(values[key]))
+    cells = {}
+    for group, flat in zip(groups, flats):
+        winners = pd.Series([run.summary["dominant_format"] for run in group.runs]).value_counts(sort=True)
+        collapsed = tuple(int(run.summary["collapse_step"]) for run in group.runs if run.summary["collapse_step"] is not None)
+        cells[(flat[x_key], flat[y_key])] = PhaseCell(dict(winners.items()), collapsed)
+    return x_key, values[x_key], y_key, values[y_key], cells
+
+
+def _phase_labels(cell: PhaseCell | None) -> tuple[str, str, str, str]:
+    """(winner, its count, mean collapse step, runs collapsed) as text; a tie's winner names the tied formats."""
+    if cell is None:
+        return "", "", "", ""
+    top = next(iter(cell.winners.values()))
+    if cell.winner is None:
+        winner, count = "tie: " + " / ".join(sorted(name for name, n in cell.winners.items() if n == top)), f"{top}/{cell.runs} each"
+    else:
+        winner, count = cell.winner, f"{top}/{cell.runs}"
+    mean = cell.mean_collapse_step
+    return winner, count, "none" if mean is None else f"{mean:.1f}", f"{len(cell.collapse_steps)}/{cell.runs}"
+
+
+def phase_section(groups: list[Group]) -> str:
+    """For a sweep over two keys (`phase_grid`): a table and a figure of the winning format per cell (the
+    majority over its seeds, with the count) and its mean collapse step; empty otherwise."""
+    grid = phase_grid(groups)
+    if grid is None:
+        return ""
+    x_key, xs, y_key, ys, cells = grid
+    labels = {(x, y): _phase_labels(cells.get((x, y))) for x in xs for y in ys}
+
+    def frame(value_of) -> pd.DataFrame:  # rows y values, columns x values
+        return pd.DataFrame([[value_of(x, y) for x in xs] for y in ys], index=[_shown(y) for y in ys],
+                            columns=[_shown(x) for x in xs])
+
+    winners = frame(lambda x, y: cells[(x, y)].winner if (x, y) in cells else None)
+    collapse = frame(lambda x, y: np.nan if (x, y) not in cells or cells[(x, y)].mean_collapse_step is None
+                     else cells[(x, y)].mean_collapse_step)
+    # in the figure's cells, two short lines each; a tie is just "tie"
+    winner_text = frame(lambda x, y: "" if (x, y) not in cells else
+                        f"{'tie' if cells[(x, y)].winner is None else labels[(x, y)][0]}\n({labels[(x, y)][1]})")
+    collapse_text = frame(lambda x, y: f"{labels[(x, y)][2]}\n({labels[(x, y)][3]})" if (x, y) in cells else "")
+    png = figures.phase_diagram(winners, winner_text, collapse, collapse_text, x_key, y_key)
+    rows = [[f"{y_key}={_shown(y)}", *(f"{winner} ({count}) · collapse {step} ({collapsed})" if winner else ""
+                                       for winner, count, step, collapsed in (labels[(x, y)] for x in xs))] for y in ys]
+    threshold = _pct(groups[0].runs[0].summary.get("collapse_threshold", 0.9))
+    return ("<h2>Phase diagram</h2>"
+            + f"<p>The runs form a sweep over two keys, {html.escape(x_key)} and {html.escape(y_key)}. Per cell: the "
+              f"format most of its runs end on (dominant at the last step; runs won / runs), and the mean step at "
+              f"which one format first reached {threshold} of the completions (runs collapsed / runs).</p>"
+            + _table([f"{y_key} / {x_key}", *(f"{x_key}={_shown(x)}" for x in xs)], rows)
+            + _figure(f"Phase diagram over {x_key} and {y_key}: winning format per cell (majority over seeds) and "
+                      "mean collapse step (grey: no run collapsed; blank: no runs)", png))
+
+
 # ---------------------------------------------------------------- collapse forecast
 
 def forecast_section(runs: list[Run]) -> str:
@@ -845,6 +947,7 @@ def render_html(groups: list[Group]) -> str:
     if len(runs) > 1:
         plots, table = comparison(groups)
         parts.append("<h2>Comparison</h2>" + table + "".join(_figure(caption, png) for caption, png in plots))
+    parts.append(phase_section(groups))
     parts.append(training_section(groups))
     for group in groups:
         parts.append(f"<h2>{html.escape(group.label)}</h2>" + "".join(_figure(c, p) for c, p in group_figures(group))
