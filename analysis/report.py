@@ -755,7 +755,7 @@ def _model(flat: dict[str, object], size: dict | None) -> tuple[str, str]:
         return kind, f"{size['parameters']:,} parameters{experts}, {size['layers']} layers ({size['model_type']})"
     if flat.get("model.path") is None and "model.num_layers" in flat:  # a built-in model without a checkpoint here
         experts = (f", {flat['model.num_experts']} experts ({flat['model.experts_per_token']} per token)"
-                   if flat.get("model.kind") == "moe" else ", dense")
+                   if flat.get("model.kind") in ("moe", "btx") else ", dense")
         return kind, f"parameters n/a (no checkpoint){experts}, {flat['model.num_layers']} layers"
     return kind, "n/a"
 
