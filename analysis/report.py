@@ -11,12 +11,12 @@ baseline (`--baseline NAME`, default the first given) is the one the others are 
 story follows: each group's settings (from config.json), its RL metrics over steps (from metrics.jsonl, in the
 run directory's metrics vocabulary), its held-out pass@k over the evaluated steps (runs with rl.evaluation) and
 sample completions per format at the first and last steps, and where the policy left its base (the KL to the base
-and token entropy by completion position, analysis.base_divergence, for echolab runs whose base is at hand; cached in
-the run directory). When the groups differ in exactly two config keys crossed as a grid (a sweep over two keys), a
-phase diagram shows each cell's winning format (the majority over its seeds) and mean collapse step. Each input's analysis is (re)computed with `analyze`
-when missing, unreadable, older than its rollouts, held-out evaluations or config, without the `heldout` block
-its held-out evaluations call for, or made with other settings (formats, source, columns, --correct-from). The
-HTML file is replaced atomically.
+and token entropy by completion position, analysis.base_divergence, for echolab runs whose base is at hand; cached
+in the run directory). When the groups differ in exactly two config keys crossed as a grid (a sweep over two
+keys), a phase diagram shows each cell's winning format (the majority over its seeds) and mean collapse step.
+Each input's analysis is (re)computed with `analyze` when missing, unreadable, older than its rollouts, held-out
+evaluations or config, without the `heldout` block its held-out evaluations call for, or made with other settings
+(formats, source, columns, --correct-from). The HTML file is replaced atomically.
 """
 
 from __future__ import annotations
@@ -314,7 +314,7 @@ def findings(group: Group) -> list[str]:
     if _has_specialists(group):
         sentences.append(_specialist_finding(group))
     if _has_divergence(group):
-        sentences.append(_divergence_finding(group))
+        sentences += _divergence_finding(group)
     return sentences
 
 
@@ -414,17 +414,20 @@ def _has_divergence(group: Group) -> bool:
     return all(run.divergence is not None and len(run.divergence) for run in group.runs)
 
 
-def _divergence_finding(group: Group) -> str:
+def _divergence_finding(group: Group) -> list[str]:
     """The sequence KL to the base at the last step every run measured, and how much of it is in the first tokens
-    (analysis.position_metrics.kl_concentration; formats pooled, means over runs)."""
+    (analysis.position_metrics.kl_concentration; formats pooled, means over runs); none without such a step."""
     per_run = [kl_concentration(run.divergence, FIRST_TOKENS, by=("step",)).set_index("step") for run in group.runs]
-    step = max(set.intersection(*(set(frame.index) for frame in per_run)))
+    common = set.intersection(*(set(frame.index) for frame in per_run))
+    if not common:
+        return []
+    step = max(common)
     mean = pd.concat([frame.loc[[step]] for frame in per_run]).mean()
     runs = " per run" if len(group.runs) > 1 else ""
-    return (f"KL to the base at step {step} (exact, {int(mean['completions'])} sampled completions{runs}): "
+    return [f"KL to the base at step {step} (exact, {int(mean['completions'])} sampled completions{runs}): "
             f"{_num(mean['kl_per_sequence'])} nats per completion, {_pct(mean['share_first'])} of it in the first "
             f"{FIRST_TOKENS} of about {mean['mean_tokens']:.0f} tokens; the per-token mean a KL penalty sees is "
-            f"{_num(mean['kl_per_token'], 3)}.")
+            f"{_num(mean['kl_per_token'], 3)}."]
 
 
 def _divergence_figure(group: Group) -> list[tuple[str, str]]:
