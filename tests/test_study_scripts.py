@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from specialists.model import load_model
+from specialists.tokenizer import load_tokenizer
 
 STUDY = Path("experiments/studies/echo_chamber")
 
