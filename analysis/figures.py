@@ -211,3 +211,56 @@ def collapse_forecast(observed: pd.DataFrame, forecast: pd.DataFrame, fitted_unt
     axes.set(xlabel="RL step", ylabel="share of completions", ylim=(0, 1), title=title)
     axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     return _png(figure)
+
+
+def position_panels(panels: dict[str, pd.DataFrame]) -> str:
+    """Panels two a row (e.g. KL and entropy of each format), each a table rows completion positions x columns RL
+    steps, one line per step coloured from early (dark) to late (light) in every panel, one legend on top."""
+    steps = sorted({step for frame in panels.values() for step in frame.columns})
+    colours = dict(zip(steps, plt.get_cmap("viridis")(np.linspace(0, 0.85, max(len(steps), 1)))))
+    figure, grid = _panel_grid(len(panels), 2, 2.1, 0.4)
+    for axes, (title, frame) in zip(grid.ravel(), panels.items()):
+        for step in frame.columns:
+            axes.plot(frame.index, frame[step], marker="o", markersize=2, linewidth=1.2, color=colours[step])
+        axes.set_title(title, fontsize=9)
+        axes.set_xlabel("completion position (token)", fontsize=8)
+        axes.tick_params(labelsize=7)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    handles = [plt.Line2D([], [], color=colours[step]) for step in steps]
+    figure.legend(handles, [f"RL step {step}" for step in steps], loc="upper center", ncol=min(len(steps), 6),
+                  fontsize=8, bbox_to_anchor=(0.5, 1.0 + 0.12 / grid.shape[0]))
+    figure.tight_layout()
+    return _png(figure)
+
+
+def phase_diagram(winner: pd.DataFrame, winner_text: pd.DataFrame, collapse: pd.DataFrame, collapse_text: pd.DataFrame,
+                  x_label: str, y_label: str) -> str:
+    """Two grids over the same cells (tables rows y values x columns x values, as text). Left: each cell coloured
+    by its winning format (`winner`: a format name, None or NaN where there is none, e.g. a tie), labelled with
+    `winner_text`. Right: `collapse` (a number per cell, NaN where none) on a colour scale, labelled with
+    `collapse_text`; cells without a number grey."""
+    names = sorted({name for name in winner.to_numpy().ravel() if isinstance(name, str)})
+    colours = dict(zip(names, PALETTE * 4))
+    rows, columns = winner.shape
+    figure, (left, right) = plt.subplots(1, 2, figsize=(WIDTH, 0.7 * rows + 1.6))
+    codes = np.array([[names.index(name) if isinstance(name, str) else -1 for name in row] for row in winner.to_numpy()])
+    cells = np.ones((rows, columns, 3))  # white where there is no winner
+    for index, name in enumerate(names):
+        cells[codes == index] = matplotlib.colors.to_rgb(colours[name])
+    left.imshow(cells, aspect="auto", origin="lower", alpha=0.55)
+    scale = np.ma.masked_invalid(collapse.to_numpy(dtype=np.float64))
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
+    image = right.imshow(scale, aspect="auto", origin="lower", cmap=cmap, alpha=0.6)  # light enough for black text
+    for axes, text in ((left, winner_text), (right, collapse_text)):
+        for (i, j), label in np.ndenumerate(text.to_numpy()):
+            axes.text(j, i, label, ha="center", va="center", fontsize=6.5)
+        axes.set_xticks(range(columns), [str(value) for value in winner.columns], fontsize=8)
+        axes.set_yticks(range(rows), [str(value) for value in winner.index], fontsize=8)
+        axes.set_xlabel(x_label, fontsize=8)
+    left.set_ylabel(y_label, fontsize=8)
+    left.set_title("winning format (runs won / runs)", fontsize=9)
+    right.set_title("mean collapse step (runs collapsed / runs)", fontsize=9)
+    if scale.count():
+        figure.colorbar(image, ax=right, label="collapse step", shrink=0.8)
+    figure.tight_layout()
+    return _png(figure)

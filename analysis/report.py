@@ -10,10 +10,13 @@ plain language, then tables and the other figures; figures are drawn from each r
 baseline (`--baseline NAME`, default the first given) is the one the others are compared with. The training
 story follows: each group's settings (from config.json), its RL metrics over steps (from metrics.jsonl, in the
 run directory's metrics vocabulary), its held-out pass@k over the evaluated steps (runs with rl.evaluation) and
-sample completions per format at the first and last steps. Each input's analysis is (re)computed with `analyze`
-when missing, unreadable, older than its rollouts, held-out evaluations or config, without the `heldout` block
-its held-out evaluations call for, or made with other settings (formats, source, columns, --correct-from). The
-HTML file is replaced atomically.
+sample completions per format at the first and last steps, and where the policy left its base (the KL to the base
+and token entropy by completion position, analysis.base_divergence, for echolab runs whose base is at hand; cached
+in the run directory). When the groups differ in exactly two config keys crossed as a grid (a sweep over two
+keys), a phase diagram shows each cell's winning format (the majority over its seeds) and mean collapse step.
+Each input's analysis is (re)computed with `analyze` when missing, unreadable, older than its rollouts, held-out
+evaluations or config, without the `heldout` block its held-out evaluations call for, or made with other settings
+(formats, source, columns, --correct-from). The HTML file is replaced atomically.
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from analysis import figures
+from analysis.base_divergence import read_base_divergence
 from analysis.classify import label_formats
 from analysis.load import CONFIG_FILES, InputWarning, read_run_config
 from analysis.output import check_output_file
+from analysis.position_metrics import kl_concentration, position_profile
 from analysis.run_files import checkpoint_model_size, read_training_metrics
 from analysis.sources import Input, ReadOptions, first_and_last_steps, open_input
 from analysis.statistics import bootstrap_band, combined_format_change_test, compare_groups, entropy_accuracy_fit
@@ -58,6 +63,7 @@ class Run:
     training: pd.DataFrame | None = None  # metrics.jsonl: rows steps, columns metrics (None: the run has none)
     samples: tuple[pd.DataFrame, pd.DataFrame] | None = None  # the first and last steps' rows (SAMPLE_COLUMNS)
     model_size: dict | None = None  # analysis.run_files.checkpoint_model_size (None: no checkpoint)
+    divergence: pd.DataFrame | None = None  # analysis.base_divergence's per-token table (None: no base or checkpoint)
 
     @property
     def name(self) -> str:
@@ -147,7 +153,8 @@ def load_run(item: Input | str | Path, formats: str | None = None, progress: boo
     training = read_training_metrics(item.run_dir) if item.run_dir else None
     model_size = checkpoint_model_size(item.run_dir) if item.run_dir else None
     samples = _samples(item, wanted["formats"])
-    return Run(item.path, config, summary, metrics, item.name, training, samples, model_size)
+    divergence = read_base_divergence(item.run_dir, wanted["formats"], progress=progress) if item.run_dir else None
+    return Run(item.path, config, summary, metrics, item.name, training, samples, model_size, divergence)
 
 
 def _samples(item: Input, format_set: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -306,6 +313,8 @@ def findings(group: Group) -> list[str]:
         sentences += _expert_findings(group)
     if _has_specialists(group):
         sentences.append(_specialist_finding(group))
+    if _has_divergence(group):
+        sentences += _divergence_finding(group)
     return sentences
 
 
@@ -390,7 +399,56 @@ def group_figures(group: Group) -> list[tuple[str, str]]:
                                figures.affinity_heatmaps(affinity, f"{group.label}, {which} step")))
     if _has_specialists(group):
         result.append(_specialist_figure(group))
+    if _has_divergence(group):
+        result += _divergence_figure(group)
     return result
+
+
+# ---------------------------------------------------------------- where the policy leaves its base
+
+FIRST_TOKENS = 3  # the completion positions counted as where a completion commits to its format
+MIN_COMPLETIONS = 4  # a position is drawn for a format and step when at least this many completions reach it
+
+
+def _has_divergence(group: Group) -> bool:
+    return all(run.divergence is not None and len(run.divergence) for run in group.runs)
+
+
+def _divergence_finding(group: Group) -> list[str]:
+    """The sequence KL to the base at the last step every run measured, and how much of it is in the first tokens
+    (analysis.position_metrics.kl_concentration; formats pooled, means over runs); none without such a step."""
+    per_run = [kl_concentration(run.divergence, FIRST_TOKENS, by=("step",)).set_index("step") for run in group.runs]
+    common = set.intersection(*(set(frame.index) for frame in per_run))
+    if not common:
+        return []
+    step = max(common)
+    mean = pd.concat([frame.loc[[step]] for frame in per_run]).mean()
+    runs = " per run" if len(group.runs) > 1 else ""
+    return [f"KL to the base at step {step} (exact, {int(mean['completions'])} sampled completions{runs}): "
+            f"{_num(mean['kl_per_sequence'])} nats per completion, {_pct(mean['share_first'])} of it in the first "
+            f"{FIRST_TOKENS} of about {mean['mean_tokens']:.0f} tokens; the per-token mean a KL penalty sees is "
+            f"{_num(mean['kl_per_token'], 3)}."]
+
+
+def _divergence_figure(group: Group) -> list[tuple[str, str]]:
+    """KL to the base and token entropy by completion position, a pair of panels per format, a line per measured
+    step (the group's runs pooled); nothing when no format has MIN_COMPLETIONS completions at any position."""
+    profile = position_profile(pd.concat([run.divergence for run in group.runs], ignore_index=True))
+    profile = profile[profile["completions"] >= MIN_COMPLETIONS]
+    order = list(dict.fromkeys([*group.runs[0].summary["formats"], *profile["format"]]))
+    panels = {}
+    for name in (name for name in order if (profile["format"] == name).any()):
+        rows = profile[profile["format"] == name]
+        panels[f"KL to base (nats) · {name}"] = rows.pivot(index="position", columns="step", values="kl")
+        panels[f"token entropy (nats) · {name}"] = rows.pivot(index="position", columns="step", values="entropy")
+    if not panels:
+        return []
+    sampled = kl_concentration(group.runs[0].divergence, FIRST_TOKENS, by=("step",))["completions"].max()
+    return [("Where the policy leaves its base: exact KL(policy of the step || base) and the policy's token entropy at "
+             f"each completion position, per format; means over the completions sampled at each measured step (up to "
+             f"{int(sampled)} per step{' and run' if len(group.runs) > 1 else ''}; step 0 is the base itself, KL 0); "
+             f"positions fewer than {MIN_COMPLETIONS} completions reach are left out",
+             figures.position_panels(panels))]
 
 
 # ---------------------------------------------------------------- specialist dominance (experts trained apart)
@@ -511,6 +569,107 @@ def entropy_accuracy_figure(groups: list[Group]) -> str:
     return figures.entropy_accuracy_scatter(points, fits)
 
 
+# ---------------------------------------------------------------- phase diagram: a sweep over two keys
+
+@dataclass(frozen=True)
+class PhaseCell:
+    """One cell of a two-key sweep: the group of runs with those two values (its seeds)."""
+
+    winners: dict[str, int]  # format -> runs whose dominant format at the last step it is, most runs first
+    collapse_steps: tuple[int, ...]  # the collapse steps of the runs that collapsed
+
+    @property
+    def runs(self) -> int:
+        return sum(self.winners.values())
+
+    @property
+    def winner(self) -> str | None:
+        """The format most runs end on; None when two or more tie for the most."""
+        counts = list(self.winners.values())
+        return next(iter(self.winners)) if len(counts) == 1 or counts[0] > counts[1] else None
+
+    @property
+    def mean_collapse_step(self) -> float | None:
+        return float(np.mean(self.collapse_steps)) if self.collapse_steps else None
+
+
+def _axis_values(values: list) -> list:
+    """An axis' distinct values: ascending when all are numbers, else in order of first appearance."""
+    distinct = list(dict.fromkeys(values))
+    numbers = all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in distinct)
+    return sorted(distinct) if numbers else distinct
+
+
+def phase_grid(groups: list[Group]) -> tuple[str, list, str, list, dict[tuple, PhaseCell]] | None:
+    """The groups as the cells of a sweep over two config keys, when they are one: every group has a config and
+    the groups differ in exactly two keys (seeds and names aside) with scalar values, and some value of each key
+    is crossed with two values of the other (a grid, maybe with holes; not a diagonal). Returns (x key, its values,
+    y key, its values, cells keyed (x value, y value)); x is the key with more values. None otherwise."""
+    if len(groups) < 3 or not all(run.config for group in groups for run in group.runs):
+        return None
+    flats = [_without_seeds(group.runs[0].config) for group in groups]
+    keys = sorted({key for flat in flats for key in flat
+                   if len({json.dumps(other.get(key), sort_keys=True, default=str) for other in flats}) > 1})
+    if len(keys) != 2 or not all(isinstance(flat.get(key), (str, int, float)) for flat in flats for key in keys):
+        return None
+    if any(pd.Series([flat[key] for flat in flats]).value_counts().max() < 2 for key in keys):
+        return None  # no value of this key has two cells: a diagonal
+    values = {key: _axis_values([flat[key] for flat in flats]) for key in keys}
+    x_key, y_key = sorted(keys, key=lambda key: -len(values[key]))
+    cells = {}
+    for group, flat in zip(groups, flats):
+        winners = pd.Series([run.summary["dominant_format"] for run in group.runs]).value_counts(sort=True)
+        collapsed = tuple(int(run.summary["collapse_step"]) for run in group.runs if run.summary["collapse_step"] is not None)
+        cells[(flat[x_key], flat[y_key])] = PhaseCell(dict(winners.items()), collapsed)
+    return x_key, values[x_key], y_key, values[y_key], cells
+
+
+def _phase_labels(cell: PhaseCell | None) -> tuple[str, str, str, str]:
+    """(winner, its count, mean collapse step, runs collapsed) as text; a tie's winner names the tied formats."""
+    if cell is None:
+        return "", "", "", ""
+    top = next(iter(cell.winners.values()))
+    if cell.winner is None:
+        winner, count = "tie: " + " / ".join(sorted(name for name, n in cell.winners.items() if n == top)), f"{top}/{cell.runs} each"
+    else:
+        winner, count = cell.winner, f"{top}/{cell.runs}"
+    mean = cell.mean_collapse_step
+    return winner, count, "none" if mean is None else f"{mean:.1f}", f"{len(cell.collapse_steps)}/{cell.runs}"
+
+
+def phase_section(groups: list[Group]) -> str:
+    """For a sweep over two keys (`phase_grid`): a table and a figure of the winning format per cell (the
+    majority over its seeds, with the count) and its mean collapse step; empty otherwise."""
+    grid = phase_grid(groups)
+    if grid is None:
+        return ""
+    x_key, xs, y_key, ys, cells = grid
+    labels = {(x, y): _phase_labels(cells.get((x, y))) for x in xs for y in ys}
+
+    def frame(value_of) -> pd.DataFrame:  # rows y values, columns x values
+        return pd.DataFrame([[value_of(x, y) for x in xs] for y in ys], index=[_shown(y) for y in ys],
+                            columns=[_shown(x) for x in xs])
+
+    winners = frame(lambda x, y: cells[(x, y)].winner if (x, y) in cells else None)
+    collapse = frame(lambda x, y: np.nan if (x, y) not in cells or cells[(x, y)].mean_collapse_step is None
+                     else cells[(x, y)].mean_collapse_step)
+    # in the figure's cells, two short lines each; a tie is just "tie"
+    winner_text = frame(lambda x, y: "" if (x, y) not in cells else
+                        f"{'tie' if cells[(x, y)].winner is None else labels[(x, y)][0]}\n({labels[(x, y)][1]})")
+    collapse_text = frame(lambda x, y: f"{labels[(x, y)][2]}\n({labels[(x, y)][3]})" if (x, y) in cells else "")
+    png = figures.phase_diagram(winners, winner_text, collapse, collapse_text, x_key, y_key)
+    rows = [[f"{y_key}={_shown(y)}", *(f"{winner} ({count}) · collapse {step} ({collapsed})" if winner else ""
+                                       for winner, count, step, collapsed in (labels[(x, y)] for x in xs))] for y in ys]
+    threshold = _pct(groups[0].runs[0].summary.get("collapse_threshold", 0.9))
+    return ("<h2>Phase diagram</h2>"
+            + f"<p>The runs form a sweep over two keys, {html.escape(x_key)} and {html.escape(y_key)}. Per cell: the "
+              f"format most of its runs end on (dominant at the last step; runs won / runs), and the mean step at "
+              f"which one format first reached {threshold} of the completions (runs collapsed / runs).</p>"
+            + _table([f"{y_key} / {x_key}", *(f"{x_key}={_shown(x)}" for x in xs)], rows)
+            + _figure(f"Phase diagram over {x_key} and {y_key}: winning format per cell (majority over seeds) and "
+                      "mean collapse step (grey: no run collapsed; blank: no runs)", png))
+
+
 # ---------------------------------------------------------------- collapse forecast
 
 def forecast_section(runs: list[Run]) -> str:
@@ -600,7 +759,7 @@ def _model(flat: dict[str, object], size: dict | None) -> tuple[str, str]:
         return kind, f"{size['parameters']:,} parameters{experts}, {size['layers']} layers ({size['model_type']})"
     if flat.get("model.path") is None and "model.num_layers" in flat:  # a built-in model without a checkpoint here
         experts = (f", {flat['model.num_experts']} experts ({flat['model.experts_per_token']} per token)"
-                   if flat.get("model.kind") == "moe" else ", dense")
+                   if flat.get("model.kind") in ("moe", "btx") else ", dense")
         return kind, f"parameters n/a (no checkpoint){experts}, {flat['model.num_layers']} layers"
     return kind, "n/a"
 
@@ -792,6 +951,7 @@ def render_html(groups: list[Group]) -> str:
     if len(runs) > 1:
         plots, table = comparison(groups)
         parts.append("<h2>Comparison</h2>" + table + "".join(_figure(caption, png) for caption, png in plots))
+    parts.append(phase_section(groups))
     parts.append(training_section(groups))
     for group in groups:
         parts.append(f"<h2>{html.escape(group.label)}</h2>" + "".join(_figure(c, p) for c, p in group_figures(group))

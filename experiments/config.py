@@ -213,7 +213,7 @@ class ExperimentConfig(SpecialistsConfig):
                                 "model.path base does not have here", "rl.mitigations.pretrain_replay_coef",
                                 "model.path")
         if path is None:
-            router, why, model_key = self.model.kind == "moe", "model.kind = 'moe'", "model.kind"
+            router, why, model_key = self.model.kind in ("moe", "btx"), "model.kind = 'dense'", "model.kind"
         else:
             try:
                 family, checkpoint = checkpoint_family(path)

@@ -12,9 +12,7 @@ is appended one line per write (a cut last line is dropped on resume).
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,20 +22,15 @@ from specialists.config import SpecialistsConfig
 from specialists.errors import UserError
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("ECHOLAB_CACHE", Path.home() / ".cache" / "echolab"))
-
-
 def base_model_dir(config: SpecialistsConfig, progress: bool = True) -> Path:
     """The pretrained checkpoint for this pretraining config, trained on first use."""
     from specialists.evaluate import evaluate
     from specialists.pretrain import pretrain
 
-    key = hashlib.sha256(json.dumps(config.base_identity(), sort_keys=True).encode()).hexdigest()[:16]
-    directory = cache_root() / "pretrain" / key
+    directory = config.cache_dir()
     if (directory / "evaluation.json").is_file():
         return directory / "model"
-    partial = directory.with_name(key + ".tmp")
+    partial = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(partial, ignore_errors=True)
     model_dir = pretrain(config, partial, progress=progress)
     evaluate(model_dir, config, partial / "evaluation.json", progress=progress)

@@ -6,7 +6,11 @@ in a TOML file names itself instead of being silently ignored.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+from pathlib import Path
 from typing import Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -235,6 +239,13 @@ class SpecialistsConfig(Strict):
             identity["corpus_sha256"] = digests
         return identity
 
+    def cache_dir(self) -> Path:
+        """Where this config's pretrained base is cached: `cache_root()/pretrain/KEY`, KEY the first 16 hex digits
+        of the SHA-256 of `base_identity()`. A complete entry holds `model/` and `evaluation.json`
+        (experiments.pipeline.base_model_dir trains it there on first use; analysis finds a run's base there)."""
+        key = hashlib.sha256(json.dumps(self.base_identity(), sort_keys=True).encode()).hexdigest()[:16]
+        return cache_root() / "pretrain" / key
+
     @model_validator(mode="after")
     def _enough_problems(self) -> "SpecialistsConfig":
         """The task must have the distinct problems pretraining and evaluation draw (tasks.generate_problems would
@@ -248,6 +259,11 @@ class SpecialistsConfig(Strict):
         for split, count, key in needs:
             check_problem_space(self.task, split, count, key)
         return self
+
+
+def cache_root() -> Path:
+    """The root of echolab's cache: `$ECHOLAB_CACHE`, default `~/.cache/echolab`."""
+    return Path(os.environ.get("ECHOLAB_CACHE", Path.home() / ".cache" / "echolab"))
 
 
 def expert_specialists(formats: Sequence[str], num_experts: int) -> list[str]:

@@ -12,6 +12,7 @@ Layout of a run directory:
     heldout/step_000000.parquet       held-out evaluation of the model of a step (ROLLOUT_SCHEMA), rl.evaluation
     summary.json, metrics.parquet     written by `echolab analyze`
     report.html                       written by `echolab report`
+    base_divergence.parquet           per-token KL to the base and entropy on a sample, cached by `echolab report`
 
 Step s's rollouts come from the model after s updates; step 0 is the model before any update, and the
 last step, s = rl.steps, samples the final model without updating it (`update` false in its metrics line).
@@ -31,6 +32,7 @@ CHECKPOINTS_DIR = "checkpoints"
 SUMMARY_FILE = "summary.json"
 METRICS_TABLE_FILE = "metrics.parquet"
 REPORT_FILE = "report.html"
+BASE_DIVERGENCE_FILE = "base_divergence.parquet"  # analysis.base_divergence: the report's cache of model forwards
 
 # The rollout record (one row per sampled completion). A rollout file from another trainer needs only
 # REQUIRED_COLUMNS; echolab's recorder writes every column of ROLLOUT_SCHEMA.

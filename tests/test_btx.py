@@ -227,7 +227,8 @@ def test_echolab_run_post_trains_a_cached_btx_base_and_records_specialist_domina
     request for the same base comes from the cache."""
     import pyarrow.parquet as pq
 
-    from experiments.pipeline import base_model_dir, cache_root
+    from experiments.pipeline import base_model_dir
+    from specialists.config import cache_root
 
     monkeypatch.setenv("ECHOLAB_CACHE", str(tmp_path / "cache"))
     config = write_config(tmp_path, extra=RL)

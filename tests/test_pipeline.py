@@ -391,3 +391,39 @@ def test_analyze_gives_the_same_summary_for_the_recorder_files_and_an_external_j
     from_run = analyze(smoke_run, formats="synthetic", out_dir=tmp_path / "from_run", progress=False)
     from_file = analyze(external, formats="synthetic", out_dir=tmp_path / "from_file", progress=False)
     assert from_file == from_run
+
+
+def test_the_report_measures_where_the_policy_left_its_base(smoke_run):
+    """The report of a real run computes the per-token KL to the base (found in the pretraining cache) on a sample
+    of each measured step's completions and keeps it in the run directory: 0 at step 0, where the model is the
+    base; positive once GRPO has updated it; each value the exact KL of the checkpoint to the base at that position."""
+    import pandas as pd
+
+    from experiments.pipeline import base_model
+    from specialists.tokenizer import load_tokenizer
+
+    tokens = pd.read_parquet(smoke_run / "base_divergence.parquet")
+    assert sorted(tokens["step"].unique()) == [0, 2, 3]  # step 0 and the checkpointed steps
+    by_step = tokens.groupby("step")["kl"]
+    assert by_step.max()[0] == 0 and by_step.mean()[3] > 0 and (tokens["entropy"] > 0).all()
+    assert tokens.groupby("step")[["prompt_id", "sample_index"]].apply(lambda r: len(r.drop_duplicates())).tolist() == [16] * 3
+    # by hand: the longest sampled completion of step 3, one sequence through the final checkpoint and the base
+    final = tokens[tokens["step"] == 3]
+    prompt_id, sample_index = final.groupby(["prompt_id", "sample_index"]).size().idxmax()
+    rows = pq.read_table(smoke_run / "rollouts" / "step_000003.parquet").to_pandas()
+    row = rows[(rows["prompt_id"] == prompt_id) & (rows["sample_index"] == sample_index)].iloc[0]
+    base = base_model(load_experiment_config(SMOKE), progress=False)
+    tokenizer = load_tokenizer(base)
+    prompt_ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt_ids + completion_ids])
+    span = slice(len(prompt_ids) - 1, len(ids[0]) - 1)
+    with torch.no_grad():
+        log_p = torch.log_softmax(load_model(smoke_run / "checkpoints" / "step_000003")(ids).logits[0, span], -1)
+        log_q = torch.log_softmax(load_model(base)(ids).logits[0, span], -1)
+    expected = (log_p.exp() * (log_p - log_q)).sum(-1)
+    measured = final[(final["prompt_id"] == prompt_id) & (final["sample_index"] == sample_index)]["kl"].to_numpy()
+    assert len(measured) == len(completion_ids)
+    torch.testing.assert_close(torch.tensor(measured), expected.double(), rtol=1e-3, atol=1e-6)
+    text = (smoke_run / "report.html").read_text()
+    assert "KL to the base at step 3 (exact, 16 sampled completions)" in text

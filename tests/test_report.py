@@ -350,3 +350,92 @@ def test_mitigation_parameters_are_shown_beside_their_switch_only():
     assert report._mitigations(dynamic) == "prefix_kl_coef=0.1 (prefix_kl_tokens=2), dynamic sampling (dynamic_sampling_rounds=3)"
     outcome = defaults | {"rl.mitigations.outcome_exploration_coef": 0.5}  # mode "both" by default
     assert report._mitigations(outcome) == "outcome_exploration_coef=0.5 (outcome_exploration_mode=both)"
+
+
+# ---------------------------------------------------------------- the phase diagram of a sweep over two keys
+
+# (llm_code weight, difficulty) -> per RL seed: (the format the run drifts to, pull: 1 collapses, 0.3 does not)
+PHASE_PLAN = {
+    (0.1, "easy"): [("python_function", 1.0)] * 3,
+    (0.1, "hard"): [("python_function", 1.0)] * 3,
+    (1.0, "easy"): [("python_function", 1.0), ("llm_code", 1.0), ("natural_language", 1.0)],  # a three-way tie
+    (1.0, "hard"): [("python_function", 1.0), ("llm_code", 1.0), ("python_function", 1.0)],
+    (3.0, "easy"): [("llm_code", 1.0)] * 3,
+    (3.0, "hard"): [("llm_code", 1.0), ("llm_code", 1.0), ("llm_code", 0.3)],  # one seed never collapses
+}
+
+
+@pytest.fixture(scope="module")
+def phase_sweep(tmp_path_factory) -> tuple[list[Path], list[report.Run]]:
+    """Part of the study's phase sweep (experiments/studies/echo_chamber/phase.toml) as `echolab sweep` lays it
+    out: each run's config as the sweep planned it, its rollouts drifting towards the planned format and its
+    analysis (made once per planned drift: analysing 18 runs would take minutes)."""
+    from experiments.sweep import plan
+
+    root = tmp_path_factory.mktemp("phase")
+    analysed = {}
+    for index, drift in enumerate(dict.fromkeys(drift for cell in PHASE_PLAN.values() for drift in cell)):
+        winner, pull = drift
+        config = {"seed": 0, "analysis": {"formats": "synthetic"}}
+        analysed[drift] = write_run_dir(synthetic_rollouts(seed=index, steps=6, winner=winner, pull=pull),
+                                        root / "analysed" / str(index), config)
+        load_run(analysed[drift], progress=False)
+    _, planned = plan("experiments/studies/echo_chamber/phase.toml", root / "sweep")
+    runs = []
+    for run in planned:
+        config = load_experiment_config(run.config_path)
+        cell = (config.mixture.formats["llm_code"].weight, config.mixture.formats["llm_code"].difficulty)
+        if cell in PHASE_PLAN:
+            shutil.copytree(analysed[PHASE_PLAN[cell][config.rl.seed]], run.run_dir)
+            (run.run_dir / CONFIG_FILE).write_text(json.dumps(config.model_dump(mode="json")), encoding="utf-8")
+            for name in (SUMMARY_FILE, "metrics.parquet"):  # the analysis stays newer than the config
+                os.utime(run.run_dir / name)
+            runs.append(run.run_dir)
+    assert len(runs) == 18
+    return runs, [load_run(path, progress=False) for path in runs]
+
+
+def test_a_sweep_over_two_keys_gets_a_phase_diagram(phase_sweep):
+    """The report's phase-diagram section (render_html puts it after the comparison; the whole report of 18 runs
+    in 6 groups takes minutes to draw on a loaded machine)."""
+    runs, loaded = phase_sweep
+    section = report.phase_section(group_runs(loaded))
+    assert section.startswith("<h2>Phase diagram</h2>")
+    assert section.count("<img ") == 1 and "winning format per cell (majority over seeds)" in section
+    summaries = {path.name: json.loads((path / SUMMARY_FILE).read_text()) for path in runs}
+
+    def collapse(cell: str) -> str:
+        steps = [summaries[f"{cell}-seed={seed}"]["collapse_step"] for seed in (0, 1, 2)]
+        collapsed = [step for step in steps if step is not None]
+        return f"collapse {np.mean(collapsed):.1f} ({len(collapsed)}/3)"
+
+    rows = {row[0]: row[1:] for row in re.findall(r"<tr>(.*?)</tr>", section)
+            for row in [re.findall(r"<t[dh]>(.*?)</t[dh]>", row)]}
+    header = rows.pop("mixture.formats.llm_code.difficulty / mixture.formats.llm_code.weight")
+    assert header == [f"mixture.formats.llm_code.weight={weight}" for weight in ("0.1", "1", "3")]
+    assert rows["mixture.formats.llm_code.difficulty=easy"] == [
+        f"python_function (3/3) · {collapse('weight=0.1-difficulty=easy')}",
+        f"tie: {' / '.join(sorted(['python_function', 'llm_code', 'natural_language']))} (1/3 each) · "
+        f"{collapse('weight=1.0-difficulty=easy')}",
+        f"llm_code (3/3) · {collapse('weight=3.0-difficulty=easy')}"]
+    assert rows["mixture.formats.llm_code.difficulty=hard"] == [
+        f"python_function (3/3) · {collapse('weight=0.1-difficulty=hard')}",
+        f"python_function (2/3) · {collapse('weight=1.0-difficulty=hard')}",
+        # the seed that drifted less ends on llm_code too but never collapsed: the mean is over the two that did
+        f"llm_code (3/3) · {collapse('weight=3.0-difficulty=hard')}"]
+    assert summaries["weight=3.0-difficulty=hard-seed=2"]["collapse_step"] is None
+
+
+def test_only_a_sweep_over_exactly_two_crossed_keys_gets_a_phase_diagram(phase_sweep):
+    _, loaded = phase_sweep
+    x_key, xs, y_key, ys, cells = report.phase_grid(group_runs(loaded))
+    assert (x_key, xs, y_key, ys) == ("mixture.formats.llm_code.weight", [0.1, 1.0, 3.0],
+                                      "mixture.formats.llm_code.difficulty", ["easy", "hard"])
+    assert cells[(1.0, "hard")].winners == {"python_function": 2, "llm_code": 1} and cells[(1.0, "easy")].winner is None
+    one_weight = [run for run in loaded if run.config["mixture"]["formats"]["llm_code"]["weight"] == 0.1]
+    assert report.phase_grid(group_runs(one_weight)) is None  # one key left
+    diagonal = [run for run in loaded if (run.config["mixture"]["formats"]["llm_code"]["weight"],
+                                          run.config["mixture"]["formats"]["llm_code"]["difficulty"])
+                in ((0.1, "easy"), (1.0, "hard"), (3.0, "easy"))]
+    assert report.phase_grid(group_runs(diagonal)) is None  # 2 keys, 3 cells, but never crossed
+    assert report.phase_section(group_runs(one_weight)) == ""

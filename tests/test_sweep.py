@@ -79,11 +79,14 @@ def test_a_config_problem_stops_the_sweep_before_any_run(tmp_path):
 
 
 def test_variants_cross_the_grid_and_every_shipped_sweep_validates(tmp_path):
+    """Every sweep file shipped (experiments/sweeps, the studies' sweeps) plans: each run's config loads."""
     sweep_file = write_sweep(tmp_path, 'seed = [0, 1]\n[variants.baseline]\n[variants.kl]\n"rl.beta" = 0.01\n')
     _, runs = plan(sweep_file, tmp_path / "out")
     assert [r.name for r in runs] == ["baseline-seed=0", "baseline-seed=1", "kl-seed=0", "kl-seed=1"]
-    for shipped in Path("experiments/sweeps").glob("*.toml"):
-        assert plan(shipped, tmp_path / shipped.stem)[1]
+    shipped = [*Path("experiments/sweeps").glob("*.toml"), *Path("experiments/studies").glob("*/*.toml")]
+    assert {path.name for path in shipped} >= {"smoke.toml", "mitigations.toml", "core.toml", "phase.toml", "btx.toml"}
+    for path in shipped:
+        assert plan(path, tmp_path / path.parent.name / path.stem)[1]
 
 
 def test_resume_keeps_finished_runs_and_starts_the_others(tmp_path):
