@@ -242,11 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true",
                      help="print only the final summary lines and errors (no progress bars, no per-step lines)")
     run.add_argument("--processes", type=_positive_int, default=1, metavar="N",
-                     help="data-parallel RL in N processes started here (torch.distributed: gloo on CPU, NCCL on "
-                          "GPUs), each with its own rollout engine, rl.prompts_per_step / N of each step's prompts "
-                          "and 1/N of the cores; gradients are summed across them, process 0 records. Samples "
-                          "and metrics equal a 1-process run's (to float rounding). GRPO and PPO; settings that "
-                          "cannot be split are refused (default 1)")
+                     help="data-parallel RL in N processes started here (torch.distributed, gloo), each with its "
+                          "own rollout engine, rl.prompts_per_step / N of each step's prompts and 1/N of the cores; "
+                          "gradients are summed across them, process 0 records. Samples and metrics equal a "
+                          "1-process run's (to float rounding). GRPO and PPO; settings that cannot be split are "
+                          "refused (default 1; README: 'Several processes / the GPU route')")
     run.set_defaults(handler=_run)
 
     analyze = commands.add_parser(

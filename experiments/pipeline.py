@@ -247,7 +247,9 @@ def _rank_main(rank: int, job: RLJob, processes: int, port: int, threads: int, e
     torch.set_num_threads(threads)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(processes))
     try:
-        job.train(Shard.from_environment("nccl" if torch.cuda.is_available() else "gloo"))
+        # gloo: the pipeline keeps the models on the CPU (README, "Several processes / the GPU route": NCCL goes with
+        # placing each rank's model on its GPU)
+        job.train(Shard.from_environment("gloo"))
     except UserError as error:
         errors.put(error)
         raise SystemExit(1) from None
