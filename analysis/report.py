@@ -543,7 +543,8 @@ def forecast_section(runs: list[Run]) -> str:
 # Tuning parameters of rl.mitigations switches (analysis does not import rl): shown beside their switch when it
 # is on, never as mitigations of their own.
 MITIGATION_PARAMETERS = {"cov_ratio": ("clip_cov", "kl_cov"), "kl_cov_coef": ("kl_cov",),
-                         "pretrain_replay_batch": ("pretrain_replay_coef",), "prefix_kl_tokens": ("prefix_kl_coef",)}
+                         "pretrain_replay_batch": ("pretrain_replay_coef",), "prefix_kl_tokens": ("prefix_kl_coef",),
+                         "outcome_exploration_mode": ("outcome_exploration_coef",)}
 
 
 def seed_labels(config: dict) -> list[str]:

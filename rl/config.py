@@ -116,6 +116,18 @@ class MitigationSettings(Strict):
         "sequence KL in the reward: r <- r - coef * sum_t (log pi_old(y_t) - log pi_ref(y_t)) over the completion "
         "(rl.losses.sequence_log_ratio; the KL-in-the-reward of Ziegler et al. 2019, arXiv:1909.08593, summed per "
         "sequence). PPO, GRPO"))
+    format_kl_coef: float = Field(0.0, ge=0, description=(
+        "format-mix KL to the base: r <- r - coef * log p(f) / q(f), p the step's format shares, q the step-0 "
+        "batch's (the base model's), both add-1/2 smoothed: the policy gradient of -coef * KL(p || q) over formats "
+        "(rl.losses.format_kl_shares; echolab's own, issue 14). Batch shares, not the group's: q is a batch "
+        "statistic and G samples estimate a share too noisily. PPO, GRPO (not with grpo.dynamic_sampling)"))
+    outcome_exploration_coef: float = Field(0.0, ge=0, description=(
+        "outcome-based exploration: r <- r + coef * (b - p), b = 1/sqrt(N(x, a)) for a final answer a seen N times "
+        "on the prompt in earlier steps (1 if never), p = the share of the group's other samples with the same "
+        "answer (Song, Kempe & Munos 2025, arXiv:2509.06941; rl.losses.historical_exploration_bonus, "
+        "batch_exploration_penalty). PPO, GRPO"))
+    outcome_exploration_mode: Literal["historical", "batch", "both"] = Field("both", description=(
+        "which terms outcome_exploration_coef adds: the historical bonus b, the batch penalty p, or both"))
 
 
 class HeldoutEvaluationSettings(Strict):
@@ -145,6 +157,8 @@ MITIGATION_ALGORITHMS = {
     "pretrain_replay_coef": {"grpo", "ppo"},
     "prefix_kl_coef": {"grpo", "ppo"},
     "sequence_kl_coef": {"grpo", "ppo"},
+    "format_kl_coef": {"grpo", "ppo"},
+    "outcome_exploration_coef": {"grpo", "ppo"},
 }
 
 
@@ -260,6 +274,10 @@ class RLSettings(Strict):
         if algorithm != "grpo" and self.grpo.dynamic_sampling:
             raise SettingsError(f"algorithm {algorithm!r} does not implement grpo.dynamic_sampling (only grpo does)",
                                 "grpo.dynamic_sampling", "algorithm")
+        if self.grpo.dynamic_sampling and mitigations.format_kl_coef > 0:
+            raise SettingsError("mitigations.format_kl_coef measures the base model's format shares on step 0's batch, "
+                                "which grpo.dynamic_sampling filters to prompts of mixed outcome: switch on one",
+                                "mitigations.format_kl_coef", "grpo.dynamic_sampling")
         if algorithm == "grpo" and sampling.samples_per_prompt < 2:
             raise SettingsError("GRPO needs sampling.samples_per_prompt >= 2: its advantages compare the samples of "
                                 "a prompt", "sampling.samples_per_prompt", "algorithm")
@@ -274,10 +292,10 @@ class RLSettings(Strict):
             raise SettingsError(f"mitigations.pass_at_k ({mitigations.pass_at_k}) must be <= sampling.samples_per_prompt "
                                 f"({sampling.samples_per_prompt}): pass@k is estimated within a prompt's samples",
                                 "mitigations.pass_at_k", "sampling.samples_per_prompt")
-        if mitigations.pass_at_k and (mitigations.unlikeliness_beta > 0 or mitigations.format_diversity_coef > 0
-                                      or mitigations.sequence_kl_coef > 0):
-            other = next(name for name in ("unlikeliness_beta", "format_diversity_coef", "sequence_kl_coef")
-                         if getattr(mitigations, name) > 0)
+        reward_terms = ("unlikeliness_beta", "format_diversity_coef", "sequence_kl_coef", "format_kl_coef",
+                        "outcome_exploration_coef")
+        if mitigations.pass_at_k and any(getattr(mitigations, name) > 0 for name in reward_terms):
+            other = next(name for name in reward_terms if getattr(mitigations, name) > 0)
             raise SettingsError(f"mitigations.pass_at_k replaces the advantages by pass@k ones computed from correctness "
                                 f"alone; it does not combine with mitigations.{other}", "mitigations.pass_at_k",
                                 f"mitigations.{other}")
@@ -337,7 +355,8 @@ def split_problem(settings: RLSettings, processes: int) -> str | None:
     one process, or None (checked before any work: `echolab run --processes N`). What is not split: Expert Iteration (its SFT round and start-from-base reload are
     written for one process), and the steps whose statistics span the whole batch in ways the recipes do not
     reduce across ranks (dynamic sampling's group selection, Clip-Cov and KL-Cov's batch-wide token selection,
-    GRPO's batch reward scale, the pretraining replay batch)."""
+    GRPO's batch reward scale, the pretraining replay batch, the format-mix KL's batch shares, outcome exploration's
+    per-prompt answer history, which would follow a prompt from rank to rank)."""
     mitigations = settings.mitigations
     if processes < 1:
         return "needs at least 1 process"
@@ -349,7 +368,9 @@ def split_problem(settings: RLSettings, processes: int) -> str | None:
     unsupported = {"rl.grpo.dynamic_sampling": settings.grpo.dynamic_sampling,
                    "rl.grpo.scale_rewards = 'batch'": batch_scale,
                    "rl.mitigations.clip_cov": mitigations.clip_cov, "rl.mitigations.kl_cov": mitigations.kl_cov,
-                   "rl.mitigations.pretrain_replay_coef": mitigations.pretrain_replay_coef > 0}
+                   "rl.mitigations.pretrain_replay_coef": mitigations.pretrain_replay_coef > 0,
+                   "rl.mitigations.format_kl_coef": mitigations.format_kl_coef > 0,
+                   "rl.mitigations.outcome_exploration_coef": mitigations.outcome_exploration_coef > 0}
     for name, on in unsupported.items():
         if on:
             return f"{name} is not supported in data-parallel runs (it needs the whole batch in one process)"

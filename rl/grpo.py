@@ -12,7 +12,8 @@ The maths is in rl.losses; this file is the loop around it. One step (rl.trainin
  2. pack         prompt + completion sequences packed into rows without padding between them, the LM head
                  run only where a completion token is predicted (rl.sequences.PackedBatch); per-token
                  tensors (B = prompts x G, C = longest completion), TRL's completion layout.
- 3. advantages   r_i minus sequence_kl_coef * log pi_old(y_i) / pi_ref(y_i) when that is on (one extra forward);
+ 3. advantages   r_i minus sequence_kl_coef * log pi_old(y_i) / pi_ref(y_i) when that is on (one extra forward),
+                 plus the shaping terms of format_kl_coef and outcome_exploration_coef (rl.shaping.RewardShaping);
                  A_i = (r_i - b_i) / (std + 1e-4) within each prompt's group (GRPO, Shao et al. 2024,
                  arXiv:2402.03300), b_i the group mean or the leave-one-out mean (RLOO), std of the group or the
                  batch or none (Dr. GRPO); the unlikeliness reward first lowers the reward of likely correct
@@ -83,6 +84,7 @@ from rl.rollouts import StepBatch, pack_batch, sampler_logprobs
 from rl.routing import capture_routing
 from rl.seeds import step_seed
 from rl.sequences import PackedBatch
+from rl.shaping import RewardShaping
 
 
 @dataclass
@@ -156,11 +158,15 @@ def _aggregate(per_token: torch.Tensor, mask: torch.Tensor, settings: RLSettings
                      global_token_count=mask.sum()) * weight
 
 
-def advantages_of(batch: StepBatch, settings: RLSettings, sequence_kl: torch.Tensor | None = None) -> torch.Tensor:
+def advantages_of(batch: StepBatch, settings: RLSettings, sequence_kl: torch.Tensor | None = None,
+                  shaping: torch.Tensor | None = None) -> torch.Tensor:
     """Step 3: one advantage per completion (flat order). `sequence_kl` (completions,): log pi_old(y) / pi_ref(y),
-    with mitigations.sequence_kl_coef > 0."""
+    with mitigations.sequence_kl_coef > 0; `shaping` (completions,): rl.shaping.RewardShaping's terms, added to
+    the rewards (format_kl_coef, outcome_exploration_coef)."""
     mitigations, grpo, group = settings.mitigations, settings.grpo, settings.sampling.samples_per_prompt
     rewards = batch.rewards.flatten()
+    if shaping is not None:
+        rewards = rewards + shaping.to(rewards.dtype)
     if mitigations.sequence_kl_coef > 0:
         rewards = rewards - mitigations.sequence_kl_coef * sequence_kl.cpu()
     correct = torch.tensor([grade.correct for grade in batch.flat_grades])
@@ -192,6 +198,7 @@ class GRPO:
         self.reference = frozen(run.base_model()) if settings.needs_reference else None
         self.replay = pretrain_replay(run)
         self.aux_coef = aux_loss_coefficient(run.model, settings)
+        self.shaping = RewardShaping(settings.mitigations, state)
 
     def step(self, step: int, batch: StepBatch) -> StepResult:
         run, settings, shard = self.run, self.run.settings, self.run.shard
@@ -214,8 +221,9 @@ class GRPO:
             # the reward needs pi_old before the first pass: one extra forward without gradient (PPO has it anyway)
             with torch.no_grad():
                 sequence_kl = sequence_log_ratio(policy_forward(model, sequences, temperature).logprobs, ref_logprobs, mask)
-        policy = PolicyBatch(sequences, advantages_of(batch, settings, sequence_kl).to(device), ref_logprobs=ref_logprobs,
-                             sampler_logprobs=sampler)
+        shaping, shaping_metrics = self.shaping(batch)
+        policy = PolicyBatch(sequences, advantages_of(batch, settings, sequence_kl, shaping).to(device),
+                             ref_logprobs=ref_logprobs, sampler_logprobs=sampler)
 
         # 5. mu passes, one optimiser step each.
         clip_cov_generator = torch.Generator(device=device).manual_seed(step_seed(run.seed, step, "clip_cov"))
@@ -241,7 +249,7 @@ class GRPO:
             self.optimizer.step()
             updates.append({**stats, "grad_norm": grad_norm.item()})
 
-        metrics = mean_metrics(updates)
+        metrics = mean_metrics(updates) | shaping_metrics
         metrics["updates"] = len(updates)
         metrics["entropy"] = shard.masked_mean(first.entropy.detach(), mask).item()
         if ref_logprobs is not None:
@@ -256,7 +264,7 @@ class GRPO:
                                 self.reference, self.run.shard)
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict()}
+        return {"optimizer": self.optimizer.state_dict(), **self.shaping.state_dict()}
 
     def close(self) -> None:
         self._exit.close()

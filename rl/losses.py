@@ -564,6 +564,77 @@ def format_diversity_bonus(
     return torch.where(correct.bool(), coefficient * (1 - share), torch.zeros_like(share))
 
 
+# Krichevsky-Trofimov (add-1/2) pseudo-count of format_kl_shares: finite log-ratios for formats one side never produced.
+FORMAT_PSEUDO_COUNT = 0.5
+
+
+def format_kl_shares(formats: Sequence[str], base_counts: dict[str, int]) -> tuple[torch.Tensor, float]:
+    """The format-mix KL to the base as a per-completion reward penalty: our own mitigation (echolab, issue 14).
+
+    p(f) is the share of format f among the batch's completions, q(f) the base model's share (counted once,
+    on the step-0 batch); both are smoothed with the Krichevsky-Trofimov pseudo-count 1/2 over K, the formats
+    either side produced, so the log-ratio stays finite when a format dies out or appears:
+
+        p(f) = (n_f + 1/2) / (n + |K| / 2),    q(f) = (m_f + 1/2) / (m + |K| / 2)
+
+    Returns (per completion i, log p(f_i) / q(f_i); KL(p || q) = sum_f p(f) log p(f) / q(f)). Why this
+    penalty, r_i <- r_i - coef * log p(f_i) / q(f_i): with p_theta(f) = E_{y ~ pi_theta}[1{f(y) = f}], the
+    gradient of the objective -coef * KL(p_theta || q) is
+
+        -coef * sum_f grad p_theta(f) (log p_theta(f) / q(f) + 1)
+            = E_y[ grad log pi_theta(y) * (-coef * (log p_theta(f(y)) / q(f(y)) + 1)) ]
+
+    (score function, Williams 1992), and the +1 drops out because sum_f grad p_theta(f) = 0 (any baseline
+    removes it). So this is the policy gradient of the format-level KL, with the batch's shares as the
+    plug-in estimate of p_theta, as the sequence KL in the reward (`sequence_log_ratio`) is of the sequence
+    level one: formats above their base share lose reward, formats below it gain. At step 0 the batch is the
+    base sample, so the penalty is 0 there. formats: one label per completion; base_counts: format -> count.
+    """
+    counts = Counter(formats)
+    vocabulary = counts.keys() | base_counts.keys()
+    n, m, alpha = len(formats), sum(base_counts.values()), FORMAT_PSEUDO_COUNT
+    p = {f: (counts[f] + alpha) / (n + alpha * len(vocabulary)) for f in vocabulary}
+    q = {f: (base_counts.get(f, 0) + alpha) / (m + alpha * len(vocabulary)) for f in vocabulary}
+    kl = sum(p[f] * math.log(p[f] / q[f]) for f in vocabulary)
+    return torch.tensor([math.log(p[f] / q[f]) for f in formats], dtype=torch.float64), kl
+
+
+def historical_exploration_bonus(answers: Sequence[str | None], prompt_ids: Sequence[str],
+                                 seen: dict[str, dict[str, int]]) -> torch.Tensor:
+    """Historical exploration (Song, Kempe & Munos 2025, "Outcome-based Exploration for LLM Reasoning",
+    arXiv:2509.06941, sec. 4): a UCB-style bonus for final answers rarely seen on this prompt in training so far,
+
+        b_i = min(1, 1 / sqrt(N(x_i, a_i))) = 1 / sqrt(max(N(x_i, a_i), 1))     (counts are whole: 1 when N = 0)
+
+    with N(x, a) the times answer a was sampled for prompt x in earlier steps (`seen`: prompt id -> answer ->
+    count; the caller adds the batch after). The bonus depends only on the outcome, never on the reasoning
+    path: the outcome space of a problem is small enough to count. A completion without a final answer
+    (None) gets 0: failing to answer is not an outcome to explore. Returns float64 (batch,).
+    """
+    return torch.tensor([0.0 if answer is None else 1 / math.sqrt(max(seen.get(prompt, {}).get(answer, 0), 1))
+                         for answer, prompt in zip(answers, prompt_ids, strict=True)], dtype=torch.float64)
+
+
+def batch_exploration_penalty(answers: Sequence[str | None], group_size: int) -> torch.Tensor:
+    """Batch exploration (Song, Kempe & Munos 2025, arXiv:2509.06941, sec. 5): a penalty for final answers repeated
+    among the G samples of the same prompt (its group),
+
+        p_i = (1 / G) sum_{j != i, j in group(i)} 1{a_j = a_i}
+
+    so a group that spreads over several answers keeps more reward than one that repeats a single answer, which
+    favours diversity at test time (many samples of one problem). Completions without a final answer (None)
+    neither pay nor count. Returns float64 (batch,).
+    """
+    if len(answers) % group_size:
+        raise ValueError(f"need whole groups of {group_size} answers, got {len(answers)}")
+    penalty = []
+    for start in range(0, len(answers), group_size):
+        counts = Counter(answer for answer in answers[start:start + group_size] if answer is not None)
+        penalty.extend(0.0 if answer is None else (counts[answer] - 1) / group_size
+                       for answer in answers[start:start + group_size])
+    return torch.tensor(penalty, dtype=torch.float64)
+
+
 # ---------------------------------------------------------------------------------------------
 # Router load balancing across data-parallel ranks
 # ---------------------------------------------------------------------------------------------

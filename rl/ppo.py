@@ -11,7 +11,8 @@ is the loop around it (rl.training.train runs steps 1, 7 and 8). One step (= one
                  routed-token counts of each completion (rl.routing.capture_routing; the recorder's expert_load).
  3. reference    with a KL term (beta, prefix_kl_coef or sequence_kl_coef > 0), the same forward of the frozen base model (Run.reference): log pi_ref(y_t).
  4. rewards      r_t = R(x, y) on the last completion token, 0 elsewhere, minus sequence_kl_coef *
-                 sum_t (log pi_old - log pi_ref) there when that is on (rl.losses.sequence_log_ratio); with kl_estimator "k1"
+                 sum_t (log pi_old - log pi_ref) there when that is on (rl.losses.sequence_log_ratio), plus the
+                 shaping terms of format_kl_coef and outcome_exploration_coef (rl.shaping.RewardShaping); with kl_estimator "k1"
                  minus beta * k1_t on every token ("KL in the reward": Ziegler et al. 2019,
                  arXiv:1909.08593; Ouyang et al. 2022, arXiv:2203.02155, eq. 2).
  5. advantages   GAE(gamma, lam) (Schulman et al. 2016, arXiv:1506.02438), then normalised over the
@@ -86,6 +87,7 @@ from rl.rollouts import StepBatch, sampler_logprobs, token_ids
 from rl.routing import capture_routing
 from rl.seeds import step_seed
 from rl.sequences import pack_rows
+from rl.shaping import RewardShaping
 
 ADVANTAGE_EPSILON = 1e-8
 
@@ -143,6 +145,7 @@ class PPO:
         self.reference = frozen(run.base_model()) if settings.needs_reference else None
         self.replay = pretrain_replay(run)
         self.aux_coef = aux_loss_coefficient(run.model, settings)
+        self.shaping = RewardShaping(settings.mitigations, state)
 
     def step(self, step: int, batch: StepBatch) -> StepResult:
         run, settings, shard = self.run, self.run.settings, self.run.shard
@@ -170,8 +173,11 @@ class PPO:
         if settings.tis_cap is not None:
             tis_weights = truncated_importance_weights(old_logprobs, sampler, settings.tis_cap)
 
-        # 4. Per-token rewards: R on the last token (minus the sequence KL); KL in the reward with k1.
+        # 4. Per-token rewards: R on the last token (minus the sequence KL, plus the shaping); KL in the reward with k1.
         sequence_rewards = batch.rewards.flatten().to(device)
+        shaping, shaping_metrics = self.shaping(batch)
+        if shaping is not None:
+            sequence_rewards = sequence_rewards + shaping.to(device, sequence_rewards.dtype)
         sequence_kl = None
         if mitigations.sequence_kl_coef > 0:
             sequence_kl = sequence_log_ratio(old_logprobs, ref_logprobs, mask)
@@ -254,7 +260,7 @@ class PPO:
                 updates.append({**stats, "grad_norm": self._optimizer_step(step)})
 
         # Means over the step's updates; the rest describes the sampling model (before the updates).
-        metrics = mean_metrics(updates)
+        metrics = mean_metrics(updates) | shaping_metrics
         metrics["updates"] = len(updates)
         metrics["explained_variance"] = shard.explained_variance(old_values, returns, mask).item()
         metrics["entropy"] = shard.masked_mean(old.entropy, mask).item()
@@ -297,7 +303,8 @@ class PPO:
                                 self.reference, self.run.shard)
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "value_head": self.value_head.state_dict()}
+        return {"optimizer": self.optimizer.state_dict(), "value_head": self.value_head.state_dict(),
+                **self.shaping.state_dict()}
 
     def close(self) -> None:
         self._exit.close()

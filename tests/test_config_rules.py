@@ -38,7 +38,7 @@ def run_refuses(tmp_path, capsys, toml: str, *fragments: str) -> str:
 UNSUPPORTED = [(algorithm, switch, value) for switch, value in [
     ("entropy_coef", 0.01), ("clip_cov", "true"), ("kl_cov", "true"), ("unlikeliness_beta", 0.25), ("pass_at_k", 2),
     ("pretrain_replay_coef", 0.5), ("format_diversity_coef", 0.5), ("freeze_router", "true"),
-    ("prefix_kl_coef", 0.1), ("sequence_kl_coef", 0.1)]
+    ("prefix_kl_coef", 0.1), ("sequence_kl_coef", 0.1), ("format_kl_coef", 0.1), ("outcome_exploration_coef", 0.5)]
     for algorithm in ("grpo", "ppo", "ei") if algorithm not in MITIGATION_ALGORITHMS[switch]]
 
 
@@ -55,13 +55,15 @@ def test_the_unsupported_cases_cover_ppo_and_ei():  # the table above is built f
 
 def test_every_mitigation_switch_names_its_algorithms():
     """A switch added to MitigationSettings must say which algorithms implement it (else nothing refuses it)."""
-    parameters = {"cov_ratio", "kl_cov_coef", "pretrain_replay_batch", "prefix_kl_tokens"}  # they tune a switch; never refused alone
+    parameters = {"cov_ratio", "kl_cov_coef", "pretrain_replay_batch", "prefix_kl_tokens", "outcome_exploration_mode"}  # they tune a switch; never refused alone
     assert set(MITIGATION_ALGORITHMS) == set(MitigationSettings.model_fields) - parameters
 
 
 RULES = [  # (what, TOML, fragments of the one line); the line named is the setting to change first
     ("dynamic sampling is GRPO's", '[rl]\nalgorithm = "ppo"\n[rl.grpo]\ndynamic_sampling = true\n',
      ["line 4: rl: algorithm 'ppo' does not implement grpo.dynamic_sampling (only grpo does)"]),
+    ("format KL vs dynamic sampling", '[rl.grpo]\ndynamic_sampling = true\n[rl.mitigations]\nformat_kl_coef = 0.1\n',
+     ["line 4: rl: mitigations.format_kl_coef measures the base model's format shares on step 0's batch"]),
     ("EI has no KL", '[rl]\nalgorithm = "ei"\nbeta = 0.1\n',
      ["line 3: rl: Expert Iteration has no KL term: set beta = 0"]),
     ("EI has no clip", '[rl]\nalgorithm = "ei"\nepsilon_high = 0.28\n',
@@ -86,6 +88,10 @@ RULES = [  # (what, TOML, fragments of the one line); the line named is the sett
      ["line 3: rl: mitigations.pass_at_k replaces the advantages", "mitigations.unlikeliness_beta"]),
     ("pass@k vs sequence KL", '[rl.mitigations]\npass_at_k = 4\nsequence_kl_coef = 0.1\n',
      ["line 2: rl: mitigations.pass_at_k replaces the advantages", "mitigations.sequence_kl_coef"]),
+    ("pass@k vs format KL", '[rl.mitigations]\npass_at_k = 4\nformat_kl_coef = 0.1\n',
+     ["line 2: rl: mitigations.pass_at_k replaces the advantages", "mitigations.format_kl_coef"]),
+    ("pass@k vs outcome exploration", '[rl.mitigations]\npass_at_k = 4\noutcome_exploration_coef = 0.5\n',
+     ["line 2: rl: mitigations.pass_at_k replaces the advantages", "mitigations.outcome_exploration_coef"]),
     ("pass@k vs format diversity", '[rl.mitigations]\npass_at_k = 4\nformat_diversity_coef = 0.5\n',
      ["line 2: rl: mitigations.pass_at_k replaces the advantages", "mitigations.format_diversity_coef"]),
     ("Clip-Cov or KL-Cov", '[rl.grpo]\nnum_iterations = 2\n[rl.mitigations]\nclip_cov = true\nkl_cov = true\n',

@@ -11,10 +11,13 @@ from rl.losses import (
     clip_cov_mask,
     clipped_policy_loss,
     clipped_value_loss,
+    batch_exploration_penalty,
     explained_variance,
     format_diversity_bonus,
+    format_kl_shares,
     gae,
     group_advantages,
+    historical_exploration_bonus,
     importance_ratio,
     kl_cov_penalty,
     kl_k1,
@@ -442,3 +445,52 @@ def test_format_diversity_bonus():
     assert close(bonus, [0.125, 0.125, 0.0, 0.375, 0.0, 0.0, 0.0, 0.0])
     with pytest.raises(ValueError):
         format_diversity_bonus(formats[:3], correct[:3], 4, 0.5)
+
+
+# ----- format-mix KL to the base, outcome-based exploration -----------------------------------
+
+
+def test_format_kl_shares_hand_computed():
+    # batch a, a, b, c; base (step 0) a x1, b x3. K = {a, b, c}: both denominators 4 + 3/2 = 5.5.
+    # p = 2.5, 1.5, 1.5 (/5.5); q = 1.5, 3.5, 0.5 (/5.5): log-ratios ln 5/3, ln 3/7, ln 3.
+    log_ratio, kl = format_kl_shares(["a", "a", "b", "c"], {"a": 1, "b": 3})
+    assert log_ratio.tolist() == pytest.approx([math.log(5 / 3), math.log(5 / 3), math.log(3 / 7), math.log(3)])
+    assert kl == pytest.approx((2.5 * math.log(5 / 3) + 1.5 * math.log(3 / 7) + 1.5 * math.log(3)) / 5.5)
+    # a format the batch lost (base only) still counts in K: batch a, a; base a, b -> p = 2.5/3, 0.5/3;
+    # q = 1.5/3, 1.5/3: the surviving a is penalised by ln 5/3, KL = (2.5 ln 5/3 + 0.5 ln 1/3) / 3.
+    log_ratio, kl = format_kl_shares(["a", "a"], {"a": 1, "b": 1})
+    assert log_ratio.tolist() == pytest.approx([math.log(5 / 3)] * 2)
+    assert kl == pytest.approx((2.5 * math.log(5 / 3) + 0.5 * math.log(1 / 3)) / 3)
+
+
+def test_format_kl_shares_is_zero_on_the_base_batch_and_follows_the_kl_gradient():
+    formats = ["a", "b", "b", "c", "c", "c"]
+    log_ratio, kl = format_kl_shares(formats, {"a": 1, "b": 2, "c": 3})
+    assert log_ratio.tolist() == [0.0] * 6 and kl == 0.0
+    # the penalty is d KL(p || q) / d p(f) - 1 = log p(f) / q(f): check against autograd on the smoothed p
+    base = {"a": 4, "b": 1, "c": 1}
+    log_ratio, _ = format_kl_shares(formats, base)
+    p = (torch.tensor([1.5, 2.5, 3.5], dtype=torch.float64) / 7.5).requires_grad_()
+    q = torch.tensor([4.5, 1.5, 1.5], dtype=torch.float64) / 7.5
+    (p * (p / q).log()).sum().backward()
+    a, b, c = (p.grad - 1).tolist()
+    assert log_ratio.tolist() == pytest.approx([a, b, b, c, c, c])
+
+
+def test_historical_exploration_bonus_hand_computed():
+    # prompt p saw answer "1" four times and "2" once; q saw nothing. min(1, 1/sqrt(N)): 1/2, 1, 1 (N = 0), 0 (no
+    # answer), 1 (answer 1 is new on q: counts are per prompt).
+    seen = {"p": {"1": 4, "2": 1}}
+    bonus = historical_exploration_bonus(["1", "2", "3", None, "1"], ["p", "p", "p", "p", "q"], seen)
+    assert bonus.tolist() == [0.5, 1.0, 1.0, 0.0, 1.0]
+    with pytest.raises(ValueError):
+        historical_exploration_bonus(["1"], ["p", "q"], seen)
+
+
+def test_batch_exploration_penalty_hand_computed():
+    # group 1 (G = 4): "1" twice -> 1/4 each; "2" alone -> 0; no answer -> 0.
+    # group 2: one answer four times -> 3/4 each.
+    penalty = batch_exploration_penalty(["1", "1", "2", None, "3", "3", "3", "3"], 4)
+    assert penalty.tolist() == [0.25, 0.25, 0.0, 0.0, 0.75, 0.75, 0.75, 0.75]
+    with pytest.raises(ValueError):
+        batch_exploration_penalty(["1", "2", "3"], 2)

@@ -19,6 +19,9 @@ Where each switch is tested (`here` = this file):
   update change by exactly coef * the prefix KL of the once-updated model, computed by hand (the first update's is 0).
 - sequence_kl_coef: test_losses::test_sequence_log_ratio_*; tests/test_sequence_kl.py, the second update of GRPO
   (gradient norm by hand) and PPO (the logged sequence KL by hand).
+- format_kl_coef, outcome_exploration_coef (with outcome_exploration_mode): test_losses::test_format_kl_shares_* /
+  test_historical_exploration_bonus_* / test_batch_exploration_penalty_*; tests/test_reward_shaping.py, the state across
+  steps by hand, GRPO's gradient norm of steps 0 and 1 and PPO's first value loss by hand, resume.
 - grpo.dynamic_sampling (with dynamic_sampling_rounds): tests/test_dynamic_sampling.py, the selection on scripted
   outcomes and the first update's gradient norm on the refilled batch by hand.
 Which algorithm accepts which switch is a rule of the config (refused when it is loaded), not of the loops.

@@ -75,6 +75,7 @@ def test_router_loss_shares_add_up_to_the_whole_batch_loss_and_gradient():
     (dict(grpo=GRPOSettings(dynamic_sampling=True)), "rl.grpo.dynamic_sampling is not supported"),
     (dict(grpo=GRPOSettings(scale_rewards="batch")), "rl.grpo.scale_rewards = 'batch' is not supported"),
     (dict(mitigations=MitigationSettings(clip_cov=True)), "rl.mitigations.clip_cov is not supported"),
+    (dict(mitigations=MitigationSettings(outcome_exploration_coef=0.1)), "outcome_exploration_coef is not supported"),
     (dict(engine={"kind": "hf"}), "hf engine samples 8 prompts per generate call"),
 ])
 def test_settings_that_cannot_be_split_are_named(change, message):

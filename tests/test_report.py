@@ -348,3 +348,5 @@ def test_mitigation_parameters_are_shown_beside_their_switch_only():
     assert report._mitigations(prefix) == "prefix_kl_coef=0.1 (prefix_kl_tokens=2)"
     dynamic = prefix | {"rl.grpo.dynamic_sampling": True, "rl.grpo.dynamic_sampling_rounds": 3}
     assert report._mitigations(dynamic) == "prefix_kl_coef=0.1 (prefix_kl_tokens=2), dynamic sampling (dynamic_sampling_rounds=3)"
+    outcome = defaults | {"rl.mitigations.outcome_exploration_coef": 0.5}  # mode "both" by default
+    assert report._mitigations(outcome) == "outcome_exploration_coef=0.5 (outcome_exploration_mode=both)"
