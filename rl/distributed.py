@@ -8,7 +8,7 @@ The maths equals the one-process run's because every quantity that mixes rollout
 
 - A loss term that averages over the batch (tokens, or sequences for GRPO's "grpo" and "dr_grpo" reductions) is
   computed on the rank's rows and weighted by the rank's share of what it averages over (local count / global
-  count, `Shard.weight`): the ranks' terms then add up to the global term, and the gradients are *summed* across
+  count, `Shard.weights`): the ranks' terms then add up to the global term, and the gradients are *summed* across
   ranks (`Shard.sum_gradients`, one all-reduce per optimiser step) before clipping, so every rank takes the same
   optimiser step the one-process run takes. The router load-balancing loss is not such a mean (a product of two
   batch means): `load_balancing_loss` all-reduces its routed-token counts first (rl.losses.load_balancing_share).
