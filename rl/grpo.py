@@ -33,7 +33,9 @@ The maths is in rl.losses; this file is the loop around it. One step (rl.trainin
                  pi_old is the first pass's own log-probs, detached: the first pass runs on the weights that
                  sampled, so no extra forward is needed (TRL computes the same with one). The first pass also
                  gives the routed-token counts, the rollouts' log-probs, the entropy and the KL of the sampling
-                 model. Gradients are clipped to norm MAX_GRAD_NORM over every trained parameter.
+                 model. Gradients are clipped to norm MAX_GRAD_NORM over every trained parameter. In a data-parallel
+                 run (rl.distributed) each rank's loss is its share of the whole batch's, and the gradients are
+                 summed across ranks before the clip.
  6. sync, record the engine gets the new weights; rollouts and one metrics line are written (rl.training).
 
 Log-probs are those of the sampling distribution, logits / temperature, as TRL's. The learning rate is

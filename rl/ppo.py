@@ -28,7 +28,9 @@ is the loop around it (rl.training.train runs steps 1, 7 and 8). One step (= one
                  with Clip-Cov / KL-Cov (Cui et al. 2025, arXiv:2505.22617) acting on L_clip's tokens
                  when switched on, and each token of L_clip weighted by min(pi_old / pi_sampler, tis_cap)
                  with rl.tis_cap (truncated importance sampling, Yao et al. 2025); gradient norms clipped to
-                 MAX_GRAD_NORM (policy and value head apart).
+                 MAX_GRAD_NORM (policy and value head apart). In a data-parallel run (rl.distributed) the
+                 minibatches split the whole batch, each rank's terms are its share of the minibatch's tokens, and
+                 the gradients are summed across ranks before the clip.
  7. sync         engine.sync_weights(model) once the step's updates are done (the engine is idle between
                  them): the next step samples from the updated policy.
  8. record       rollouts and metrics; a checkpoint every `checkpoint_every` steps and
