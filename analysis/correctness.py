@@ -48,10 +48,20 @@ class Grading:
 
 def start_grading(table: pd.DataFrame, formats: tuple[Format, ...]) -> Grading:
     """Everything of `grade_rollouts` before the sandbox runs the programs."""
-    codes = table.groupby(GRADE_KEYS, dropna=False, sort=False).ngroup().to_numpy()
+    codes = _case_codes(table)
     unique = table[GRADE_KEYS].iloc[np.unique(codes, return_index=True)[1]]
     found = written_answers(unique["completion"].tolist(), formats, unique["format"].tolist())
     return Grading(table, codes, unique["answer"].tolist(), unique["answer"].notna().to_numpy(), found)
+
+
+def _case_codes(table: pd.DataFrame) -> np.ndarray:
+    """Each row's (format, completion, answer) case, numbered in order of first appearance (as groupby(GRADE_KEYS,
+    dropna=False, sort=False).ngroup() numbers them), from codes per column: no index of the texts is built."""
+    codes = np.zeros(len(table), dtype=np.int64)
+    for column in GRADE_KEYS:
+        column_codes, values = pd.factorize(table[column].to_numpy(dtype=object), use_na_sentinel=False)
+        codes = pd.factorize(codes * len(values) + column_codes)[0]
+    return codes
 
 
 def finish_grading(grading: Grading, results: Sequence[SandboxResult], formats: tuple[Format, ...]) -> pd.DataFrame:

@@ -19,6 +19,15 @@ one agree step by step. Names (the part before the first `/` is the group a trac
     expert_max_violation/layer_L      MaxVio of layer L's expert load
 
 Values that are not defined at a step (no judged completion, no logprob) are left out, not logged as NaN.
+`heldout_metrics` gives a held-out evaluation's (rl.evaluation) under the group `heldout/`, as `echolab analyze`
+computes summary.json's `heldout` block:
+
+    heldout/pass_at_k/K                       unbiased pass@K over each held-out problem's samples
+    heldout/accuracy/mean                     mean correctness of the held-out samples
+    heldout/format_share/NAME, heldout/format_accuracy/NAME   as above, on the held-out samples
+
+(Not maj@K: a vote needs each completion's final answer, which the record does not hold; `analyze` re-derives it,
+running code formats in the sandbox, too slow to do live.)
 `CollapseWatch.observe` adds:
 
     collapse/step                     the collapse step (first step whose largest share >= threshold), once reached
@@ -67,6 +76,15 @@ def step_metrics(table: pd.DataFrame, names: list[str]) -> dict[str, float]:
                                ("expert_max_violation", sm.expert_max_violation(expert_shares))):
             values.update({f"{metric}/layer_{layer}": value for (layer, _), value in series.items()})
     return {name: float(value) for name, value in values.items() if value is not None and math.isfinite(float(value))}
+
+
+HELDOUT_GROUPS = ("pass_at_k/", "accuracy/mean", "format_share/", "format_accuracy/")
+
+
+def heldout_metrics(table: pd.DataFrame, names: list[str]) -> dict[str, float]:
+    """The grouped metrics (module doc: heldout/...) of one held-out evaluation's labelled rows (one step)."""
+    return {f"heldout/{name}": value for name, value in step_metrics(table, names).items()
+            if name.startswith(HELDOUT_GROUPS)}
 
 
 class CollapseWatch:

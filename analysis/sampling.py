@@ -79,8 +79,10 @@ def maj_at_k_by_step(table: pd.DataFrame, budgets: list[int]) -> pd.DataFrame:
     prompt_step[prompt] = judged["step"].to_numpy()
     # one code per (prompt, answer) pair; samples without an answer abstain
     has_vote = judged["final_answer"].notna().to_numpy()
-    pair, pair_index = np.unique(np.stack([prompt[has_vote], pd.factorize(judged["final_answer"][has_vote])[0]]),
-                                 axis=1, return_inverse=True)
+    answer, answers = pd.factorize(judged["final_answer"].to_numpy(dtype=object)[has_vote])
+    # a pair as one integer, prompt * answers + answer: np.unique sorts them as (prompt, answer) pairs
+    pairs, pair_index = np.unique(prompt[has_vote] * max(len(answers), 1) + answer, return_inverse=True)
+    pair_prompt = pairs // max(len(answers), 1)
     pair_index = pair_index.ravel()
     voter_rank, voter_correct = rank[has_vote], judged["correct"].to_numpy()[has_vote]
     first_giver = np.unique(pair_index, return_index=True)[1]  # samples are in rank order within each prompt
@@ -88,11 +90,11 @@ def maj_at_k_by_step(table: pd.DataFrame, budgets: list[int]) -> pd.DataFrame:
     steps = pd.Index(sorted(table["step"].unique()), name="step")
     columns = {}
     for k in budgets:
-        votes = np.bincount(pair_index[voter_rank < k], minlength=pair.shape[1])
+        votes = np.bincount(pair_index[voter_rank < k], minlength=len(pairs))
         counted = votes > 0
         # per prompt the most voted answer, ties to the one given first
-        order = np.lexsort((first[counted], -votes[counted], pair[0][counted]))
-        owners = pair[0][counted][order]
+        order = np.lexsort((first[counted], -votes[counted], pair_prompt[counted]))
+        owners = pair_prompt[counted][order]
         winners = np.zeros(len(n))
         leading = np.concatenate([[True], owners[1:] != owners[:-1]]) if len(owners) else np.array([], dtype=bool)
         winners[owners[leading]] = pair_correct[counted][order][leading]
@@ -128,9 +130,11 @@ def distinct_n(table: pd.DataFrame, orders: tuple[int, ...] = (1, 2)) -> pd.Data
     codes, texts = pd.factorize(table["completion"].to_numpy(dtype=object))
     split = pc.utf8_split_whitespace(pa.array(texts, pa.string()))
     pieces = split.flatten()
-    kept = pc.not_equal(pieces, "")  # Arrow keeps empty pieces at the ends; str.split() does not
-    owner = pc.list_parent_indices(split).to_numpy(zero_copy_only=False)[kept.to_numpy(zero_copy_only=False)]
-    lengths = np.bincount(owner, minlength=len(texts)).astype(np.int64)
+    # Arrow keeps empty pieces at the ends; str.split() does not
+    kept = pc.not_equal(pieces, "").to_numpy(zero_copy_only=False)
+    empty_owners = np.searchsorted(split.offsets.to_numpy(), np.flatnonzero(~kept), side="right") - 1
+    lengths = (pc.list_value_length(split).to_numpy(zero_copy_only=False).astype(np.int64)
+               - np.bincount(empty_owners, minlength=len(texts)))
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     token_codes = pc.dictionary_encode(pieces.filter(kept)).indices.to_numpy(zero_copy_only=False).astype(np.int64)
     vocabulary = int(token_codes.max()) + 1 if token_codes.size else 1
@@ -140,18 +144,29 @@ def distinct_n(table: pd.DataFrame, orders: tuple[int, ...] = (1, 2)) -> pd.Data
     steps = np.unique(use_steps)
     bounds = np.searchsorted(use_steps, np.append(steps, steps[-1] + 1) if len(steps) else steps)
     values = np.full((len(steps), len(orders)), np.nan)
-    gram = token_codes  # gram[p]: code of the n-gram starting at token p
+    gram, grams = token_codes, vocabulary  # gram[p]: code (< grams) of the n-gram starting at token p
     for order in range(1, max(orders) + 1):
         if order > 1:  # the n-gram at p is the (n-1)-gram at p followed by the token at p + n - 1
-            gram = pd.factorize(gram[:-1] * vocabulary + token_codes[order - 1:])[0].astype(np.int64)
+            gram = gram[:-1] * vocabulary + token_codes[order - 1:]
+            if order < max(orders):  # dense codes again for the next order; the last order is only counted
+                gram, uniques = pd.factorize(gram)
+                gram, grams = gram.astype(np.int64), len(uniques)
         if order not in orders:
             continue
         grams_per_text = np.maximum(lengths - order + 1, 0)
         totals = np.bincount(np.searchsorted(steps, use_steps), weights=uses.to_numpy() * grams_per_text[use_texts],
                              minlength=len(steps))
+        dense = order == 1 or order < max(orders)
+        seen = np.zeros(grams if dense else 0, dtype=bool)
         for position, (first, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
             texts_of_step = use_texts[first:stop]
-            distinct = len(pd.unique(gram[_ragged_positions(starts[texts_of_step], grams_per_text[texts_of_step])]))
+            found = gram[_ragged_positions(starts[texts_of_step], grams_per_text[texts_of_step])]
+            if dense:  # mark the codes seen: no hashing
+                seen[found] = True
+                distinct = int(np.count_nonzero(seen))
+                seen[found] = False
+            else:
+                distinct = len(pd.unique(found))
             if totals[position]:
                 values[position, orders.index(order)] = distinct / totals[position]
     return pd.DataFrame(values, index=pd.Index(steps, name="step"), columns=[f"distinct_{n}" for n in orders])

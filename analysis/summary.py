@@ -19,7 +19,7 @@ import json
 import math
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -131,7 +131,7 @@ class StepMetrics:
     distinct_n: pd.DataFrame
     token_entropy: pd.Series | None
     expert_tokens: pd.DataFrame
-    format_outcomes: pd.DataFrame  # per (step, prompt, format): the collapse forecast's input (first steps only)
+    format_outcomes: pd.DataFrame | None  # per (step, prompt, format): the collapse forecast's input (first steps only)
 
 
 def _per_batch(tables, format_set: tuple[Format, ...], progress: bool) -> list[StepMetrics]:
@@ -156,10 +156,8 @@ def _per_batch(tables, format_set: tuple[Format, ...], progress: bool) -> list[S
             table = grading.table
             table[["final_answer", "correct", "grade_reason", "correct_source"]] = finish_grading(
                 grading, results.result(), format_set)
-            piece = step_metrics(table)
-            if sum(len(earlier.epochs) for earlier in pieces) >= FORECAST_STEPS:  # the forecast reads the first steps
-                piece = replace(piece, format_outcomes=piece.format_outcomes.iloc[:0])
-            pieces.append(piece)
+            seen_steps = sum(len(earlier.epochs) for earlier in pieces)
+            pieces.append(step_metrics(table, forecast_input=seen_steps < FORECAST_STEPS))  # it reads the first steps
             bar.update(len(table))
             bar.set_postfix(step=int(table["step"].iloc[-1]), refresh=False)
 
@@ -187,11 +185,13 @@ def _per_batch(tables, format_set: tuple[Format, ...], progress: bool) -> list[S
     return pieces
 
 
-def step_metrics(table: pd.DataFrame) -> StepMetrics:
+def step_metrics(table: pd.DataFrame, forecast_input: bool = True) -> StepMetrics:
     """The metrics of some steps' labelled, judged rows (columns of `analysis.load.normalise` plus `format`,
-    `final_answer`, `correct`, `grade_reason`, `correct_source`)."""
+    `final_answer`, `correct`, `grade_reason`, `correct_source`). forecast_input: False leaves `format_outcomes`
+    None (steps after the ones the collapse forecast is fitted to)."""
     names = sorted(table["format"].unique())
-    samples = sampling.samples_per_prompt(table)
+    by_prompt = _with_prompt_codes(table)
+    samples = sampling.samples_per_prompt(by_prompt)
     budgets = sampling.sample_budgets(samples)
     epochs = (table.groupby("step")["epoch"].min() if "epoch" in table.columns
               else pd.Series(np.nan, index=pd.Index(table["step"].unique(), name="step")))
@@ -205,15 +205,23 @@ def step_metrics(table: pd.DataFrame) -> StepMetrics:
         grade_reasons=grade_reason_share(table),
         correctness=table["correct_source"].value_counts().to_dict(),
         epochs=epochs,
-        pass_at_k=sampling.pass_at_k_by_step(table, budgets),
-        maj_at_k=sampling.maj_at_k_by_step(table, budgets),
-        coverage=sampling.coverage(table),
-        distinct_answers=sampling.distinct_answers_per_prompt(table),
+        pass_at_k=sampling.pass_at_k_by_step(by_prompt, budgets),
+        maj_at_k=sampling.maj_at_k_by_step(by_prompt, budgets),
+        coverage=sampling.coverage(by_prompt),
+        distinct_answers=sampling.distinct_answers_per_prompt(by_prompt),
         distinct_n=sampling.distinct_n(table, (1, 2)),
         token_entropy=sampling.token_entropy(table) if _has_token_entropy(table) else None,
         expert_tokens=sm.expert_token_counts(table),
-        format_outcomes=format_outcomes(table),
+        format_outcomes=format_outcomes(table) if forecast_input else None,
     )
+
+
+def _with_prompt_codes(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with `prompt_id` as integers numbered in the ids' sorted order: grouping by (step, prompt) then
+    visits prompts in the same order as the ids (so per-step means add up in the same order), without hashing
+    and comparing the id strings in every groupby and building string indexes from them."""
+    codes, _ = pd.factorize(table["prompt_id"].to_numpy(dtype=object), sort=True)
+    return table.assign(prompt_id=codes)
 
 
 # ---------------------------------------------------------------- the run from its steps
@@ -311,7 +319,8 @@ def _collapse_forecast(pieces: list[StepMetrics], names: list[str], steps: list[
     those (nothing to check the forecast against) or nothing to fit."""
     if len(steps) <= FORECAST_STEPS:
         return None
-    outcomes = pd.concat([piece.format_outcomes for piece in pieces], ignore_index=True)
+    outcomes = pd.concat([piece.format_outcomes for piece in pieces if piece.format_outcomes is not None],
+                         ignore_index=True)
     forecast = forecast_collapse(outcomes[outcomes["step"].isin(steps[:FORECAST_STEPS])], names, threshold,
                                  horizon=int(steps[-1]))
     if forecast is None:

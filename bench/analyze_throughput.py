@@ -7,7 +7,12 @@ holds `--rows-per-step` completions (default 512 prompts x 16 samples, a verl GR
 formats rendered by `specialists.formats`: a sixth TinyGSM-style functions and a sixth `<llm-code>` (so a third of
 all rows is code the sandbox runs), two thirds natural language, 70% of them correct. Every row is a completion
 of its own (a sample number written into it): the worst case for the grader, which grades each distinct
-completion once. Then analyses the run in a fresh process and reports that process's peak resident memory
+completion once. As rendered, completions are short (30-200 characters); real RL completions are 1-8 KB (the
+issue's verl run), mostly reasoning prose: `--completion-kb LOW HIGH` writes each completion at a size drawn
+log-uniformly between LOW and HIGH KB, the extra text being worked-reasoning sentences in the format's own place
+(prose lines before a natural-language solution, a prose lead-in before the first `<llm-code>` as
+OpenMathInstruct-1 writes, comment lines in a function's body), so labels, answers and programs' results stay
+those of the rendering. Then analyses the run in a fresh process and reports that process's peak resident memory
 (`ru_maxrss`): streaming keeps it bounded by one step's rows, whatever N. Prints one JSON line with `rows`,
 `seconds` (the analysis alone, wall clock), `rows_per_s`, `peak_rss_mb`, and `cpu_seconds` (CPU time of the
 analysis process and its sandbox workers, imports and the workers' start included: what a loaded machine inflates
@@ -15,6 +20,7 @@ far less than the wall clock; split into `cpu_seconds_analysis` and `cpu_seconds
 `cpu_us_per_row`) with the load average at the end.
 
     python bench/analyze_throughput.py --rows 1000000 --layout verl
+    python bench/analyze_throughput.py --rows 200000 --layout verl --completion-kb 1 8
 """
 
 from __future__ import annotations
@@ -73,7 +79,43 @@ def distinct(text: str, format_index: int, row: int) -> str:
     return f"Sample {row}.\n{text}"
 
 
-def step_rows(rng: np.random.Generator, step: int, rows: int, first_row: int) -> dict:
+SENTENCES = (
+    "{name} starts with {a} {item}, and {b} more makes {c} {item} in all.",
+    "Next we take away {b}, which leaves {name} with {a} {item}.",
+    "Adding {a} and {b} gives {c}, so that is the new number of {item}.",
+    "Let me check that again: {a} plus {b} is {c}, which matches what we found.",
+    "We need to be careful here, because the question asks about {item} and not about {name}'s other things.",
+    "So far {name} has {a} {item}; the next step of the problem changes this by {b}.",
+)
+
+
+def reasoning(rng: np.random.Generator, characters: int) -> list[str]:
+    """Lines of worked-reasoning prose, about `characters` long in all."""
+    most = max(characters, 0) // 40 + 1  # every sentence is longer than 40 characters
+    sentences, names, items = (rng.integers(count, size=most) for count in (len(SENTENCES), len(NAMES), len(ITEMS)))
+    numbers = rng.integers(1, 1000, size=(most, 2)).tolist()
+    lines, size = [], 0
+    for sentence, name, item, (a, b) in zip(sentences.tolist(), names.tolist(), items.tolist(), numbers):
+        if size >= characters:
+            break
+        lines.append(SENTENCES[sentence].format(name=NAMES[name], item=ITEMS[item], a=a, b=b, c=a + b))
+        size += len(lines[-1]) + 1
+    return lines
+
+
+def lengthened(text: str, format_index: int, characters: int, rng: np.random.Generator) -> str:
+    """The completion grown to about `characters` with reasoning where its format has prose (see the module doc)."""
+    lines = reasoning(rng, characters - len(text))
+    if not lines:
+        return text
+    if format_index == 0:  # comments in the function's body, after its first line
+        head, body = text.split("\n", 1)
+        return "\n".join([head, *(f"    # {line}" for line in lines), body])
+    return "\n".join([*lines, text])  # before the first <llm-code>, or before a natural-language solution
+
+
+def step_rows(rng: np.random.Generator, step: int, rows: int, first_row: int,
+              completion_kb: tuple[float, float] | None = None) -> dict:
     """One step's completions (rows = prompts x SAMPLES), with their gold answers and formats."""
     prompts = random_problems(rng, rows // SAMPLES, first_row // SAMPLES)
     problem = [prompts[i // SAMPLES] for i in range(rows)]
@@ -81,6 +123,9 @@ def step_rows(rng: np.random.Generator, step: int, rows: int, first_row: int) ->
     right = rng.random(rows) < 0.7
     texts = [distinct(FORMATS[f].render(p, "easy" if (first_row + i) % 2 else "hard"), f, first_row + i)
              for i, (p, f) in enumerate(zip(problem, chosen))]
+    if completion_kb is not None:
+        sizes = 1024 * np.exp(rng.uniform(np.log(completion_kb[0]), np.log(completion_kb[1]), rows))
+        texts = [lengthened(text, f, int(size), rng) for text, f, size in zip(texts, chosen, sizes)]
     gold = [p.answer + (0 if ok else 1) for p, ok in zip(problem, right)]
     return {"problem": problem, "format": chosen, "text": texts, "gold": gold, "right": right}
 
@@ -92,7 +137,8 @@ def nested_lists(loads: np.ndarray) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(np.arange(0, rows * layers + 1, layers)), inner)
 
 
-def write_run(directory: Path, layout: str, rows: int, rows_per_step: int, seed: int = 0) -> None:
+def write_run(directory: Path, layout: str, rows: int, rows_per_step: int, seed: int = 0,
+              completion_kb: tuple[float, float] | None = None) -> None:
     rng = np.random.default_rng(seed)
     routing = rng.dirichlet(np.ones(EXPERTS), size=len(FORMATS))
     steps = -(-rows // rows_per_step)
@@ -102,7 +148,7 @@ def write_run(directory: Path, layout: str, rows: int, rows_per_step: int, seed:
         (directory / "config.json").write_text(json.dumps({"formats": "synthetic", "seed": seed}))
     for index in tqdm(range(steps), desc=f"write {layout} run", unit="step", mininterval=2.0):
         count = min(rows_per_step, rows - index * rows_per_step)
-        data = step_rows(rng, index, count, index * rows_per_step)
+        data = step_rows(rng, index, count, index * rows_per_step, completion_kb)
         if layout == "verl":
             step = index + 1  # verl counts steps from 1
             lines = [json.dumps({"input": f"user\n{p.question}\nassistant\n", "output": text, "gts": str(int(gold)),
@@ -142,14 +188,19 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--layout", choices=("verl", "parquet"), default="verl")
     parser.add_argument("--rows-per-step", type=int, default=512 * SAMPLES)
+    parser.add_argument("--completion-kb", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                        help="grow each completion to a size drawn log-uniformly in [LOW, HIGH] KB with reasoning "
+                             "prose (real RL completions: 1 8); default: the renderings (30-200 characters)")
     parser.add_argument("--analyse-only", type=Path, help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
+    if args.completion_kb is not None and not 0 < args.completion_kb[0] <= args.completion_kb[1]:
+        parser.error(f"--completion-kb needs 0 < LOW <= HIGH, got {args.completion_kb[0]:g} {args.completion_kb[1]:g}")
     if args.analyse_only is not None:
         analyse_in_this_process(args.analyse_only)
         return
     with tempfile.TemporaryDirectory() as scratch:
         run = Path(scratch) / "run"
-        write_run(run, args.layout, args.rows, args.rows_per_step)
+        write_run(run, args.layout, args.rows, args.rows_per_step, completion_kb=args.completion_kb)
         child = subprocess.run([sys.executable, __file__, "--analyse-only", str(run)], capture_output=True, text=True,
                                check=False)
         if child.returncode != 0:
@@ -157,6 +208,7 @@ def main() -> None:
         result = json.loads(child.stdout.strip().splitlines()[-1])
     cpu = result["cpu_seconds_analysis"] + result["cpu_seconds_sandbox"]  # the analysis and its sandbox workers
     print(json.dumps({"rows": result["rows"], "layout": args.layout, "rows_per_step": args.rows_per_step,
+                      "completion_kb": args.completion_kb,
                       "seconds": round(result["seconds"], 2), "rows_per_s": round(result["rows"] / result["seconds"]),
                       "peak_rss_mb": round(result["peak_rss_mb"], 1), "cpu_seconds": round(cpu, 1),
                       "cpu_seconds_analysis": round(result["cpu_seconds_analysis"], 1),

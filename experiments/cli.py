@@ -66,7 +66,8 @@ def _evaluate(args: argparse.Namespace) -> None:
         raise UserError(f"{model_dir} was not built from {args.config}: {'; '.join(mismatches)}")
     from specialists.evaluate import evaluate
 
-    result = evaluate(model_dir, config, out, progress=not args.quiet, heldout=heldout)
+    result = evaluate(model_dir, config, out, progress=not args.quiet, heldout=heldout,
+                      prompt_template=experiment.rl.prompt_template, chat_template=experiment.rl.chat_template)
     print(json.dumps({k: result[k] for k in ("accuracy", "format_share", "format_accuracy")}, indent=2))
 
 
@@ -217,8 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "evaluate", help="sample a checkpoint on held-out problems: format shares and per-format accuracy",
         description="Sample one completion per held-out problem (the config's [evaluation] settings; with a prompt "
-                    "file as rl.prompts, its held-out split) and report which formats the model uses and how "
-                    "accurate each is.")
+                    "file as rl.prompts, its held-out split), prompted with rl.prompt_template, and report which formats "
+                    "the model uses and how accurate each is.")
     evaluate.add_argument("config", help="TOML config the model was pretrained with")
     evaluate.add_argument("model", help="HF checkpoint directory")
     evaluate.add_argument("--out", help="JSON file to write (default: next to the checkpoint)")

@@ -126,6 +126,11 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, resume: bool =
     last = recorder.last_checkpoint() if resume else None
     if last is not None:  # the driver reads the optimiser and RNG state from the checkpoint itself
         start_step, weights = last
+    if resume:  # --quiet or not: where a resumed run starts is what its user checks first
+        from experiments.console import print_above_bars
+
+        print_above_bars(f"resuming {run_dir} at step {start_step} from "
+                         + (str(weights) if last is not None else "the base model"))
     job = RLJob(config, run_dir, base, weights, start_step, progress, list(observers))
     try:
         if processes == 1:

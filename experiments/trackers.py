@@ -9,6 +9,10 @@ each step is recorded). Per step it logs
   `echolab analyze` computes afterwards;
 - the algorithm's metrics line: timings (`*_time_s`, `rollout_tokens_per_s`) as time/NAME, everything
   else numeric as train/NAME (train/loss, train/kl_to_reference, train/reward_mean, ...).
+It is also a held-out observer (`on_heldout(step, rollouts)`, rl.recipe.HeldoutObserver): with
+`[rl.evaluation]` on, each evaluated step's held-out metrics as heldout/pass_at_k/K, heldout/accuracy/mean,
+heldout/format_share/NAME and heldout/format_accuracy/NAME (`analysis.live.heldout_metrics`, the values of
+summary.json's `heldout` block).
 
 Every tracker writes locally unless told otherwise by its library's own environment variables:
 TensorBoard to RUN/tensorboard/; wandb in offline mode to RUN/wandb/ (WANDB_MODE=online sends it to the
@@ -26,7 +30,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Protocol
 
-from analysis.live import CollapseWatch
+from analysis.live import CollapseWatch, heldout_metrics
 from analysis.load import rollout_frame
 
 TENSORBOARD_DIR = "tensorboard"
@@ -138,6 +142,11 @@ class TrackerObserver:
     def on_step(self, step: int, rollouts: list, metrics: dict) -> None:
         values = self.watch.observe(rollout_frame([asdict(row) for row in rollouts])) if rollouts else {}
         values.update(algorithm_metrics(metrics))
+        for tracker in self.trackers:
+            tracker.log(values, step)
+
+    def on_heldout(self, step: int, rollouts: list) -> None:
+        values = heldout_metrics(rollout_frame([asdict(row) for row in rollouts]), self.watch.names)
         for tracker in self.trackers:
             tracker.log(values, step)
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -106,9 +106,17 @@ class Recipe(Protocol):
 
 
 class StepObserver(Protocol):
-    """Called by the driver after each step is recorded (live trackers, held-out evaluation)."""
+    """Called by the driver after each step is recorded (live trackers, the console)."""
 
     def on_step(self, step: int, rollouts: list[Rollout], metrics: dict) -> None: ...
+
+
+@runtime_checkable
+class HeldoutObserver(Protocol):
+    """A step observer that also wants the held-out evaluations (rl.evaluation): called by the driver after the
+    model of `step` has been evaluated and recorded, before that step's own rollouts (live trackers)."""
+
+    def on_heldout(self, step: int, rollouts: list[Rollout]) -> None: ...
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,8 +7,9 @@ state_dict, close) over steps run.start_step .. N = settings.steps:
       0. evaluate    when rl.evaluation is on and s % every == 0 or s = N: the model of step s samples the held-out
                      problems (run.heldout, never RL prompts) with the same engine, seed
                      step_seed(seed, s, "heldout"), graded and rewarded as RL's rollouts are; recorded to
-                     heldout/step_s.parquet (not scored: logprob null). Before step 1, whose seeded sampling
-                     resets what the engine draws from, so the RL steps are the same with evaluation on or off
+                     heldout/step_s.parquet (not scored: logprob null), then each observer's on_heldout(s, rows)
+                     if it has one (rl.recipe.HeldoutObserver). Before step 1, whose seeded sampling resets what
+                     the engine draws from, so the RL steps are the same with evaluation on or off
       1. sample      batch = collect(engine, prompt_set.prompter, prompt_set.batch(s), ...,
                      seed = step_seed(seed, s, "sampling")): samples_per_prompt completions of each prompt (its
                      text from the Prompter), graded and rewarded; with grpo.dynamic_sampling (s < N) groups
@@ -51,7 +52,7 @@ from rl.expert_iteration import ExpertIteration
 from rl.grpo import GRPO
 from rl.losses import zero_std_fraction
 from rl.ppo import PPO
-from rl.recipe import Recipe, Run, StepObserver, StepResult, require_finite
+from rl.recipe import HeldoutObserver, Recipe, Run, StepObserver, StepResult, require_finite
 from rl.rollouts import StepBatch, collect, concatenate, dynamic_sampling, to_rollouts
 from rl.seeds import step_seed
 from specialists.errors import UserError
@@ -83,7 +84,11 @@ def train(run: Run, observers: Sequence[StepObserver] = ()):
             if evaluates(settings, step) and shard.leads:
                 evaluation = collect(run.engine, run.prompt_set.prompter, run.heldout, heldout_sampling(settings),
                                      run.rewards, step_seed(run.seed, step, "heldout"))
-                run.recorder.write_heldout(step, to_rollouts(step, run.prompt_set.epoch(step), evaluation, None, None))
+                heldout_rows = to_rollouts(step, run.prompt_set.epoch(step), evaluation, None, None)
+                run.recorder.write_heldout(step, heldout_rows)
+                for observer in observers:
+                    if isinstance(observer, HeldoutObserver):
+                        observer.on_heldout(step, heldout_rows)
             started = time.perf_counter()
             # 1. Sample the current model.
             update = step < settings.steps

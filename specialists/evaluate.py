@@ -32,7 +32,7 @@ from specialists.grading import grade_completions
 from specialists.model import is_moe, load_model
 from specialists.sandbox import Sandbox
 from specialists.prompting import Prompter
-from specialists.tasks import Problem, generate_problems
+from specialists.tasks import PROMPT_TEMPLATE, Problem, generate_problems
 from specialists.tokenizer import load_tokenizer
 
 BATCH_SIZE = 64
@@ -105,11 +105,14 @@ def routing_affinity(counts: torch.Tensor, formats: list[str], names: list[str],
 
 
 def evaluate(model_dir: str | Path, config: SpecialistsConfig, out_file: str | Path | None = None,
-             progress: bool = True, heldout: list[Problem] | None = None) -> dict:
+             progress: bool = True, heldout: list[Problem] | None = None, prompt_template: str = PROMPT_TEMPLATE,
+             chat_template: bool = False) -> dict:
     """Per-format share of sampled generations and per-format accuracy on held-out problems: the first
     `evaluation.num_problems` of `heldout` (a prompt file's held-out split, specialists.prompt_data), or
     without it the synthetic task's evaluation split; for an MoE, where each format's completion tokens are
-    routed (module docstring)."""
+    routed (module docstring). Prompts are made as RL makes them (`specialists.prompting.Prompter`):
+    `prompt_template` and `chat_template` are a run's `[rl]` settings (the defaults: the built-in template the
+    built-in models are pretrained on)."""
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
     model.eval()
     settings = config.evaluation
@@ -117,7 +120,7 @@ def evaluate(model_dir: str | Path, config: SpecialistsConfig, out_file: str | P
         problems = generate_problems(settings.num_problems, config.seed, "eval", config.task)
     else:
         problems = heldout[:settings.num_problems]
-    prompter = Prompter(tokenizer)  # the built-in template the base was pretrained on
+    prompter = Prompter(tokenizer, prompt_template, chat_template)
     prompts = [prompter.text(p) for p in problems]
     completion_ids = sample_completions(model, tokenizer, prompts, settings.temperature, settings.max_new_tokens,
                                         config.seed, progress)

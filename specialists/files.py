@@ -3,6 +3,7 @@ the run directory's recorder (rl.recorder) and the outputs of `analyze` and `rep
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -34,9 +35,16 @@ def replace_atomically(writers: dict[Path, Callable[[Path], None]]) -> None:
 
 @contextmanager
 def _naming(path: Path) -> Iterator[None]:
-    """Re-raise an OSError (pyarrow's name no file) as one that names `path`."""
+    """Re-raise an OSError (pyarrow's name no file) as one that names `path`. Writers with their own file code
+    (torch's zip writer, safetensors) report a full disk as a RuntimeError or their own error, without errno:
+    any error of a write that left `path`'s file system without a free block is re-raised as ENOSPC, so the
+    CLI says "No space left on device" and the file, not a traceback."""
     try:
         yield
     except OSError as error:
         reason = os.strerror(error.errno) if error.errno else str(error)
         raise OSError(error.errno, reason, str(path)) from error
+    except Exception as error:
+        if os.statvfs(path.parent).f_bavail == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from error
+        raise

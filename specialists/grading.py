@@ -98,14 +98,22 @@ def _equal(predicted: str | None, predicted_number: float | None, gold: str | No
 
 @functools.lru_cache(maxsize=65536)
 def _latex_equal(predicted: str, gold: str) -> bool:
-    from math_verify import LatexExtractionConfig, parse, verify  # imported on first use: sympy is slow to load
+    from math_verify import verify
 
-    def read(text: str) -> list:
-        return parse(f"${text}$", extraction_config=[LatexExtractionConfig()], parsing_timeout=MATH_VERIFY_TIMEOUT_S)
-
-    gold_parsed, predicted_parsed = read(gold), read(predicted)
+    gold_parsed, predicted_parsed = _read_latex(gold), _read_latex(predicted)
     return bool(gold_parsed and predicted_parsed
                 and verify(gold_parsed, predicted_parsed, timeout_seconds=MATH_VERIFY_TIMEOUT_S))
+
+
+def reads_as_latex(text: str) -> bool:
+    """Whether math-verify reads `text` as a LaTeX math expression, as `answers_equal` reads a text gold answer."""
+    return bool(_read_latex(text))
+
+
+def _read_latex(text: str) -> list:
+    from math_verify import LatexExtractionConfig, parse  # imported on first use: sympy is slow to load
+
+    return parse(f"${text}$", extraction_config=[LatexExtractionConfig()], parsing_timeout=MATH_VERIFY_TIMEOUT_S)
 
 
 def grade_completions(

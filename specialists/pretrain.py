@@ -129,8 +129,9 @@ def train_causal_lm(model: PreTrainedModel, token_ids: list[list[int]], settings
                 _batches(token_ids, settings.batch_size, pad_id, seed), start=1):
             extra = {"output_router_logits": True} if moe else {}
             output = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **extra)
+            _require_finite("loss", output.loss, phase, step)
             output.loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            _require_finite("gradient norm", torch.nn.utils.clip_grad_norm_(trainable, 1.0), phase, step)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
@@ -150,6 +151,15 @@ def train_causal_lm(model: PreTrainedModel, token_ids: list[list[int]], settings
         parameter.requires_grad_(True)
     model.eval()
     return {"examples": len(token_ids), "steps": steps, "tokens": tokens_seen}
+
+
+def _require_finite(name: str, value: torch.Tensor, phase: str, step: int) -> None:
+    """Stop pretraining with a UserError naming the phase and step when the loss or gradient norm turns NaN or
+    infinite: checked before backward and before the optimiser step, so no NaN reaches the weights (and no NaN
+    model is saved for the evaluation to trip over)."""
+    if not torch.isfinite(value.detach()).all():
+        raise UserError(f"pretraining phase {phase!r}, step {step}: the {name} is {value.item()}; no model was "
+                        "saved (lower pretrain.learning_rate, or raise warmup_fraction)")
 
 
 def pretrain(config: SpecialistsConfig, out_dir: str | Path, progress: bool = True) -> Path:

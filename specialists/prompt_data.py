@@ -5,7 +5,11 @@ column may hold
 - a GSM8K solution ending in `#### N` (or the bare number N): the gold answer is the number N;
 - a MATH solution with a `\\boxed{...}` (the last one; nested braces are matched): the gold answer is the
   boxed text, kept as text ('\\frac{1}{2}', '2\\sqrt{3}') and graded by math-verify
-  (`specialists.grading.answers_equal`); a boxed plain number ('\\boxed{72}') is the number 72.
+  (`specialists.grading.answers_equal`); a boxed plain number ('\\boxed{72}') is the number 72;
+- a bare LaTeX answer, as MATH-500's `answer` column holds them ('\\frac{14}{3}',
+  '\\left( 3, \\frac{\\pi}{2} \\right)'): kept as text and graded by math-verify like a boxed one. A bare cell
+  is taken for an answer only when it is one line of at most BARE_ANSWER_MAX_CHARS characters, has no run of
+  three plain words (a sentence: a solution without its `####` or `\\boxed{}`), and math-verify reads it.
 
 The held-out split (`prompt_split`) is either a second file read with the same columns, or a seeded
 fraction of the first. It never shares a question with the RL prompts: questions are compared after
@@ -32,20 +36,24 @@ from pydantic import Field
 
 from specialists.config import Strict
 from specialists.errors import UserError
+from specialists.grading import reads_as_latex
 from specialists.tasks import Problem, parse_number
 
 SUPPORTED_KINDS = "a .jsonl file, a .parquet file or a datasets.save_to_disk directory"
 
 _NUMBER = re.compile(r"-?[\d,]*\.?\d+")
 _BOXED = "\\boxed{"
+BARE_ANSWER_MAX_CHARS = 200
+_LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")
+_SENTENCE = re.compile(r"[A-Za-z]{2,}\s+[A-Za-z]{2,}\s+[A-Za-z]{2,}")  # three plain words in a row
 
 
 class PromptColumns(Strict):
     """Which columns of a prompt file hold the question and the answer (GSM8K's names by default)."""
 
     question: str = Field("question", description="the problem text")
-    answer: str = Field("answer", description="a GSM8K solution ending in '#### N', a bare number, or a MATH "
-                                               "solution with a \\boxed{} answer")
+    answer: str = Field("answer", description="a GSM8K solution ending in '#### N', a bare number, a MATH "
+                                               "solution with a \\boxed{} answer, or a bare LaTeX answer (MATH-500)")
 
 
 @dataclass(frozen=True)
@@ -118,7 +126,8 @@ def read_problems(path: str | Path, columns: PromptColumns = PromptColumns()) ->
         answer = gold_answer(solution)
         if answer is None:
             raise UserError(f"{path}: row {row}: column {columns.answer!r} holds no answer: expected a solution "
-                            f"ending in '#### N', a number, or a \\boxed{{...}} answer (got {str(solution)[-60:]!r})")
+                            f"ending in '#### N', a number, a \\boxed{{...}} answer or a one-line LaTeX answer "
+                            f"(got {str(solution)[-60:]!r})")
         reference = solution if isinstance(solution, str) else ""
         problems.append(Problem(f"{path.stem}-{row}", question, answer, reference_solution=reference))
     if not problems:
@@ -129,7 +138,8 @@ def read_problems(path: str | Path, columns: PromptColumns = PromptColumns()) ->
 def gold_answer(solution: object) -> float | str | None:
     """The gold answer of an answer cell: a number for GSM8K ('... #### 1,234' -> 1234.0, '72' -> 72.0, 5 ->
     5.0) and for a boxed plain number; the boxed text otherwise ('... \\boxed{\\frac{1}{2}}.' ->
-    '\\frac{1}{2}'); None when the cell has neither."""
+    '\\frac{1}{2}'); a bare LaTeX answer as it is ('\\frac{14}{3}', `bare_latex_answer`); None when the cell
+    has none of these."""
     if isinstance(solution, bool) or solution is None:
         return None
     if isinstance(solution, (int, float)):
@@ -144,7 +154,18 @@ def gold_answer(solution: object) -> float | str | None:
         if boxed is not None:
             text = boxed.strip()
             return parse_number(text) if _NUMBER.fullmatch(text) else (text or None)
+        if _BOXED not in text and not _NUMBER.fullmatch(text):  # (a \boxed{ that never closes is no answer)
+            return text if bare_latex_answer(text) else None
     return parse_number(text) if _NUMBER.fullmatch(text) else None
+
+
+def bare_latex_answer(text: str) -> bool:
+    """Whether a cell without '####' or '\\boxed{}' is an answer rather than a solution: one line of at most
+    BARE_ANSWER_MAX_CHARS characters, no three plain words in a row outside LaTeX command names (a sentence),
+    and math-verify reads it as LaTeX (`specialists.grading.reads_as_latex`, as the grading will)."""
+    if not text or "\n" in text or len(text) > BARE_ANSWER_MAX_CHARS or _SENTENCE.search(_LATEX_COMMAND.sub(" ", text)):
+        return False
+    return reads_as_latex(text)
 
 
 def last_boxed(text: str) -> str | None:

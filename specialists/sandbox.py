@@ -252,6 +252,7 @@ class Sandbox:
         # wall-clock watchdog is only for a worker that stalls without using CPU: it can be generous.
         self._cpu_watch_s = timeout_s + _CPU_MARGIN_S + 1 + _CPU_WATCH_S
         self._stall_s = _WALL_CLOCK_FACTOR * (timeout_s + _CPU_MARGIN_S + 1)
+        self.stalls = 0  # programs the stall watchdog ended (their worker stalled without using CPU)
         self._workers: list[_Worker] = []
         try:
             self._workers = [_Worker(self._settings) for _ in range(workers)]
@@ -336,7 +337,10 @@ class Sandbox:
                     self._recover(worker, chunk, pending, results, blame=None)
                 except ValueError as exc:  # a subverted worker
                     self._recover(worker, chunk, pending, results, blame=SandboxResult("error", None, str(exc)))
-            for worker in [worker for worker in busy if worker.overdue(self._cpu_watch_s, self._stall_s)]:
+            for worker, why in [(worker, worker.overdue(self._cpu_watch_s, self._stall_s)) for worker in busy]:
+                if why is None:
+                    continue
+                self.stalls += why == "stalled"
                 timeout = SandboxResult("timeout", None, f"time limit of {self.timeout_s:g} s exceeded")
                 self._recover(worker, busy.pop(worker), pending, results, blame=timeout)
             for worker in starting:
@@ -535,12 +539,15 @@ class _Worker:
             return min(self._since + cpu_s, stall_at) if self._cpu_at_since is not None else stall_at
         return min(time.monotonic() + max(cpu_s - used, _MIN_CHECK_S), stall_at)
 
-    def overdue(self, cpu_s: float, stall_s: float) -> bool:
-        """Whether the program running now has used `cpu_s` of CPU time (the worker's own limits did
-        not stop it), or has run `stall_s` of wall-clock time (stalled without CPU)."""
+    def overdue(self, cpu_s: float, stall_s: float) -> str | None:
+        """Why the program running now must be ended: "cpu" once it has used `cpu_s` of CPU time (the
+        worker's own limits did not stop it), "stalled" once it has run `stall_s` of wall-clock time
+        without that (stalled without CPU); None while neither holds."""
         self.current()
         used = self._cpu_used(cpu_s)
-        return time.monotonic() - self._since >= stall_s or (used is not None and used >= cpu_s)
+        if used is not None and used >= cpu_s:
+            return "cpu"
+        return "stalled" if time.monotonic() - self._since >= stall_s else None
 
     def _cpu_used(self, cpu_s: float) -> float | None:
         """CPU time the worker has used since the program running now started, as far as the parent

@@ -40,7 +40,7 @@ class ChecksumRewards:
     def __call__(self, texts, gold, group_size):
         correct = [zlib.crc32(text.encode()) % self.modulus == 0 for text in texts]
         grades = [Grade(classify(text, FORMAT_SETS["synthetic"]), None, ok, "correct" if ok else "wrong")
-                  for text, ok in zip(texts, correct)]
+                  for text, ok in zip(texts, correct, strict=True)]
         return torch.tensor(correct, dtype=torch.float32), grades
 
 
@@ -161,7 +161,7 @@ def vllm_token_logprobs(llm, sequences: list[list[int]]) -> torch.Tensor:
     outputs = llm.generate([{"prompt_token_ids": s} for s in sequences], SamplingParams(max_tokens=1, prompt_logprobs=0),
                            use_tqdm=False)
     return torch.tensor([[out.prompt_logprobs[i][s[i]].logprob for i in range(1, len(s))]
-                         for s, out in zip(sequences, outputs)])
+                         for s, out in zip(sequences, outputs, strict=True)])
 
 
 def grpo_grad_norm_by_hand(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int,

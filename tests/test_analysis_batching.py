@@ -36,7 +36,7 @@ def test_grading_a_batch_matches_grading_one_at_a_time():
     formats = load_formats(ECHO)
     with Sandbox(workers=2) as sandbox:
         together = grade_completions(texts, golds, formats, sandbox)
-        alone = [grade_completions([text], [gold], formats, sandbox)[0] for text, gold in zip(texts, golds)]
+        alone = [grade_completions([text], [gold], formats, sandbox)[0] for text, gold in zip(texts, golds, strict=True)]
     assert together == alone
     assert {grade.reason for grade in together} == {"correct", "wrong", "no_answer"}
     assert {grade.format for grade in together} == {"python_function", "llm_code", "gsm8k", "natural_language", "other"}

@@ -88,6 +88,21 @@ def test_distinct_n():
     assert result.loc[1, ["distinct_2", "distinct_3"]].isna().all()  # no bigram at step 1
 
 
+
+def test_distinct_n_matches_a_direct_count():
+    """The vectorised counts against str.split() per step, on steps that share completions and whitespace."""
+    rng = np.random.default_rng(3)
+    words = ["a", "b", "c", "dd", " ", "  ", "\n", "\t", ""]
+    completions = ["".join(rng.choice(words, size=int(rng.integers(0, 9)))) for _ in range(40)]
+    table = pd.DataFrame({"step": rng.integers(0, 5, 120), "completion": rng.choice(completions, size=120)})
+    result = sampling.distinct_n(table, (1, 2, 3))
+    for step, rows in table.groupby("step"):
+        for order in (1, 2, 3):
+            grams = [tuple(tokens[i:i + order]) for tokens in rows["completion"].map(str.split)
+                     for i in range(len(tokens) - order + 1)]
+            expected = len(set(grams)) / len(grams) if grams else np.nan
+            assert result.loc[step, f"distinct_{order}"] == pytest.approx(expected, nan_ok=True)
+
 def test_token_entropy():
     table = pd.DataFrame({"step": [0, 0, 1], "logprob": [-2.0, -4.0, np.nan], "num_tokens": [2, 4, 3]})
     result = sampling.token_entropy(table)

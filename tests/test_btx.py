@@ -164,7 +164,7 @@ def test_evaluation_reports_each_experts_format_affinity(btx_base):
         for fmt, row in evaluation["format_expert_affinity"][layer].items():
             assert len(row) == 6 and sum(row) == pytest.approx(1.0)
         top = evaluation["expert_top_format"][layer]
-        assert evaluation["experts_still_specialists"][layer] == [a == b for a, b in zip(top, evaluation["expert_specialists"])]
+        assert evaluation["experts_still_specialists"][layer] == [a == b for a, b in zip(top, evaluation["expert_specialists"], strict=True)]
     for fmt, by_layer in evaluation["specialist_alignment"].items():
         row = evaluation["format_expert_affinity"]["0"][fmt]
         owned = [e for e, name in enumerate(evaluation["expert_specialists"]) if name == fmt]

@@ -23,7 +23,7 @@ def rollouts(step: int, formats: list[str], rewards: list[float]) -> list[Rollou
     """One step of 4 prompts x 4 samples as the recorder writes them; sample i of every prompt is in formats[i]."""
     rows = []
     for problem in PROBLEMS:
-        for index, (name, reward) in enumerate(zip(formats, rewards)):
+        for index, (name, reward) in enumerate(zip(formats, rewards, strict=True)):
             text = GARBAGE if name == OTHER else FORMATS[name].render(problem, "easy")
             rows.append(Rollout(step=step, epoch=step / 4, prompt_id=problem.id, sample_index=index,
                                 prompt=prompt_text(problem), completion=text, answer=answer_text(problem.answer), reward=reward,

@@ -68,7 +68,8 @@ def test_extra_prompts_are_seeded_and_never_repeat_within_a_step():
 
 
 def script_for(prompt_set: PromptSet, step: int, outcomes: list[list[str]]) -> dict[str, list[str]]:
-    """outcomes[k] for the k-th prompt in sampling order: the step's own two, then round 1's two, ..."""
+    """outcomes[k] for the k-th prompt in sampling order: the step's own two, then round 1's two, ...; prompts
+    past the end of `outcomes` are left unscripted (a test that never samples them)."""
     order = prompt_set.batch(step) + sum((prompt_set.extra(step, r) for r in (1, 2, 3)), [])
     return {problem.id: texts for problem, texts in zip(order, outcomes)}
 
@@ -148,7 +149,7 @@ def grad_norm_by_hand(model, tokenizer, prompt_set, kept) -> float:
     for problem, completions, rewards in kept:
         ids = tokenizer(prompt_set.prompter.text(problem), add_special_tokens=False)["input_ids"]
         group_advantages = (rewards - rewards.mean()) / (rewards.std() + GROUP_STD_EPSILON)
-        for completion, advantage in zip(completions, group_advantages):
+        for completion, advantage in zip(completions, group_advantages, strict=True):
             prompt_ids.append(ids)
             completion_ids.append(list(completion.token_ids))
             advantages.append(advantage.item())

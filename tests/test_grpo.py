@@ -127,7 +127,7 @@ def test_three_steps_write_a_complete_run_directory(three_steps, tiny_moe_dir):
     for step, model in ((2, load_model(run_dir / "checkpoints" / "step_000002")), (3, final)):
         prompts, groups = sampled[step]
         rows = rollout_rows(run_dir, step)
-        completions = [(prompt, c) for prompt, group in zip(prompts, groups) for c in group]
+        completions = [(prompt, c) for prompt, group in zip(prompts, groups, strict=True) for c in group]
         for row, (prompt, sample) in zip(rows, completions, strict=True):
             prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
             assert row["logprob"] == pytest.approx(completion_logprob(model, prompt_ids, sample.token_ids), abs=1e-4)

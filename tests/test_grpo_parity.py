@@ -88,7 +88,7 @@ def trl_inputs(batch) -> dict:
     inputs = {"prompt_ids": torch.full((rows, prompt_width), batch["pad"]), "prompt_mask": torch.zeros(rows, prompt_width, dtype=torch.long),
               "completion_ids": torch.full((rows, width), batch["pad"]), "completion_mask": torch.zeros(rows, width, dtype=torch.long),
               "old_per_token_logps": torch.zeros(rows, width), "ref_per_token_logps": torch.zeros(rows, width)}
-    for row, (prompt, completion) in enumerate(zip(batch["prompt_ids"], batch["completion_ids"])):
+    for row, (prompt, completion) in enumerate(zip(batch["prompt_ids"], batch["completion_ids"], strict=True)):
         inputs["prompt_ids"][row, prompt_width - len(prompt):] = torch.tensor(prompt)  # left-padded
         inputs["prompt_mask"][row, prompt_width - len(prompt):] = 1
         inputs["completion_ids"][row, :len(completion)] = torch.tensor(completion)
@@ -104,7 +104,7 @@ def our_batch(batch) -> PolicyBatch:
     """The batch in our layout: the sequences packed into rows, per-token tensors in the completion layout."""
     sequences = pack_rows(batch["prompt_ids"], batch["completion_ids"], batch["pad"])
     old, ref = torch.zeros(sequences.mask.shape), torch.zeros(sequences.mask.shape)
-    for row, (old_row, ref_row) in enumerate(zip(batch["old"], batch["ref"])):
+    for row, (old_row, ref_row) in enumerate(zip(batch["old"], batch["ref"], strict=True)):
         old[row, :len(old_row)], ref[row, :len(ref_row)] = old_row, ref_row
     return PolicyBatch(sequences, batch["advantages"], old_logprobs=old, ref_logprobs=ref)
 

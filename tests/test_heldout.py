@@ -144,7 +144,7 @@ def test_analyze_reads_the_runs_heldout_evaluations(whole, tmp_path):
     for step in (0, 2, 3):
         counts = pd.DataFrame(heldout_rows(run_dir, step)).groupby("prompt_id")["correct"].agg(["size", "sum"])
         for k in (1, 2):
-            expected = sum(1 - comb(n - c, k) / comb(n, k) for n, c in zip(counts["size"], counts["sum"])) / PROBLEMS
+            expected = sum(1 - comb(n - c, k) / comb(n, k) for n, c in zip(counts["size"], counts["sum"], strict=True)) / PROBLEMS
             assert heldout["pass_at_k"][str(step)][str(k)] == pytest.approx(expected)
         assert sum(heldout["format_share"][str(step)].values()) == pytest.approx(1.0)
 

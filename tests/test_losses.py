@@ -151,7 +151,7 @@ def test_leave_one_out_baseline_hand_computed():
     # Scaled by the group's unbiased std: group 1 sqrt(1/3) as above; group 2 rewards 0, 0, 3, 1 (mean 1,
     # squared deviations 1 + 1 + 4 + 0 = 6, / 3 = 2).
     std = [math.sqrt(1 / 3)] * 4 + [math.sqrt(2)] * 4
-    assert close(group_advantages(rewards, 4, "group", "leave_one_out"), [a / (s + 1e-4) for a, s in zip(loo, std)])
+    assert close(group_advantages(rewards, 4, "group", "leave_one_out"), [a / (s + 1e-4) for a, s in zip(loo, std, strict=True)])
     # RLOO's advantage is G / (G - 1) times GRPO's mean-centred one
     assert close(group_advantages(rewards, 4, "batch", "leave_one_out"), group_advantages(rewards, 4, "batch") * 4 / 3)
     with pytest.raises(ValueError):

@@ -13,7 +13,7 @@ import torch
 
 from experiments.config import load_experiment_config
 from experiments.pipeline import run_experiment
-from processes import echolab_command, kill_when_written, pinned_environment
+from processes import echolab_command, kill_when_written, on_a_small_disk, pinned_environment
 from rl.recorder import Recorder
 from specialists.errors import UserError
 from specialists.model import load_model
@@ -125,9 +125,30 @@ def test_a_run_killed_twice_and_resumed_equals_the_uninterrupted_one(smoke_run, 
     # step 0's records appear a whole step before the first checkpoint (after step 1): the kill lands between
     kill_when_written(start_run(killed), killed / "rollouts" / "step_000000.parquet")
     assert not (killed / "checkpoints" / "step_000002").exists()
-    kill_when_written(start_run(killed, "--resume"), killed / "checkpoints" / "step_000002")
+    second = start_run(killed, "--resume")
+    kill_when_written(second, killed / "checkpoints" / "step_000002")
+    assert f"resuming {killed} at step 0 from the base model" in second.stderr.read()
+    # What the resume from checkpoint 2 must leave alone: steps 0-1's records and checkpoint 2 itself (a restart
+    # from scratch would rewrite them, by rename: new inodes).
+    kept = [killed / "rollouts" / "step_000000.parquet", killed / "rollouts" / "step_000001.parquet",
+            *sorted((killed / "checkpoints" / "step_000002").iterdir())]
+    before = [(path.stat().st_ino, path.stat().st_mtime_ns) for path in kept]
     finished = start_run(killed, "--resume")
     assert finished.wait(timeout=600) == 0, finished.stderr.read()
+    assert f"resuming {killed} at step 2 from {killed / 'checkpoints' / 'step_000002'}" in finished.stderr.read()
+    assert [(path.stat().st_ino, path.stat().st_mtime_ns) for path in kept] == before
+
+    # The final model and optimiser state are the uninterrupted run's (to float32 rounding; Adam's step exactly).
+    resumed_model, whole_model = (load_model(run / "checkpoints" / "step_000003") for run in (killed, smoke_run))
+    for (name, resumed), whole in zip(resumed_model.state_dict().items(), whole_model.state_dict().values(), strict=True):
+        assert torch.allclose(resumed, whole, rtol=1e-4, atol=1e-6), name
+    resumed_state, whole_state = (torch.load(run / "checkpoints" / "step_000003" / "trainer_state.pt", weights_only=True)
+                                  ["optimizer"]["state"] for run in (killed, smoke_run))
+    assert resumed_state.keys() == whole_state.keys()
+    for key, moments in whole_state.items():
+        assert torch.equal(resumed_state[key]["step"], moments["step"]) and moments["step"].item() == 3
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.allclose(resumed_state[key][name], moments[name], rtol=1e-4, atol=1e-9), (key, name)
 
     # Every step exactly once, with the same completions; losses equal up to float32 rounding (a model
     # reloaded from disk can sum in another order than the one kept in memory).
@@ -146,9 +167,44 @@ def test_a_run_killed_twice_and_resumed_equals_the_uninterrupted_one(smoke_run, 
     for key, value in resumed.items():
         assert value == (pytest.approx(uninterrupted[key], rel=1e-6) if key.startswith("token_entropy") else
                          uninterrupted[key]), key
-    assert not list(killed.rglob("*.tmp"))
+    assert not list(killed.rglob("*.tmp")) and not (killed / "heldout").exists()  # no [rl.evaluation]: no heldout/
     # TensorBoard: each step once (the resumed run purged the redone steps' earlier events), with its final value
     assert tensorboard_scalars(killed)["accuracy/mean"] == tensorboard_scalars(smoke_run)["accuracy/mean"]
+
+
+def disk_usage(paths) -> int:
+    """Bytes the files under `paths` take on disk, in whole 4 KiB pages (as a tmpfs counts them)."""
+    files = [path for root in paths for path in ([root] if root.is_file() else root.rglob("*")) if path.is_file()]
+    return sum(-(-path.stat().st_size // 4096) * 4096 for path in files)
+
+
+def test_a_full_disk_ends_run_with_one_line_and_keeps_the_earlier_steps(smoke_run, tmp_path):
+    """`echolab run` into a real small file system (a tmpfs; processes.on_a_small_disk) with room for steps 0-2
+    and checkpoint 2 but only half of checkpoint 3 (written after step 2's update): exit code 1, one line with
+    the system's words and the file, and what was written before is whole: steps 0-2's rollouts (the
+    uninterrupted run's), their metrics lines, checkpoint 2 (loadable, the last checkpoint), no partial file."""
+    from test_cli_errors import assert_one_line_error
+
+    checkpoint_3 = disk_usage([smoke_run / "checkpoints" / "step_000003"])
+    before_it = disk_usage([smoke_run / "config.json", smoke_run / "metrics.jsonl", smoke_run / "tensorboard",
+                            smoke_run / "checkpoints" / "step_000002",
+                            *(smoke_run / "rollouts" / f"step_00000{step}.parquet" for step in range(3))])
+    size = before_it + checkpoint_3 // 2
+    script = " ".join(echolab_command("run", str(Path(SMOKE).resolve()), "--out", "$DISK/run", "--quiet"))
+    disk, kept = tmp_path / "disk", tmp_path / "kept"
+    result = on_a_small_disk(script, disk, str(size), kept)
+    assert_one_line_error(result, "echolab run: error: No space left on device: ",
+                          str(disk / "run" / "checkpoints" / "step_000003"))
+    run = kept / "run"
+    assert sorted(path.name for path in (run / "checkpoints").iterdir()) == ["step_000002"]
+    assert Recorder(run).last_checkpoint() == (2, run / "checkpoints" / "step_000002")
+    model = load_model(run / "checkpoints" / "step_000002")
+    assert all(torch.isfinite(parameter).all() for parameter in model.parameters())
+    torch.load(run / "checkpoints" / "step_000002" / "trainer_state.pt", weights_only=True)
+    assert [line["step"] for line in metrics_without_timing(run)] == [0, 1, 2]
+    uninterrupted = rollouts(smoke_run)
+    assert rollouts(run).equals(uninterrupted[uninterrupted["step"] < 3].reset_index(drop=True))
+    assert not list(run.rglob("*.tmp"))
 
 
 def test_an_existing_run_is_kept_unless_resumed_or_overwritten(smoke_run, tmp_path):
@@ -197,6 +253,16 @@ def test_heldout_evaluation_runs_through_the_pipeline_into_the_report(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["heldout"]["steps"] == [0, 2, 3] and summary["heldout"]["budgets"] == [1, 2]
     assert "Held-out pass@k" in report.read_text()
+
+    # The trackers got the held-out metrics live, at the evaluated steps only, as `analyze` computes them.
+    logged, heldout = tensorboard_scalars(tmp_path / "run"), summary["heldout"]
+    for k in ("1", "2"):
+        expected = {int(step): by_k[k] for step, by_k in heldout["pass_at_k"].items()}
+        assert logged[f"heldout/pass_at_k/{k}"] == pytest.approx(expected, abs=1e-6), k
+    assert logged["heldout/accuracy/mean"] == pytest.approx({int(s): v for s, v in heldout["accuracy"].items()}, abs=1e-6)
+    for name in heldout["formats"]:
+        assert logged[f"heldout/format_share/{name}"] == pytest.approx(
+            {int(step): shares[name] for step, shares in heldout["format_share"].items()}, abs=1e-6), name
 
 
 def nan_from_the_third_call(original):

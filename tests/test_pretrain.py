@@ -1,8 +1,10 @@
 import json
 
+import pytest
 import torch
 
 from specialists.config import MixtureSettings, FormatShare
+from specialists.errors import UserError
 from specialists.evaluate import evaluate
 from specialists.model import count_parameters, is_moe, load_model
 from specialists.pretrain import build_corpus, pretrain
@@ -59,3 +61,16 @@ def test_evaluation_reports_shares_and_accuracy_per_format(tiny_moe_dir, tmp_pat
     assert set(result["format_share"]) == {"python_function", "llm_code", "natural_language", "other"}
     assert abs(sum(result["format_share"].values()) - 1) < 1e-9
     assert result["num_samples"] == 16 and 0 <= result["accuracy"] <= 1
+
+
+def test_a_non_finite_gradient_stops_pretraining_at_its_step(tmp_path):
+    """Learning rate 1e30, no warmup: step 1's gradients are finite and its update sends the weights to ~1e30,
+    so step 2's loss is no longer finite. Pretraining stops there with one line and saves no model."""
+    config = tiny_config()
+    config = config.model_copy(update={"pretrain": config.pretrain.model_copy(
+        update={"num_examples": 96, "learning_rate": 1e30, "warmup_fraction": 0.0})})
+    with pytest.raises(UserError, match=r"^pretraining phase 'joint', step 2: the (loss|gradient norm) is (nan|inf|-inf);"
+                                        r" no model was saved") as raised:
+        pretrain(config, tmp_path, progress=False)
+    assert "\n" not in str(raised.value)
+    assert list((tmp_path / "model").iterdir()) == []  # nothing for `evaluate` to load

@@ -37,6 +37,27 @@ MATH_ROWS = [
      "solution": "They are 1, 2, 3, 4, 6 and 12, so there are $\\boxed{6}$."},
 ]
 MATH_COLUMNS = PromptColumns(question="problem", answer="solution")
+# MATH-500 (HuggingFaceH4/MATH-500, test split) rows in the real shape: a bare LaTeX `answer` beside the solution.
+MATH500_ROWS = [
+    {"problem": "Convert the point $(0,3)$ in rectangular coordinates to polar coordinates.  Enter your answer in the "
+                "form $(r,\\theta),$ where $r > 0$ and $0 \\le \\theta < 2 \\pi.$",
+     "solution": "We have that $r = \\sqrt{0^2 + 3^2} = 3.$ ... $\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}.$",
+     "answer": "\\left( 3, \\frac{\\pi}{2} \\right)", "subject": "Precalculus", "level": 2,
+     "unique_id": "test/precalculus/807.json"},
+    {"problem": "If $f(x) = \\frac{3x-2}{x-2}$, what is the value of $f(-2) +f(-1)+f(0)$? Express your answer as a "
+                "common fraction.",
+     "solution": "$f(-2)+f(-1)+f(0)=2+\\frac{5}{3}+1=\\boxed{\\frac{14}{3}}$",
+     "answer": "\\frac{14}{3}", "subject": "Algebra", "level": 3, "unique_id": "test/algebra/2584.json"},
+    {"problem": "How many positive whole-number divisors does 196 have?",
+     "solution": "First prime factorize $196=2^2\\cdot7^2$. ... $(2+1)(2+1)=\\boxed{9}$ divisors.",
+     "answer": "9", "subject": "Number Theory", "level": 3, "unique_id": "test/number_theory/572.json"},
+    {"problem": "The results of a cross-country team's training run are graphed below. Which student has the "
+                "greatest average speed?",
+     "solution": "Evelyn covered more distance in less time than Briana, Debra and Angela, so ... "
+                 "$\\boxed{\\text{Evelyn}}.$",
+     "answer": "\\text{Evelyn}", "subject": "Algebra", "level": 2, "unique_id": "test/algebra/1349.json"},
+]
+MATH500_COLUMNS = PromptColumns(question="problem", answer="answer")
 MATH_GOLD = ["\\frac{1}{2}", "2\\sqrt{3}", "\\frac{1}{x+1}", 6.0]  # the last boxed; a plain number is a number
 
 
@@ -83,6 +104,26 @@ def test_each_kind_of_file_reads_into_the_right_problems(kind, tmp_path):
 ])
 def test_gold_answers_of_gsm8k_and_math_cells(cell, gold):
     assert gold_answer(cell) == gold
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_a_math500_answer_column_of_bare_latex_is_read_and_graded_by_math_verify(kind, tmp_path):
+    """MATH-500's `answer` column holds bare LaTeX: each cell is the gold answer as it is (a plain number as the
+    number), graded by math-verify like a \\boxed{} answer; a sentence in an answer cell is still no answer."""
+    problems = read_problems(write(MATH500_ROWS, tmp_path / "math500", kind), MATH500_COLUMNS)
+    assert [p.answer for p in problems] == ["\\left( 3, \\frac{\\pi}{2} \\right)", "\\frac{14}{3}", 9.0,
+                                            "\\text{Evelyn}"]
+    polar, fraction, divisors, _ = problems
+    completions = ["So the point is \\boxed{(3, \\frac{\\pi}{2})}", "So the point is \\boxed{(3, \\pi)}",
+                   "The sum is \\boxed{\\frac{28}{6}}", "The sum is \\boxed{\\frac{14}{5}}", "There are \\boxed{9}"]
+    golds = [polar.answer] * 2 + [fraction.answer] * 2 + [divisors.answer]
+    with Sandbox() as sandbox:
+        grades = grade_completions(completions, golds, FORMAT_SETS["synthetic"], sandbox)
+    assert [g.correct for g in grades] == [True, False, True, False, True]
+
+    sentence = [dict(MATH500_ROWS[1], answer="The sum is fourteen thirds")]
+    with pytest.raises(UserError, match=r"row 0: column 'answer' holds no answer"):
+        read_problems(write(sentence, tmp_path / "sentence", kind), MATH500_COLUMNS)
 
 
 def test_last_boxed_matches_braces():
@@ -254,3 +295,42 @@ def test_echolab_evaluate_refuses_a_prompt_file_without_a_heldout_split(tmp_path
     (tmp_path / "config.toml").write_text(f'[rl]\nprompts = "{BUNDLED_GSM8K_EXCERPT}"\n')
     result = run_cli("evaluate", str(tmp_path / "config.toml"), str(tmp_path / "model"))
     assert_one_line_error(result, "without a held-out split: set rl.heldout_prompts or rl.heldout_fraction")
+
+
+def test_echolab_evaluate_prompts_the_heldout_split_with_the_runs_template(tiny_moe_dir, tmp_path, monkeypatch):
+    """`echolab evaluate` on a config with a prompt file and rl.prompt_template samples the held-out problems
+    prompted as the run's rollouts are, not with the built-in template."""
+    import specialists.evaluate
+    from experiments.cli import main
+    from experiments.config import load_experiment_config
+
+    config = tmp_path / "config.toml"
+    config.write_text(f'''[model]
+kind = "moe"
+hidden_size = 64
+num_layers = 2
+num_heads = 2
+num_kv_heads = 1
+head_dim = 32
+expert_size = 128
+
+[evaluation]
+num_problems = 3
+max_new_tokens = 8
+
+[rl]
+prompts = "{BUNDLED_GSM8K_EXCERPT}"
+heldout_fraction = 0.25
+prompt_template = "Problem: {{question}}\\nSolution:\\n"
+''')
+    sampled = []
+
+    def recording(model, tokenizer, prompts, *args, **kwargs):
+        sampled.extend(prompts)
+        return original(model, tokenizer, prompts, *args, **kwargs)
+
+    original = specialists.evaluate.sample_completions
+    monkeypatch.setattr(specialists.evaluate, "sample_completions", recording)
+    assert main(["evaluate", str(config), str(tiny_moe_dir), "--out", str(tmp_path / "evaluation.json"), "--quiet"]) == 0
+    heldout = load_experiment_config(config).rl.prompt_split().heldout[:3]
+    assert sampled == [f"Problem: {problem.question}\nSolution:\n" for problem in heldout]

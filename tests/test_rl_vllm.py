@@ -61,7 +61,7 @@ def test_three_steps_with_vllm(algorithm, engine, tiny_moe_dir, tmp_path):
     models = [load_model(tiny_moe_dir)] + [load_model(tmp_path / "checkpoints" / f"step_{s:06d}") for s in (1, 2, 3)]
     for step, (prompts, groups) in enumerate(engine.calls):
         errors, stale = [], []
-        for prompt, group in zip(prompts, groups):
+        for prompt, group in zip(prompts, groups, strict=True):
             prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
             for completion in group:  # temperature 1: the sampling log-probs are the raw ones
                 served = sum(completion.token_logprobs)

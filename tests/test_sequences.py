@@ -58,7 +58,7 @@ def test_packed_forward_equals_padded_forward(tiny_moe_dir):
     expected_raw = token_logprobs(logits, input_ids)
     log_probs = torch.log_softmax(logits[:, :-1] / temperature, -1)
     expected_entropy = -(log_probs.exp() * log_probs).sum(-1)
-    for b, (prompt, completion) in enumerate(zip(prompts, completions)):
+    for b, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
         span = slice(len(prompt) - 1, len(prompt) - 1 + len(completion))
         assert torch.allclose(forward.logprobs[b, :len(completion)], expected_logprobs[b, span], atol=1e-5)
         assert torch.allclose(forward.raw_logprobs[b, :len(completion)], expected_raw[b, span], atol=1e-5)

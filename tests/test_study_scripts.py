@@ -44,16 +44,40 @@ def test_position_kl_is_zero_against_itself_and_the_exact_kl_otherwise(tiny_moe_
 
 def test_heldout_pass_at_k_scores_the_graded_samples(tiny_moe_dir, vllm_moe):
     from rl.config import SamplingSettings
+    from rl_helpers import RecordingEngine
+    from specialists.formats import FORMAT_SETS
+    from specialists.prompting import Prompter
     from specialists.sandbox import Sandbox
     from specialists.tasks import generate_problems
 
     heldout = study_module("heldout_pass_at_k")
     problems = generate_problems(6, 0, "eval")
     sampling = SamplingSettings(temperature=1.0, max_new_tokens=48, samples_per_prompt=8)
+    prompter = Prompter(load_tokenizer(tiny_moe_dir), "Problem: {question}\nSolution:\n")  # a run's rl.prompt_template
+    engine = RecordingEngine(vllm_moe)
     with Sandbox() as sandbox:
-        result = heldout.evaluate_model(vllm_moe, load_model(tiny_moe_dir), problems, sampling, sandbox, seed=0)
-        again = heldout.evaluate_model(vllm_moe, load_model(tiny_moe_dir), problems, sampling, sandbox, seed=0)
+        result, again = (heldout.evaluate_model(engine, load_model(tiny_moe_dir), prompter, problems, sampling,
+                                                FORMAT_SETS["synthetic"], sandbox, seed=0) for _ in range(2))
     assert result == again  # seeded sampling
+    assert engine.calls[0][0] == [f"Problem: {p.question}\nSolution:\n" for p in problems]  # the run's template
     assert set(result) == {"pass@1", "pass@8", "format_share"}
     assert 0 <= result["pass@1"] <= result["pass@8"] <= 1
     assert sum(result["format_share"].values()) == pytest.approx(1, abs=1e-2)
+
+
+def test_heldout_pass_at_k_takes_a_model_path_runs_base_without_pretraining(tmp_path, monkeypatch):
+    """A `[model] path` run's base is that checkpoint (experiments.pipeline.base_model), not a built-in model
+    pretrained from the config's [pretrain] part (which would take minutes and be the wrong model)."""
+    from experiments.config import ExperimentConfig
+    from model_families import build_checkpoint
+
+    import experiments.pipeline
+
+    monkeypatch.setattr(experiments.pipeline, "base_model_dir", lambda *args, **kwargs: pytest.fail("pretrained"))
+    checkpoint = build_checkpoint("llama", tmp_path / "base")
+    configs = [ExperimentConfig.model_validate({"model": {"path": str(checkpoint)}, "rl": {"seed": seed}})
+               for seed in (0, 1)]
+    assert study_module("heldout_pass_at_k").shared_base(configs) == checkpoint
+    other = ExperimentConfig.model_validate({"model": {"path": str(checkpoint)}, "rl": {"prompt_template": "Q: {question}"}})
+    with pytest.raises(SystemExit, match="prompt_template"):
+        study_module("heldout_pass_at_k").shared_base([configs[0], other])

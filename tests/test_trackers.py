@@ -4,6 +4,7 @@ read back and compared with what `echolab analyze` computes from the same rows; 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -71,6 +72,40 @@ def feed(observer: TrackerObserver, recorder: Recorder | None, steps: range, see
             if recorder is not None:
                 recorder.write_rollouts(step, rows)
             observer.on_step(step, rows, metrics_line(step))
+
+
+def test_heldout_evaluations_reach_tensorboard_as_analyze_computes_them(tmp_path):
+    """on_heldout (rl.recipe.HeldoutObserver) at the evaluated steps 0 and 2: heldout/pass_at_k/K,
+    accuracy/mean, format_share/NAME and format_accuracy/NAME equal summary.json's `heldout` block of the same rows
+    written to heldout/; nothing is logged under heldout/ at the other steps."""
+    run = tmp_path / "run"
+    recorder = Recorder(run)
+    observer = TrackerObserver(open_trackers(["tensorboard"], run, "echolab", {}),
+                               CollapseWatch(NAMES, last_step=STEPS - 1, threshold=0.9))
+    rng = np.random.default_rng(1)
+    for step in range(STEPS):
+        if step in (0, 2):
+            evaluation = [dataclasses.replace(row, logprob=None, expert_load=None) for row in step_rows(step, rng)]
+            recorder.write_heldout(step, evaluation)
+            observer.on_heldout(step, evaluation)
+        rows = step_rows(step, rng)
+        recorder.write_rollouts(step, rows)
+        observer.on_step(step, rows, metrics_line(step))
+    observer.close()
+    heldout = analyze(run, formats="synthetic", progress=False)["heldout"]
+    logged = event_scalars(run / "tensorboard")
+    assert heldout["steps"] == [0, 2] and heldout["budgets"] == [1, 2, 4]
+    for k in heldout["budgets"]:
+        assert logged[f"heldout/pass_at_k/{k}"] == pytest.approx(
+            {int(step): by_k[str(k)] for step, by_k in heldout["pass_at_k"].items()}, abs=1e-6), k
+    assert logged["heldout/accuracy/mean"] == pytest.approx({int(s): v for s, v in heldout["accuracy"].items()}, abs=1e-6)
+    for name in NAMES:
+        assert logged[f"heldout/format_share/{name}"] == pytest.approx(
+            {int(step): shares[name] for step, shares in heldout["format_share"].items()}, abs=1e-6), name
+        accuracy = {int(step): by_format[name] for step, by_format in heldout["format_accuracy"].items()
+                    if by_format[name] is not None}
+        assert logged.get(f"heldout/format_accuracy/{name}", {}) == pytest.approx(accuracy, abs=1e-6), name
+    assert sorted(logged["accuracy/mean"]) == list(range(STEPS))  # the training batches' metrics, every step
 
 
 def test_tensorboard_holds_the_grouped_metrics_analyze_computes(tmp_path):

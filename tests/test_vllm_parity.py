@@ -43,7 +43,7 @@ def test_greedy_tokens_and_logprobs_match(tiny_moe_dir, vllm_moe):
         forced = sampling_logprobs(model, prompt_ids, vllm_group[0].token_ids, temperature=1.0, top_p=1.0)
         assert len(vllm_group[0].token_logprobs) == len(hf_group[0].token_logprobs) == len(forced)
         for engine_group in (vllm_group, hf_group):
-            assert max(abs(a - b) for a, b in zip(engine_group[0].token_logprobs, forced)) <= TOLERANCE
+            assert max(abs(a - b) for a, b in zip(engine_group[0].token_logprobs, forced, strict=True)) <= TOLERANCE
 
 
 @pytest.mark.parametrize("temperature, top_p", [(0.7, 1.0), (1.0, 0.6)])
@@ -60,9 +60,9 @@ def test_sampling_logprobs_are_of_the_sampling_distribution(temperature, top_p, 
             for sample in group:
                 forced = sampling_logprobs(model, prompt_ids, sample.token_ids, temperature, top_p)
                 assert len(sample.token_logprobs) == len(forced) > 0
-                assert max(abs(a - b) for a, b in zip(sample.token_logprobs, forced)) <= TOLERANCE
+                assert max(abs(a - b) for a, b in zip(sample.token_logprobs, forced, strict=True)) <= TOLERANCE
                 raw = sampling_logprobs(model, prompt_ids, sample.token_ids, 1.0, 1.0)
-                assert max(abs(a - b) for a, b in zip(sample.token_logprobs, raw)) > 10 * TOLERANCE  # not the raw ones
+                assert max(abs(a - b) for a, b in zip(sample.token_logprobs, raw, strict=True)) > 10 * TOLERANCE  # not the raw ones
 
 
 def test_seeded_batches_larger_than_one_prefill_budget(vllm_moe):

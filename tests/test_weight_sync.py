@@ -69,7 +69,7 @@ def train(model, steps: int = 2, seed: int = 0) -> None:
     model.eval()
 
 
-SEQUENCES = [prompt + completion for prompt, completion in zip(random_tokens(4, 8, 1), random_tokens(4, 16, 2))]
+SEQUENCES = [prompt + completion for prompt, completion in zip(random_tokens(4, 8, 1), random_tokens(4, 16, 2), strict=True)]
 
 
 def max_difference(llm, model) -> float:
@@ -126,7 +126,7 @@ def test_push_invalidates_prefix_cache(engine):
     def difference() -> float:
         outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)
         token_ids = [out.outputs[0].token_ids[0] for out in outputs]
-        served = torch.tensor([out.outputs[0].logprobs[0][t].logprob for out, t in zip(outputs, token_ids)])
+        served = torch.tensor([out.outputs[0].logprobs[0][t].logprob for out, t in zip(outputs, token_ids, strict=True)])
         reference = model(input_ids=torch.tensor(prompts)).logits[:, -1].float().log_softmax(-1)
         return (served - reference[torch.arange(len(prompts)), token_ids]).abs().max().item()
 
