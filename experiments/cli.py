@@ -97,17 +97,30 @@ def _model_mismatches(settings, model_dir: Path) -> list[str]:
     return mismatches
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _run(args: argparse.Namespace) -> None:
     from experiments.config import load_experiment_config
 
     config = load_experiment_config(args.config)
+    if args.processes > 1:  # before the slow imports, as the config's own rules
+        from rl.config import split_problem
+        from specialists.errors import UserError
+
+        if problem := split_problem(config.rl, args.processes):
+            raise UserError(f"--processes {args.processes}: {problem}")
     from experiments.console import StepLine, StepZeroCheck, final_lines
     from experiments.pipeline import run_experiment
 
     out = Path(args.out) if args.out else Path("runs") / config.name
     observers = [] if args.quiet else [StepZeroCheck(), StepLine(config.rl.steps)]
     report = run_experiment(config, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
-                            observers=observers)
+                            observers=observers, processes=args.processes)
     print(f"run directory: {out}")
     for line in final_lines(out):
         print(line)
@@ -229,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
                           help="delete what the run directory holds and start afresh")
     run.add_argument("--quiet", action="store_true",
                      help="print only the final summary lines and errors (no progress bars, no per-step lines)")
+    run.add_argument("--processes", type=_positive_int, default=1, metavar="N",
+                     help="data-parallel RL in N processes started here (torch.distributed, gloo), each with its "
+                          "own rollout engine, rl.prompts_per_step / N of each step's prompts and 1/N of the cores; "
+                          "gradients are summed across them, process 0 records. Samples and metrics equal a "
+                          "1-process run's (to float rounding). GRPO and PPO; settings that cannot be split are "
+                          "refused (default 1; README: 'Several processes / the GPU route')")
     run.set_defaults(handler=_run)
 
     analyze = commands.add_parser(

@@ -339,3 +339,45 @@ class RLSettings(Strict):
     @property
     def clip_high(self) -> float:
         return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+
+# Completions per transformers `generate` call of the hf engine (rl.engines.HFEngine).
+HF_GENERATE_BATCH = 64
+
+
+def hf_prompts_per_call(sampling: SamplingSettings, batch_size: int = HF_GENERATE_BATCH) -> int:
+    """Prompts per generate call of the hf engine: as many whole groups as fit in `batch_size` completions."""
+    return max(1, batch_size // sampling.samples_per_prompt)
+
+
+def split_problem(settings: RLSettings, processes: int) -> str | None:
+    """Why these settings cannot run data-parallel (rl.distributed) in `processes` processes with the results of
+    one process, or None (checked before any work: `echolab run --processes N`). What is not split: Expert Iteration (its SFT round and start-from-base reload are
+    written for one process), and the steps whose statistics span the whole batch in ways the recipes do not
+    reduce across ranks (dynamic sampling's group selection, Clip-Cov and KL-Cov's batch-wide token selection,
+    GRPO's batch reward scale, the pretraining replay batch, the format-mix KL's batch shares, outcome exploration's
+    per-prompt answer history, which would follow a prompt from rank to rank)."""
+    mitigations = settings.mitigations
+    if processes < 1:
+        return "needs at least 1 process"
+    if settings.prompts_per_step % processes:
+        return f"rl.prompts_per_step = {settings.prompts_per_step} does not split evenly into {processes} processes"
+    if settings.algorithm not in ("grpo", "ppo"):
+        return f"data-parallel runs support rl.algorithm grpo and ppo, not {settings.algorithm!r}"
+    batch_scale = settings.algorithm == "grpo" and settings.grpo.scale_rewards == "batch"
+    unsupported = {"rl.grpo.dynamic_sampling": settings.grpo.dynamic_sampling,
+                   "rl.grpo.scale_rewards = 'batch'": batch_scale,
+                   "rl.mitigations.clip_cov": mitigations.clip_cov, "rl.mitigations.kl_cov": mitigations.kl_cov,
+                   "rl.mitigations.pretrain_replay_coef": mitigations.pretrain_replay_coef > 0,
+                   "rl.mitigations.format_kl_coef": mitigations.format_kl_coef > 0,
+                   "rl.mitigations.outcome_exploration_coef": mitigations.outcome_exploration_coef > 0}
+    for name, on in unsupported.items():
+        if on:
+            return f"{name} is not supported in data-parallel runs (it needs the whole batch in one process)"
+    share = settings.prompts_per_step // processes
+    per_call = hf_prompts_per_call(settings.sampling)
+    if settings.engine.kind == "hf" and share % per_call:
+        return (f"the hf engine samples {per_call} prompts per generate call, and each process's {share} prompts are "
+                f"not a whole number of calls (its samples would differ from one process's): use rl.engine.kind = "
+                f"'vllm', or rl.prompts_per_step a multiple of {per_call * processes}")
+    return None

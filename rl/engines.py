@@ -11,7 +11,8 @@ log-probability under the distribution it was sampled from: logits / temperature
 `scores` after its logits processors. With temperature 0 (greedy) they are the raw log-probabilities.
 These are the sampler's side of the train/inference mismatch (rl.losses.truncated_importance_weights).
 Each request is seeded from (seed, prompt index) (rl.seeds.request_seed), so the same seed gives the
-same samples.
+same samples. `first_index` is the index of the first prompt within the step's whole batch: a data-parallel rank
+(rl.distributed) samples its share of the prompts with their global indices, hence what one process would.
 
 Prompts are the Prompter's texts (specialists.prompting: special tokens spelled out in the text); both
 engines tokenise them as the trainer does, adding no special tokens, so all three see the same sequences.
@@ -25,7 +26,7 @@ from typing import Protocol
 
 import torch
 
-from rl.config import EngineSettings, SamplingSettings
+from rl.config import HF_GENERATE_BATCH, EngineSettings, SamplingSettings, hf_prompts_per_call
 from rl.seeds import request_seed
 
 
@@ -38,7 +39,8 @@ class Completion:
 
 
 class RolloutEngine(Protocol):
-    def generate(self, prompts: list[str], sampling: SamplingSettings, seed: int) -> list[list[Completion]]: ...
+    def generate(self, prompts: list[str], sampling: SamplingSettings, seed: int,
+                 first_index: int = 0) -> list[list[Completion]]: ...
 
     def sync_weights(self, model) -> None: ...
 
@@ -46,20 +48,23 @@ class RolloutEngine(Protocol):
 
 
 class HFEngine:
-    """transformers `generate` on the live training model."""
+    """transformers `generate` on the live training model, `rl.config.hf_prompts_per_call` prompts per call. Its
+    samples depend on which prompts share a call (one generator per call, and the padding), so a data-parallel
+    share gives one process's samples only when it is a whole number of calls (checked with the config)."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 64):
+    def __init__(self, model, tokenizer, batch_size: int = HF_GENERATE_BATCH):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], sampling: SamplingSettings, seed: int) -> list[list[Completion]]:
+    def generate(self, prompts: list[str], sampling: SamplingSettings, seed: int,
+                 first_index: int = 0) -> list[list[Completion]]:
         was_training = self.model.training
         self.model.eval()
         eos = self.tokenizer.eos_token_id
-        per_batch = max(1, self.batch_size // sampling.samples_per_prompt)
+        per_batch = hf_prompts_per_call(sampling, self.batch_size)
         results: list[list[Completion]] = []
         for begin in range(0, len(prompts), per_batch):
-            torch.manual_seed(request_seed(seed, begin))  # generate draws from the global generator
+            torch.manual_seed(request_seed(seed, first_index + begin))  # generate draws from the global generator
             batch = self.tokenizer(prompts[begin:begin + per_batch], return_tensors="pt", padding=True, add_special_tokens=False)
             output = self.model.generate(
                 **batch, do_sample=sampling.temperature > 0, temperature=sampling.temperature or None,
@@ -105,12 +110,13 @@ class VLLMEngine:
         self.llm = make_llm(model_dir, seed=seed, max_model_len=max_length, kv_cache_gib=kv_cache_gib, dtype=dtype,
                             logprobs_mode="processed_logprobs")
 
-    def generate(self, prompts: list[str], sampling: SamplingSettings, seed: int) -> list[list[Completion]]:
+    def generate(self, prompts: list[str], sampling: SamplingSettings, seed: int,
+                 first_index: int = 0) -> list[list[Completion]]:
         from vllm import SamplingParams, TokensPrompt
 
         requests = [TokensPrompt(prompt_token_ids=self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
         params = [SamplingParams(n=sampling.samples_per_prompt, temperature=sampling.temperature, top_p=sampling.top_p,
-                                 top_k=0, max_tokens=sampling.max_new_tokens, logprobs=0, seed=request_seed(seed, index),
+                                 top_k=0, max_tokens=sampling.max_new_tokens, logprobs=0, seed=request_seed(seed, first_index + index),
                                  skip_special_tokens=True)
                   for index in range(len(prompts))]
         outputs = self.llm.generate(requests, params, use_tqdm=False)

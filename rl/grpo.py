@@ -33,7 +33,9 @@ The maths is in rl.losses; this file is the loop around it. One step (rl.trainin
                  pi_old is the first pass's own log-probs, detached: the first pass runs on the weights that
                  sampled, so no extra forward is needed (TRL computes the same with one). The first pass also
                  gives the routed-token counts, the rollouts' log-probs, the entropy and the KL of the sampling
-                 model. Gradients are clipped to norm MAX_GRAD_NORM over every trained parameter.
+                 model. Gradients are clipped to norm MAX_GRAD_NORM over every trained parameter. In a data-parallel
+                 run (rl.distributed) each rank's loss is its share of the whole batch's, and the gradients are
+                 summed across ranks before the clip.
  6. sync, record the engine gets the new weights; rollouts and one metrics line are written (rl.training).
 
 Log-probs are those of the sampling distribution, logits / temperature, as TRL's. The learning rate is
@@ -49,6 +51,7 @@ from dataclasses import dataclass
 import torch
 
 from rl.config import RLSettings
+from rl.distributed import Shard, Weights
 from rl.losses import (
     aggregate,
     bias_corrected_kl,
@@ -61,7 +64,6 @@ from rl.losses import (
     masked_mean,
     pass_at_k_advantages,
     prefix_mask,
-    sampler_mismatch,
     sequence_log_ratio,
     truncated_importance_weights,
     unlikeliness_rewards,
@@ -100,10 +102,14 @@ class PolicyBatch:
 
 
 def grpo_loss(model, batch: PolicyBatch, settings: RLSettings, aux_coef: float,
-              clip_cov_generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict, PolicyOutput]:
-    """One pass's loss on `batch` (step 5 without the replay term), its statistics and the forward it ran."""
+              clip_cov_generator: torch.Generator | None = None, shard: Shard = Shard(),
+              weights: Weights = Weights()) -> tuple[torch.Tensor, dict, PolicyOutput]:
+    """One pass's loss on `batch` (step 5 without the replay term), its statistics and the forward it ran. In a
+    data-parallel run (`shard`) the loss and the statistics are this rank's shares of the whole batch's (`weights`,
+    rl.distributed): summed over the ranks they are the one-process values."""
     grpo, mitigations = settings.grpo, settings.mitigations
-    forward = policy_forward(model, batch.sequences, settings.sampling.temperature, router_loss=aux_coef > 0)
+    forward = policy_forward(model, batch.sequences, settings.sampling.temperature, router_loss=aux_coef > 0,
+                             shard=shard)
     logprobs, mask, advantages = forward.logprobs, batch.sequences.mask, batch.advantages
     old = logprobs.detach() if batch.old_logprobs is None else batch.old_logprobs
 
@@ -111,7 +117,8 @@ def grpo_loss(model, batch: PolicyBatch, settings: RLSettings, aux_coef: float,
     eps_low, eps_high = (math.inf, math.inf) if mitigations.kl_cov else (settings.epsilon, settings.clip_high)
     ratio = importance_ratio(logprobs, old, mask, grpo.importance_sampling_level)  # (B, C), or (B, 1) for GSPO
     per_token, clip_fraction = clipped_policy_loss(ratio, advantages, mask, eps_low, eps_high)  # (B, C)
-    stats = {"clip_fraction": clip_fraction.item(), "approx_kl": masked_mean(kl_k3(old, logprobs.detach()), mask).item()}
+    stats = {"clip_fraction": clip_fraction.item() * weights.tokens,
+             "approx_kl": masked_mean(kl_k3(old, logprobs.detach()), mask).item() * weights.tokens}
     if mitigations.clip_cov:
         keep = clip_cov_mask(logprobs.detach(), old, advantages, mask, clip_ratio=mitigations.cov_ratio,
                              epsilon_low=settings.epsilon, epsilon_high=settings.clip_high, generator=clip_cov_generator)
@@ -121,33 +128,36 @@ def grpo_loss(model, batch: PolicyBatch, settings: RLSettings, aux_coef: float,
         penalty = kl_cov_penalty(logprobs, old, advantages, mask, kl_ratio=mitigations.cov_ratio,
                                  kl_coef=mitigations.kl_cov_coef)
         per_token = per_token + penalty
-        stats["kl_cov_penalty"] = _aggregate(penalty.detach(), mask, settings).item()
+        stats["kl_cov_penalty"] = _aggregate(penalty.detach(), mask, settings, weights).item()
     if batch.sampler_logprobs is not None and settings.tis_cap is not None:
-        weights = truncated_importance_weights(old, batch.sampler_logprobs, settings.tis_cap)
-        per_token = per_token * weights
-        stats["tis_capped_fraction"] = masked_mean((weights >= settings.tis_cap).float(), mask).item()
-    stats["policy_loss"] = _aggregate(per_token.detach(), mask, settings).item()
+        tis = truncated_importance_weights(old, batch.sampler_logprobs, settings.tis_cap)
+        per_token = per_token * tis
+        stats["tis_capped_fraction"] = masked_mean((tis >= settings.tis_cap).float(), mask).item() * weights.tokens
+    stats["policy_loss"] = _aggregate(per_token.detach(), mask, settings, weights).item()
     if settings.beta > 0:
         per_token = per_token + settings.beta * bias_corrected_kl(logprobs, batch.ref_logprobs, ratio)
     if mitigations.prefix_kl_coef > 0:
         prefix_kl = bias_corrected_kl(logprobs, batch.ref_logprobs, ratio) * prefix_mask(mask, mitigations.prefix_kl_tokens)
         per_token = per_token + mitigations.prefix_kl_coef * prefix_kl
-        stats["prefix_kl"] = _aggregate(prefix_kl.detach(), mask, settings).item()
+        stats["prefix_kl"] = _aggregate(prefix_kl.detach(), mask, settings, weights).item()
 
-    loss = _aggregate(per_token, mask, settings)
+    loss = _aggregate(per_token, mask, settings, weights)
     if mitigations.entropy_coef:
-        loss = loss - mitigations.entropy_coef * masked_mean(forward.entropy, mask)
+        loss = loss - mitigations.entropy_coef * masked_mean(forward.entropy, mask) * weights.tokens
     if forward.aux_loss is not None:
         loss = loss + aux_coef * forward.aux_loss
         stats["aux_loss"] = forward.aux_loss.item()
     return loss, stats, forward
 
 
-def _aggregate(per_token: torch.Tensor, mask: torch.Tensor, settings: RLSettings) -> torch.Tensor:
-    # The whole generation batch is one optimiser step's batch, so dapo's global token count is this batch's
-    # (with data parallelism it would be the sum over ranks).
-    return aggregate(per_token, mask, settings.grpo.loss_type, max_completion_length=settings.sampling.max_new_tokens,
-                     global_token_count=mask.sum())
+def _aggregate(per_token: torch.Tensor, mask: torch.Tensor, settings: RLSettings, weights: Weights) -> torch.Tensor:
+    # The whole generation batch is one optimiser step's batch, so dapo's global token count is this batch's. Across
+    # ranks, each rank's value is weighted by its share of what the loss type averages over: sequences for "grpo"
+    # (a mean of sequence means) and "dr_grpo" (B x max length), tokens for "bnpo" and "dapo".
+    loss_type = settings.grpo.loss_type
+    weight = weights.sequences if loss_type in ("grpo", "dr_grpo") else weights.tokens
+    return aggregate(per_token, mask, loss_type, max_completion_length=settings.sampling.max_new_tokens,
+                     global_token_count=mask.sum()) * weight
 
 
 def advantages_of(batch: StepBatch, settings: RLSettings, sequence_kl: torch.Tensor | None = None,
@@ -193,7 +203,7 @@ class GRPO:
         self.shaping = RewardShaping(settings.mitigations, state)
 
     def step(self, step: int, batch: StepBatch) -> StepResult:
-        run, settings = self.run, self.run.settings
+        run, settings, shard = self.run, self.run.settings, self.run.shard
         model, temperature = run.model, settings.sampling.temperature
         device = next(model.parameters()).device
         model.train()
@@ -202,6 +212,7 @@ class GRPO:
         sequences = pack_batch(batch, run.tokenizer).to(device)
         mask = sequences.mask  # (B, C) completion tokens
         sampler = sampler_logprobs(batch, mask)
+        weights = shard.weights(mask)  # this rank's share of the step's tokens and sequences (1.0 in one process)
 
         # 3-4. Advantages; the reference's log-probs.
         ref_logprobs = sequence_kl = None
@@ -222,7 +233,7 @@ class GRPO:
         for update in range(settings.grpo.num_iterations):
             routing_capture = capture_routing(model, sequences.owner, mask.shape[0]) if update == 0 else nullcontext([])
             with routing_capture as routing:
-                loss, stats, forward = grpo_loss(model, policy, settings, self.aux_coef, clip_cov_generator)
+                loss, stats, forward = grpo_loss(model, policy, settings, self.aux_coef, clip_cov_generator, shard, weights)
             if update == 0:  # the weights that sampled: pi_old, and what the step records about the sampling model
                 first, expert_load = forward, (routing[0] if routing else None)
                 policy.old_logprobs = forward.logprobs.detach()
@@ -230,27 +241,29 @@ class GRPO:
                 replay_loss = self.replay.loss(model, step, update)
                 loss = loss + settings.mitigations.pretrain_replay_coef * replay_loss
                 stats["replay_loss"] = replay_loss.item()
-            require_finite("loss", loss, step)
+            stats = shard.sum_values({**stats, "loss": loss.item()})  # the shares of every rank: the whole batch's
+            require_finite("loss", torch.tensor(stats["loss"]), step)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            shard.sum_gradients(self.parameters)  # the whole batch's gradient on every rank
             grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, MAX_GRAD_NORM)
             require_finite("gradient norm", grad_norm, step)
             self.optimizer.step()
-            updates.append({**stats, "loss": loss.item(), "grad_norm": grad_norm.item()})
+            updates.append({**stats, "grad_norm": grad_norm.item()})
 
         metrics = mean_metrics(updates) | shaping_metrics
         metrics["updates"] = len(updates)
-        metrics["entropy"] = masked_mean(first.entropy.detach(), mask).item()
+        metrics["entropy"] = shard.masked_mean(first.entropy.detach(), mask).item()
         if ref_logprobs is not None:
-            metrics["kl_to_reference"] = masked_mean(kl_k3(policy.old_logprobs, ref_logprobs), mask).item()
+            metrics["kl_to_reference"] = shard.masked_mean(kl_k3(policy.old_logprobs, ref_logprobs), mask).item()
         if sequence_kl is not None:
-            metrics["sequence_kl"] = sequence_kl.mean().item()
-        metrics["sampler_kl"], metrics["sampler_ratio_max"] = sampler_mismatch(policy.old_logprobs, sampler, mask)
+            metrics["sequence_kl"] = shard.mean(sequence_kl).item()
+        metrics["sampler_kl"], metrics["sampler_ratio_max"] = shard.sampler_mismatch(policy.old_logprobs, sampler, mask)
         return StepResult((first.raw_logprobs * mask).sum(-1), expert_load, metrics)
 
     def measure(self, step: int, batch: StepBatch) -> StepResult:
         return measure_rollouts(self.run.model, self.run.tokenizer, batch, self.run.settings.sampling.temperature,
-                                self.reference)
+                                self.reference, self.run.shard)
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), **self.shaping.state_dict()}

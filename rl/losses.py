@@ -633,3 +633,39 @@ def batch_exploration_penalty(answers: Sequence[str | None], group_size: int) ->
         penalty.extend(0.0 if answer is None else (counts[answer] - 1) / group_size
                        for answer in answers[start:start + group_size])
     return torch.tensor(penalty, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Router load balancing across data-parallel ranks
+# ---------------------------------------------------------------------------------------------
+
+
+def load_balancing_share(router_logits: tuple[torch.Tensor, ...] | None, num_experts: int, top_k: int,
+                         attention_mask: torch.Tensor | None, total) -> torch.Tensor:
+    """One rank's share of the Switch Transformer load-balancing loss of a batch split across ranks (Fedus et al.
+    2021, arXiv:2101.03961, eqs. 4-6; transformers' `load_balancing_loss_func`, which every MoE family uses):
+
+        L = E * sum_e f_e P_e,   f_e = (top-k assignments to e) / N,   P_e = (sum of router probabilities of e) / N
+
+    over the N real tokens of every layer of the whole batch. f carries no gradient (top-k counts), so with the
+    counts summed over ranks first (`total`: a sum over ranks of a detached tensor),
+
+        share_r = E * sum_e f_e^global * (sum of rank r's router probabilities of e) / N^global
+
+    adds up over the ranks to L, and its gradient to L's. With `total` the identity this is L itself (one rank).
+    `router_logits` None: the rank holds no tokens of the batch and contributes zeros (it still calls `total`).
+    """
+    counts = torch.zeros(num_experts, dtype=torch.float32)
+    probability_sums = torch.zeros(num_experts, dtype=torch.float32)
+    rows = torch.zeros((), dtype=torch.float32)
+    for layer_logits in router_logits or ():
+        mask = (torch.ones(layer_logits.shape[0]) if attention_mask is None
+                else attention_mask.reshape(-1).float()).to(layer_logits.device)
+        probabilities = torch.softmax(layer_logits, dim=-1)  # (N, E)
+        _, selected = torch.topk(probabilities, top_k, dim=-1)  # (N, k)
+        counts = counts.to(layer_logits.device).scatter_add(0, selected.reshape(-1), mask.repeat_interleave(top_k))
+        probability_sums = probability_sums.to(layer_logits.device) + (probabilities.float() * mask[:, None]).sum(0)
+        rows = rows.to(layer_logits.device) + mask.sum()
+    global_counts = total(torch.cat([counts, rows[None]]).detach())
+    tokens_per_expert, global_rows = global_counts[:-1] / global_counts[-1], global_counts[-1]
+    return num_experts * torch.sum(tokens_per_expert * probability_sums / global_rows)

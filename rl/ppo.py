@@ -28,7 +28,9 @@ is the loop around it (rl.training.train runs steps 1, 7 and 8). One step (= one
                  with Clip-Cov / KL-Cov (Cui et al. 2025, arXiv:2505.22617) acting on L_clip's tokens
                  when switched on, and each token of L_clip weighted by min(pi_old / pi_sampler, tis_cap)
                  with rl.tis_cap (truncated importance sampling, Yao et al. 2025); gradient norms clipped to
-                 MAX_GRAD_NORM (policy and value head apart).
+                 MAX_GRAD_NORM (policy and value head apart). In a data-parallel run (rl.distributed) the
+                 minibatches split the whole batch, each rank's terms are its share of the minibatch's tokens, and
+                 the gradients are summed across ranks before the clip.
  7. sync         engine.sync_weights(model) once the step's updates are done (the engine is idle between
                  them): the next step samples from the updated policy.
  8. record       rollouts and metrics; a checkpoint every `checkpoint_every` steps and
@@ -54,12 +56,12 @@ from contextlib import ExitStack
 
 import torch
 
+from rl.distributed import Shard
 from rl.losses import (
     aggregate,
     clip_cov_mask,
     clipped_policy_loss,
     clipped_value_loss,
-    explained_variance,
     gae,
     importance_ratio,
     kl_cov_penalty,
@@ -67,7 +69,6 @@ from rl.losses import (
     kl_k3,
     masked_mean,
     prefix_mask,
-    sampler_mismatch,
     sequence_log_ratio,
     truncated_importance_weights,
 )
@@ -116,10 +117,11 @@ def _last_token_rewards(sequence_rewards: torch.Tensor, mask: torch.Tensor) -> t
     return rewards
 
 
-def _whiten(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """A <- (A - mean A) / (std A + 1e-8) over the batch's completion tokens (population std); 0 off the mask."""
-    mean = masked_mean(advantages, mask)
-    std = masked_mean((advantages - mean) ** 2, mask).sqrt()
+def _whiten(advantages: torch.Tensor, mask: torch.Tensor, shard: Shard) -> torch.Tensor:
+    """A <- (A - mean A) / (std A + 1e-8) over the batch's completion tokens (population std), every rank's;
+    0 off the mask."""
+    mean = shard.masked_mean(advantages, mask)
+    std = shard.masked_mean((advantages - mean) ** 2, mask).sqrt()
     return ((advantages - mean) / (std + ADVANTAGE_EPSILON)) * mask
 
 
@@ -148,7 +150,7 @@ class PPO:
         self.shaping = RewardShaping(settings.mitigations, state)
 
     def step(self, step: int, batch: StepBatch) -> StepResult:
-        run, settings = self.run, self.run.settings
+        run, settings, shard = self.run, self.run.settings, self.run.shard
         ppo, mitigations, model = settings.ppo, settings.mitigations, run.model
         temperature = settings.sampling.temperature or 1.0
         device = next(model.parameters()).device
@@ -188,26 +190,34 @@ class PPO:
 
         # 5. GAE and advantage normalisation.
         advantages, returns = gae(token_rewards, old_values, mask, ppo.gamma, ppo.lam)
-        advantages = _whiten(advantages, mask)
+        advantages = _whiten(advantages, mask, shard)
 
-        # 6. epochs x minibatches of clipped updates.
+        # 6. epochs x minibatches of clipped updates. The minibatches split the whole step's batch (every rank's
+        # sequences, numbered in rank order); this rank trains on its own rows of each.
         order_generator = torch.Generator().manual_seed(step_seed(run.seed, step, "minibatches"))
         cov_generator = torch.Generator(device=device).manual_seed(step_seed(run.seed, step, "clip_cov"))
+        first_row = shard.rank * num_sequences
         updates = []
         for _ in range(ppo.epochs):
-            for rows in torch.randperm(num_sequences, generator=order_generator).chunk(ppo.minibatches):
+            for rows in torch.randperm(num_sequences * shard.world_size, generator=order_generator).chunk(ppo.minibatches):
+                rows = rows[(rows >= first_row) & (rows < first_row + num_sequences)] - first_row
+                if len(rows) == 0:
+                    updates.append(self._update_without_rows(step, mask))
+                    continue
                 minibatch = pack_rows([prompt_ids[i] for i in rows], [completion_ids[i] for i in rows],
                                       run.tokenizer.pad_token_id, completion_width=mask.shape[1]).to(device)
                 rows = rows.to(device)
                 m = mask[rows]
-                new = policy_forward(model, minibatch, temperature, hidden=True, router_loss=self.aux_coef > 0)
+                weight = shard.weights(m).tokens  # this rank's share of the minibatch's tokens (1.0 in one process)
+                new = policy_forward(model, minibatch, temperature, hidden=True, router_loss=self.aux_coef > 0,
+                                     shard=shard)
                 logprobs, values = new.logprobs, self.value_head(new.hidden)
 
                 # PPO clipped surrogate (per token), with the Cui et al. covariance mitigations and TIS.
                 ratio = importance_ratio(logprobs, old_logprobs[rows], m)
                 per_token, clip_fraction = clipped_policy_loss(ratio, advantages[rows], m, eps_low, eps_high)
-                stats = {"clip_fraction": clip_fraction.item(),
-                         "approx_kl": masked_mean(kl_k3(old_logprobs[rows], logprobs.detach()), m).item()}
+                stats = {"clip_fraction": clip_fraction.item() * weight,
+                         "approx_kl": masked_mean(kl_k3(old_logprobs[rows], logprobs.detach()), m).item() * weight}
                 if mitigations.clip_cov:
                     keep = clip_cov_mask(logprobs, old_logprobs[rows], advantages[rows], m, clip_ratio=mitigations.cov_ratio,
                                          epsilon_low=settings.epsilon, epsilon_high=settings.clip_high,
@@ -221,17 +231,19 @@ class PPO:
                     stats["kl_cov_penalty"] = aggregate(penalty.detach(), m, "bnpo").item()
                 if tis_weights is not None:
                     per_token = per_token * tis_weights[rows]
-                    stats["tis_capped_fraction"] = masked_mean((tis_weights[rows] >= settings.tis_cap).float(), m).item()
-                policy_loss = aggregate(per_token, m, "bnpo")
-                value_loss = clipped_value_loss(values, old_values[rows], returns[rows], m, ppo.value_clip)
+                    stats["tis_capped_fraction"] = (masked_mean((tis_weights[rows] >= settings.tis_cap).float(), m).item()
+                                                    * weight)
+                # Every term is a token mean over the minibatch: this rank's share of it (rl.distributed).
+                policy_loss = aggregate(per_token, m, "bnpo") * weight
+                value_loss = clipped_value_loss(values, old_values[rows], returns[rows], m, ppo.value_clip) * weight
                 loss = policy_loss + ppo.value_coef * value_loss
                 if mitigations.entropy_coef:
-                    loss = loss - mitigations.entropy_coef * masked_mean(new.entropy, m)
+                    loss = loss - mitigations.entropy_coef * masked_mean(new.entropy, m) * weight
                 if settings.beta > 0 and settings.kl_estimator == "k3":
-                    loss = loss + settings.beta * masked_mean(kl_k3(logprobs, ref_logprobs[rows]), m)
+                    loss = loss + settings.beta * masked_mean(kl_k3(logprobs, ref_logprobs[rows]), m) * weight
                 if mitigations.prefix_kl_coef > 0:
                     prefix_kl = aggregate(kl_k3(logprobs, ref_logprobs[rows]) * prefix_mask(m, mitigations.prefix_kl_tokens),
-                                          m, "bnpo")
+                                          m, "bnpo") * weight
                     loss = loss + mitigations.prefix_kl_coef * prefix_kl
                     stats["prefix_kl"] = prefix_kl.item()
                 if new.aux_loss is not None:
@@ -242,32 +254,55 @@ class PPO:
                     loss = loss + mitigations.pretrain_replay_coef * replay_loss
                     stats["replay_loss"] = replay_loss.item()
 
-                require_finite("loss", loss, step)
+                stats = shard.sum_values({**stats, "loss": loss.item(), "policy_loss": policy_loss.item(),
+                                          "value_loss": value_loss.item()})  # every rank's shares: the minibatch's
+                require_finite("loss", torch.tensor(stats["loss"]), step)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                # Policy and value head are clipped separately, as two networks would be.
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy_parameters, MAX_GRAD_NORM)
-                value_grad_norm = torch.nn.utils.clip_grad_norm_(self.value_head.parameters(), MAX_GRAD_NORM)
-                require_finite("gradient norm", torch.stack([grad_norm, value_grad_norm]), step)
-                self.optimizer.step()
-                updates.append({**stats, "loss": loss.item(), "policy_loss": policy_loss.item(),
-                                "value_loss": value_loss.item(), "grad_norm": grad_norm.item()})
+                updates.append({**stats, "grad_norm": self._optimizer_step(step)})
 
         # Means over the step's updates; the rest describes the sampling model (before the updates).
         metrics = mean_metrics(updates) | shaping_metrics
         metrics["updates"] = len(updates)
-        metrics["explained_variance"] = explained_variance(old_values, returns, mask).item()
-        metrics["entropy"] = masked_mean(old.entropy, mask).item()
+        metrics["explained_variance"] = shard.explained_variance(old_values, returns, mask).item()
+        metrics["entropy"] = shard.masked_mean(old.entropy, mask).item()
         if ref_logprobs is not None:
-            metrics["kl_to_reference"] = masked_mean(kl_k3(old_logprobs, ref_logprobs), mask).item()
+            metrics["kl_to_reference"] = shard.masked_mean(kl_k3(old_logprobs, ref_logprobs), mask).item()
         if sequence_kl is not None:
-            metrics["sequence_kl"] = sequence_kl.mean().item()
-        metrics["sampler_kl"], metrics["sampler_ratio_max"] = sampler_mismatch(old_logprobs, sampler, mask)
+            metrics["sequence_kl"] = shard.mean(sequence_kl).item()
+        metrics["sampler_kl"], metrics["sampler_ratio_max"] = shard.sampler_mismatch(old_logprobs, sampler, mask)
         return StepResult((old.raw_logprobs * mask).sum(-1), routing[0] if routing else None, metrics)
+
+    def _optimizer_step(self, step: int) -> float:
+        """Sum the gradients over the ranks, clip them and step; returns the policy's gradient norm (before the clip).
+        Policy and value head are clipped separately, as two networks would be."""
+        self.run.shard.sum_gradients([*self.policy_parameters, *self.value_head.parameters()])
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy_parameters, MAX_GRAD_NORM)
+        value_grad_norm = torch.nn.utils.clip_grad_norm_(self.value_head.parameters(), MAX_GRAD_NORM)
+        require_finite("gradient norm", torch.stack([grad_norm, value_grad_norm]), step)
+        self.optimizer.step()
+        return grad_norm.item()
+
+    def _update_without_rows(self, step: int, mask: torch.Tensor) -> dict:
+        """A minibatch none of whose rows this rank holds (data parallelism only): the rank adds zero to every sum
+        the other ranks make (token counts, router counts, statistics, gradients) and takes the same optimiser
+        step. Returns the minibatch's statistics (the other ranks' sums)."""
+        settings, shard = self.run.settings, self.run.shard
+        shard.weights(mask[:0])
+        if self.aux_coef > 0:
+            config = self.run.model.config
+            shard.load_balancing_loss(None, config.num_experts, config.num_experts_per_tok, None)
+        keys = ["clip_fraction", "approx_kl", "loss", "policy_loss", "value_loss"]
+        keys += ["tis_capped_fraction"] * (settings.tis_cap is not None)
+        keys += ["prefix_kl"] * (settings.mitigations.prefix_kl_coef > 0) + ["aux_loss"] * (self.aux_coef > 0)
+        stats = shard.sum_values(dict.fromkeys(keys, 0.0))
+        require_finite("loss", torch.tensor(stats["loss"]), step)
+        self.optimizer.zero_grad(set_to_none=True)
+        return {**stats, "grad_norm": self._optimizer_step(step)}
 
     def measure(self, step: int, batch: StepBatch) -> StepResult:
         return measure_rollouts(self.run.model, self.run.tokenizer, batch, self.run.settings.sampling.temperature or 1.0,
-                                self.reference)
+                                self.reference, self.run.shard)
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "value_head": self.value_head.state_dict(),

@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
-from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func  # every MoE family's (TRL uses it too)
 
 from rl.config import RLSettings
+from rl.distributed import Shard
 from rl.engines import RolloutEngine
-from rl.losses import kl_k3, masked_mean, sampler_mismatch, token_entropy
+from rl.losses import kl_k3, token_entropy
 from rl.recorder import Recorder, Rollout
 from rl.replay import PretrainReplay
 from rl.rollouts import PromptSet, Rewards, StepBatch, pack_batch, sampler_logprobs
@@ -67,6 +67,7 @@ class Run:
     replay: PretrainReplay | None = None
     heldout: list[Problem] = field(default_factory=list)
     progress: bool = True
+    shard: Shard = field(default_factory=Shard)  # this process's place in a data-parallel run (rl.distributed)
 
     def base_model(self) -> torch.nn.Module:
         """The pretrained base: `reference`, or at a fresh start a frozen copy of the model before any update."""
@@ -135,12 +136,13 @@ class PolicyOutput:
 
 
 def policy_forward(model, batch: PackedBatch, temperature: float, *, router_loss: bool = False,
-                   hidden: bool = False) -> PolicyOutput:
+                   hidden: bool = False, shard: Shard = Shard()) -> PolicyOutput:
     """One forward of packed prompt + completion sequences (rl.sequences.PackedBatch). The LM head runs only
     where a completion token is predicted; log-probs and entropy are those of the sampling distribution,
     logits / temperature, as TRL's GRPOTrainer computes them. The router loss is the model family's
     load-balancing loss (Switch Transformer, arXiv:2101.03961, as transformers computes it) over the real
-    tokens, prompts included, exactly as on a padded batch with its attention mask."""
+    tokens, prompts included, exactly as on a padded batch with its attention mask; in a data-parallel run
+    (`shard`) this rank's share of the loss of every rank's batch (rl.distributed)."""
     extra = {"output_router_logits": True} if router_loss else {}
     # No attention mask: packed rows, one causal mask per sequence from the restarting position ids.
     output = model.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **extra)
@@ -153,29 +155,30 @@ def policy_forward(model, batch: PackedBatch, temperature: float, *, router_loss
     aux_loss = None
     if router_loss:
         config = model.config
-        aux_loss = load_balancing_loss_func(output.router_logits, config.num_experts, config.num_experts_per_tok,
-                                            batch.real)
+        aux_loss = shard.load_balancing_loss(output.router_logits, config.num_experts, config.num_experts_per_tok,
+                                             batch.real)
     return PolicyOutput(logprobs=batch.scatter(logprobs), entropy=batch.scatter(token_entropy(scaled)),
                         raw_logprobs=batch.scatter(raw.detach()), aux_loss=aux_loss,
                         hidden=batch.scatter(states) if hidden else None)
 
 
 @torch.no_grad()
-def measure_rollouts(model, tokenizer, batch: StepBatch, temperature: float, reference=None) -> StepResult:
+def measure_rollouts(model, tokenizer, batch: StepBatch, temperature: float, reference=None,
+                     shard: Shard = Shard()) -> StepResult:
     """The statistics of a step's rollouts under the model that sampled them, without an update: routed-token
     counts, each completion's raw log-prob, the mean token entropy, the KL to `reference` (k3, when given) and
     the sampler mismatch (rl.losses.sampler_mismatch). Expert Iteration's routing pass and the final policy's
-    step (no update after it) of every algorithm."""
+    step (no update after it) of every algorithm. The means are over every rank's tokens (`shard`)."""
     device = next(model.parameters()).device
     packed = pack_batch(batch, tokenizer).to(device)
     mask = packed.mask
     with capture_routing(model, packed.owner, mask.shape[0]) as routing:
         forward = policy_forward(model, packed, temperature)
-    metrics = {"entropy": masked_mean(forward.entropy, mask).item()}
+    metrics = {"entropy": shard.masked_mean(forward.entropy, mask).item()}
     if reference is not None:
         ref = policy_forward(reference, packed, temperature).logprobs
-        metrics["kl_to_reference"] = masked_mean(kl_k3(forward.logprobs, ref), mask).item()
-    metrics["sampler_kl"], metrics["sampler_ratio_max"] = sampler_mismatch(
+        metrics["kl_to_reference"] = shard.masked_mean(kl_k3(forward.logprobs, ref), mask).item()
+    metrics["sampler_kl"], metrics["sampler_ratio_max"] = shard.sampler_mismatch(
         forward.logprobs, sampler_logprobs(batch, mask), mask)
     return StepResult((forward.raw_logprobs * mask).sum(-1), routing[0] if routing else None, metrics)
 

@@ -118,12 +118,13 @@ class Rewards:
 
 
 def collect(engine: RolloutEngine, prompter: Prompter, problems: list[Problem], sampling: SamplingSettings,
-            rewards: Rewards, seed: int) -> StepBatch:
+            rewards: Rewards, seed: int, first_index: int = 0) -> StepBatch:
     """Sample `sampling.samples_per_prompt` completions of each problem's prompt (`prompter`) with `seed`, grade and
-    reward them."""
+    reward them. `first_index`: the first problem's index in the step's whole batch (a data-parallel rank's share
+    is sampled with its global prompt indices, rl.distributed)."""
     prompts = [prompter.text(p) for p in problems]
     started = time.perf_counter()
-    groups = engine.generate(prompts, sampling, seed)
+    groups = engine.generate(prompts, sampling, seed, first_index)
     sampled = time.perf_counter()
     if len(groups) != len(problems) or any(len(group) != sampling.samples_per_prompt for group in groups):
         raise RuntimeError(f"the engine returned {[len(g) for g in groups]} completions per prompt, "
@@ -221,3 +222,13 @@ def sampler_logprobs(batch: StepBatch, mask: torch.Tensor) -> torch.Tensor:
     for row, completion in enumerate(batch.flat_completions):
         values[row, :len(completion.token_logprobs)] = torch.tensor(completion.token_logprobs)
     return values.to(mask.device)
+
+
+def concatenate(batches: list[StepBatch]) -> StepBatch:
+    """The data-parallel ranks' shares of one step (rl.distributed), in rank order: the step's whole batch. Times
+    are the slowest rank's (the ranks sample at once)."""
+    return StepBatch([p for b in batches for p in b.problems], [p for b in batches for p in b.prompts],
+                     [g for b in batches for g in b.completions], [g for b in batches for g in b.grades],
+                     torch.cat([b.rewards for b in batches]), sample_time_s=max(b.sample_time_s for b in batches),
+                     score_time_s=max(b.score_time_s for b in batches),
+                     sampling_rounds=max(b.sampling_rounds for b in batches))

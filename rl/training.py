@@ -30,10 +30,11 @@ have left some), reads that checkpoint's
 trainer_state.pt, restores the RNG states and hands the state to `recipe.setup`. A run killed after
 checkpoint N but before step N's records resumes at N and only records the final model.
 
-Data parallelism (not implemented) stays a local change of this step structure: each rank would collect
-its share of `prompt_set.batch(s)` (whole prompt groups, so advantages stay per group), the recipes would
-all-reduce their gradients (and the token counts and batch statistics their losses normalise by) before
-each optimiser step, and rank 0 alone would record, checkpoint and call the observers.
+Data parallelism (`run.shard`, rl.distributed): each rank samples its contiguous share of `prompt_set.batch(s)`
+with the prompts' global indices (whole prompt groups, so advantages stay per group) and runs the recipe on it (the
+recipes make their sums and gradients global); rank 0 gathers the shares, then alone records, checkpoints, calls the
+observers and runs the held-out evaluation (its engine holds the same weights as every rank's). One process is
+rank 0 of one.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from rl.grpo import GRPO
 from rl.losses import zero_std_fraction
 from rl.ppo import PPO
 from rl.recipe import HeldoutObserver, Recipe, Run, StepObserver, StepResult, require_finite
-from rl.rollouts import StepBatch, collect, dynamic_sampling, to_rollouts
+from rl.rollouts import StepBatch, collect, concatenate, dynamic_sampling, to_rollouts
 from rl.seeds import step_seed
 from specialists.errors import UserError
 from specialists.run_directory import ALGORITHM_METRICS, METRICS
@@ -63,22 +64,24 @@ RECIPES: dict[str, type] = {"grpo": GRPO, "ppo": PPO, "ei": ExpertIteration}
 def train(run: Run, observers: Sequence[StepObserver] = ()):
     """Run (or resume) `run` to the end: the update steps start_step .. N - 1 and the final model's step N.
     Returns the trained model (`run.model`, changed in place). The caller owns the engine."""
-    settings = run.settings
+    settings, shard = run.settings, run.shard
     if not 0 <= run.start_step <= settings.steps:
         raise ValueError(f"start_step must be in [0, {settings.steps}], got {run.start_step}")
     state = _resume_state(run)
-    run.recorder.forget_from(run.start_step)
+    if shard.leads:
+        run.recorder.forget_from(run.start_step)
     if state is not None:
         restore_rng_state(state["rng"])
     if settings.evaluation.every > 0 and not run.heldout:
         raise ValueError("rl.evaluation is on (every > 0) but the run has no held-out problems (Run.heldout)")
     recipe: Recipe = RECIPES[settings.algorithm](run)
-    bar = tqdm(total=settings.steps + 1, initial=run.start_step, desc=settings.algorithm, disable=not run.progress)
+    bar = tqdm(total=settings.steps + 1, initial=run.start_step, desc=settings.algorithm,
+               disable=not (run.progress and shard.leads))
     try:
         recipe.setup(state)
         for step in range(run.start_step, settings.steps + 1):
             # 0. Evaluate the current model on the held-out problems.
-            if evaluates(settings, step):
+            if evaluates(settings, step) and shard.leads:
                 evaluation = collect(run.engine, run.prompt_set.prompter, run.heldout, heldout_sampling(settings),
                                      run.rewards, step_seed(run.seed, step, "heldout"))
                 heldout_rows = to_rollouts(step, run.prompt_set.epoch(step), evaluation, None, None)
@@ -89,8 +92,9 @@ def train(run: Run, observers: Sequence[StepObserver] = ()):
             started = time.perf_counter()
             # 1. Sample the current model.
             update = step < settings.steps
-            batch = collect(run.engine, run.prompt_set.prompter, run.prompt_set.batch(step), settings.sampling,
-                            run.rewards, step_seed(run.seed, step, "sampling"))
+            share = shard.part(settings.prompts_per_step)
+            batch = collect(run.engine, run.prompt_set.prompter, run.prompt_set.batch(step)[share], settings.sampling,
+                            run.rewards, step_seed(run.seed, step, "sampling"), first_index=share.start)
             if update and settings.grpo.dynamic_sampling:
                 batch = dynamic_sampling(batch, run.engine, run.prompt_set, step, settings, run.rewards, run.seed)
             require_finite("reward", batch.rewards, step)
@@ -103,7 +107,12 @@ def train(run: Run, observers: Sequence[StepObserver] = ()):
                 run.engine.sync_weights(run.model)
             timings = {"update_time_s": synced - recipe_started, "sync_time_s": time.perf_counter() - synced}
 
-            # 4. Record.
+            # 4. Record (rank 0, with every rank's share).
+            expert_load = None if result.expert_load is None else result.expert_load.cpu()
+            shares = shard.gather(f"step{step}", (batch, result.logprobs.cpu(), expert_load))
+            if not shard.leads:
+                continue
+            batch, result = _whole_step(shares, result)
             rows = to_rollouts(step, run.prompt_set.epoch(step), batch, result.logprobs, result.expert_load)
             run.recorder.write_rollouts(step, rows)
             line = metrics_line(settings.algorithm, run.prompt_set.epoch(step), update, batch, result,
@@ -123,6 +132,16 @@ def train(run: Run, observers: Sequence[StepObserver] = ()):
         bar.close()
         recipe.close()
     return run.model
+
+
+def _whole_step(shares: list[tuple], result: StepResult) -> tuple[StepBatch, StepResult]:
+    """The step's whole batch and result from the ranks' (batch, logprobs, expert_load) shares, in rank order; the
+    metrics are already every rank's (the recipes reduce them)."""
+    if len(shares) == 1:
+        return shares[0][0], result
+    batches, logprobs, loads = zip(*shares)
+    return concatenate(list(batches)), StepResult(
+        torch.cat(logprobs), None if loads[0] is None else torch.cat(loads), result.metrics)
 
 
 def evaluates(settings: RLSettings, step: int) -> bool:

@@ -51,8 +51,8 @@ class RecordingEngine:
     def __init__(self, engine):
         self.engine, self.calls = engine, []
 
-    def generate(self, prompts, sampling, seed):
-        groups = self.engine.generate(prompts, sampling, seed)
+    def generate(self, prompts, sampling, seed, first_index=0):
+        groups = self.engine.generate(prompts, sampling, seed, first_index)
         self.calls.append((prompts, groups))
         return groups
 

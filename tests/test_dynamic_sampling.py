@@ -37,7 +37,7 @@ class ScriptedEngine:
     def __init__(self, script: dict[str, list[str]]):
         self.script, self.seeds = script, []
 
-    def generate(self, prompts, sampling, seed):
+    def generate(self, prompts, sampling, seed, first_index=0):
         self.seeds.append(seed)
         return [[Completion(text, [1], [0.0], True) for text in self.script[prompt]] for prompt in prompts]
 

@@ -379,9 +379,9 @@ class ShiftedSampler:
     def __init__(self, engine, shift: float):
         self.engine, self.shift = engine, shift
 
-    def generate(self, prompts, sampling, seed):
+    def generate(self, prompts, sampling, seed, first_index=0):
         return [[Completion(c.text, c.token_ids, [lp - self.shift for lp in c.token_logprobs], c.finished) for c in group]
-                for group in self.engine.generate(prompts, sampling, seed)]
+                for group in self.engine.generate(prompts, sampling, seed, first_index)]
 
     def sync_weights(self, model):
         self.engine.sync_weights(model)
