@@ -13,6 +13,7 @@ is appended one line per write (a cut last line is dropped on resume).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from collections.abc import Sequence
