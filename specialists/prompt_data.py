@@ -9,7 +9,7 @@ column may hold
 - a bare LaTeX answer, as MATH-500's `answer` column holds them ('\\frac{14}{3}',
   '\\left( 3, \\frac{\\pi}{2} \\right)'): kept as text and graded by math-verify like a boxed one. A bare cell
   is taken for an answer only when it is one line of at most BARE_ANSWER_MAX_CHARS characters, has no run of
-  three plain words (a sentence: a solution without its `####` or `\\boxed{}`), and math-verify reads it.
+  two plain words in a row (prose: a solution without its `####` or `\\boxed{}`), and math-verify reads it.
 
 The held-out split (`prompt_split`) is either a second file read with the same columns, or a seeded
 fraction of the first. It never shares a question with the RL prompts: questions are compared after
@@ -45,7 +45,7 @@ _NUMBER = re.compile(r"-?[\d,]*\.?\d+")
 _BOXED = "\\boxed{"
 BARE_ANSWER_MAX_CHARS = 200
 _LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")
-_SENTENCE = re.compile(r"[A-Za-z]{2,}\s+[A-Za-z]{2,}\s+[A-Za-z]{2,}")  # three plain words in a row
+_SENTENCE = re.compile(r"[A-Za-z]{2,}\s+[A-Za-z]{2,}")  # two plain words in a row: prose, not an answer
 
 
 class PromptColumns(Strict):
@@ -161,7 +161,7 @@ def gold_answer(solution: object) -> float | str | None:
 
 def bare_latex_answer(text: str) -> bool:
     """Whether a cell without '####' or '\\boxed{}' is an answer rather than a solution: one line of at most
-    BARE_ANSWER_MAX_CHARS characters, no three plain words in a row outside LaTeX command names (a sentence),
+    BARE_ANSWER_MAX_CHARS characters, no two plain words in a row outside LaTeX command names (prose),
     and math-verify reads it as LaTeX (`specialists.grading.reads_as_latex`, as the grading will)."""
     if not text or "\n" in text or len(text) > BARE_ANSWER_MAX_CHARS or _SENTENCE.search(_LATEX_COMMAND.sub(" ", text)):
         return False
