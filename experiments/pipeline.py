@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from experiments.config import ExperimentConfig
 from specialists.config import SpecialistsConfig
 from specialists.errors import UserError
@@ -47,6 +49,15 @@ def base_model(config: ExperimentConfig, progress: bool = True) -> Path:
     return Path(config.model.path) if config.model.path else base_model_dir(config.specialists(), progress)
 
 
+def _same_config(saved: dict, resolved: dict) -> bool:
+    """Whether a run directory's config.json is the config `resolved`. The saved one is validated first, so a
+    run started before echolab gained a setting (written here at its default) still resumes."""
+    try:
+        return ExperimentConfig.model_validate(saved).model_dump(mode="json") == resolved
+    except ValidationError:
+        return False
+
+
 def _prepare_run_dir(run_dir: Path, resolved: dict, resume: bool, overwrite: bool) -> None:
     """Refuse to mix runs: a non-empty `run_dir` needs `resume` (and the same config) or `overwrite`."""
     if resume and overwrite:
@@ -61,7 +72,7 @@ def _prepare_run_dir(run_dir: Path, resolved: dict, resume: bool, overwrite: boo
                             "afresh, or choose another --out")
         elif not (run_dir / "config.json").is_file():
             raise UserError(f"{run_dir} has no config.json, so it is no run to resume")
-        elif json.loads((run_dir / "config.json").read_text()) != resolved:
+        elif not _same_config(json.loads((run_dir / "config.json").read_text()), resolved):
             raise UserError(f"{run_dir} was started with a different config; resume it with the same one")
     elif resume:
         raise UserError(f"nothing to resume in {run_dir}")

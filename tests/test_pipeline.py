@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from experiments.config import load_experiment_config
-from experiments.pipeline import run_experiment
+from experiments.pipeline import _prepare_run_dir, run_experiment
 from processes import echolab_command, kill_when_written, on_a_small_disk, pinned_environment
 from rl.recorder import Recorder
 from specialists.errors import UserError
@@ -215,6 +215,21 @@ def test_an_existing_run_is_kept_unless_resumed_or_overwritten(smoke_run, tmp_pa
     with pytest.raises(UserError, match="different config"):
         run_experiment(load_experiment_config(other), smoke_run, resume=True, progress=False)
     assert len(metrics_without_timing(smoke_run)) == 4  # untouched
+
+
+def test_a_run_started_before_a_setting_existed_resumes(smoke_run, tmp_path):
+    """config.json without a key echolab gained later (at its default) is the same config; a changed value is not."""
+    resolved = load_experiment_config(SMOKE).model_dump(mode="json")
+    saved = json.loads((smoke_run / "config.json").read_text())
+    del saved["rl"]["mitigations"]["format_kl_coef"]
+    older = tmp_path / "older"
+    older.mkdir()
+    (older / "config.json").write_text(json.dumps(saved))
+    _prepare_run_dir(older, resolved, resume=True, overwrite=False)
+    saved["rl"]["mitigations"]["format_kl_coef"] = 0.5
+    (older / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(UserError, match="different config"):
+        _prepare_run_dir(older, resolved, resume=True, overwrite=False)
 
     overwritten = tmp_path / "overwritten"
     shutil.copytree(smoke_run, overwritten)
