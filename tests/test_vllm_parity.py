@@ -1,11 +1,13 @@
 """The same checkpoint in transformers and in vLLM: same greedy tokens, same float32 log-probabilities, and
-per-token sampling log-probabilities of the distribution each engine samples from (temperature, top-p)."""
+per-token sampling log-probabilities of the distribution each engine samples from (temperature, top-p). Our vLLM
+engine's completions are those vLLM's own `LLM.generate` returns with detokenisation on (text included)."""
 
 import pytest
 import torch
 
 from rl.config import SamplingSettings
-from rl.engines import HFEngine
+from rl.engines import HFEngine, completion_text
+from rl.seeds import request_seed
 from specialists.model import load_model
 from specialists.tasks import generate_problems, prompt_text
 from specialists.tokenizer import load_tokenizer
@@ -73,3 +75,49 @@ def test_seeded_batches_larger_than_one_prefill_budget(vllm_moe):
     first = vllm_moe.generate(prompts, sampling, seed=3)
     assert [len(group) for group in first] == [8] * len(prompts)
     assert [[c.token_ids for c in g] for g in vllm_moe.generate(prompts, sampling, seed=3)] == [[c.token_ids for c in g] for g in first]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_engine_returns_what_vllm_returns_with_detokenisation(temperature, tiny_moe_dir, vllm_moe):
+    """The engine asks vLLM for token ids and log-probs only and decodes the text afterwards (rl.engines.
+    completion_text); everything must equal a plain `LLM.generate` with detokenisation on and per-token log-prob
+    dicts, as the engine asked before. At temperature 2 the tiny model samples stray byte tokens, where a one-shot
+    `tokenizer.decode` of the completion differs from vLLM's text (asserted: the case is covered)."""
+    from vllm import SamplingParams, TokensPrompt
+
+    tokenizer = load_tokenizer(tiny_moe_dir)
+    prompts = PROMPTS * 2
+    sampling = SamplingSettings(temperature=temperature, max_new_tokens=48, samples_per_prompt=8)
+    ours = vllm_moe.generate(prompts, sampling, seed=7)
+    params = [SamplingParams(n=8, temperature=temperature, top_p=1.0, top_k=0, max_tokens=48, logprobs=0,
+                             seed=request_seed(7, index), skip_special_tokens=True) for index in range(len(prompts))]
+    requests = [TokensPrompt(prompt_token_ids=tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    plain = vllm_moe.llm.generate(requests, params, use_tqdm=False)
+    one_shot_differs = 0
+    for group, output in zip(ours, plain, strict=True):
+        for completion, sample in zip(group, output.outputs, strict=True):
+            assert completion.token_ids == list(sample.token_ids)
+            assert completion.text == sample.text
+            assert completion.token_logprobs == [step[token].logprob for step, token in zip(sample.logprobs, sample.token_ids)]
+            assert completion.finished == (sample.finish_reason == "stop")
+            one_shot_differs += tokenizer.decode(completion.token_ids, skip_special_tokens=True) != sample.text
+    assert sum(c.finished for g in ours for c in g) > 0  # a stop token ended some completions
+    if temperature == 2.0:
+        assert one_shot_differs > 0
+
+
+def test_completion_text_is_vllms_incremental_text(tiny_moe_dir):
+    """vLLM's incremental detokeniser holds back a character cut by the end of a completion and leaves the final
+    stop token out; a one-shot decode would print U+FFFD for the cut character."""
+    from vllm import SamplingParams
+
+    tokenizer = load_tokenizer(tiny_moe_dir)
+    prompt_ids = tokenizer("Question: 2 + 2 = ", add_special_tokens=False)["input_ids"]
+    text_ids, accent_ids = tokenizer("4 caf", add_special_tokens=False)["input_ids"], tokenizer("\u00e9", add_special_tokens=False)["input_ids"]
+    assert len(accent_ids) == 2  # two byte tokens (C3 A9): the corpus has no accents
+    params = SamplingParams(skip_special_tokens=True, detokenize=False)
+    cut = text_ids + accent_ids[:1]
+    assert tokenizer.decode(cut) == "4 caf\ufffd"
+    assert completion_text(tokenizer, prompt_ids, cut, params, stopped=False) == "4 caf"
+    assert completion_text(tokenizer, prompt_ids, text_ids + accent_ids, params, stopped=False) == "4 caf\u00e9"
+    assert completion_text(tokenizer, prompt_ids, text_ids + [tokenizer.eos_token_id], params, stopped=True) == "4 caf"
