@@ -153,6 +153,23 @@ def test_push_into_a_bfloat16_engine_casts_the_trained_weights(bfloat16_engine):
     assert torch.equal(router, model.model.layers[0].mlp.gate.weight.detach().to(torch.bfloat16))
 
 
+def test_an_engine_freed_later_leaves_the_live_engines_working(engine, tmp_path):
+    """vLLM's in-process engine, when it shuts down (here: freed by the garbage collector), destroyed the process
+    groups every engine of the process reads: the live engine then failed with "pipeline model parallel group is
+    not initialized". The order effect it caused (this file before test_vllm_parity) is gone with it."""
+    import weakref
+
+    model, llm = engine
+    push_weights(llm, model)
+    build_model("dense", tmp_path)
+    other = make_llm(tmp_path, seed=0, max_model_len=256, kv_cache_gib=0.25)
+    client = weakref.ref(other.llm_engine.engine_core)
+    del other
+    gc.collect()
+    assert client() is None  # freed, so shut down
+    assert max_difference(llm, model) <= TOLERANCE  # and the live engine still serves its weights
+
+
 def test_engine_reads_plain_weights(engine):
     """make_llm's engine computes from the Parameters push_weights writes (no private oneDNN copies)."""
     _, llm = engine
