@@ -699,8 +699,9 @@ def forecast_section(runs: list[Run]) -> str:
 
 # ---------------------------------------------------------------- the training story: settings
 
-# Tuning parameters of rl.mitigations switches (analysis does not import rl): shown beside their switch when it
-# is on, never as mitigations of their own.
+# Tuning parameters of rl.mitigations switches: shown beside their switch when it is on, never as mitigations of
+# their own. A copy of rl.config.MITIGATION_PARAMETERS, which is derived from the typed config's fields (each
+# parameter's `Tunes`): analysis does not import rl, so tests/test_report.py holds the two equal.
 MITIGATION_PARAMETERS = {"cov_ratio": ("clip_cov", "kl_cov"), "kl_cov_coef": ("kl_cov",),
                          "pretrain_replay_batch": ("pretrain_replay_coef",), "prefix_kl_tokens": ("prefix_kl_coef",),
                          "outcome_exploration_mode": ("outcome_exploration_coef",)}

@@ -10,14 +10,15 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import warnings
 from pathlib import Path
 
 import pandas as pd
 from safetensors import safe_open
 
-from analysis.load import jsonl_chunks
+from analysis.load import InputWarning
 from specialists.errors import UserError
-from specialists.run_directory import CHECKPOINTS_DIR, METRICS_FILE
+from specialists.run_directory import CHECKPOINTS_DIR, METRICS_FILE, read_metrics
 
 
 def read_training_metrics(run_dir: Path) -> pd.DataFrame | None:
@@ -28,10 +29,13 @@ def read_training_metrics(run_dir: Path) -> pd.DataFrame | None:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return None
-    frames = [chunk.records for chunk in jsonl_chunks(path, may_be_cut=True)]
-    if not frames:
+    records, cut_line = read_metrics(run_dir)
+    if cut_line is not None:
+        warnings.warn(f"{path} line {cut_line}: skipped a cut last line (the file is still being written?)",
+                      InputWarning)
+    if not records:
         return None
-    lines = pd.concat(frames, ignore_index=True)
+    lines = pd.DataFrame(records)
     if "step" not in lines.columns or lines["step"].isna().any():
         raise UserError(f"{path}: every metrics line needs a `step`")
     numeric = [column for column in lines.columns

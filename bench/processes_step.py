@@ -24,6 +24,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from specialists.run_directory import read_metrics  # noqa: E402
 SPLIT = ("step_time_s", "sample_time_s", "score_time_s", "update_time_s", "sync_time_s")
 
 
@@ -34,7 +37,7 @@ def run(config: Path, processes: int, threads: int, out: Path) -> dict:
                     "--overwrite", "--processes", str(processes)], check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
                    env={**os.environ, **variables, "PYTHONPATH": str(ROOT)})
     wall = time.perf_counter() - started
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = read_metrics(out).lines
     updates = [line for line in lines if line["update"]]
     return {"processes": processes, "wall_s": round(wall, 1),
             **{key: round(statistics.median(line[key] for line in updates), 2) for key in SPLIT}}

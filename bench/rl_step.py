@@ -146,6 +146,7 @@ def run_ours(model_dir: Path, settings, problems, rewards, engine_kind: str, see
     from rl.training import train
     from specialists.model import load_model
     from specialists.prompting import Prompter
+    from specialists.run_directory import read_metrics
     from specialists.tokenizer import load_tokenizer
 
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
@@ -163,7 +164,7 @@ def run_ours(model_dir: Path, settings, problems, rewards, engine_kind: str, see
                       rewards=TimedRewards(rewards, clock), recorder=Recorder(run_dir), seed=seed, progress=False)
             clock.start()
             train(run, observers=[clock])
-            metrics = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+            metrics = read_metrics(run_dir).lines
     finally:
         rl.grpo.grpo_loss = grpo_loss
         engine.close()

@@ -108,12 +108,6 @@ def _run(args: argparse.Namespace) -> None:
     from experiments.config import load_experiment_config
 
     config = load_experiment_config(args.config)
-    if args.processes > 1:  # before the slow imports, as the config's own rules
-        from rl.config import split_problem
-        from specialists.errors import UserError
-
-        if problem := split_problem(config.rl, args.processes):
-            raise UserError(f"--processes {args.processes}: {problem}")
     from experiments.console import StepLine, StepZeroCheck, final_lines
     from experiments.pipeline import run_experiment
 

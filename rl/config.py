@@ -6,9 +6,10 @@ switch of `MitigationSettings`, whose description names its source; the math is 
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
 from specialists.config import Strict
 from specialists.errors import SettingsError, UserError
@@ -76,57 +77,86 @@ class ExpertIterationSettings(Strict):
     start_from: Literal["base", "latest"] = Field("base", description="fine-tune each round from the base model (the paper) or the latest one")
 
 
-class MitigationSettings(Strict):
-    """Diversity mitigations, each off by default. Every switch names its source and the algorithms that
-    implement it; a config that switches one on for another algorithm is refused when it is loaded."""
+@dataclass(frozen=True)
+class Switch:
+    """What a mitigation switch of MitigationSettings says of itself, beside its field: the algorithms that implement
+    it (a config that switches it on for another is refused when it is loaded, RLSettings._algorithm_rules), and
+    whether a data-parallel run can split it across processes (else `--processes N` refuses it, split_problem)."""
 
-    entropy_coef: float = Field(0.0, ge=0, description=(
+    algorithms: tuple[str, ...]
+    data_parallel: bool
+
+
+@dataclass(frozen=True)
+class Tunes:
+    """A field of MitigationSettings that only tunes the switches it names: never refused, nor a mitigation, alone."""
+
+    switches: tuple[str, ...]
+
+    def __init__(self, *switches: str):
+        object.__setattr__(self, "switches", switches)
+
+
+class MitigationSettings(Strict):
+    """Diversity mitigations, each off by default. Every switch names its source and (its `Switch`) the algorithms
+    that implement it; a config that switches one on for another algorithm is refused when it is loaded. Every
+    other field `Tunes` a switch."""
+
+    entropy_coef: Annotated[float, Switch(("grpo", "ppo"), data_parallel=True)] = Field(0.0, ge=0, description=(
         "entropy bonus, loss -= coef * mean token entropy (Mnih et al. 2016, arXiv:1602.01783; TRL's entropy_coef). "
         "PPO, GRPO"))
-    clip_cov: bool = Field(False, description=(
+    clip_cov: Annotated[bool, Switch(("grpo", "ppo"), data_parallel=False)] = Field(False, description=(
         "Clip-Cov: no gradient for a few tokens of high log-prob/advantage covariance (Cui et al. 2025, "
         "arXiv:2505.22617; rl.losses.clip_cov_mask). PPO, GRPO"))
-    kl_cov: bool = Field(False, description=(
+    kl_cov: Annotated[bool, Switch(("grpo", "ppo"), data_parallel=False)] = Field(False, description=(
         "KL-Cov: |log pi - log pi_old| penalty on the top-covariance tokens (Cui et al. 2025, arXiv:2505.22617; "
         "rl.losses.kl_cov_penalty). PPO, GRPO (needs grpo.num_iterations > 1)"))
-    cov_ratio: float = Field(2e-3, gt=0, le=1, description="fraction of tokens Clip-Cov / KL-Cov act on (Cui et al.'s r / k)")
-    kl_cov_coef: float = Field(1.0, ge=0, description="KL-Cov's penalty weight (Cui et al.'s beta)")
-    format_diversity_coef: float = Field(0.0, ge=0, description=(
+    cov_ratio: Annotated[float, Tunes("clip_cov", "kl_cov")] = Field(2e-3, gt=0, le=1, description=(
+        "fraction of tokens Clip-Cov / KL-Cov act on (Cui et al.'s r / k)"))
+    kl_cov_coef: Annotated[float, Tunes("kl_cov")] = Field(1.0, ge=0, description=(
+        "KL-Cov's penalty weight (Cui et al.'s beta)"))
+    format_diversity_coef: Annotated[float, Switch(("grpo", "ppo", "ei"), data_parallel=True)] = Field(
+        0.0, ge=0, description=(
         "reward bonus coef * (1 - share of its format in the group) for correct completions; echolab's own, "
         "no paper (rl.losses.format_diversity_bonus). PPO, GRPO, EI (recorded reward only)"))
-    unlikeliness_beta: float = Field(0.0, ge=0, le=1, description=(
+    unlikeliness_beta: Annotated[float, Switch(("grpo",), data_parallel=True)] = Field(0.0, ge=0, le=1, description=(
         "unlikeliness reward: likely correct completions get less reward (He, Fried & Welleck 2025, "
         "arXiv:2506.02355; rl.losses.unlikeliness_rewards). GRPO"))
-    pass_at_k: int = Field(0, ge=0, description=(
+    pass_at_k: Annotated[int, Switch(("grpo",), data_parallel=True)] = Field(0, ge=0, description=(
         "pass@k training: analytical pass@k advantages (Chen et al. 2025, arXiv:2508.10751; "
         "rl.losses.pass_at_k_advantages); 0 = off. GRPO"))
-    freeze_router: bool = Field(False, description=(
+    freeze_router: Annotated[bool, Switch(("grpo", "ppo", "ei"), data_parallel=True)] = Field(False, description=(
         "keep every MoE router weight as pretrained during RL (rl.training.frozen_router); echolab's own "
         "ablation, no paper: routing can then change only through the hidden states the router sees. PPO, GRPO, EI"))
-    pretrain_replay_coef: float = Field(0.0, ge=0, description=(
+    pretrain_replay_coef: Annotated[float, Switch(("grpo", "ppo"), data_parallel=False)] = Field(
+        0.0, ge=0, description=(
         "loss += coef * mean token NLL of a batch of pretraining texts each optimiser step (PPO-ptx, Ouyang et al. "
         "2022, arXiv:2203.02155, eq. 2; rl.replay). PPO, GRPO"))
-    pretrain_replay_batch: int = Field(8, ge=1, description="pretraining texts per replay batch")
-    prefix_kl_coef: float = Field(0.0, ge=0, description=(
+    pretrain_replay_batch: Annotated[int, Tunes("pretrain_replay_coef")] = Field(8, ge=1, description=(
+        "pretraining texts per replay batch"))
+    prefix_kl_coef: Annotated[float, Switch(("grpo", "ppo"), data_parallel=True)] = Field(0.0, ge=0, description=(
         "prefix KL: loss += coef * k3 KL to the reference on the first prefix_kl_tokens completion tokens only, "
         "aggregated as the policy loss (rl.losses.prefix_mask); echolab's own, no paper: the format is decided "
         "there (issue 14), while rl.beta spreads the same penalty over every token. PPO, GRPO"))
-    prefix_kl_tokens: int = Field(3, ge=1, description="K, the completion tokens prefix_kl_coef acts on")
-    sequence_kl_coef: float = Field(0.0, ge=0, description=(
+    prefix_kl_tokens: Annotated[int, Tunes("prefix_kl_coef")] = Field(3, ge=1, description=(
+        "K, the completion tokens prefix_kl_coef acts on"))
+    sequence_kl_coef: Annotated[float, Switch(("grpo", "ppo"), data_parallel=True)] = Field(0.0, ge=0, description=(
         "sequence KL in the reward: r <- r - coef * sum_t (log pi_old(y_t) - log pi_ref(y_t)) over the completion "
         "(rl.losses.sequence_log_ratio; the KL-in-the-reward of Ziegler et al. 2019, arXiv:1909.08593, summed per "
         "sequence). PPO, GRPO"))
-    format_kl_coef: float = Field(0.0, ge=0, description=(
+    format_kl_coef: Annotated[float, Switch(("grpo", "ppo"), data_parallel=False)] = Field(0.0, ge=0, description=(
         "format-mix KL to the base: r <- r - coef * log p(f) / q(f), p the step's format shares, q the step-0 "
         "batch's (the base model's), both add-1/2 smoothed: the policy gradient of -coef * KL(p || q) over formats "
         "(rl.losses.format_kl_shares; echolab's own, issue 14). Batch shares, not the group's: q is a batch "
         "statistic and G samples estimate a share too noisily. PPO, GRPO (not with grpo.dynamic_sampling)"))
-    outcome_exploration_coef: float = Field(0.0, ge=0, description=(
+    outcome_exploration_coef: Annotated[float, Switch(("grpo", "ppo"), data_parallel=False)] = Field(
+        0.0, ge=0, description=(
         "outcome-based exploration: r <- r + coef * (b - p), b = 1/sqrt(N(x, a)) for a final answer a seen N times "
         "on the prompt in earlier steps (1 if never), p = the share of the group's other samples with the same "
         "answer (Song, Kempe & Munos 2025, arXiv:2509.06941; rl.losses.historical_exploration_bonus, "
         "batch_exploration_penalty). PPO, GRPO"))
-    outcome_exploration_mode: Literal["historical", "batch", "both"] = Field("both", description=(
+    outcome_exploration_mode: Annotated[Literal["historical", "batch", "both"],
+                                        Tunes("outcome_exploration_coef")] = Field("both", description=(
         "which terms outcome_exploration_coef adds: the historical bonus b, the batch penalty p, or both"))
 
 
@@ -144,22 +174,28 @@ class HeldoutEvaluationSettings(Strict):
     temperature: float = Field(1.0, ge=0, description="sampling temperature (top_p and max_new_tokens: rl.sampling's)")
 
 
-# The algorithms that implement each switch of MitigationSettings (its other fields only tune a switch). A
-# switch away from its default for another algorithm is refused (RLSettings._algorithm_rules), not ignored.
-MITIGATION_ALGORITHMS = {
-    "entropy_coef": {"grpo", "ppo"},
-    "clip_cov": {"grpo", "ppo"},
-    "kl_cov": {"grpo", "ppo"},
-    "format_diversity_coef": {"grpo", "ppo", "ei"},
-    "unlikeliness_beta": {"grpo"},
-    "pass_at_k": {"grpo"},
-    "freeze_router": {"grpo", "ppo", "ei"},
-    "pretrain_replay_coef": {"grpo", "ppo"},
-    "prefix_kl_coef": {"grpo", "ppo"},
-    "sequence_kl_coef": {"grpo", "ppo"},
-    "format_kl_coef": {"grpo", "ppo"},
-    "outcome_exploration_coef": {"grpo", "ppo"},
-}
+def mitigation_roles(settings: type[BaseModel]) -> tuple[dict[str, Switch], dict[str, tuple[str, ...]]]:
+    """The switches of a mitigations model ({name: Switch}) and its tuning parameters ({name: the switches it tunes}),
+    read from each field's annotation. A field with neither (a new mitigation that does not say which algorithms
+    implement it) or a parameter of no switch is a TypeError, raised when rl.config is imported."""
+    switches, parameters = {}, {}
+    for name, field in settings.model_fields.items():
+        role = next((item for item in field.metadata if isinstance(item, (Switch, Tunes))), None)
+        if isinstance(role, Switch):
+            switches[name] = role
+        elif isinstance(role, Tunes):
+            parameters[name] = role.switches
+        else:
+            raise TypeError(f"{settings.__name__}.{name}: annotate it with a Switch (the algorithms that implement it, "
+                            "whether it splits across processes) or Tunes (the switches it tunes)")
+    for name, tuned in parameters.items():
+        if not set(tuned) <= set(switches):
+            raise TypeError(f"{settings.__name__}.{name} tunes {', '.join(sorted(set(tuned) - set(switches)))}, "
+                            "which is no switch")
+    return switches, parameters
+
+
+MITIGATION_SWITCHES, MITIGATION_PARAMETERS = mitigation_roles(MitigationSettings)
 
 
 class RLSettings(Strict):
@@ -256,10 +292,10 @@ class RLSettings(Strict):
         when it is loaded. Each names the settings at fault, the one to change first."""
         algorithm, sampling, mitigations = self.algorithm, self.sampling, self.mitigations
         defaults = MitigationSettings()
-        for name, implemented_by in MITIGATION_ALGORITHMS.items():
-            if getattr(mitigations, name) != getattr(defaults, name) and algorithm not in implemented_by:
+        for name, switch in MITIGATION_SWITCHES.items():
+            if getattr(mitigations, name) != getattr(defaults, name) and algorithm not in switch.algorithms:
                 raise SettingsError(f"algorithm {algorithm!r} does not implement mitigations.{name} (only "
-                                    f"{', '.join(sorted(implemented_by))} do)", f"mitigations.{name}", "algorithm")
+                                    f"{', '.join(sorted(switch.algorithms))} do)", f"mitigations.{name}", "algorithm")
         if algorithm == "ei" and self.beta > 0:
             raise SettingsError("Expert Iteration has no KL term: set beta = 0", "beta", "algorithm")
         if algorithm == "ei" and self.epsilon_high is not None:
@@ -352,11 +388,12 @@ def hf_prompts_per_call(sampling: SamplingSettings, batch_size: int = HF_GENERAT
 
 def split_problem(settings: RLSettings, processes: int) -> str | None:
     """Why these settings cannot run data-parallel (rl.distributed) in `processes` processes with the results of
-    one process, or None (checked before any work: `echolab run --processes N`). What is not split: Expert Iteration (its SFT round and start-from-base reload are
-    written for one process), and the steps whose statistics span the whole batch in ways the recipes do not
-    reduce across ranks (dynamic sampling's group selection, Clip-Cov and KL-Cov's batch-wide token selection,
-    GRPO's batch reward scale, the pretraining replay batch, the format-mix KL's batch shares, outcome exploration's
-    per-prompt answer history, which would follow a prompt from rank to rank)."""
+    one process, or None (checked before any work: `echolab run --processes N`). What is not split: Expert
+    Iteration (its SFT round and start-from-base reload are written for one process), and the steps whose
+    statistics span the whole batch in ways the recipes do not reduce across ranks: dynamic sampling's group
+    selection, GRPO's batch reward scale, and the mitigation switches whose `Switch` says data_parallel=False
+    (Clip-Cov and KL-Cov's batch-wide token selection, the pretraining replay batch, the format-mix KL's batch
+    shares, outcome exploration's per-prompt answer history, which would follow a prompt from rank to rank)."""
     mitigations = settings.mitigations
     if processes < 1:
         return "needs at least 1 process"
@@ -365,12 +402,11 @@ def split_problem(settings: RLSettings, processes: int) -> str | None:
     if settings.algorithm not in ("grpo", "ppo"):
         return f"data-parallel runs support rl.algorithm grpo and ppo, not {settings.algorithm!r}"
     batch_scale = settings.algorithm == "grpo" and settings.grpo.scale_rewards == "batch"
+    defaults = MitigationSettings()
     unsupported = {"rl.grpo.dynamic_sampling": settings.grpo.dynamic_sampling,
                    "rl.grpo.scale_rewards = 'batch'": batch_scale,
-                   "rl.mitigations.clip_cov": mitigations.clip_cov, "rl.mitigations.kl_cov": mitigations.kl_cov,
-                   "rl.mitigations.pretrain_replay_coef": mitigations.pretrain_replay_coef > 0,
-                   "rl.mitigations.format_kl_coef": mitigations.format_kl_coef > 0,
-                   "rl.mitigations.outcome_exploration_coef": mitigations.outcome_exploration_coef > 0}
+                   **{f"rl.mitigations.{name}": getattr(mitigations, name) != getattr(defaults, name)
+                      for name, switch in MITIGATION_SWITCHES.items() if not switch.data_parallel}}
     for name, on in unsupported.items():
         if on:
             return f"{name} is not supported in data-parallel runs (it needs the whole batch in one process)"

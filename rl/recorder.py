@@ -22,6 +22,7 @@ from specialists.run_directory import (
     ROLLOUTS_DIR,
     checkpoint_dir,
     heldout_file,
+    read_metrics,
     rollout_file,
     step_of,
 )
@@ -72,10 +73,7 @@ class Recorder:
 
     def metrics_lines(self) -> list[dict]:
         """The complete lines of metrics.jsonl (a cut last line, left by a kill mid-write, is skipped)."""
-        path = self.run_dir / METRICS_FILE
-        text = path.read_text() if path.exists() else ""
-        complete = text.split("\n")[:-1]  # every line ends with "\n"; what follows the last one was cut
-        return [json.loads(line) for line in complete]
+        return read_metrics(self.run_dir).lines
 
     def checkpoint_dir(self, step: int) -> Path:
         return checkpoint_dir(self.run_dir, step)

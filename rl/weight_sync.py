@@ -30,7 +30,8 @@ Per family (specialists.families.FAMILIES; transformers 5.19 and vLLM 0.32 check
   and [E, H, I]; vLLM's CPU kernel wants [gate | up] too, zero-padded to its alignment (`_write_experts`).
 - A bfloat16 engine (`dtype="bfloat16"`) gets the float32 weights cast on the way in.
 - Several engines in one process (tests): an MoE engine after a dense one needs the process groups
-  rebuilt (`_make_room_for_experts`).
+  rebuilt (`_make_room_for_experts`), and an engine that shuts down (closed, or freed by the garbage collector
+  at some later moment) must leave the groups to the others (`_keep_process_groups`).
 
 Requirements: the engine must run in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, which
 `make_llm` sets), and `push_weights` resets vLLM's prefix cache, because cached KV blocks were
@@ -39,6 +40,7 @@ computed with the old weights.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import inspect
 import json
@@ -85,6 +87,7 @@ def make_llm(model_dir: str | Path, *, seed: int = 0, max_model_len: int = 256, 
                   use_tqdm_on_load=False)
     kwargs.update(llm_kwargs)
     model_type = json.loads((Path(model_dir) / "config.json").read_text())["model_type"]
+    _keep_process_groups()
     _make_room_for_experts(model_type)
     supports_onednn = ops._supports_onednn
     ops._supports_onednn = False  # read while the engine loads: keep plain F.linear + weight Parameters
@@ -210,6 +213,29 @@ def _make_room_for_experts(model_type: str) -> None:
         get_ep_group()
     except AssertionError:  # vLLM's way of saying the group does not exist
         destroy_model_parallel()
+
+
+def _keep_process_groups() -> None:
+    """Make an in-process engine's shutdown leave vLLM's process groups and torch.distributed's default group alone.
+
+    vLLM's in-process engine shuts down when it is garbage-collected (a weakref.finalize of its client), and its
+    `EngineCore.shutdown` ends with `cleanup_dist_env_and_memory`, which destroys the model-parallel groups and
+    the default group of the whole process: the groups every other engine of the process reads in each forward
+    (one process: each of size 1). An engine freed after another had started, at whatever moment the garbage
+    collector frees it, thus left the live one failing with "pipeline model parallel group is not initialized"
+    (the tests: test_weight_sync's engines, then the session's engine of test_vllm_parity). Here the shutdown
+    keeps the groups and does the rest of the cleanup (vLLM's next engine in the process reuses the groups, as it
+    does beside a live one); a vLLM without that function fails here, at the first engine."""
+    import vllm.v1.engine.core as engine_core
+
+    if engine_core.cleanup_dist_env_and_memory is not _cleanup_keeping_groups:
+        engine_core.cleanup_dist_env_and_memory = _cleanup_keeping_groups
+
+
+def _cleanup_keeping_groups(shutdown_ray: bool = False) -> None:
+    """`vllm.distributed.parallel_state.cleanup_dist_env_and_memory` on CPU without destroying the groups: free
+    what the engine left to the garbage collector (EngineCore.shutdown has unfrozen it already)."""
+    gc.collect()
 
 
 @contextmanager

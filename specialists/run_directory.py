@@ -7,7 +7,7 @@ Layout of a run directory:
 
     config.json                       the resolved experiment config
     rollouts/step_000000.parquet      one row per sampled completion (ROLLOUT_SCHEMA), one file per step
-    metrics.jsonl                     one JSON line per step (METRICS, ALGORITHM_METRICS)
+    metrics.jsonl                     one JSON line per step (METRICS, ALGORITHM_METRICS), read by read_metrics
     checkpoints/step_000010/          HF checkpoint (model + tokenizer) and trainer_state.pt
     heldout/step_000000.parquet       held-out evaluation of the model of a step (ROLLOUT_SCHEMA), rl.evaluation
     summary.json, metrics.parquet     written by `echolab analyze`
@@ -20,9 +20,13 @@ last step, s = rl.steps, samples the final model without updating it (`update` f
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow as pa
+
+from specialists.errors import UserError
 
 CONFIG_FILE = "config.json"
 ROLLOUTS_DIR = "rollouts"
@@ -148,3 +152,34 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 def is_run_dir(path: Path) -> bool:
     """A run directory is a directory with at least one rollout file."""
     return Path(path).is_dir() and bool(rollout_files(path))
+
+
+class MetricsLines(NamedTuple):
+    """metrics.jsonl's complete lines, and the number of a cut last line that was skipped (None: there was none)."""
+
+    lines: list[dict]
+    cut_line: int | None
+
+
+def read_metrics(run_dir: Path) -> MetricsLines:
+    """The lines of a run directory's metrics.jsonl as dicts, in file order (no lines when there is no file).
+
+    Every line is written whole with its newline (rl.recorder.Recorder.write_metrics), so a last line without one
+    was cut by a kill or a full disk mid-write: it is skipped, and its number returned (a resume redoes that step;
+    analysis warns). Blank lines are skipped; any other line that is not a JSON object is a UserError naming it."""
+    path = Path(run_dir) / METRICS_FILE
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    *complete, cut = text.split("\n")  # what follows the last newline: "" unless a write was cut
+    lines = []
+    for number, line in enumerate(complete, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path} line {number}: not valid JSON ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path} line {number}: expected a JSON object (one step's metrics), got "
+                            f"{type(record).__name__}")
+        lines.append(record)
+    return MetricsLines(lines, len(complete) + 1 if cut.strip() else None)

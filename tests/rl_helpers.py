@@ -4,7 +4,6 @@ reading metrics, the run-directory check, and teacher-forced log-probabilities u
 
 from __future__ import annotations
 
-import json
 import zlib
 from pathlib import Path
 
@@ -19,7 +18,8 @@ from rl.rollouts import PromptSet, load_prompt_problems
 from rl.sequences import pack
 from specialists.config import SpecialistsConfig
 from specialists.model import load_model
-from specialists.run_directory import METRICS, ROLLOUT_SCHEMA
+from specialists import run_directory
+from specialists.run_directory import METRICS, METRICS_FILE, ROLLOUT_SCHEMA
 from specialists.tokenizer import load_tokenizer
 from specialists.formats import FORMAT_SETS, classify
 from specialists.prompting import Prompter
@@ -86,8 +86,10 @@ def make_run(model_dir, run_dir, settings, *, engine=None, rewards=None, seed: i
 
 
 def read_metrics(run_dir: Path, drop=frozenset()) -> list[dict]:
-    """metrics.jsonl as dicts, without the keys in `drop` (e.g. TIMING_KEYS)."""
-    lines = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    """metrics.jsonl of a finished run (every line whole) as dicts, without the keys in `drop` (e.g. TIMING_KEYS)."""
+    assert (Path(run_dir) / METRICS_FILE).is_file(), run_dir
+    lines, cut_line = run_directory.read_metrics(run_dir)
+    assert cut_line is None, f"{run_dir}: metrics.jsonl line {cut_line} is cut"
     return [{k: v for k, v in line.items() if k not in drop} for line in lines]
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from experiments.cli import main
 from experiments.config import TomlFile, load_experiment_config
-from rl.config import MITIGATION_ALGORITHMS, MitigationSettings
+from rl.config import MITIGATION_SWITCHES, MitigationSettings, Switch, Tunes, mitigation_roles
 from specialists.errors import UserError
 
 
@@ -39,7 +39,7 @@ UNSUPPORTED = [(algorithm, switch, value) for switch, value in [
     ("entropy_coef", 0.01), ("clip_cov", "true"), ("kl_cov", "true"), ("unlikeliness_beta", 0.25), ("pass_at_k", 2),
     ("pretrain_replay_coef", 0.5), ("format_diversity_coef", 0.5), ("freeze_router", "true"),
     ("prefix_kl_coef", 0.1), ("sequence_kl_coef", 0.1), ("format_kl_coef", 0.1), ("outcome_exploration_coef", 0.5)]
-    for algorithm in ("grpo", "ppo", "ei") if algorithm not in MITIGATION_ALGORITHMS[switch]]
+    for algorithm in ("grpo", "ppo", "ei") if algorithm not in MITIGATION_SWITCHES[switch].algorithms]
 
 
 @pytest.mark.parametrize("algorithm, switch, value", UNSUPPORTED)
@@ -48,15 +48,38 @@ def test_a_mitigation_the_algorithm_does_not_implement(tmp_path, capsys, algorit
     run_refuses(tmp_path, capsys, toml, f"line 5: rl: algorithm '{algorithm}' does not implement mitigations.{switch}")
 
 
-def test_the_unsupported_cases_cover_ppo_and_ei():  # the table above is built from MITIGATION_ALGORITHMS
+def test_the_unsupported_cases_cover_ppo_and_ei():  # the table above is built from MITIGATION_SWITCHES
     assert {(a, s) for a, s, _ in UNSUPPORTED} >= {("ei", "entropy_coef"), ("ei", "kl_cov"), ("ppo", "pass_at_k"),
                                                    ("ppo", "unlikeliness_beta"), ("ei", "pretrain_replay_coef")}
 
 
-def test_every_mitigation_switch_names_its_algorithms():
-    """A switch added to MitigationSettings must say which algorithms implement it (else nothing refuses it)."""
-    parameters = {"cov_ratio", "kl_cov_coef", "pretrain_replay_batch", "prefix_kl_tokens", "outcome_exploration_mode"}  # they tune a switch; never refused alone
-    assert set(MITIGATION_ALGORITHMS) == set(MitigationSettings.model_fields) - parameters
+def test_the_unsupported_cases_try_every_switch():
+    assert {switch for _, switch, _ in UNSUPPORTED} == {name for name, switch in MITIGATION_SWITCHES.items()
+                                                         if set(switch.algorithms) != {"grpo", "ppo", "ei"}}
+
+
+def test_a_mitigation_field_must_say_where_it_applies():
+    """A field added to MitigationSettings without a Switch (its algorithms, whether it splits across processes) or
+    Tunes (its switches) is refused when rl.config is imported: nothing would refuse it for the wrong algorithm."""
+    from typing import Annotated
+
+    from specialists.config import Strict
+
+    class Forgotten(Strict):
+        entropy_coef: Annotated[float, Switch(("grpo", "ppo"), data_parallel=True)] = 0.0
+        new_coef: float = 0.0
+
+    with pytest.raises(TypeError, match="Forgotten.new_coef: annotate it with a Switch"):
+        mitigation_roles(Forgotten)
+
+    class Orphan(Strict):
+        entropy_coef: Annotated[float, Switch(("grpo", "ppo"), data_parallel=True)] = 0.0
+        entropy_floor: Annotated[float, Tunes("entropy_coef", "entropy_cap")] = 0.0
+
+    with pytest.raises(TypeError, match="Orphan.entropy_floor tunes entropy_cap, which is no switch"):
+        mitigation_roles(Orphan)
+    assert set(mitigation_roles(MitigationSettings)[0]) | set(mitigation_roles(MitigationSettings)[1]) == \
+        set(MitigationSettings.model_fields)
 
 
 RULES = [  # (what, TOML, fragments of the one line); the line named is the setting to change first

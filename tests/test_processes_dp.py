@@ -20,7 +20,8 @@ from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_fun
 from experiments.config import load_experiment_config
 from experiments.pipeline import run_experiment
 from processes import TEST_THREADS, echolab_command, kill_when_written, pinned_environment
-from rl.config import GRPOSettings, MitigationSettings, PPOSettings, RLSettings, SamplingSettings, split_problem
+from rl.config import (MITIGATION_SWITCHES, GRPOSettings, MitigationSettings, PPOSettings, RLSettings, SamplingSettings,
+                       split_problem)
 from rl.distributed import Shard
 from rl.losses import load_balancing_share
 from rl_helpers import TIMING_KEYS, make_run, read_metrics, rollout_rows
@@ -83,6 +84,27 @@ def test_settings_that_cannot_be_split_are_named(change, message):
     assert message in split_problem(settings, 4)
     assert split_problem(RLSettings(prompts_per_step=8), 4) is None
     assert split_problem(RLSettings(prompts_per_step=32, engine={"kind": "hf"}), 4) is None  # one call per process
+
+
+SWITCHED_ON = {bool: True, int: 2, float: 0.1}  # a value away from each switch's default (False, 0, 0.0)
+
+
+@pytest.mark.parametrize("name", MITIGATION_SWITCHES)
+def test_each_mitigation_switch_is_split_or_refused_as_its_switch_says(name):
+    on = SWITCHED_ON[type(getattr(MitigationSettings(), name))]
+    settings = RLSettings(prompts_per_step=8, grpo=GRPOSettings(num_iterations=2),  # KL-Cov needs a second pass
+                          mitigations=MitigationSettings(**{name: on}))
+    problem = split_problem(settings, 2)
+    if MITIGATION_SWITCHES[name].data_parallel:
+        assert problem is None
+    else:
+        assert problem == (f"rl.mitigations.{name} is not supported in data-parallel runs (it needs the whole batch "
+                           "in one process)")
+
+
+def test_the_switches_a_data_parallel_run_refuses():  # each needs the whole batch (or a prompt's history) in one place
+    assert {name for name, switch in MITIGATION_SWITCHES.items() if not switch.data_parallel} == \
+        {"clip_cov", "kl_cov", "pretrain_replay_coef", "format_kl_coef", "outcome_exploration_coef"}
 
 
 def test_the_cli_refuses_an_uneven_split_in_one_line_before_any_work(tmp_path):

@@ -340,7 +340,9 @@ def test_seeds_are_shown_by_name_and_a_seed_left_unset_is_not_one():
 
 def test_mitigation_parameters_are_shown_beside_their_switch_only():
     """A switch's tuning parameter (MITIGATION_PARAMETERS) is never a mitigation of its own, whatever its default."""
-    from rl.config import MitigationSettings  # the tests may import rl; analysis itself may not
+    from rl.config import MITIGATION_PARAMETERS, MitigationSettings  # the tests may import rl; analysis may not
+
+    assert report.MITIGATION_PARAMETERS == MITIGATION_PARAMETERS  # the report's copy of the typed config's `Tunes`
 
     defaults = {f"rl.mitigations.{name}": value for name, value in MitigationSettings().model_dump().items()}
     assert report._mitigations(defaults) == "none"  # e.g. prefix_kl_tokens = 3 and cov_ratio are on by default
