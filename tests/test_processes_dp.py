@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import socket
 import subprocess
 from pathlib import Path
@@ -268,6 +269,53 @@ def two_process_run(run_config, tmp_path_factory):
     finished = start_run(run_config, run_dir)
     assert finished.wait(timeout=900) == 0, finished.stderr.read()
     return run_dir
+
+
+# Imported at the start of every Python process on PYTHONPATH (the site module): from then on, a training forward
+# (a module in training mode, gradients on) sends NaN back through every embedding, so the step's gradient norm is
+# NaN (rl.recipe.require_finite). Only the ranks train here (the launcher's base is a model.path, not pretrained).
+NAN_GRADIENTS = """
+import torch
+
+
+class NaNGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def poison(module, inputs, output):
+    if isinstance(module, torch.nn.Embedding) and module.training and torch.is_grad_enabled() and output.requires_grad:
+        return NaNGradient.apply(output)
+    return None
+
+
+torch.nn.modules.module.register_module_forward_hook(poison)
+"""
+
+
+def test_a_ranks_user_error_is_the_launchers_one_line(run_config, tmp_path):
+    """A rank whose step turns NaN raises a UserError there (rl.recipe.NonFiniteError); the launcher raises it
+    again, so `echolab run --processes 2` prints that one line, as one process would, and exits 1."""
+    poison = tmp_path / "poison"
+    poison.mkdir()
+    (poison / "sitecustomize.py").write_text(NAN_GRADIENTS)
+    config = tmp_path / "nan.toml"
+    config.write_text(run_config.read_text().replace("steps = 3", "steps = 1").replace("every = 2", "every = 0"))
+    run_dir = tmp_path / "run"
+    environment = pinned_environment(PYTHONPATH=os.pathsep.join([str(poison), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run(echolab_command("run", str(config), "--out", str(run_dir), "--quiet", "--processes", "2"),
+                            capture_output=True, text=True, env=environment, timeout=900)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("echolab run: error") == 1, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"echolab run: error: step 0: the gradient norm is nan \(.*\); the run stopped and no "
+                        r"checkpoint was written .*", line), line
+    assert not list((run_dir / "checkpoints").iterdir()) and not (run_dir / "summary.json").exists()
 
 
 def test_echolab_run_in_two_processes_records_what_one_process_records(one_process_run, two_process_run):
