@@ -20,8 +20,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from experiments.config import ExperimentConfig
 from specialists.config import SpecialistsConfig
 from specialists.errors import UserError
@@ -50,12 +48,17 @@ def base_model(config: ExperimentConfig, progress: bool = True) -> Path:
 
 
 def _same_config(saved: dict, resolved: dict) -> bool:
-    """Whether a run directory's config.json is the config `resolved`. The saved one is validated first, so a
-    run started before echolab gained a setting (written here at its default) still resumes."""
-    try:
-        return ExperimentConfig.model_validate(saved).model_dump(mode="json") == resolved
-    except ValidationError:
-        return False
+    """Whether a run directory's config.json `saved` is the config `resolved`: equal, except that a setting
+    echolab gained after the run started (absent from `saved`) may be in `resolved` at its default value."""
+    def same(saved, resolved, defaults) -> bool:
+        if not isinstance(saved, dict) or not isinstance(resolved, dict):
+            return saved == resolved
+        defaults = defaults if isinstance(defaults, dict) else {}
+        return not set(saved) - set(resolved) and all(
+            same(saved[key], value, defaults.get(key)) if key in saved else key in defaults and defaults[key] == value
+            for key, value in resolved.items())
+
+    return same(saved, resolved, ExperimentConfig().model_dump(mode="json"))
 
 
 def _prepare_run_dir(run_dir: Path, resolved: dict, resume: bool, overwrite: bool) -> None:
