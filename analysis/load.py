@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 
 from specialists.config import MixtureSettings, ModelSettings, expert_specialists
 from specialists.errors import UserError
+from specialists.files import json_object
 from specialists.grading import answer_text
 from specialists.run_directory import CONFIG_FILE, REQUIRED_COLUMNS, ROLLOUT_SCHEMA
 
@@ -211,20 +212,14 @@ def _python_records(path: Path, block: bytes, first_line: int, may_be_cut: bool,
     for line_number, line in enumerate(io.BytesIO(block), start=first_line):
         where = f"{path} line {line_number}"
         try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError:
-            raise UserError(f"{where}: not UTF-8 text") from None
-        if not text.strip():
-            continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as error:
+            record = json_object(line, where, "a JSON object (one rollout)")
+        except UserError:
             if may_be_cut and not line.endswith(b"\n"):  # the file's last line: a block ends with a newline
                 warnings.warn(f"{where}: skipped a cut last line (the file is still being written?)", InputWarning)
                 break
-            raise UserError(f"{where}: not valid JSON ({error.msg})") from None
-        if not isinstance(record, dict):
-            raise UserError(f"{where}: expected a JSON object (one rollout), got {type(record).__name__}")
+            raise
+        if record is None:
+            continue
         if same_keys_as is not None:
             _check_keys(record, where, same_keys_as)
         records.append(record)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 from pathlib import Path
 
 from specialists.errors import UserError
+from specialists.files import json_object
 
 
 def read_texts(path: str | Path) -> tuple[str, ...]:
@@ -32,18 +32,10 @@ def read_texts(path: str | Path) -> tuple[str, ...]:
 def _read_texts(path: Path, size: int, mtime_ns: int) -> tuple[str, ...]:
     texts = []
     with path.open("rb") as handle:
-        for line_number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise UserError(f"{path} line {line_number}: not UTF-8 text") from None
-            if not line.strip():
+        for line_number, line in enumerate(handle, start=1):
+            if (record := json_object(line, f"{path} line {line_number}")) is None:
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise UserError(f"{path} line {line_number}: not valid JSON ({error.msg})") from None
-            text = record.get("text") if isinstance(record, dict) else None
+            text = record.get("text")
             if not isinstance(text, str):
                 raise UserError(f"{path} line {line_number}: no \"text\" string (each line must be an object "
                                 "like {\"text\": \"...\"})")

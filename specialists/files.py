@@ -1,14 +1,18 @@
 """Files written whole or not at all, for every writer of the project (the pretraining cache aside):
-the run directory's recorder (rl.recorder) and the outputs of `analyze` and `report` (analysis)."""
+the run directory's recorder (rl.recorder) and the outputs of `analyze` and `report` (analysis); and the one
+JSON-lines line reader for every reader of such files (corpora, prompt files, metrics.jsonl, rollout dumps)."""
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from specialists.errors import UserError
 
 
 def replace_atomically(writers: dict[Path, Callable[[Path], None]]) -> None:
@@ -48,3 +52,23 @@ def _naming(path: Path) -> Iterator[None]:
         if os.statvfs(path.parent).f_bavail == 0:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from error
         raise
+
+
+def json_object(line: bytes | str, where: str, what: str = "a JSON object") -> dict | None:
+    """The record on one line of a JSON-lines file, None for a blank line. Anything else is a UserError starting
+    with `where` (e.g. "FILE line 7"): "not UTF-8 text", "not valid JSON (REASON)", or "expected WHAT, got TYPE"
+    for JSON that is not an object."""
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"{where}: not UTF-8 text") from None
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise UserError(f"{where}: not valid JSON ({error.msg})") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected {what}, got {type(record).__name__}")
+    return record

@@ -36,6 +36,7 @@ from pydantic import Field
 
 from specialists.config import Strict
 from specialists.errors import UserError
+from specialists.files import json_object
 from specialists.grading import reads_as_latex
 from specialists.tasks import Problem, parse_number
 
@@ -254,14 +255,7 @@ def _records(path: Path, columns: PromptColumns):
 
 def _jsonl_records(path: Path):
     """(line number, record) of every non-blank line; a UserError naming the first line that is no JSON object."""
-    with path.open(encoding="utf-8") as handle:
+    with path.open("rb") as handle:
         for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise UserError(f"{path}:{line_number}: not JSON ({error})") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path}:{line_number}: not a JSON object")
-            yield line_number, record
+            if (record := json_object(line, f"{path} line {line_number}")) is not None:
+                yield line_number, record

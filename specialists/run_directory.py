@@ -20,13 +20,13 @@ last step, s = rl.steps, samples the final model without updating it (`update` f
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import NamedTuple
 
 import pyarrow as pa
 
 from specialists.errors import UserError
+from specialists.files import json_object
 
 CONFIG_FILE = "config.json"
 ROLLOUTS_DIR = "rollouts"
@@ -172,14 +172,6 @@ def read_metrics(run_dir: Path) -> MetricsLines:
     *complete, cut = text.split("\n")  # what follows the last newline: "" unless a write was cut
     lines = []
     for number, line in enumerate(complete, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{path} line {number}: not valid JSON ({error.msg})") from None
-        if not isinstance(record, dict):
-            raise UserError(f"{path} line {number}: expected a JSON object (one step's metrics), got "
-                            f"{type(record).__name__}")
-        lines.append(record)
+        if (record := json_object(line, f"{path} line {number}", "a JSON object (one step's metrics)")) is not None:
+            lines.append(record)
     return MetricsLines(lines, len(complete) + 1 if cut.strip() else None)

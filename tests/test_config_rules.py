@@ -183,7 +183,7 @@ def test_a_bad_prompt_file_is_named_with_its_line(tmp_path, capsys):
     prompts = tmp_path / "gsm8k.jsonl"
     prompts.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n{oops\n")
     run_refuses(tmp_path, capsys, f'seed = 0\n[rl]\nprompts = "{prompts}"\n',
-                f"line 3: rl: prompts: {prompts}:2: not JSON")
+                f"line 3: rl: prompts: {prompts} line 2: not valid JSON")
 
 
 def test_the_settings_at_fault_are_named_where_the_file_sets_them(tmp_path, capsys):
