@@ -55,3 +55,18 @@ def vllm_moe(tiny_moe_dir):
     engine = VLLMEngine(tiny_moe_dir, load_tokenizer(tiny_moe_dir), max_length=256, seed=0)
     yield engine
     engine.close()
+
+
+@pytest.fixture(scope="session")
+def vllm_moe_bf16(tiny_moe_dir):
+    """The rollout engine `[rl.engine] dtype = "bfloat16"` builds (rl.engines.make_engine) on the tiny MoE, for the
+    whole session: it serves the float32 weights rounded to bfloat16. The same contract as `vllm_moe`."""
+    from rl.config import EngineSettings
+    from rl.engines import make_engine
+    from specialists.model import load_model
+    from specialists.tokenizer import load_tokenizer
+
+    engine = make_engine(EngineSettings(kv_cache_gib=0.25, dtype="bfloat16"), tiny_moe_dir, load_model(tiny_moe_dir),
+                         load_tokenizer(tiny_moe_dir), max_length=256, seed=0)
+    yield engine
+    engine.close()
