@@ -78,7 +78,7 @@ def test_gsm8k_loader_errors_name_the_problem(tmp_path):
         read_problems(tmp_path / "missing.jsonl")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n{oops\n")
-    with pytest.raises(UserError, match=":2:"):
+    with pytest.raises(UserError, match=r"bad\.jsonl line 2: not valid JSON"):
         read_problems(bad)
     bad.write_text(json.dumps({"question": "q", "answer": "no marker"}) + "\n")
     with pytest.raises(UserError, match="holds no answer"):
