@@ -224,7 +224,11 @@ def test_verl_non_utf8_text(tmp_path):
 def test_a_cut_last_line_of_the_newest_step_file_is_skipped_with_a_warning(tmp_path):
     dump = write_verl_dump(tmp_path / "dump")
     newest = dump / "4.jsonl"
-    newest.write_text(newest.read_text()[:-40])  # the trainer is still writing it
+    whole = newest.read_bytes()
+    newest.write_bytes(whole + '{"prompt": "caf'.encode() + "\u00e9".encode()[:1])  # cut inside a character
+    with pytest.warns(InputWarning, match=r"4\.jsonl line 33: skipped a cut last line"):
+        assert analyze(dump, formats=ECHO, progress=False)["rows"] == ROWS
+    newest.write_bytes(whole[:-40])  # the trainer is still writing it
     with pytest.warns(InputWarning, match=r"4\.jsonl line 32: skipped a cut last line"):
         summary = analyze(dump, formats=ECHO, progress=False)
     assert summary["rows"] == ROWS - 1
