@@ -78,17 +78,15 @@ def main() -> None:
     texts = {name: [(prompt_text(p), renderers[name].render(p, config.mixture.formats[name].difficulty) + END_OF_TEXT)
                     for p in problems] for name in formats}
     specialists = {name: load_model(base.parent / "specialists" / name) for name in formats}
-    models = {"specialist alone": lambda name: specialists[name],
-              "specialist, averaged rest (oracle routing)": lambda name: with_averaged_rest(
-                  specialists[name], list(specialists.values())),
-              "BTX MoE (trained routers)": lambda name, merged=load_model(base): merged}
-    if args.joint:
-        joint = load_model(base_model(load_experiment_config(args.joint)))
-        models["joint base"] = lambda name: joint
-    print("| format | " + " | ".join(models) + " |")
-    print("|" + " --- |" * (len(models) + 1))
+    merged = load_model(base)
+    references = [load_model(base_model(load_experiment_config(args.joint)))] if args.joint else []
+    columns = ["specialist alone", "specialist, averaged rest (oracle routing)", "BTX MoE (trained routers)"]
+    columns += ["joint base"] * len(references)
+    print("| format | " + " | ".join(columns) + " |")
+    print("|" + " --- |" * (len(columns) + 1))
     for name in formats:
-        losses = [solution_loss(model(name), tokenizer, texts[name]) for model in models.values()]
+        models = [specialists[name], with_averaged_rest(specialists[name], list(specialists.values())), merged]
+        losses = [solution_loss(model, tokenizer, texts[name]) for model in models + references]
         print(f"| {name} | " + " | ".join(f"{value:.3f}" for value in losses) + " |", flush=True)
 
 
