@@ -76,8 +76,14 @@ def merge_specialists(specialists: Sequence[PreTrainedModel], moe: Qwen3MoeConfi
                     else:  # down_proj (experts, hidden, W)
                         parameter[f * m + c] = m * down[:, units]
             continue
-        parameter.copy_(torch.stack([state[name] for state in states]).mean(dim=0))
+        parameter.copy_(averaged(states, name))
     return model
+
+
+def averaged(states: Sequence[dict[str, torch.Tensor]], name: str) -> torch.Tensor:
+    """The merge's rule for every weight outside the MLPs (attention, norms, embeddings, head): the specialists'
+    mean of weight `name`, `states` being their `dict(named_parameters())`."""
+    return torch.stack([state[name] for state in states]).mean(dim=0)
 
 
 def router_parameters(model: PreTrainedModel) -> list[torch.nn.Parameter]:

@@ -41,15 +41,16 @@ def solution_loss(model, tokenizer, texts: list[tuple[str, str]]) -> float:
 
 
 def with_averaged_rest(specialist, specialists):
-    """`specialist` with every parameter outside its MLP replaced by the specialists' mean (merge_specialists'
-    averaging)."""
-    averaged = copy.deepcopy(specialist)
+    """`specialist` with every parameter outside its MLP replaced as the merge replaces it (`btx.averaged`)."""
+    from specialists import btx
+
+    model = copy.deepcopy(specialist)
     states = [dict(other.named_parameters()) for other in specialists]
     with torch.no_grad():
-        for name, parameter in averaged.named_parameters():
+        for name, parameter in model.named_parameters():
             if ".mlp." not in name:
-                parameter.copy_(torch.stack([state[name] for state in states]).mean(dim=0))
-    return averaged
+                parameter.copy_(btx.averaged(states, name))
+    return model
 
 
 def main() -> None:

@@ -1,7 +1,9 @@
 """The study's tables from a finished sweep directory: one row per variant, means over seeds with
 bootstrap 95% intervals (analysis.statistics), differences to the first variant with Welch's p-value.
 
-    python experiments/studies/echo_chamber/make_tables.py runs/study-core [BASELINE_VARIANT] > table.md
+    python experiments/studies/echo_chamber/make_tables.py runs/study-core [BASELINE_VARIANT [VARIANT ...]] > table.md
+
+With variants named after the baseline, only those rows (and the baseline's) are shown.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def run_measures(summary: dict) -> dict[str, float]:
     window = steps[-5:]
     mean_over = lambda table: float(np.mean([table[s] for s in window]))  # noqa: E731
     budgets = sorted(summary["pass_at_k"][last], key=int)
-    return {
+    measures = {
         "winner": dominant,
         "collapse_step": np.nan if summary["collapse_step"] is None else summary["collapse_step"],
         "collapse_epoch": np.nan if summary.get("collapse_epoch") is None else summary["collapse_epoch"],
@@ -40,14 +42,38 @@ def run_measures(summary: dict) -> dict[str, float]:
         "expert_entropy_end": min((mean_over(by_step) for by_step in summary.get("expert_entropy", {}).values()),
                                   default=np.nan),
     }
+    if "specialist_share" in summary:  # a model whose experts have specialists (BTX)
+        measures.update(_specialist_measures(summary, dominant))
+    return measures
 
 
-def main(sweep_dir: str, baseline: str | None = None) -> None:
+def _specialist_measures(summary: dict, winner: str) -> dict[str, float]:
+    """The winning format's specialist at the first and last recorded step, means over layers: its share of the
+    routed tokens, the winning format's alignment with it (P(own specialist | format)), and at the last step the
+    share of layers whose dominant expert is the winner's specialist (summary.json's `specialist_*` headlines)."""
+    def layer_mean(table: dict, end: int) -> float:
+        values = [by_step[sorted(by_step, key=int)[end]].get(winner) for by_step in table.values()]
+        return float(np.mean([np.nan if value is None else value for value in values]))
+
+    dominance = summary["dominant_expert_is_winner_specialist"]
+    return {
+        "winner_specialist_share_start": layer_mean(summary["specialist_share"], 0),
+        "winner_specialist_share_end": layer_mean(summary["specialist_share"], -1),
+        "winner_alignment_start": layer_mean(summary["specialist_alignment"], 0),
+        "winner_alignment_end": layer_mean(summary["specialist_alignment"], -1),
+        "layers_led_by_winner_specialist_end": float(np.mean(
+            [by_step[max(by_step, key=int)] for by_step in dominance.values()])),
+    }
+
+
+def main(sweep_dir: str, baseline: str | None = None, *only: str) -> None:
     sweep = json.loads((Path(sweep_dir) / "sweep.json").read_text())
     by_variant: dict[str, list[dict]] = defaultdict(list)
     failed = []
     for run in sweep["runs"]:
         variant = Path(run["run_dir"]).name.split("-seed=")[0]
+        if only and variant not in (baseline, *only):
+            continue
         if run["status"] != "ok":
             failed.append(Path(run["run_dir"]).name)
             continue
@@ -56,7 +82,8 @@ def main(sweep_dir: str, baseline: str | None = None) -> None:
     if baseline not in by_variant:
         raise SystemExit(f"no finished runs of variant {baseline!r}; variants: {sorted(by_variant)}")
     by_variant = {baseline: by_variant.pop(baseline), **by_variant}  # the baseline row first
-    columns = [key for key in next(iter(by_variant.values()))[0] if key != "winner"]
+    columns = [key for key in dict.fromkeys(key for runs in by_variant.values() for run in runs for key in run)
+               if key != "winner"]  # every variant's columns (only BTX runs have the specialist ones)
     print("| variant | runs | winner (runs) | " + " | ".join(columns) + " |")
     print("|" + " --- |" * (3 + len(columns)))
     for variant, runs in by_variant.items():
@@ -65,7 +92,7 @@ def main(sweep_dir: str, baseline: str | None = None) -> None:
             winners[run["winner"]] += 1
         cells = []
         for column in columns:
-            values = np.array([run[column] for run in runs], dtype=float)
+            values = np.array([run.get(column, np.nan) for run in runs], dtype=float)
             values = values[~np.isnan(values)]
             if len(values) == 0:
                 cells.append("none")
@@ -75,7 +102,7 @@ def main(sweep_dir: str, baseline: str | None = None) -> None:
             if len(values) < len(runs):
                 cell += f" ({len(values)}/{len(runs)})"
             if variant != baseline:
-                base = [run[column] for run in by_variant[baseline] if not np.isnan(run[column])]
+                base = [run[column] for run in by_variant[baseline] if not np.isnan(run.get(column, np.nan))]
                 difference = compare_groups(base, list(values))
                 if difference.get("p_value") is not None:
                     cell += f", p={difference['p_value']:.2g}"
@@ -94,4 +121,4 @@ def _one_row(values: np.ndarray):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:])
