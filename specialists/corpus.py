@@ -33,7 +33,7 @@ def _read_texts(path: Path, size: int, mtime_ns: int) -> tuple[str, ...]:
     texts = []
     with path.open("rb") as handle:
         for line_number, line in enumerate(handle, start=1):
-            if (record := json_object(line, f"{path} line {line_number}")) is None:
+            if (record := json_object(line, f"{path} line {line_number}", 'an object like {"text": "..."}')) is None:
                 continue
             text = record.get("text")
             if not isinstance(text, str):

@@ -37,7 +37,7 @@ def corpora(tmp_path):
     (None, "corpus file not found"),
     ('{"text": "a"}\nnot json\n', "line 2: not valid JSON"),
     ('{"text": "a"}\n\n{"words": "b"}\n', 'line 3: no "text" string'),
-    ('["text", "a"]\n', 'line 1: expected a JSON object, got list'),
+    ('["text", "a"]\n', 'line 1: expected an object like {"text": "..."}, got list'),
     ('{"text": 5}\n', 'line 1: no "text" string'),
     ('{"text": "  "}\n', 'line 1: the "text" is empty'),
     ("", "no texts (the file is empty)"),
