@@ -42,27 +42,26 @@ def run_measures(summary: dict) -> dict[str, float]:
         "expert_entropy_end": min((mean_over(by_step) for by_step in summary.get("expert_entropy", {}).values()),
                                   default=np.nan),
     }
-    if "specialist_share" in summary:  # a model whose experts have specialists (BTX)
-        measures.update(_specialist_measures(summary, dominant))
+    if "specialist_dominance" in summary:  # a model whose experts have specialists (BTX)
+        measures.update(_specialist_measures(summary["specialist_dominance"], dominant))
     return measures
 
 
-def _specialist_measures(summary: dict, winner: str) -> dict[str, float]:
+def _specialist_measures(dominance: dict, winner: str) -> dict[str, float]:
     """The winning format's specialist at the first and last recorded step, means over layers: its share of the
     routed tokens, the winning format's alignment with it (P(own specialist | format)), and at the last step the
-    share of layers whose dominant expert is the winner's specialist (summary.json's `specialist_*` headlines)."""
+    share of layers whose dominant expert is the winner's specialist (summary.json's `specialist_dominance`)."""
     def layer_mean(table: dict, end: int) -> float:
         values = [by_step[sorted(by_step, key=int)[end]].get(winner) for by_step in table.values()]
         return float(np.mean([np.nan if value is None else value for value in values]))
 
-    dominance = summary["dominant_expert_is_winner_specialist"]
+    led = dominance["dominant_expert_is_winner_specialist"]
     return {
-        "winner_specialist_share_start": layer_mean(summary["specialist_share"], 0),
-        "winner_specialist_share_end": layer_mean(summary["specialist_share"], -1),
-        "winner_alignment_start": layer_mean(summary["specialist_alignment"], 0),
-        "winner_alignment_end": layer_mean(summary["specialist_alignment"], -1),
-        "layers_led_by_winner_specialist_end": float(np.mean(
-            [by_step[max(by_step, key=int)] for by_step in dominance.values()])),
+        "winner_specialist_share_start": layer_mean(dominance["specialist_share"], 0),
+        "winner_specialist_share_end": layer_mean(dominance["specialist_share"], -1),
+        "winner_alignment_start": layer_mean(dominance["specialist_alignment"], 0),
+        "winner_alignment_end": layer_mean(dominance["specialist_alignment"], -1),
+        "layers_led_by_winner_specialist_end": float(np.mean([by_step[max(by_step, key=int)] for by_step in led.values()])),
     }
 
 
