@@ -80,14 +80,18 @@ def main() -> None:
                     for p in problems] for name in formats}
     specialists = {name: load_model(base.parent / "specialists" / name) for name in formats}
     merged = load_model(base)
-    references = [load_model(base_model(load_experiment_config(args.joint)))] if args.joint else []
+    references = []  # (model, its own tokenizer): a base pretrained on another corpus has another tokenizer
+    if args.joint:
+        joint = base_model(load_experiment_config(args.joint))
+        references.append((load_model(joint), load_tokenizer(joint)))
     columns = ["specialist alone", "specialist, averaged rest (oracle routing)", "BTX MoE (trained routers)"]
     columns += ["joint base"] * len(references)
     print("| format | " + " | ".join(columns) + " |")
     print("|" + " --- |" * (len(columns) + 1))
     for name in formats:
         models = [specialists[name], with_averaged_rest(specialists[name], list(specialists.values())), merged]
-        losses = [solution_loss(model, tokenizer, texts[name]) for model in models + references]
+        pairs = [(model, tokenizer) for model in models] + references
+        losses = [solution_loss(model, model_tokenizer, texts[name]) for model, model_tokenizer in pairs]
         print(f"| {name} | " + " | ".join(f"{value:.3f}" for value in losses) + " |", flush=True)
 
 
