@@ -171,6 +171,37 @@ def test_evaluation_reports_each_experts_format_affinity(btx_base):
         assert by_layer["0"] == pytest.approx(sum(row[e] for e in owned))
 
 
+def test_btx_oracle_models_are_the_merge_under_oracle_routing_and_score_the_solution_tokens(btx_base):
+    """The study's btx_oracle.py: its "averaged rest" model is specialist f's MLP with every other weight exactly as
+    the merged MoE holds it (router-only mix leaves them), and its loss is transformers' own cross-entropy with the
+    prompt's tokens masked out."""
+    import importlib.util
+
+    from specialists.tokenizer import load_tokenizer
+
+    spec = importlib.util.spec_from_file_location("btx_oracle", "experiments/studies/echo_chamber/btx_oracle.py")
+    oracle = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(oracle)
+    out, _ = btx_base
+    specialists = [load_model(out / "specialists" / name) for name in FORMATS]
+    merged = dict(load_model(out / "model").named_parameters())
+    averaged = oracle.with_averaged_rest(specialists[1], specialists)
+    own = dict(specialists[1].named_parameters())
+    for name, parameter in averaged.named_parameters():
+        assert torch.equal(parameter, own[name] if ".mlp." in name else merged[name]), name
+    assert not torch.equal(own["model.layers.0.self_attn.q_proj.weight"], merged["model.layers.0.self_attn.q_proj.weight"])
+
+    tokenizer = load_tokenizer(out / "model")
+    prompt, solution = "Problem: Ann has 3 apples and buys 4 more.\nSolution:\n", "def solve():\n    return 3 + 4\n"
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt_ids + tokenizer(solution, add_special_tokens=False)["input_ids"]])
+    labels = ids.clone()
+    labels[0, :len(prompt_ids)] = -100
+    with torch.no_grad():
+        expected = averaged(ids, labels=labels).loss.item()
+    assert oracle.solution_loss(averaged, tokenizer, [(prompt, solution)]) == pytest.approx(expected, rel=1e-5)
+
+
 def test_vllm_serves_the_merged_checkpoint_and_weight_sync_after_updates(btx_base):
     """vLLM log-probs match transformers on the merged model, and again after updates pushed into the live engine;
     the training forward records expert load over all 6 experts of both layers."""
