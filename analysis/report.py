@@ -2,8 +2,9 @@
 several side by side: anything `analyze` reads (echolab run directories and rollout files, verl dumps, TRL
 completion logs, tables).
 
-Runs whose configs differ only in seeds (any config key named `seed`, at any depth) form a group; a group's
-curves are means over its runs with seeded bootstrap 95% bands. Inputs without a config (other trainers' runs)
+Runs whose configs differ only in seeds (any config key named `seed`, at any depth) form a group, labelled by its
+sweep variant (the run's `name` as `echolab sweep` sets it) or else by the settings that tell the groups apart; a
+group's curves are means over its runs with seeded bootstrap 95% bands. Inputs without a config (other trainers' runs)
 are groups of their own. The report opens with the format shares over steps of every group, then the findings in
 plain language, then tables and the other figures; figures are drawn from each run's long-format
 `metrics.parquet`, headline values (collapse step, tests) come from `summary.json`. With several groups the
@@ -200,18 +201,34 @@ def _without_seeds(config: dict) -> dict[str, object]:
             if key.rsplit(".", 1)[-1] != SEED_KEY and key != NAME_KEY}
 
 
+def _sweep_variant(config: dict) -> str | None:
+    """A sweep run's variant: its `name` as `echolab sweep` sets it (SWEEP/VARIANT-KEY=VALUE-...) without the sweep
+    and the seed parts, e.g. "btx/joint_grpo-seed=2" -> "joint_grpo"; None for a name a sweep did not set."""
+    name = config.get(NAME_KEY)
+    if not isinstance(name, str) or "/" not in name:
+        return None
+    parts = name.split("/", 1)[1].split("-")
+    variant = "-".join(part for part in parts if part.partition("=")[0].rsplit(".", 1)[-1] != SEED_KEY)
+    return variant or None
+
+
 def group_runs(runs: list[Run]) -> list[Group]:
     """Runs with equal configs apart from seeds, in order of first appearance; a run without a config is alone.
-    Labels name the config values that tell groups apart, else the run directory."""
+    Labels are the sweep's variant names when every group is one variant of one sweep (the settings table spells
+    them out), else the config values that tell groups apart, else the run directory."""
     keyed: dict[str, list[Run]] = {}
     for run in runs:
         key = json.dumps(_without_seeds(run.config), sort_keys=True, default=str) if run.config else f"dir:{run.path}"
         keyed.setdefault(key, []).append(run)
     flats = [_without_seeds(members[0].config) for members in keyed.values()]
     differing = sorted({key for flat in flats for key in flat if len({json.dumps(f.get(key), default=str) for f in flats}) > 1})
+    names = [{_sweep_variant(run.config) if run.config else None for run in members} for members in keyed.values()]
+    variants = [next(iter(group_names)) if len(group_names) == 1 else None for group_names in names]
+    by_variant = None not in variants and len(set(variants)) == len(variants)  # one variant a group, each its own
     groups = []
-    for members, flat in zip(keyed.values(), flats):
-        label = ", ".join(f"{key}={flat[key]}" for key in differing if key in flat) or members[0].name
+    for members, flat, variant in zip(keyed.values(), flats, variants):
+        label = variant if by_variant else ", ".join(f"{key}={flat[key]}" for key in differing if key in flat)
+        label = label or members[0].name
         seeds = f" ({len(members)} seeds)" if len(members) > 1 else ""
         groups.append(Group(label + seeds, tuple(members)))
     return groups

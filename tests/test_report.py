@@ -179,11 +179,22 @@ def test_an_unknown_baseline_is_named_before_any_analysis(runs, tmp_path, monkey
         write_report(runs, tmp_path / "r.html", baseline="nope", progress=False)
 
 
-def test_sweep_runs_pool_across_rl_seeds_despite_their_names(tmp_path):
-    configs = [{"name": f"core/grpo-seed={seed}", "seed": 0, "rl": {"seed": seed, "beta": 0.0}} for seed in range(3)]
-    configs.append({"name": "core/kl-seed=0", "seed": 0, "rl": {"seed": 0, "beta": 0.01}})
-    loaded = [report.Run(tmp_path / str(index), config, {}) for index, config in enumerate(configs)]
-    assert [group.label for group in group_runs(loaded)] == ["rl.beta=0.0 (3 seeds)", "rl.beta=0.01"]
+def test_sweep_runs_pool_across_rl_seeds_and_are_labelled_by_their_variants(tmp_path):
+    def groups(configs):
+        return [group.label for group in group_runs([report.Run(tmp_path / str(index), config, {})
+                                                     for index, config in enumerate(configs)])]
+
+    grpo = [{"name": f"core/grpo_kl1e-2-seed={seed}", "seed": 0, "rl": {"seed": seed, "beta": 0.01}} for seed in range(3)]
+    kl = {"name": "core/kl-seed=0", "seed": 0, "rl": {"seed": 0, "beta": 0.1}}
+    assert groups(grpo + [kl]) == ["grpo_kl1e-2 (3 seeds)", "kl"]
+    # Variants that set keys the others leave at their defaults: the variant, not every key that differs somewhere
+    dense = {"name": "btx/dense_grpo-seed=0", "seed": 0, "model": {"kind": "dense"}, "btx": {"mix_train": "router"}}
+    btx = {"name": "btx/btx_grpo-seed=0", "seed": 0, "model": {"kind": "btx"}, "btx": {"mix_train": "all"}}
+    assert groups([dense, btx]) == ["dense_grpo", "btx_grpo"]
+    # Not one variant a group (runs of two sweeps, hand-named runs): the settings that tell the groups apart
+    other_sweep = {**kl, "name": "mitigations/grpo_kl1e-2-seed=0", "rl": {"seed": 0, "beta": 0.2}}
+    assert groups(grpo + [other_sweep]) == ["rl.beta=0.01 (3 seeds)", "rl.beta=0.2"]
+    assert groups([{**kl, "name": "my run"}, {**kl, "name": "my run", "rl": {"beta": 0.2}}]) == ["rl.beta=0.1", "rl.beta=0.2"]
 
 
 def test_btx_runs_get_the_specialist_dominance_finding_and_figure(tmp_path):
