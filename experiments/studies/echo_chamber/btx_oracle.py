@@ -7,10 +7,11 @@ split, rendered in f as pretraining renders it, with the config's difficulty) fo
 2. specialist f with every weight outside its MLP (attention, norms, embeddings, head) replaced by the mean over
    the specialists: what the merged MoE computes when all of f's tokens are routed to f's own experts with equal
    weights (oracle routing; specialists/btx.py explains why chunked experts then give back the whole MLP);
-3. the merged MoE with its trained routers (the BTX base);
+3. the BTX base: the merged MoE after the mix phase (its routers, or with `mix_train = "all"` all its weights,
+   trained on the mixture);
 4. with `--joint CONFIG`, that config's base (the jointly trained MoE of the same shape), for reference.
 
-1 -> 2 is the cost of averaging, 2 -> 3 the cost of the learned routing.
+1 -> 2 is the cost of averaging, 2 -> 3 what the learned routing (and a whole-model mix phase) changes.
 
     python experiments/studies/echo_chamber/btx_oracle.py BTX_CONFIG.toml [--joint CONFIG.toml] [--problems 64]
 
@@ -84,7 +85,7 @@ def main() -> None:
     if args.joint:
         joint = base_model(load_experiment_config(args.joint))
         references.append((load_model(joint), load_tokenizer(joint)))
-    columns = ["specialist alone", "specialist, averaged rest (oracle routing)", "BTX MoE (trained routers)"]
+    columns = ["specialist alone", "specialist, averaged rest (oracle routing)", "BTX MoE (after the mix phase)"]
     columns += ["joint base"] * len(references)
     print("| format | " + " | ".join(columns) + " |")
     print("|" + " --- |" * (len(columns) + 1))

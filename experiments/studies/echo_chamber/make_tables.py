@@ -101,7 +101,7 @@ def main(sweep_dir: str, baseline: str | None = None, *only: str) -> None:
             if len(values) < len(runs):
                 cell += f" ({len(values)}/{len(runs)})"
             if variant != baseline:
-                base = [run[column] for run in by_variant[baseline] if not np.isnan(run.get(column, np.nan))]
+                base = [value for run in by_variant[baseline] if not np.isnan(value := run.get(column, np.nan))]
                 difference = compare_groups(base, list(values))
                 if difference.get("p_value") is not None:
                     cell += f", p={difference['p_value']:.2g}"
