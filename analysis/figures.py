@@ -235,32 +235,32 @@ def position_panels(panels: dict[str, pd.DataFrame]) -> str:
 
 def phase_diagram(winner: pd.DataFrame, winner_text: pd.DataFrame, collapse: pd.DataFrame, collapse_text: pd.DataFrame,
                   x_label: str, y_label: str) -> str:
-    """Two grids over the same cells (tables rows y values x columns x values, as text). Left: each cell coloured
-    by its winning format (`winner`: a format name, None or NaN where there is none, e.g. a tie), labelled with
-    `winner_text`. Right: `collapse` (a number per cell, NaN where none) on a colour scale, labelled with
-    `collapse_text`; cells without a number grey."""
+    """Two grids over the same cells (tables rows y values x columns x values, as text), one above the other so
+    that a format's name fits its cell. Top: each cell coloured by its winning format (`winner`: a format name,
+    None or NaN where there is none, e.g. a tie), labelled with `winner_text`. Bottom: `collapse` (a number per
+    cell, NaN where none) on a colour scale, labelled with `collapse_text`; cells without a number grey."""
     names = sorted({name for name in winner.to_numpy().ravel() if isinstance(name, str)})
     colours = dict(zip(names, PALETTE * 4))
     rows, columns = winner.shape
-    figure, (left, right) = plt.subplots(1, 2, figsize=(WIDTH, 0.7 * rows + 1.6))
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(WIDTH, 2 * (0.6 * rows + 1.1)))
     codes = np.array([[names.index(name) if isinstance(name, str) else -1 for name in row] for row in winner.to_numpy()])
     cells = np.ones((rows, columns, 3))  # white where there is no winner
     for index, name in enumerate(names):
         cells[codes == index] = matplotlib.colors.to_rgb(colours[name])
-    left.imshow(cells, aspect="auto", origin="lower", alpha=0.55)
+    top.imshow(cells, aspect="auto", origin="lower", alpha=0.55)
     scale = np.ma.masked_invalid(collapse.to_numpy(dtype=np.float64))
     cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
-    image = right.imshow(scale, aspect="auto", origin="lower", cmap=cmap, alpha=0.6)  # light enough for black text
-    for axes, text in ((left, winner_text), (right, collapse_text)):
+    image = bottom.imshow(scale, aspect="auto", origin="lower", cmap=cmap, alpha=0.6)  # light enough for black text
+    for axes, text in ((top, winner_text), (bottom, collapse_text)):
         for (i, j), label in np.ndenumerate(text.to_numpy()):
             axes.text(j, i, label, ha="center", va="center", fontsize=6.5)
         axes.set_xticks(range(columns), [str(value) for value in winner.columns], fontsize=8)
         axes.set_yticks(range(rows), [str(value) for value in winner.index], fontsize=8)
         axes.set_xlabel(x_label, fontsize=8)
-    left.set_ylabel(y_label, fontsize=8)
-    left.set_title("winning format (runs won / runs)", fontsize=9)
-    right.set_title("mean collapse step (runs collapsed / runs)", fontsize=9)
+        axes.set_ylabel(y_label, fontsize=8)
+    top.set_title("winning format (runs won / runs)", fontsize=9)
+    bottom.set_title("mean collapse step (runs collapsed / runs)", fontsize=9)
     if scale.count():
-        figure.colorbar(image, ax=right, label="collapse step", shrink=0.8)
+        figure.colorbar(image, ax=bottom, label="collapse step", shrink=0.8)
     figure.tight_layout()
     return _png(figure)
