@@ -11,8 +11,8 @@ from scipy.optimize import minimize
 from analysis.forecast import ReplicatorFit, fit_replicator, forecast_collapse, format_outcomes, outcome_arrays
 
 NAMES = ["python_function", "llm_code", "natural_language", "other"]
-# A base like the study's quick base as first measured (an earlier corpus; its README's Setup has today's figures):
-# equal shares, accuracies 0.82 / 0.12 / 0.07
+# A base like the study's quick base as an AVX-512 CPU pretrains it (its README's Setup: each CPU pretrains a
+# slightly different base): equal shares, accuracies 0.82 / 0.12 / 0.07
 START = np.array([0.33, 0.33, 0.32, 0.02])
 ACCURACY = np.array([0.82, 0.12, 0.07, 0.0])
 PROMPTS, SAMPLES = 8, 8  # the study's batch: 8 prompts x 8 samples per step

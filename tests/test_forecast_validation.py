@@ -48,7 +48,7 @@ def write_run(run_dir: Path, eta: float, accuracy: list[float], seed: int) -> No
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("forecast-runs")
-    collapsing = [0.82, 0.12, 0.07, 0.0]  # the study's base accuracies as first measured (an earlier corpus)
+    collapsing = [0.82, 0.12, 0.07, 0.0]  # the study's base accuracies on an AVX-512 CPU
     write_run(root / "grpo-seed=0", 0.25, collapsing, seed=0)
     write_run(root / "grpo-seed=1", 0.25, collapsing, seed=1)
     write_run(root / "flat-seed=0", 0.25, [0.5, 0.5, 0.5, 0.0], seed=2)  # equally accurate formats: no winner
