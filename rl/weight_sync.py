@@ -11,7 +11,8 @@
   For MoE its "weight update" branch skips the CPU expert repack and copies unpacked weights into the
   packed buffers, so the experts serve wrong weights (clearing `quant_method.moe_kernel` first fixes it,
   at ~12 ms per push against ~2 ms for the path below).
-- Fast path: `make_llm` turns vLLM's oneDNN linear dispatch off while the engine loads. Linear layers
+- Fast path: `make_llm` turns vLLM's oneDNN linear dispatch off while the engine loads (and, for bfloat16 on
+  CPUs with AMX, its SGLang packed-weight kernels, which it picks first for small weights). Linear layers
   then keep ordinary Parameters and run `F.linear`: logprobs are identical and generation is just as
   fast at these sizes. A push is then vLLM's own `model.load_weights`, which handles the q/k/v and
   gate/up stacking, plus a repack of each MoE layer's two expert tensors straight from transformers'
@@ -73,6 +74,7 @@ def make_llm(model_dir: str | Path, *, seed: int = 0, max_model_len: int = 256, 
     # vLLM caches its environment when the first engine starts, so this must hold before then.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     import vllm._custom_ops as ops
+    import vllm.model_executor.layers.utils as layer_utils
     from vllm import LLM
 
     kwargs = dict(model=str(model_dir), dtype=dtype, enforce_eager=True, max_model_len=max_model_len, seed=seed,
@@ -89,13 +91,17 @@ def make_llm(model_dir: str | Path, *, seed: int = 0, max_model_len: int = 256, 
     model_type = json.loads((Path(model_dir) / "config.json").read_text())["model_type"]
     _keep_process_groups()
     _make_room_for_experts(model_type)
-    supports_onednn = ops._supports_onednn
-    ops._supports_onednn = False  # read while the engine loads: keep plain F.linear + weight Parameters
+    # Both read while the engine loads: keep plain F.linear + weight Parameters. oneDNN packs every linear
+    # weight into a private handle; on CPUs with AMX, bfloat16 weights small enough for SGLang's kernels (the
+    # routers, the projections of tiny models) are packed for those instead.
+    supports_onednn, sgl_kernel_fits = ops._supports_onednn, layer_utils.check_cpu_sgl_kernel
+    ops._supports_onednn = False
+    layer_utils.check_cpu_sgl_kernel = lambda n, k, dtype: False
     try:
         with _classes_kept(model_type):
             llm = LLM(**kwargs)
     finally:
-        ops._supports_onednn = supports_onednn
+        ops._supports_onednn, layer_utils.check_cpu_sgl_kernel = supports_onednn, sgl_kernel_fits
     _driver_worker(llm)  # fail now, not at the first push, if the engine is not in-process
     return llm
 
