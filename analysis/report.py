@@ -102,7 +102,8 @@ class Group:
 def write_report(inputs: list[str | Path], out_file: str | Path, formats: str | None = None,
                  reading: ReadOptions | None = None, baseline: str | None = None, progress: bool = True) -> Path:
     """Write the HTML report of `inputs` (analysing those whose analysis is missing or stale) to `out_file`.
-    formats, reading: as for `analyze`, the same for every input. baseline: a group label or input name."""
+    formats, reading: as for `analyze`, the same for every input. baseline: a group label (with or without its
+    " (N seeds)") or input name."""
     if not inputs:
         raise UserError("report needs at least one input")
     out_file = Path(out_file)
@@ -123,7 +124,8 @@ def _baseline_index(groups: list[Group], baseline: str | None) -> int:
     if baseline is None:
         return 0
     for index, group in enumerate(groups):
-        if baseline == group.label or baseline in (run.name for run in group.runs):
+        pooled_name = group.label.removesuffix(f" ({len(group.runs)} seeds)")  # a sweep's variant: "baseline"
+        if baseline in (group.label, pooled_name) or baseline in (run.name for run in group.runs):
             return index
     names = [group.label for group in groups] + [run.name for group in groups for run in group.runs]
     raise UserError(f"--baseline {baseline!r}: no such group or input (names: {', '.join(dict.fromkeys(names))})")

@@ -270,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "give several to compare them")
     _add_input_options(report)
     report.add_argument("--baseline", metavar="NAME",
-                        help="the group or input the others are compared with (default: the first given)")
+                        help="the group (as labelled, e.g. 'baseline' or 'baseline (3 seeds)') or input the others are "
+                             "compared with (default: the first given)")
     report.add_argument("--out", help="HTML file (default: for one input, report.html in its analysis directory: the "
                                       "run directory, else <name>_analysis/; for several, a new comparison.html, or "
                                       "comparison-2.html, ..., in the current directory)")

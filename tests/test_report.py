@@ -179,6 +179,15 @@ def test_an_unknown_baseline_is_named_before_any_analysis(runs, tmp_path, monkey
         write_report(runs, tmp_path / "r.html", baseline="nope", progress=False)
 
 
+def test_the_baseline_is_found_by_its_label_with_or_without_its_seed_count(tmp_path):
+    configs = [{"seed": seed, "rl": {"kl_coef": coef}} for coef, seeds in ((0.0, 3), (0.1, 2)) for seed in range(seeds)]
+    groups = group_runs([report.Run(tmp_path / str(index), config, {}) for index, config in enumerate(configs)])
+    assert [group.label for group in groups] == ["rl.kl_coef=0.0 (3 seeds)", "rl.kl_coef=0.1 (2 seeds)"]
+    assert report._baseline_index(groups, "rl.kl_coef=0.1") == report._baseline_index(groups, "rl.kl_coef=0.1 (2 seeds)") == 1
+    with pytest.raises(UserError, match="no such group"):
+        report._baseline_index(groups, "rl.kl_coef=0.1 (3 seeds)")
+
+
 def test_sweep_runs_pool_across_rl_seeds_and_are_labelled_by_their_variants(tmp_path):
     def groups(configs):
         return [group.label for group in group_runs([report.Run(tmp_path / str(index), config, {})
