@@ -95,8 +95,12 @@ class Run:
 
 @dataclass(frozen=True)
 class Group:
-    label: str
+    name: str  # a sweep's variant, the settings that tell groups apart, or the run directory's name
     runs: tuple[Run, ...]
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({len(self.runs)} seeds)" if len(self.runs) > 1 else self.name
 
 
 def write_report(inputs: list[str | Path], out_file: str | Path, formats: str | None = None,
@@ -124,8 +128,7 @@ def _baseline_index(groups: list[Group], baseline: str | None) -> int:
     if baseline is None:
         return 0
     for index, group in enumerate(groups):
-        pooled_name = group.label.removesuffix(f" ({len(group.runs)} seeds)")  # a sweep's variant: "baseline"
-        if baseline in (group.label, pooled_name) or baseline in (run.name for run in group.runs):
+        if baseline in (group.label, group.name) or baseline in (run.name for run in group.runs):
             return index
     names = [group.label for group in groups] + [run.name for group in groups for run in group.runs]
     raise UserError(f"--baseline {baseline!r}: no such group or input (names: {', '.join(dict.fromkeys(names))})")
@@ -229,10 +232,8 @@ def group_runs(runs: list[Run]) -> list[Group]:
     by_variant = None not in variants and len(set(variants)) == len(variants)  # one variant a group, each its own
     groups = []
     for members, flat, variant in zip(keyed.values(), flats, variants):
-        label = variant if by_variant else ", ".join(f"{key}={flat[key]}" for key in differing if key in flat)
-        label = label or members[0].name
-        seeds = f" ({len(members)} seeds)" if len(members) > 1 else ""
-        groups.append(Group(label + seeds, tuple(members)))
+        name = variant if by_variant else ", ".join(f"{key}={flat[key]}" for key in differing if key in flat)
+        groups.append(Group(name or members[0].name, tuple(members)))
     return groups
 
 

@@ -73,8 +73,6 @@ def make_llm(model_dir: str | Path, *, seed: int = 0, max_model_len: int = 256, 
     # In-process engine core: push_weights reaches the model object directly (no pickling, no copies).
     # vLLM caches its environment when the first engine starts, so this must hold before then.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    import vllm._custom_ops as ops
-    import vllm.model_executor.layers.utils as layer_utils
     from vllm import LLM
 
     kwargs = dict(model=str(model_dir), dtype=dtype, enforce_eager=True, max_model_len=max_model_len, seed=seed,
@@ -91,17 +89,8 @@ def make_llm(model_dir: str | Path, *, seed: int = 0, max_model_len: int = 256, 
     model_type = json.loads((Path(model_dir) / "config.json").read_text())["model_type"]
     _keep_process_groups()
     _make_room_for_experts(model_type)
-    # Both read while the engine loads: keep plain F.linear + weight Parameters. oneDNN packs every linear
-    # weight into a private handle; on CPUs with AMX, bfloat16 weights small enough for SGLang's kernels (the
-    # routers, the projections of tiny models) are packed for those instead.
-    supports_onednn, sgl_kernel_fits = ops._supports_onednn, layer_utils.check_cpu_sgl_kernel
-    ops._supports_onednn = False
-    layer_utils.check_cpu_sgl_kernel = lambda n, k, dtype: False
-    try:
-        with _classes_kept(model_type):
-            llm = LLM(**kwargs)
-    finally:
-        ops._supports_onednn, layer_utils.check_cpu_sgl_kernel = supports_onednn, sgl_kernel_fits
+    with _plain_linear_weights(), _classes_kept(model_type):
+        llm = LLM(**kwargs)
     _driver_worker(llm)  # fail now, not at the first push, if the engine is not in-process
     return llm
 
@@ -242,6 +231,24 @@ def _cleanup_keeping_groups(shutdown_ray: bool = False) -> None:
     """`vllm.distributed.parallel_state.cleanup_dist_env_and_memory` on CPU without destroying the groups: free
     what the engine left to the garbage collector (EngineCore.shutdown has unfrozen it already)."""
     gc.collect()
+
+
+@contextmanager
+def _plain_linear_weights():
+    """While an engine loads inside the block, vLLM's CPU linear layers keep their weight Parameters and run
+    F.linear, so that a push can write them. vLLM otherwise packs them: every weight into a private oneDNN
+    handle, and on CPUs with AMX, bfloat16 weights small enough for SGLang's kernels (the routers, the
+    projections of tiny models) for those first. Both choices are read at load time only."""
+    import vllm._custom_ops as ops
+    import vllm.model_executor.layers.utils as layer_utils
+
+    supports_onednn, sgl_kernel_fits = ops._supports_onednn, layer_utils.check_cpu_sgl_kernel
+    ops._supports_onednn = False
+    layer_utils.check_cpu_sgl_kernel = lambda n, k, dtype: False
+    try:
+        yield
+    finally:
+        ops._supports_onednn, layer_utils.check_cpu_sgl_kernel = supports_onednn, sgl_kernel_fits
 
 
 @contextmanager
